@@ -1,0 +1,192 @@
+"""The two rule tables (reverse and forward mode) and the helpers that fill them.
+
+A VJP rule has one signature everywhere::
+
+    rule(cts, outs, *primals, **params) -> list of cotangents, one per primal
+
+``primals`` are the primitive's input values (arrays positional), ``params`` its
+parameters (keyword-only). For a single-result primitive ``cts`` and ``outs`` are
+the one cotangent / output value; for a multiple-results primitive they are lists
+and a cotangent may be ``None`` (a symbolic zero). A rule returns ``None`` for an
+input that gets no gradient. The engine only calls rules when at least one
+cotangent is nonzero and tells rules which inputs are active through the
+``active`` keyword when they ask for it (``needs_active=True``).
+
+A JVP rule::
+
+    rule(primals, tangents, **params) -> (outs, out_tangents)
+
+``tangents`` holds ``None`` for inputs with a zero tangent; for a single-result
+primitive ``outs``/``out_tangents`` are single values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from . import compat
+
+
+@dataclasses.dataclass(frozen=True)
+class VJPRule:
+    fn: Callable
+    needs_active: bool = False
+
+
+vjp_rules: dict[Any, VJPRule] = {}
+jvp_rules: dict[Any, Callable] = {}
+# Primitives whose every output carries no gradient (comparisons, integer ops...).
+nondiff_primitives: set = set()
+# Call-like primitives the engines handle by recursing into a sub-jaxpr.
+call_handlers_reverse: dict[str, Callable] = {}
+call_handlers_forward: dict[str, Callable] = {}
+
+
+class MissingRuleError(NotImplementedError):
+    """A primitive reached the engine with no derivative rule registered."""
+
+
+def missing_rule_error(eqn, mode: str) -> MissingRuleError:
+    name = eqn.primitive.name
+    table = "vjp" if mode == "reverse" else "jvp"
+    return MissingRuleError(
+        f"fbackprop has no {mode}-mode ({table.upper()}) rule for primitive '{name}'.\n"
+        f"  used at: {compat.source_line(eqn)}\n"
+        f"  equation: {eqn}\n"
+        f"Register one with fbackprop.extend.def{table}(<the primitive object>, rule) "
+        f"(see `help(fbackprop.extend)`), or avoid this operation.")
+
+
+def _prim_name(prim) -> str:
+    return prim if isinstance(prim, str) else prim.name
+
+
+# ----------------------------------------------------------------- registration
+def register_vjp(prim, fn: Callable, *, needs_active: bool = False):
+    vjp_rules[_prim_name(prim)] = VJPRule(fn, needs_active)
+    return fn
+
+
+def register_jvp(prim, fn: Callable):
+    jvp_rules[_prim_name(prim)] = fn
+    return fn
+
+
+def defvjp(prim, *per_input: Callable | None):
+    """Registers a VJP rule given one function per input (autograd style).
+
+    Each function is ``g(ct, out, *primals, **params) -> cotangent for that input``;
+    ``None`` means the input never gets a gradient. Only the functions for active
+    inputs run.
+    """
+
+    def rule(ct, out, *primals, active, **params):
+        return [None if (g is None or not a) else g(ct, out, *primals, **params)
+                for g, a in zip(per_input, active)]
+
+    register_vjp(prim, rule, needs_active=True)
+
+
+def defnondiff(*prims):
+    """Marks primitives whose outputs carry no gradient (and tangent zero)."""
+    for prim in prims:
+        name = _prim_name(prim)
+        nondiff_primitives.add(name)
+        vjp_rules.pop(name, None)
+        jvp_rules.pop(name, None)
+
+
+def defjvp_linear(prim):
+    """Forward rule of a primitive linear in all its (array) inputs: apply it to tangents."""
+
+    def rule(primals, tangents, **params):
+        out = prim.bind(*primals, **params)
+        if all(t is None for t in tangents):
+            return out, None
+        ts = [zeros_like_aval(x) if t is None else t for x, t in zip(primals, tangents)]
+        return out, prim.bind(*ts, **params)
+
+    register_jvp(prim, rule)
+
+
+def defjvp(prim, *per_input: Callable | None):
+    """Registers a JVP rule given one function per input.
+
+    Each function is ``g(t, out, *primals, **params) -> contribution to the output
+    tangent`` for the tangent ``t`` of that input; contributions are summed.
+    """
+
+    def rule(primals, tangents, **params):
+        out = prim.bind(*primals, **params)
+        total = None
+        for g, t in zip(per_input, tangents):
+            if t is None:
+                continue
+            if g is None:
+                continue
+            term = g(t, out, *primals, **params)
+            total = term if total is None else add_tangents(total, term)
+        if total is not None:
+            total = broadcast_to_aval(total, out)
+        return out, total
+
+    register_jvp(prim, rule)
+
+
+# ----------------------------------------------------------------- small helpers
+def zeros_like_aval(x):
+    aval = compat.typeof(x)
+    return jnp.zeros(aval.shape, aval.dtype)
+
+
+def add_tangents(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return lax.add(a, b)
+
+
+def broadcast_to_aval(t, like):
+    shape = np.shape(like)
+    if np.shape(t) != shape:
+        t = jnp.broadcast_to(t, shape)
+    dtype = compat.typeof(like).dtype
+    if t.dtype != dtype:
+        t = lax.convert_element_type(t, dtype)
+    return t
+
+
+def unbroadcast(ct, x):
+    """Sums a cotangent down to the shape of ``x`` (which may have been broadcast
+    inside the primitive, e.g. ``add f32[3,4] f32[1,4]`` or a scalar literal) and
+    casts it to ``x``'s dtype."""
+    shape = np.shape(x)
+    dtype = compat.typeof(x).dtype
+    ct_shape = np.shape(ct)
+    if ct_shape != shape:
+        lead = len(ct_shape) - len(shape)
+        axes = tuple(range(lead)) + tuple(
+            lead + i for i, d in enumerate(shape) if d == 1 and ct_shape[lead + i] != 1)
+        if axes:
+            ct = lax.reduce_sum(ct, axes)
+        ct = lax.reshape(ct, shape)
+    if ct.dtype != dtype:
+        ct = lax.convert_element_type(ct, dtype)
+    return ct
+
+
+def is_float0(x) -> bool:
+    return getattr(x, "dtype", None) == jax_float0
+
+
+def is_differentiable_dtype(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.inexact)
+
+
+from jax.dtypes import float0 as jax_float0  # noqa: E402

@@ -1,0 +1,185 @@
+"""Reverse mode: a forward sweep that records, a backward sweep that applies VJP rules.
+
+The forward sweep evaluates a jaxpr equation by equation in the current trace
+(eagerly, or into an enclosing ``jax.jit``/``vmap``/fbackprop trace) and records
+each equation that depends on a differentiated input, with its input and output
+values: that record is the tape. The backward sweep walks the tape in reverse
+program order; for each equation, upstream cotangent x local rule = downstream
+cotangent, added up where a value fans out. Zero cotangents stay ``None``.
+Both sweeps are loops, so graph depth is bounded by memory, not by the stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+from jax import lax
+
+from . import compat
+from .registry import (call_handlers_reverse, missing_rule_error, nondiff_primitives,
+                       vjp_rules, is_differentiable_dtype)
+
+
+@dataclasses.dataclass
+class Record:
+    """One recorded equation: enough to run its VJP rule later."""
+    eqn: Any
+    invals: list
+    outvals: list
+    active: list          # per input: does it carry a cotangent?
+    sub: Any = None       # call primitives: what their handler kept (e.g. a sub-tape)
+
+
+@dataclasses.dataclass
+class Tape:
+    jaxpr: Any
+    records: list
+    in_active: list
+    out_active: list
+
+
+def _aval_of_var(v):
+    return v.aval
+
+
+def _var_differentiable(v) -> bool:
+    dtype = getattr(v.aval, "dtype", None)
+    return dtype is not None and is_differentiable_dtype(dtype)
+
+
+# Hooks let debugging tools observe the sweeps without a second engine.
+# on_forward(eqn, invals, outvals); on_backward(eqn, cts_out, cts_in, record)
+_observers: list = []
+
+
+def forward(jaxpr, consts, args, in_active) -> tuple[list, Tape]:
+    """Evaluates ``jaxpr`` on ``args``, recording equations downstream of active inputs.
+
+    Args:
+      jaxpr: an open jaxpr.
+      consts: values for ``jaxpr.constvars`` (never differentiated).
+      args: values for ``jaxpr.invars``.
+      in_active: per input, whether it is differentiated.
+
+    Returns:
+      The output values and the tape for :func:`backward`.
+    """
+    env: dict = {}
+    active: set = set()
+
+    def read(v):
+        return v.val if type(v) is compat.Literal else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts):
+        env[v] = x
+    for v, x, a in zip(jaxpr.invars, args, in_active):
+        env[v] = x
+        if a and _var_differentiable(v):
+            active.add(v)
+
+    records = []
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        act = [type(v) is not compat.Literal and v in active for v in eqn.invars]
+        name = eqn.primitive.name
+        if not any(act) or name in nondiff_primitives:
+            outvals = compat.bind_eqn(eqn, invals)
+            sub = None
+            out_act = None
+        elif name in call_handlers_reverse:
+            outvals, sub, out_act = call_handlers_reverse[name].forward(eqn, invals, act)
+        elif name in vjp_rules:
+            outvals = compat.bind_eqn(eqn, invals)
+            sub = None
+            out_act = [True] * len(eqn.outvars)
+        else:
+            raise missing_rule_error(eqn, "reverse")
+        for v, x in zip(eqn.outvars, outvals):
+            if type(v) is not compat.DropVar:
+                env[v] = x
+        if out_act is not None:
+            any_out = False
+            for v, a in zip(eqn.outvars, out_act):
+                if a and type(v) is not compat.DropVar and _var_differentiable(v):
+                    active.add(v)
+                    any_out = True
+            if any_out:
+                records.append(Record(eqn, invals, outvals, act, sub))
+        for obs in _observers:
+            obs.on_forward(eqn, invals, outvals)
+
+    outs = [read(v) for v in jaxpr.outvars]
+    out_active = [type(v) is not compat.Literal and v in active for v in jaxpr.outvars]
+    return outs, Tape(jaxpr, records, list(in_active), out_active)
+
+
+def _check_ct(eqn, i, v, ct):
+    aval = v.aval
+    shape = np.shape(ct)
+    dtype = getattr(ct, "dtype", None)
+    if tuple(shape) != tuple(aval.shape) or dtype != aval.dtype:
+        raise TypeError(
+            f"The VJP rule for primitive '{eqn.primitive.name}' returned a cotangent of "
+            f"shape/dtype {tuple(shape)}/{dtype} for input {i}, whose primal is "
+            f"{tuple(aval.shape)}/{aval.dtype} (at {compat.source_line(eqn)}). "
+            f"A cotangent must have its primal's shape and dtype; fix the rule.")
+
+
+def accumulate(ct_env: dict, v, ct):
+    prev = ct_env.get(v)
+    ct_env[v] = ct if prev is None else lax.add(prev, ct)
+
+
+def apply_rule(rec: Record, cts_out: list) -> list:
+    """Runs one recorded equation's VJP rule; one cotangent (or None) per input."""
+    eqn = rec.eqn
+    name = eqn.primitive.name
+    if rec.sub is not None or name in call_handlers_reverse:
+        return call_handlers_reverse[name].backward(rec, cts_out)
+    rule = vjp_rules[name]
+    if eqn.primitive.multiple_results:
+        ct_arg, out_arg = cts_out, rec.outvals
+    else:
+        ct_arg, out_arg = cts_out[0], rec.outvals[0]
+    kwargs = dict(eqn.params)
+    if rule.needs_active:
+        kwargs["active"] = rec.active
+    with compat.user_context(eqn):
+        return rule.fn(ct_arg, out_arg, *rec.invals, **kwargs)
+
+
+def backward(tape: Tape, cts_out: list) -> list:
+    """Propagates output cotangents (``None`` = zero) back to the jaxpr's inputs."""
+    jaxpr = tape.jaxpr
+    ct_env: dict = {}
+    for v, ct, a in zip(jaxpr.outvars, cts_out, tape.out_active):
+        if ct is not None and a:
+            accumulate(ct_env, v, ct)
+
+    for rec in reversed(tape.records):
+        eqn = rec.eqn
+        cts = [None if type(v) is compat.DropVar else ct_env.pop(v, None)
+               for v in eqn.outvars]
+        if all(c is None for c in cts):
+            continue
+        if not eqn.primitive.multiple_results and cts[0] is None:
+            continue
+        cts_in = apply_rule(rec, cts)
+        assert len(cts_in) == len(eqn.invars), (eqn.primitive.name, len(cts_in))
+        for i, (v, ct, a) in enumerate(zip(eqn.invars, cts_in, rec.active)):
+            if ct is None or not a:
+                continue
+            _check_ct(eqn, i, v, ct)
+            accumulate(ct_env, v, ct)
+        for obs in _observers:
+            obs.on_backward(eqn, cts, cts_in, rec)
+
+    return [ct_env.get(v) if a else None for v, a in zip(jaxpr.invars, tape.in_active)]
+
+
+def vjp_closed(closed_jaxpr, args, in_active) -> tuple[list, Callable, list]:
+    """Forward sweep of a closed jaxpr; returns (outs, backward_fn, out_active)."""
+    outs, tape = forward(closed_jaxpr.jaxpr, closed_jaxpr.consts, args, in_active)
+    return outs, (lambda cts: backward(tape, cts)), tape.out_active

@@ -1,0 +1,3 @@
+"""Rule tables, one module per family. Importing this package registers them all."""
+
+from . import calls, elementwise, structural, contraction, reduction  # noqa: F401

@@ -1,0 +1,1 @@
+"""Contractions: dot_general and convolutions, VJP and JVP rules side by side."""

@@ -1,0 +1,113 @@
+"""From a Python function over pytrees to a closed jaxpr over flat leaves (cached)."""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax import tree_util
+
+from . import compat
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+    closed: Any            # ClosedJaxpr over the flat input leaves
+    out_tree: Any          # treedef of the function's output
+    out_avals: tuple
+
+
+_cache: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
+cache_enabled = True
+trace_count = 0            # number of times a function was actually traced (for tests)
+
+
+def clear_cache():
+    """Forgets every cached jaxpr (e.g. after changing a global a function reads)."""
+    _cache.clear()
+
+
+def aval_key(x) -> tuple:
+    a = compat.typeof(x)
+    return (tuple(a.shape), a.dtype, bool(getattr(a, "weak_type", False)))
+
+
+def check_leaf(x, where: str):
+    """Raises TypeError (like JAX) for leaves that are not arrays or numbers."""
+    if isinstance(x, (bool, int, float, complex, np.ndarray, np.generic, jax.Array)) \
+            or compat.is_tracer(x):
+        return
+    raise TypeError(
+        f"{where} is a {type(x).__name__} ({x!r:.60}), which is not a valid JAX type. "
+        f"fbackprop differentiates functions of arrays: pass arrays or numbers, or make "
+        f"this value a non-differentiated argument (not in `argnums`) or a closure.")
+
+
+def _path_str(path) -> str:
+    return tree_util.keystr(path) if path else ""
+
+
+def trace_flat(fun: Callable, in_tree, leaves: list, static: list | None = None, *,
+               what: str = "fun") -> Traced:
+    """Traces ``fun(*args, **kwargs)`` to a closed jaxpr, where ``(args, kwargs) =
+    tree_unflatten(in_tree, leaves)``.
+
+    Leaves with ``static[i]`` true are baked into the jaxpr as Python values (the
+    way ``jax.grad`` closes over its non-differentiated arguments); the others
+    become the jaxpr's inputs, in order. Cached per (function, input tree,
+    shapes/dtypes/weak types, static values) unless the jaxpr captured tracers
+    of an enclosing transformation or a static value is unhashable.
+    """
+    global trace_count
+    static = static or [False] * len(leaves)
+    dyn = [x for x, s in zip(leaves, static) if not s]
+    static_vals = tuple((i, x) for i, (x, s) in enumerate(zip(leaves, static)) if s)
+    key = (in_tree, tuple(aval_key(x) for x in dyn), static_vals)
+    try:
+        hash(key)
+    except TypeError:
+        key = None
+    per_fun = None
+    if cache_enabled and key is not None:
+        try:
+            per_fun = _cache.get(fun)
+            if per_fun is None:
+                per_fun = {}
+                _cache[fun] = per_fun
+        except TypeError:
+            per_fun = None
+    if per_fun is not None:
+        hit = per_fun.get(key)
+        if hit is not None:
+            return hit
+
+    out_tree_cell = []
+
+    def flat_fun(*flat):
+        it = iter(flat)
+        full = [x if s else next(it) for x, s in zip(leaves, static)]
+        args, kwargs = tree_util.tree_unflatten(in_tree, full)
+        out = fun(*args, **kwargs)
+        out_leaves_with_path, out_tree = tree_util.tree_flatten_with_path(out)
+        for path, leaf in out_leaves_with_path:
+            if not (isinstance(leaf, (bool, int, float, complex, np.ndarray, np.generic,
+                                      jax.Array)) or compat.is_tracer(leaf)):
+                raise TypeError(
+                    f"{what} returned a {type(leaf).__name__} at output{_path_str(path)} "
+                    f"({leaf!r:.60}); differentiated functions must return arrays or "
+                    f"numbers (pytrees of them).")
+        out_tree_cell.append(out_tree)
+        return [leaf for _, leaf in out_leaves_with_path]
+
+    specs = [jax.ShapeDtypeStruct(np.shape(x), compat.typeof(x).dtype,
+                                  weak_type=bool(getattr(compat.typeof(x), "weak_type", False)))
+             for x in dyn]
+    closed = jax.make_jaxpr(flat_fun)(*specs)
+    trace_count += 1
+    traced = Traced(closed, out_tree_cell[0], tuple(v.aval for v in closed.jaxpr.outvars))
+    if per_fun is not None and not any(compat.is_tracer(c) for c in closed.consts):
+        per_fun[key] = traced
+    return traced

@@ -1,0 +1,101 @@
+"""Every spec in the table: fbackprop's VJP/JVP against JAX's, eager and jitted."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fbackprop as fb
+from fbackprop._src.testing import assert_allclose
+from specs import ALL_SPECS
+
+CASES = [pytest.param(s, d, id=f"{s.name}-{d}") for s in ALL_SPECS for d in s.dtypes]
+
+
+def _is_float(x):
+    return jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+
+
+def _split(spec, args):
+    """The function of the float inputs only (others are closed over)."""
+    float_idx = [i for i, a in enumerate(args) if _is_float(a)]
+
+    def f(*floats):
+        full = list(args)
+        for i, x in zip(float_idx, floats):
+            full[i] = x
+        return spec.fn(*full)
+
+    return f, tuple(args[i] for i in float_idx)
+
+
+def _random_like(tree, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(rng.standard_normal(np.shape(x)).astype(x.dtype))
+        if _is_float(x) else np.zeros(np.shape(x), jax.dtypes.float0), tree)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("spec,dtype", CASES)
+def test_vjp_matches_jax(spec, dtype, jit):
+    if "rev" not in spec.modes:
+        pytest.skip("reverse mode not applicable")
+    f, floats = _split(spec, spec.args(dtype))
+
+    def ours(*xs):
+        out, vjp_fn = fb.vjp(f, *xs)
+        return out, vjp_fn(_random_like(out, 1))
+
+    def theirs(*xs):
+        out, vjp_fn = jax.vjp(f, *xs)
+        return out, vjp_fn(_random_like(out, 1))
+
+    if jit:
+        ours, theirs = jax.jit(ours), jax.jit(theirs)
+    (o1, g1), (o2, g2) = ours(*floats), theirs(*floats)
+    for a, b in zip(jax.tree_util.tree_leaves((o1, g1)), jax.tree_util.tree_leaves((o2, g2))):
+        if _is_float(b):
+            assert_allclose(a, b, dtype, spec.tol, err_msg=spec.name)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("spec,dtype", CASES)
+def test_jvp_matches_jax(spec, dtype, jit):
+    if "fwd" not in spec.modes:
+        pytest.skip("forward mode not applicable")
+    if not hasattr(fb, "jvp"):
+        pytest.skip("forward mode not built yet")
+    f, floats = _split(spec, spec.args(dtype))
+    tangents = _random_like(floats, 2)
+    ours = lambda *xs: fb.jvp(f, xs, tangents)  # noqa: E731
+    theirs = lambda *xs: jax.jvp(f, xs, tangents)  # noqa: E731
+    if jit:
+        ours, theirs = jax.jit(ours), jax.jit(theirs)
+    for a, b in zip(jax.tree_util.tree_leaves(ours(*floats)),
+                    jax.tree_util.tree_leaves(theirs(*floats))):
+        if _is_float(b):
+            assert_allclose(a, b, dtype, spec.tol, err_msg=spec.name)
+
+
+@pytest.mark.parametrize("spec,dtype", [c for c in CASES if c.values[0].order >= 2])
+def test_second_order_matches_jax(spec, dtype):
+    """Reverse-over-reverse: the gradient of <vjp(ct), w> against JAX's."""
+    if "rev" not in spec.modes:
+        pytest.skip("reverse mode not applicable")
+    f, floats = _split(spec, spec.args(dtype))
+    out = jax.eval_shape(f, *floats)
+    ct = _random_like(jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out), 3)
+    w = _random_like(floats, 4)
+
+    def scalar(vjp):
+        def g(*xs):
+            _, vjp_fn = vjp(f, *xs)
+            gs = vjp_fn(ct)
+            return sum(jnp.sum(jnp.real(a * b)) for a, b in zip(gs, w))
+        return g
+
+    ours = jax.jit(fb.grad(scalar(fb.vjp), argnums=tuple(range(len(floats)))))
+    theirs = jax.jit(jax.grad(scalar(jax.vjp), argnums=tuple(range(len(floats)))))
+    for a, b in zip(ours(*floats), theirs(*floats)):
+        assert_allclose(a, b, dtype, spec.tol, err_msg=spec.name)
