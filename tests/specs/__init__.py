@@ -1,9 +1,9 @@
 """The spec table: every family module contributes a list ``SPECS``."""
 
-from . import elementwise, structural, contraction, reduction, calls
+from . import calls, collectives, contraction, control, elementwise, reduction, structural
 
 ALL_SPECS = [*elementwise.SPECS, *structural.SPECS, *contraction.SPECS,
-             *reduction.SPECS, *calls.SPECS]
+             *reduction.SPECS, *calls.SPECS, *control.SPECS, *collectives.SPECS]
 
 _names = [s.name for s in ALL_SPECS]
 assert len(_names) == len(set(_names)), "duplicate spec names"

@@ -165,8 +165,11 @@ def _run_value_and_grad(closed, dyn, active, holomorphic):
 
 # Eager calls (no tracers anywhere) run the whole forward+backward program
 # compiled, once per traced jaxpr: repeated eager calls neither re-trace nor
-# dispatch op by op.
+# dispatch op by op. Programs longer than ``eager_compile_max_eqns`` run op by op
+# instead (XLA's compiler recurses over very long chains and can overflow the
+# stack near 100k operations).
 eager_compile = True
+eager_compile_max_eqns = 5000
 _compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -245,6 +248,7 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
         _check_scalar_output(jax.ShapeDtypeStruct(aval.shape, aval.dtype), api, holomorphic)
 
         if eager_compile and not _any_tracer(prog.dyn) and \
+                len(traced.closed.jaxpr.eqns) <= eager_compile_max_eqns and \
                 not _any_tracer(traced.closed.consts):
             outs, cts = _compiled_value_and_grad(traced, prog.active, holomorphic)(prog.dyn)
         else:

@@ -15,6 +15,10 @@ from jax._src import core as jcore
 from jax._src import source_info_util
 from jax._src.interpreters import ad as jax_ad
 
+# Source lines reported to users skip fbackprop's own frames, as they skip JAX's.
+import os as _os
+source_info_util.register_exclusion(_os.path.dirname(_os.path.abspath(__file__)))
+
 JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
 Var = jcore.Var

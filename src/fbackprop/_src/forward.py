@@ -70,3 +70,124 @@ def jvp_jaxpr(jaxpr, consts, primals, tangents):
                 tenv[v] = t
 
     return [read(v) for v in jaxpr.outvars], [read_t(v) for v in jaxpr.outvars]
+
+
+# ------------------------------------------------------------------ linearize
+# fb.linearize traces the tangent sweep once, over abstract primals and
+# tangents, and splits the resulting jaxpr by dependency: equations that do not
+# read a tangent (the primal computation and the primal-only parts of the rules,
+# e.g. ``cos x`` in the rule of ``sin``) are evaluated once at linearization
+# time; the others form a jaxpr over (residuals, tangents) that ``jvp_fn``
+# evaluates on every call. This is partial evaluation with "known" = primal and
+# "unknown" = tangent, written out for flat first-order jaxprs: a control-flow
+# equation that mixes both is kept whole on the tangent side (correct, merely
+# recomputing its primal part).
+
+
+class LinearizedProgram:
+    """The tangent sweep of one jaxpr, split into a primal part and a linear part.
+
+    Built once per (jaxpr, which inputs carry tangents); evaluating it at a point
+    is :meth:`eval_primal`, applying the linear map is :meth:`eval_tangent`.
+
+    Attributes:
+      tangent_jaxpr: jaxpr over ``(*residuals, *tangents)`` returning the nonzero
+        output tangents (a debugging aid: print it to see what ``jvp_fn`` runs).
+      out_tangent_nonzero: per output of the original jaxpr, whether its tangent
+        can be nonzero (the others are zero whatever the input tangents).
+    """
+
+    def __init__(self, jaxpr, consts, in_avals, tangent_mask):
+        import jax
+        self.tangent_mask = list(tangent_mask)
+        n_in = len(in_avals)
+        n_out = len(jaxpr.outvars)
+        nonzero_cell: list = []
+
+        def jvp_flat(*args):
+            primals, nz = args[:n_in], iter(args[n_in:])
+            tangents = [next(nz) if m else None for m in self.tangent_mask]
+            outs, touts = jvp_jaxpr(jaxpr, consts, list(primals), tangents)
+            nonzero_cell.append([t is not None for t in touts])
+            return list(outs) + [t for t in touts if t is not None]
+
+        specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
+                 for a in in_avals]
+        tspecs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
+                  for a, m in zip(in_avals, self.tangent_mask) if m]
+        full = jax.make_jaxpr(jvp_flat)(*specs, *tspecs)
+        self.out_tangent_nonzero = nonzero_cell[0]
+        self._split(full.jaxpr, full.consts, n_in, n_out)
+
+    def _split(self, jaxpr, consts, n_in, n_out):
+        Literal = compat.Literal
+        tangent_vars = jaxpr.invars[n_in:]
+        unknown = set(tangent_vars)
+        known_eqns, tangent_eqns = [], []
+        for eqn in jaxpr.eqns:
+            if any(type(v) is not Literal and v in unknown for v in eqn.invars):
+                tangent_eqns.append(eqn)
+                unknown.update(v for v in eqn.outvars if type(v) is not compat.DropVar)
+            else:
+                known_eqns.append(eqn)
+        primal_outvars = jaxpr.outvars[:n_out]
+        tangent_outvars = jaxpr.outvars[n_out:]
+        assert not any(type(v) is not Literal and v in unknown for v in primal_outvars), \
+            "a JVP rule made a primal output depend on a tangent"
+
+        # Residuals: known values the tangent side reads (including known tangent outputs).
+        residuals, seen = [], set()
+        for v in [v for e in tangent_eqns for v in e.invars] + list(tangent_outvars):
+            if type(v) is not Literal and v not in unknown and v not in seen:
+                seen.add(v)
+                residuals.append(v)
+
+        # Keep only the known equations something downstream needs (or that have effects).
+        needed = {v for v in list(primal_outvars) + residuals if type(v) is not Literal}
+        kept = []
+        for eqn in reversed(known_eqns):
+            if eqn.effects or any(v in needed for v in eqn.outvars):
+                kept.append(eqn)
+                needed.update(v for v in eqn.invars if type(v) is not Literal)
+        kept.reverse()
+
+        self._constvars, self._consts = list(jaxpr.constvars), list(consts)
+        self._primal_invars = list(jaxpr.invars[:n_in])
+        self._known_eqns = kept
+        self._primal_outvars = list(primal_outvars)
+        self._residual_vars = residuals
+        effects = frozenset().union(*(e.effects for e in tangent_eqns)) if tangent_eqns \
+            else frozenset()
+        self.tangent_jaxpr = compat.Jaxpr([], residuals + list(tangent_vars),
+                                          list(tangent_outvars), tangent_eqns, effects)
+
+    @staticmethod
+    def _run(eqns, env):
+        Literal = compat.Literal
+
+        def read(v):
+            return v.val if type(v) is Literal else env[v]
+
+        for eqn in eqns:
+            outs = compat.bind_eqn(eqn, [read(v) for v in eqn.invars])
+            for v, x in zip(eqn.outvars, outs):
+                if type(v) is not compat.DropVar:
+                    env[v] = x
+        return read
+
+    def eval_primal(self, primals) -> tuple[list, list]:
+        """Evaluates the primal side at ``primals``: ``(outs, residuals)``."""
+        env = dict(zip(self._constvars, self._consts))
+        env.update(zip(self._primal_invars, primals))
+        read = self._run(self._known_eqns, env)
+        return [read(v) for v in self._primal_outvars], [read(v) for v in self._residual_vars]
+
+    def eval_tangent(self, residuals, tangents) -> list:
+        """Applies the linear map: nonzero output tangents from input tangents.
+
+        ``tangents`` holds one array per input with ``tangent_mask`` set.
+        """
+        jaxpr = self.tangent_jaxpr
+        env = dict(zip(jaxpr.invars, list(residuals) + list(tangents)))
+        read = self._run(jaxpr.eqns, env)
+        return [read(v) for v in jaxpr.outvars]

@@ -62,6 +62,12 @@ def missing_rule_error(eqn, mode: str) -> MissingRuleError:
         f"(see `help(fbackprop.extend)`), or avoid this operation.")
 
 
+def with_call_site(err: MissingRuleError, eqn) -> MissingRuleError:
+    """The same error, noting the call primitive (jit, custom_jvp...) it happened inside."""
+    return MissingRuleError(f"{err}\n  inside '{eqn.primitive.name}' called at "
+                            f"{compat.source_line(eqn)}")
+
+
 def _prim_name(prim) -> str:
     return prim if isinstance(prim, str) else prim.name
 

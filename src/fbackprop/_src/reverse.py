@@ -18,8 +18,9 @@ import numpy as np
 from jax import lax
 
 from . import compat
-from .registry import (call_handlers_reverse, missing_rule_error, nondiff_primitives,
-                       vjp_rules, is_differentiable_dtype)
+from .registry import (MissingRuleError, call_handlers_reverse, missing_rule_error,
+                       nondiff_primitives, vjp_rules, is_differentiable_dtype,
+                       with_call_site)
 
 
 @dataclasses.dataclass
@@ -89,7 +90,10 @@ def forward(jaxpr, consts, args, in_active) -> tuple[list, Tape]:
             sub = None
             out_act = None
         elif name in call_handlers_reverse:
-            outvals, sub, out_act = call_handlers_reverse[name].forward(eqn, invals, act)
+            try:
+                outvals, sub, out_act = call_handlers_reverse[name].forward(eqn, invals, act)
+            except MissingRuleError as err:
+                raise with_call_site(err, eqn) from None
         elif name in vjp_rules:
             outvals = compat.bind_eqn(eqn, invals)
             sub = None
@@ -137,7 +141,10 @@ def apply_rule(rec: Record, cts_out: list) -> list:
     eqn = rec.eqn
     name = eqn.primitive.name
     if rec.sub is not None or name in call_handlers_reverse:
-        return call_handlers_reverse[name].backward(rec, cts_out)
+        try:
+            return call_handlers_reverse[name].backward(rec, cts_out)
+        except MissingRuleError as err:
+            raise with_call_site(err, eqn) from None
     rule = vjp_rules[name]
     if eqn.primitive.multiple_results:
         ct_arg, out_arg = cts_out, rec.outvals

@@ -1,3 +1,4 @@
 """Rule tables, one module per family. Importing this package registers them all."""
 
 from . import calls, elementwise, structural, contraction, reduction  # noqa: F401
+from . import collectives  # noqa: F401,E402

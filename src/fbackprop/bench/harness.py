@@ -1,0 +1,522 @@
+"""Measures fbackprop against JAX on the same functions, in one process.
+
+For every workload both engines differentiate the same loss function:
+
+* jitted step time: ``jax.jit(fb.value_and_grad(loss))`` vs
+  ``jax.jit(jax.value_and_grad(loss))``, after warm-up, interleaved runs (the
+  order alternates every round), median, ``block_until_ready`` after every call;
+* compiled FLOPs (``cost_analysis``) and temp bytes (``memory_analysis``) of
+  the compiled step: deterministic, machine noise does not touch them;
+* trace + lower time: the cost of the first call, with a fresh function object
+  each time and fbackprop's jaxpr cache cleared (``jax.jit(step).lower(...)``
+  includes fbackprop's own tracing and both sweeps);
+* eager step time: ``fb.value_and_grad(loss)(...)`` vs
+  ``jax.value_and_grad(loss)(...)`` without ``jax.jit``, after warm-up;
+* fb gradient step / fb forward pass, next to the theoretical ~3x.
+
+Run ``python -m fbackprop bench --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from . import workloads as workloads_mod
+
+# figure -> target fb/jax ratio; a ratio passes when, rounded to two decimals as
+# printed, it is at most the target (for FLOPs: doing less work than JAX passes too).
+TARGETS: dict[str, float] = {
+    "jit_step": 1.03,
+    "flops": 1.00,
+    "temp_bytes": 1.00,
+    "trace_lower": 0.70,
+    "eager": 1.00,
+}
+FIGURE_LABELS = {
+    "jit_step": "jitted step",
+    "flops": "FLOPs",
+    "temp_bytes": "temp bytes",
+    "trace_lower": "trace+lower",
+    "eager": "eager step",
+}
+FIGURES = tuple(TARGETS)
+# A gradient that differs from JAX's by more than this (relative to the largest
+# entry of JAX's) is flagged in the table: speed of a wrong answer is no speed.
+AGREEMENT_TOL = 1e-3
+
+
+class Settings:
+    """How long to measure. ``quick`` trades precision for a run of seconds."""
+
+    def __init__(self, quick: bool, reps: int | None = None):
+        self.quick = quick
+        self.step_reps = reps or (5 if quick else 21)
+        self.trace_reps = 2 if quick else 5
+        self.eager_reps = 3 if quick else 9
+        self.min_reps = 2 if quick else 3
+        # Stop adding rounds after this many seconds (once min_reps are done).
+        self.step_budget = 2.0 if quick else 25.0
+        self.trace_budget = 3.0 if quick else 40.0
+        self.eager_budget = 2.0 if quick else 25.0
+        # One sample repeats a call until it lasts this long (timer resolution).
+        self.min_sample = 0.002 if quick else 0.02
+
+
+# ------------------------------------------------------------------ differentiation
+def differentiate(kind: str, engine: str, loss: Callable) -> Callable:
+    """The step function of a workload kind, built with ``engine`` ("fb" or "jax").
+
+    This is the code a user writes; everything else in the harness only times it.
+    """
+    if engine == "fb":
+        import fbackprop as fb
+        value_and_grad, grad = fb.value_and_grad, fb.grad
+    else:
+        value_and_grad, grad = jax.value_and_grad, jax.grad
+    if kind == "value_and_grad":
+        return value_and_grad(loss)
+    if kind == "per_example":
+        return jax.vmap(grad(loss), in_axes=(None, 0))
+    if kind == "hvp":
+        if engine == "fb":
+            import fbackprop as fb
+
+            def fb_hvp_step(params, tangent, batch):
+                return fb.hvp(lambda p: loss(p, batch), (params,), (tangent,))
+            return fb_hvp_step
+
+        def jax_hvp_step(params, tangent, batch):
+            return jax.jvp(jax.grad(lambda p: loss(p, batch)), (params,), (tangent,))[1]
+        return jax_hvp_step
+    raise ValueError(f"unknown workload kind {kind!r}; expected one of "
+                     f"{workloads_mod.KINDS}.")
+
+
+def forward_of(kind: str, loss: Callable) -> Callable:
+    """The forward pass matching a step (for the gradient/forward time ratio)."""
+    if kind == "per_example":
+        return jax.vmap(loss, in_axes=(None, 0))
+    if kind == "hvp":
+        return lambda params, tangent, batch: loss(params, batch)
+    return loss
+
+
+def skip_reason(kind: str, aa: bool) -> str | None:
+    if kind == "hvp" and not aa:
+        import fbackprop as fb
+        if not hasattr(fb, "hvp"):
+            return "fbackprop.hvp does not exist yet"
+    return None
+
+
+def clear_fb_caches():
+    """Forgets fbackprop's traced jaxprs, so the next call traces from scratch."""
+    from fbackprop._src import trace
+    trace.clear_cache()
+
+
+# ------------------------------------------------------------------------ timing
+def _block(x):
+    return jax.block_until_ready(x)
+
+
+def _time_once(call: Callable[[], Any], repeat: int = 1) -> float:
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        _block(call())
+    return (time.perf_counter() - t0) / repeat
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int, min_reps: int,
+                     budget: float, min_sample: float, warmup: int = 2) -> dict:
+    """Median seconds per call of each entry, measured in alternating order.
+
+    Every call is warmed up first. One sample repeats a call until it lasts
+    ``min_sample`` seconds; a round takes one sample of every call, in forward
+    order on even rounds and reversed on odd ones, so slow drifts of the
+    machine hit all entries alike. Rounds stop after ``reps``, or once
+    ``budget`` seconds have passed and ``min_reps`` rounds are done.
+
+    Returns:
+      ``{name: {"median": s, "samples": [s, ...], "repeat": n}}``.
+    """
+    repeat = {}
+    for name, call in calls.items():
+        t = min(_time_once(call) for _ in range(warmup))
+        repeat[name] = max(1, min(100, math.ceil(min_sample / max(t, 1e-9))))
+    samples: dict[str, list] = {name: [] for name in calls}
+    names = list(calls)
+    gc.collect()
+    start = time.perf_counter()
+    for r in range(reps):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            samples[name].append(_time_once(calls[name], repeat[name]))
+        if r + 1 >= min_reps and time.perf_counter() - start > budget:
+            break
+    return {name: {"median": statistics.median(s), "samples": s, "repeat": repeat[name]}
+            for name, s in samples.items()}
+
+
+def time_fresh_interleaved(makers: dict[str, Callable[[], Any]], reps: int, min_reps: int,
+                           budget: float) -> tuple[dict, dict]:
+    """Like :func:`time_interleaved` for one-shot work (no warm-up, no repeats).
+
+    Returns:
+      ``(timings, last_results)``: the timings as above and each maker's last result.
+    """
+    samples: dict[str, list] = {name: [] for name in makers}
+    last: dict[str, Any] = {}
+    names = list(makers)
+    gc.collect()
+    start = time.perf_counter()
+    for r in range(reps):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            last[name] = makers[name]()
+            samples[name].append(time.perf_counter() - t0)
+        if r + 1 >= min_reps and time.perf_counter() - start > budget:
+            break
+    return ({name: {"median": statistics.median(s), "samples": s, "repeat": 1}
+             for name, s in samples.items()}, last)
+
+
+# ----------------------------------------------------------------------- figures
+def _ratio(fb_value, jax_value):
+    if fb_value is None or jax_value is None:
+        return None
+    if jax_value == 0:
+        return 1.0 if fb_value == 0 else math.inf
+    return fb_value / jax_value
+
+
+def _figure(name: str, fb_value, jax_value, unit: str, **extra) -> dict:
+    ratio = _ratio(fb_value, jax_value)
+    target = TARGETS[name]
+    passed = None if ratio is None else bool(round(ratio, 2) <= target)
+    return dict(fb=fb_value, jax=jax_value, unit=unit, ratio=ratio, target=target,
+                passed=passed, **extra)
+
+
+def _paired_ratio(fb_samples, jax_samples):
+    return statistics.median(f / j for f, j in zip(fb_samples, jax_samples))
+
+
+def _flops_of(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):   # some JAX versions return one dict per device
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def _temp_bytes_of(compiled) -> int | None:
+    stats = compiled.memory_analysis()
+    return None if stats is None else int(stats.temp_size_in_bytes)
+
+
+def max_relative_error(fb_out, jax_out) -> float | None:
+    """max |fb - jax| / max |jax| over all leaves (None if the structures differ)."""
+    fb_leaves = jax.tree_util.tree_leaves(fb_out)
+    jax_leaves = jax.tree_util.tree_leaves(jax_out)
+    if len(fb_leaves) == 2 * len(jax_leaves):   # e.g. an hvp that also returns the gradient
+        fb_leaves = fb_leaves[len(jax_leaves):]
+    if len(fb_leaves) != len(jax_leaves) or any(
+            np.shape(a) != np.shape(b) for a, b in zip(fb_leaves, jax_leaves)):
+        return None
+    worst, scale = 0.0, 0.0
+    for a, b in zip(fb_leaves, jax_leaves):
+        a = np.asarray(a, np.float64)
+        b = np.asarray(b, np.float64)
+        if a.size:
+            worst = max(worst, float(np.max(np.abs(a - b))))
+            scale = max(scale, float(np.max(np.abs(b))))
+    return worst / scale if scale else worst
+
+
+def _error_text(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def run_workload(workload, settings: Settings, aa: bool = False,
+                 verbose: bool = False) -> dict:
+    """Measures one workload; a failure becomes an error entry, never an exception."""
+    result: dict[str, Any] = {"name": workload.name, "description": workload.description,
+                              "figures": {}, "errors": {}, "notes": []}
+    t_start = time.perf_counter()
+    fb_engine = "jax" if aa else "fb"
+
+    def record_error(figures, exc):
+        if verbose:
+            traceback.print_exc()
+        for f in figures:
+            result["errors"][f] = _error_text(exc)
+
+    try:
+        problem = workload.build(settings.quick)
+    except Exception as exc:  # the workload itself is broken
+        record_error(FIGURES, exc)
+        result["status"] = "error"
+        return result
+    result.update(sizes=problem.sizes, kind=problem.kind,
+                  theory_grad_over_fwd=problem.theory_grad_over_fwd)
+    reason = skip_reason(problem.kind, aa)
+    if reason:
+        result["status"] = "skipped"
+        result["notes"].append(reason)
+        return result
+    kind, args = problem.kind, problem.args
+
+    # Trace + lower: fresh function objects and cleared caches every time.
+    lowered = {}
+    try:
+        def fresh_lower(engine):
+            def lower():
+                loss = problem.make_loss()
+                if engine == "fb":
+                    clear_fb_caches()
+                return jax.jit(differentiate(kind, engine, loss)).lower(*args)
+            return lower
+        # The very first trace also pays for one-time imports and rule-table
+        # set-up; run one of each before timing.
+        fresh_lower(fb_engine)()
+        fresh_lower("jax")()
+        timings, lowered = time_fresh_interleaved(
+            {"fb": fresh_lower(fb_engine), "jax": fresh_lower("jax")},
+            settings.trace_reps, settings.min_reps, settings.trace_budget)
+        result["figures"]["trace_lower"] = _figure(
+            "trace_lower", timings["fb"]["median"], timings["jax"]["median"], "s",
+            samples={k: v["samples"] for k, v in timings.items()})
+    except Exception as exc:
+        record_error(["trace_lower"], exc)
+
+    # Compiled FLOPs and temp bytes of the compiled step.
+    if lowered:
+        try:
+            compiled, compile_time = {}, {}
+            for side in ("fb", "jax"):
+                t0 = time.perf_counter()
+                compiled[side] = lowered[side].compile()
+                compile_time[side] = time.perf_counter() - t0
+            result["compile_seconds"] = compile_time
+            result["figures"]["flops"] = _figure(
+                "flops", _flops_of(compiled["fb"]), _flops_of(compiled["jax"]), "flop")
+            result["figures"]["temp_bytes"] = _figure(
+                "temp_bytes", _temp_bytes_of(compiled["fb"]),
+                _temp_bytes_of(compiled["jax"]), "B")
+        except Exception as exc:
+            record_error(["flops", "temp_bytes"], exc)
+    else:
+        for f in ("flops", "temp_bytes"):
+            result["errors"].setdefault(f, result["errors"].get("trace_lower", "not lowered"))
+
+    # Jitted step time, with the forward pass in the same interleaved rounds.
+    try:
+        loss = problem.make_loss()
+        fb_step = jax.jit(differentiate(kind, fb_engine, loss))
+        jax_step = jax.jit(differentiate(kind, "jax", loss))
+        forward = jax.jit(forward_of(kind, loss))
+        fb_out, jax_out = _block(fb_step(*args)), _block(jax_step(*args))
+        err = max_relative_error(fb_out, jax_out)
+        result["max_rel_err"] = err
+        if err is None:
+            result["notes"].append("fb and jax outputs have different structures")
+        elif not err <= AGREEMENT_TOL:
+            result["notes"].append(f"fb disagrees with jax: max relative error {err:.2e}")
+        timings = time_interleaved(
+            {"fb": lambda: fb_step(*args), "jax": lambda: jax_step(*args),
+             "forward": lambda: forward(*args)},
+            settings.step_reps, settings.min_reps, settings.step_budget, settings.min_sample)
+        fb_t, jax_t, fwd_t = (timings[k]["median"] for k in ("fb", "jax", "forward"))
+        result["figures"]["jit_step"] = _figure(
+            "jit_step", fb_t, jax_t, "s",
+            paired_ratio=_paired_ratio(timings["fb"]["samples"], timings["jax"]["samples"]),
+            samples={k: v["samples"] for k, v in timings.items()},
+            repeat={k: v["repeat"] for k, v in timings.items()})
+        result["forward_seconds"] = fwd_t
+        result["fb_grad_over_fwd"] = fb_t / fwd_t
+        result["jax_grad_over_fwd"] = jax_t / fwd_t
+    except Exception as exc:
+        record_error(["jit_step"], exc)
+
+    # Eager (no jit): what a user sees in a notebook.
+    try:
+        eager_loss = problem.make_loss()
+        timings = time_interleaved(
+            {"fb": lambda: differentiate(kind, fb_engine, eager_loss)(*args),
+             "jax": lambda: differentiate(kind, "jax", eager_loss)(*args)},
+            settings.eager_reps, settings.min_reps, settings.eager_budget,
+            settings.min_sample)
+        result["figures"]["eager"] = _figure(
+            "eager", timings["fb"]["median"], timings["jax"]["median"], "s",
+            paired_ratio=_paired_ratio(timings["fb"]["samples"], timings["jax"]["samples"]),
+            samples={k: v["samples"] for k, v in timings.items()})
+    except Exception as exc:
+        record_error(["eager"], exc)
+
+    n_ok = len(result["figures"])
+    result["status"] = "ok" if not result["errors"] else ("partial" if n_ok else "error")
+    result["seconds"] = time.perf_counter() - t_start
+    return result
+
+
+# -------------------------------------------------------------------------- meta
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """Device, versions and machine, printed at the top and stored in the JSON."""
+    import jaxlib
+    import fbackprop
+    devices = jax.devices()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "jax_version": jax.__version__,
+        "jaxlib_version": jaxlib.__version__,
+        "fbackprop_version": getattr(fbackprop, "__version__", "?"),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "machine": f"{platform.system()} {platform.machine()}",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+def build_parser(prog: str = "python -m fbackprop bench") -> argparse.ArgumentParser:
+    names = ", ".join(w.name for w in workloads_mod.WORKLOADS)
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Benchmark fbackprop against jax on the same functions: "
+        "jitted step time, compiled FLOPs and temp bytes, trace+lower time, eager step "
+        "time, and gradient/forward time.")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and few repetitions (well under a minute on 2 cores)")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME[,NAME]",
+                        help=f"run only these workloads (repeatable). Known: {names}")
+    parser.add_argument("--list", action="store_true", help="list the workloads and exit")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="interleaved rounds for the jitted step time "
+                             "(default 21, quick 5)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="directory for bench.json and bench.png "
+                             "(default: benchmarks/results, or ./bench_results)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="JSON output path")
+    parser.add_argument("--plot", default=None, metavar="PATH",
+                        help="PNG output path ('none' to skip the plot)")
+    parser.add_argument("--aa", action="store_true",
+                        help="A/A run: time jax against itself to see the noise floor")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print full tracebacks of failing workloads")
+    return parser
+
+
+def _output_paths(args) -> tuple[str, str | None]:
+    out = args.out
+    if out is None:
+        out = os.path.join("benchmarks", "results") if os.path.isdir("benchmarks") \
+            else "bench_results"
+    stem = "bench_quick" if args.quick else "bench"
+    if args.aa:
+        stem += "_aa"
+    json_path = args.json or os.path.join(out, stem + ".json")
+    plot_path = args.plot or os.path.join(out, stem + ".png")
+    if plot_path.lower() == "none":
+        plot_path = None
+    return json_path, plot_path
+
+
+def run(names: list[str] | None = None, quick: bool = False, reps: int | None = None,
+        aa: bool = False, verbose: bool = False, log=sys.stderr) -> dict:
+    """Runs the benchmark and returns the results (the JSON document as a dict).
+
+    Args:
+      names: workload names (all when empty).
+      quick: tiny sizes and few repetitions.
+      reps: interleaved rounds for the jitted step time.
+      aa: time jax against itself (noise floor) instead of fbackprop against jax.
+      verbose: print tracebacks of failures.
+      log: where progress lines go.
+
+    Returns:
+      ``{"meta": {...}, "targets": {...}, "workloads": [{...}, ...]}``.
+
+    Example:
+      >>> from fbackprop.bench import harness
+      >>> doc = harness.run(["mlp"], quick=True)   # doctest: +SKIP
+    """
+    settings = Settings(quick, reps)
+    selected = workloads_mod.get(names)
+    meta = environment()
+    meta.update(quick=quick, aa=aa, command=" ".join([os.path.basename(sys.argv[0])]
+                                                     + sys.argv[1:]))
+    results = []
+    t0 = time.perf_counter()
+    for i, workload in enumerate(selected, 1):
+        print(f"[{i}/{len(selected)}] {workload.name} ...", end="", file=log, flush=True)
+        res = run_workload(workload, settings, aa=aa, verbose=verbose)
+        results.append(res)
+        print(f" {res['status']} ({res.get('seconds', 0.0):.1f} s)", file=log, flush=True)
+        jax.clear_caches()
+        gc.collect()
+    meta["total_seconds"] = time.perf_counter() - t0
+    return {"meta": meta, "targets": dict(TARGETS), "workloads": results}
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m fbackprop bench") -> int:
+    """Command-line entry point; returns the process exit code."""
+    from . import report
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.list:
+        for w in workloads_mod.WORKLOADS:
+            print(f"{w.name:<18} {w.description}")
+        return 0
+    names = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
+    try:
+        workloads_mod.get(names)
+    except ValueError as exc:
+        parser.error(str(exc))
+    json_path, plot_path = _output_paths(args)
+    meta = environment()
+    print(report.header(meta, args.quick, args.aa), flush=True)
+    doc = run(names, quick=args.quick, reps=args.reps, aa=args.aa, verbose=args.verbose)
+    print(report.table(doc))
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(doc, f, indent=1, default=report.json_default)
+    print(f"\nJSON: {json_path}")
+    if plot_path:
+        note = report.plot(doc, plot_path)
+        print(note)
+    return 0

@@ -1,0 +1,215 @@
+"""Presenting benchmark results: the header, the table, JSON values and the plot."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .harness import FIGURE_LABELS, FIGURES, TARGETS
+
+
+def json_default(x):
+    """``json.dump`` fallback for numpy scalars and arrays."""
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def header(meta: dict, quick: bool = False, aa: bool = False) -> str:
+    mode = "quick" if quick else "full"
+    lines = [
+        f"fbackprop {meta['fbackprop_version']} vs jax {meta['jax_version']} "
+        f"(jaxlib {meta['jaxlib_version']}), {mode} run, {meta['date']}",
+        f"device: {meta['platform']} / {meta['device_kind']} x{meta['device_count']}   "
+        f"CPU: {meta['cpu_model']}, {meta['cpu_count']} CPUs "
+        f"({meta['cpus_usable']} usable)   python {meta['python']}",
+    ]
+    if aa:
+        lines.append("A/A run: the 'fb' column is jax itself; ratios show the noise floor.")
+    return "\n".join(lines)
+
+
+def _fmt_seconds(s):
+    if s is None:
+        return "-"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} us"
+
+
+def _fmt_si(x, unit):
+    if x is None:
+        return "-"
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def fmt_value(value, unit):
+    if unit == "s":
+        return _fmt_seconds(value)
+    if unit == "B":
+        if value is None:
+            return "-"
+        for scale, prefix in ((2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
+            if value >= scale:
+                return f"{value / scale:.3g} {prefix}"
+        return f"{value} B"
+    return _fmt_si(value, "")
+
+
+def fmt_ratio(r):
+    if r is None:
+        return "-"
+    if math.isinf(r):
+        return "inf"
+    return f"{r:.2f}" if r < 100 else f"{r:.0f}"
+
+
+def _target_text(figure):
+    return f"{TARGETS[figure]:.2f}" if figure == "flops" else f"<= {TARGETS[figure]:.2f}"
+
+
+_COLS = (("workload", 18), ("figure", 13), ("fb", 11), ("jax", 11), ("fb/jax", 7),
+         ("target", 8), ("", 4))
+
+
+def _row(*cells):
+    out = []
+    for (_, width), cell in zip(_COLS, cells):
+        out.append(f"{cell:<{width}}")
+    return " ".join(out).rstrip()
+
+
+def table(doc: dict) -> str:
+    """The results as a fixed-width text table (one block per workload)."""
+    lines = [_row(*(name for name, _ in _COLS)), "-" * 80]
+    n_pass = n_miss = n_err = 0
+    for res in doc["workloads"]:
+        name = res["name"]
+        lines.append(_row(name, "", "", "", "", "", "").rstrip() +
+                     (f"  ({res['sizes']})" if res.get("sizes") else ""))
+        if res.get("status") == "skipped":
+            lines.append(_row("", "SKIPPED", "", "", "", "", "") + "  " +
+                         "; ".join(res["notes"]))
+            lines.append("")
+            continue
+        for figure in FIGURES:
+            label = FIGURE_LABELS[figure]
+            fig = res["figures"].get(figure)
+            if fig is None:
+                err = res["errors"].get(figure, "not measured")
+                lines.append(_row("", label, "ERROR", "", "", _target_text(figure), "") +
+                             "  " + err[:110])
+                n_err += 1
+                continue
+            verdict = "-" if fig["passed"] is None else ("PASS" if fig["passed"] else "MISS")
+            n_pass += verdict == "PASS"
+            n_miss += verdict == "MISS"
+            lines.append(_row("", label, fmt_value(fig["fb"], fig["unit"]),
+                              fmt_value(fig["jax"], fig["unit"]), fmt_ratio(fig["ratio"]),
+                              _target_text(figure), verdict))
+        if "fb_grad_over_fwd" in res:
+            theory = res.get("theory_grad_over_fwd")
+            lines.append(_row("", "step/forward", f"{res['fb_grad_over_fwd']:.2f}x",
+                              f"{res['jax_grad_over_fwd']:.2f}x", "",
+                              f"~{theory:g}" if theory else "-", "") +
+                         f"  (forward {_fmt_seconds(res['forward_seconds'])})")
+        if res.get("max_rel_err") is not None:
+            flag = "" if res["max_rel_err"] <= 1e-3 else "  WRONG"
+            lines.append(_row("", "max rel err", f"{res['max_rel_err']:.1e}", "", "", "",
+                              "") + flag)
+        for note in res.get("notes", []):
+            lines.append(_row("", "note", "", "", "", "", "") + note)
+        lines.append("")
+    lines.append(f"{n_pass} PASS, {n_miss} MISS, {n_err} ERROR   "
+                 f"(total {doc['meta'].get('total_seconds', 0.0):.0f} s)")
+    return "\n".join(lines)
+
+
+def markdown_table(doc: dict) -> str:
+    """The results as a Markdown table: one row per workload, one column per figure."""
+    head = ["workload"] + [f"{FIGURE_LABELS[f]} ({_target_text(f)})" for f in FIGURES] + \
+        ["step/fwd fb (jax)", "max rel err"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in doc["workloads"]:
+        cells = [res["name"]]
+        if res.get("status") == "skipped":
+            cells += ["skipped: " + "; ".join(res["notes"])] + [""] * (len(head) - 2)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        for figure in FIGURES:
+            fig = res["figures"].get(figure)
+            if fig is None:
+                cells.append("ERROR")
+            else:
+                verdict = "" if fig["passed"] is None else \
+                    (" PASS" if fig["passed"] else " **MISS**")
+                cells.append(fmt_ratio(fig["ratio"]) + verdict)
+        if "fb_grad_over_fwd" in res:
+            cells.append(f"{res['fb_grad_over_fwd']:.2f} ({res['jax_grad_over_fwd']:.2f})")
+        else:
+            cells.append("-")
+        err = res.get("max_rel_err")
+        cells.append("-" if err is None else f"{err:.0e}")
+        lines.append("| " + " | ".join(cells) + " |")
+    errors = [(res["name"], f, e) for res in doc["workloads"]
+              for f, e in res.get("errors", {}).items()]
+    seen = set()
+    for name, _, err in errors:
+        if (name, err) not in seen:
+            seen.add((name, err))
+            lines.append(f"\n{name}: `{err[:200]}`")
+    return "\n".join(lines)
+
+
+def plot(doc: dict, path: str) -> str:
+    """Writes a PNG with one panel per figure (fb/jax ratio per workload, target line).
+
+    Returns:
+      A line saying where the plot went, or why there is none.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed (pip install matplotlib)"
+    import os
+    names = [res["name"] for res in doc["workloads"]]
+    fig, axes = plt.subplots(1, len(FIGURES), figsize=(3.2 * len(FIGURES), 0.45 * len(names)
+                                                       + 1.6), sharey=True)
+    y = np.arange(len(names))
+    for ax, figure in zip(axes, FIGURES):
+        ratios, colors = [], []
+        for res in doc["workloads"]:
+            f = res["figures"].get(figure)
+            r = None if f is None else f["ratio"]
+            ratios.append(np.nan if r is None or not math.isfinite(r) or r <= 0 else r)
+            colors.append("tab:gray" if f is None or f["passed"] is None else
+                          ("tab:green" if f["passed"] else "tab:red"))
+        ax.barh(y, ratios, color=colors, alpha=0.85)   # NaN (error, skipped): no bar
+        for yi, r in zip(y, ratios):
+            ax.text(0.0, yi, "  n/a" if np.isnan(r) else f" {r:.2f}", va="center",
+                    fontsize=8, transform=ax.get_yaxis_transform())
+        ax.axvline(TARGETS[figure], color="k", linestyle="--", linewidth=1)
+        ax.axvline(1.0, color="k", linewidth=0.5)
+        ax.set_xscale("log")
+        ax.set_title(f"{FIGURE_LABELS[figure]}\nfb/jax (target {_target_text(figure)})",
+                     fontsize=9)
+        ax.invert_yaxis()
+    axes[0].set_yticks(y, names, fontsize=8)
+    meta = doc["meta"]
+    fig.suptitle(f"fbackprop vs jax {meta['jax_version']} on {meta['platform']} "
+                 f"({meta['device_kind']}), {meta['date']}", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot: {path}"

@@ -1,0 +1,7 @@
+from jax import lax
+import jax.numpy as jnp
+
+from .common import Spec
+
+SPECS = [
+]
