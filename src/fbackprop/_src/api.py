@@ -119,9 +119,8 @@ class _Program:
         static = []
         for path, x in leaves_with_path:
             is_diff = len(path) >= 2 and path[0].idx == 0 and path[1].idx in diff_argnums
-            where = "args" + tree_util.keystr(path[1:]) if path[0].idx == 0 \
-                else "kwargs" + tree_util.keystr(path[1:])
             if is_diff:
+                where = "args" + tree_util.keystr(path[1:])
                 if vjp_mode:
                     trace.check_leaf(x, f"{api}: primal {tree_util.keystr(path[1:])}")
                 else:

@@ -50,6 +50,8 @@ def _var_differentiable(v) -> bool:
     return dtype is not None and is_differentiable_dtype(dtype)
 
 
+_NO_RULE = object()   # marks a recorded equation whose primitive has no VJP rule
+
 # Hooks let debugging tools observe the sweeps without a second engine.
 # on_forward(eqn, invals, outvals); on_backward(eqn, cts_out, cts_in, record)
 _observers: list = []
@@ -94,12 +96,12 @@ def forward(jaxpr, consts, args, in_active) -> tuple[list, Tape]:
                 outvals, sub, out_act = call_handlers_reverse[name].forward(eqn, invals, act)
             except MissingRuleError as err:
                 raise with_call_site(err, eqn) from None
-        elif name in vjp_rules:
-            outvals = compat.bind_eqn(eqn, invals)
-            sub = None
-            out_act = [True] * len(eqn.outvars)
         else:
-            raise missing_rule_error(eqn, "reverse")
+            # A primitive without a rule is only an error if a cotangent reaches it
+            # (e.g. a max whose result goes through stop_gradient needs none).
+            outvals = compat.bind_eqn(eqn, invals)
+            sub = None if name in vjp_rules else _NO_RULE
+            out_act = [True] * len(eqn.outvars)
         for v, x in zip(eqn.outvars, outvals):
             if type(v) is not compat.DropVar:
                 env[v] = x
@@ -140,6 +142,8 @@ def apply_rule(rec: Record, cts_out: list) -> list:
     """Runs one recorded equation's VJP rule; one cotangent (or None) per input."""
     eqn = rec.eqn
     name = eqn.primitive.name
+    if rec.sub is _NO_RULE:
+        raise missing_rule_error(eqn, "reverse")
     if rec.sub is not None or name in call_handlers_reverse:
         try:
             return call_handlers_reverse[name].backward(rec, cts_out)

@@ -65,15 +65,16 @@ class Settings:
     def __init__(self, quick: bool, reps: int | None = None):
         self.quick = quick
         self.step_reps = reps or (5 if quick else 21)
-        self.trace_reps = 2 if quick else 5
+        self.trace_reps = 1 if quick else 5
         self.eager_reps = 3 if quick else 9
-        self.min_reps = 2 if quick else 3
+        self.min_reps = 1 if quick else 3
         # Stop adding rounds after this many seconds (once min_reps are done).
         self.step_budget = 2.0 if quick else 25.0
         self.trace_budget = 3.0 if quick else 40.0
         self.eager_budget = 2.0 if quick else 25.0
         # One sample repeats a call until it lasts this long (timer resolution).
         self.min_sample = 0.002 if quick else 0.02
+        self.warmup = 1 if quick else 2
 
 
 # ------------------------------------------------------------------ differentiation
@@ -148,11 +149,12 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int, min_reps: i
     Every call is warmed up first. One sample repeats a call until it lasts
     ``min_sample`` seconds; a round takes one sample of every call, in forward
     order on even rounds and reversed on odd ones, so slow drifts of the
-    machine hit all entries alike. Rounds stop after ``reps``, or once
+    machine hit all entries alike. One round is run and thrown away first (the
+    first samples after a pause are slow). Rounds stop after ``reps``, or once
     ``budget`` seconds have passed and ``min_reps`` rounds are done.
 
     Returns:
-      ``{name: {"median": s, "samples": [s, ...], "repeat": n}}``.
+      ``{name: {"median": s, "min": s, "samples": [s, ...], "repeat": n}}``.
     """
     repeat = {}
     for name, call in calls.items():
@@ -161,14 +163,16 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int, min_reps: i
     samples: dict[str, list] = {name: [] for name in calls}
     names = list(calls)
     gc.collect()
+    for name in names:
+        _time_once(calls[name], repeat[name])
     start = time.perf_counter()
     for r in range(reps):
         for name in (names if r % 2 == 0 else names[::-1]):
             samples[name].append(_time_once(calls[name], repeat[name]))
         if r + 1 >= min_reps and time.perf_counter() - start > budget:
             break
-    return {name: {"median": statistics.median(s), "samples": s, "repeat": repeat[name]}
-            for name, s in samples.items()}
+    return {name: {"median": statistics.median(s), "min": min(s), "samples": s,
+                   "repeat": repeat[name]} for name, s in samples.items()}
 
 
 def time_fresh_interleaved(makers: dict[str, Callable[[], Any]], reps: int, min_reps: int,
@@ -190,8 +194,8 @@ def time_fresh_interleaved(makers: dict[str, Callable[[], Any]], reps: int, min_
             samples[name].append(time.perf_counter() - t0)
         if r + 1 >= min_reps and time.perf_counter() - start > budget:
             break
-    return ({name: {"median": statistics.median(s), "samples": s, "repeat": 1}
-             for name, s in samples.items()}, last)
+    return ({name: {"median": statistics.median(s), "min": min(s), "samples": s,
+                    "repeat": 1} for name, s in samples.items()}, last)
 
 
 # ----------------------------------------------------------------------- figures
@@ -211,8 +215,20 @@ def _figure(name: str, fb_value, jax_value, unit: str, **extra) -> dict:
                 passed=passed, **extra)
 
 
-def _paired_ratio(fb_samples, jax_samples):
-    return statistics.median(f / j for f, j in zip(fb_samples, jax_samples))
+def _timed_figure(name: str, timings: dict) -> dict:
+    """A time figure: the ratio of medians, plus two noise-robust cross-checks.
+
+    ``min_ratio`` compares the fastest samples (contention only ever adds time);
+    ``paired_ratio`` is the median of per-round ratios (rounds are adjacent in
+    time, so a slow phase of the machine hits both sides of one round).
+    """
+    fb, jx = timings["fb"], timings["jax"]
+    return _figure(name, fb["median"], jx["median"], "s",
+                   min_ratio=_ratio(fb["min"], jx["min"]),
+                   paired_ratio=statistics.median(
+                       f / j for f, j in zip(fb["samples"], jx["samples"])),
+                   samples={k: v["samples"] for k, v in timings.items()},
+                   repeat={k: v["repeat"] for k, v in timings.items()})
 
 
 def _flops_of(compiled) -> float | None:
@@ -248,7 +264,13 @@ def max_relative_error(fb_out, jax_out) -> float | None:
     return worst / scale if scale else worst
 
 
+class _Unmeasured(Exception):
+    """A figure that could not be measured because an earlier stage failed."""
+
+
 def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, _Unmeasured):
+        return str(exc)
     text = f"{type(exc).__name__}: {exc}".strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
@@ -299,16 +321,15 @@ def run_workload(workload, settings: Settings, aa: bool = False,
         timings, lowered = time_fresh_interleaved(
             {"fb": fresh_lower(fb_engine), "jax": fresh_lower("jax")},
             settings.trace_reps, settings.min_reps, settings.trace_budget)
-        result["figures"]["trace_lower"] = _figure(
-            "trace_lower", timings["fb"]["median"], timings["jax"]["median"], "s",
-            samples={k: v["samples"] for k, v in timings.items()})
+        result["figures"]["trace_lower"] = _timed_figure("trace_lower", timings)
     except Exception as exc:
         record_error(["trace_lower"], exc)
 
     # Compiled FLOPs and temp bytes of the compiled step.
+    compiled = {}
     if lowered:
         try:
-            compiled, compile_time = {}, {}
+            compile_time = {}
             for side in ("fb", "jax"):
                 t0 = time.perf_counter()
                 compiled[side] = lowered[side].compile()
@@ -320,17 +341,20 @@ def run_workload(workload, settings: Settings, aa: bool = False,
                 "temp_bytes", _temp_bytes_of(compiled["fb"]),
                 _temp_bytes_of(compiled["jax"]), "B")
         except Exception as exc:
+            compiled = {}
             record_error(["flops", "temp_bytes"], exc)
     else:
         for f in ("flops", "temp_bytes"):
             result["errors"].setdefault(f, result["errors"].get("trace_lower", "not lowered"))
 
     # Jitted step time, with the forward pass in the same interleaved rounds.
+    # The executables are the ones compiled above: exactly what jax.jit(step)
+    # runs, without compiling them a second time.
     try:
-        loss = problem.make_loss()
-        fb_step = jax.jit(differentiate(kind, fb_engine, loss))
-        jax_step = jax.jit(differentiate(kind, "jax", loss))
-        forward = jax.jit(forward_of(kind, loss))
+        if not compiled:
+            raise _Unmeasured(result["errors"].get("flops", "the step did not compile"))
+        fb_step, jax_step = compiled["fb"], compiled["jax"]
+        forward = jax.jit(forward_of(kind, problem.make_loss())).lower(*args).compile()
         fb_out, jax_out = _block(fb_step(*args)), _block(jax_step(*args))
         err = max_relative_error(fb_out, jax_out)
         result["max_rel_err"] = err
@@ -341,13 +365,10 @@ def run_workload(workload, settings: Settings, aa: bool = False,
         timings = time_interleaved(
             {"fb": lambda: fb_step(*args), "jax": lambda: jax_step(*args),
              "forward": lambda: forward(*args)},
-            settings.step_reps, settings.min_reps, settings.step_budget, settings.min_sample)
+            settings.step_reps, settings.min_reps, settings.step_budget, settings.min_sample,
+            warmup=settings.warmup)
         fb_t, jax_t, fwd_t = (timings[k]["median"] for k in ("fb", "jax", "forward"))
-        result["figures"]["jit_step"] = _figure(
-            "jit_step", fb_t, jax_t, "s",
-            paired_ratio=_paired_ratio(timings["fb"]["samples"], timings["jax"]["samples"]),
-            samples={k: v["samples"] for k, v in timings.items()},
-            repeat={k: v["repeat"] for k, v in timings.items()})
+        result["figures"]["jit_step"] = _timed_figure("jit_step", timings)
         result["forward_seconds"] = fwd_t
         result["fb_grad_over_fwd"] = fb_t / fwd_t
         result["jax_grad_over_fwd"] = jax_t / fwd_t
@@ -361,11 +382,8 @@ def run_workload(workload, settings: Settings, aa: bool = False,
             {"fb": lambda: differentiate(kind, fb_engine, eager_loss)(*args),
              "jax": lambda: differentiate(kind, "jax", eager_loss)(*args)},
             settings.eager_reps, settings.min_reps, settings.eager_budget,
-            settings.min_sample)
-        result["figures"]["eager"] = _figure(
-            "eager", timings["fb"]["median"], timings["jax"]["median"], "s",
-            paired_ratio=_paired_ratio(timings["fb"]["samples"], timings["jax"]["samples"]),
-            samples={k: v["samples"] for k, v in timings.items()})
+            settings.min_sample, warmup=settings.warmup)
+        result["figures"]["eager"] = _timed_figure("eager", timings)
     except Exception as exc:
         record_error(["eager"], exc)
 

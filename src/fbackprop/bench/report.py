@@ -112,9 +112,13 @@ def table(doc: dict) -> str:
             verdict = "-" if fig["passed"] is None else ("PASS" if fig["passed"] else "MISS")
             n_pass += verdict == "PASS"
             n_miss += verdict == "MISS"
+            extra = ""
+            if fig.get("min_ratio") is not None:
+                extra = (f"  min {fmt_ratio(fig['min_ratio'])}, paired "
+                         f"{fmt_ratio(fig['paired_ratio'])}, n={len(fig['samples']['fb'])}")
             lines.append(_row("", label, fmt_value(fig["fb"], fig["unit"]),
                               fmt_value(fig["jax"], fig["unit"]), fmt_ratio(fig["ratio"]),
-                              _target_text(figure), verdict))
+                              _target_text(figure), verdict) + extra)
         if "fb_grad_over_fwd" in res:
             theory = res.get("theory_grad_over_fwd")
             lines.append(_row("", "step/forward", f"{res['fb_grad_over_fwd']:.2f}x",

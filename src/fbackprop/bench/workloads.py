@@ -207,7 +207,7 @@ def _build_cnn(quick):
 # -------------------------------------------------------------------- transformer
 def _transformer_sizes(quick):
     # seq, width, heads, blocks, vocab, batch
-    return (32, 32, 4, 2, 64, 2) if quick else (256, 256, 4, 4, 512, 2)
+    return (16, 16, 4, 2, 32, 2) if quick else (256, 256, 4, 4, 512, 2)
 
 
 def attention(p, x, n_heads):
@@ -306,7 +306,7 @@ def _build_rnn(quick):
 # ---------------------------------------------------------------- deep narrow net
 def _deep_sizes(quick):
     # depth, width, batch
-    return (100, 16, 8) if quick else (1000, 16, 32)
+    return (50, 16, 8) if quick else (1000, 16, 32)
 
 
 def make_deep_loss():

@@ -40,7 +40,6 @@ psum_p = _parallel.psum_p
 psum_invariant_p = _parallel.psum_invariant_p
 pvary_p = _jcore.pvary_p
 all_gather_p = _parallel.all_gather_p
-all_gather_invariant_p = _parallel.all_gather_invariant_p
 reduce_scatter_p = _parallel.reduce_scatter_p
 ppermute_p = _parallel.ppermute_p
 all_to_all_p = _parallel.all_to_all_p
@@ -126,21 +125,6 @@ defjvp(reduce_scatter_p, lambda t, out, x, *, scatter_dimension, axis_name,
        axis_index_groups, axis_size, tiled:
        _reduce_scatter(t, scatter_dimension=scatter_dimension, axis_name=axis_name,
                        axis_index_groups=axis_index_groups, tiled=tiled))
-
-
-# all_gather_invariant (varying -> invariant): each device keeps the slice of the
-# (invariant) cotangent that its own shard produced.
-def _all_gather_invariant_vjp(ct, out, x, *, all_gather_dimension, axis_name, axis_size,
-                              tiled):
-    slice_size = ct.shape[all_gather_dimension] // axis_size
-    start = lax.mul(lax.axis_index(axis_name), slice_size)
-    piece = lax.dynamic_slice_in_dim(ct, start, slice_size, axis=all_gather_dimension)
-    return piece if tiled else lax.squeeze(piece, (all_gather_dimension,))
-
-
-defvjp(all_gather_invariant_p, _all_gather_invariant_vjp)
-defjvp(all_gather_invariant_p, lambda t, out, x, **params: all_gather_invariant_p.bind(
-    _pvary(t, _named_axes(params["axis_name"], "all_gather_invariant")), **params))
 
 
 # -------------------------------------------------------------------- ppermute

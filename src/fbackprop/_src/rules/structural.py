@@ -174,6 +174,31 @@ register_vjp(lax.split_p, _split_vjp)
 register_jvp(lax.split_p, _split_jvp)
 
 
+def _stack_vjp(ct, out, *operands, axis, active):
+    if all(active):
+        return list(lax.unstack_p.bind(ct, axis=axis))
+    return [lax.index_in_dim(ct, i, axis, keepdims=False) if a else None
+            for i, a in enumerate(active)]
+
+
+register_vjp(lax.stack_p, _stack_vjp, needs_active=True)
+defjvp_linear(lax.stack_p)
+
+
+def _unstack_vjp(cts, outs, x, *, axis):
+    return [lax.stack_p.bind(*[_or_zeros(c, o) for c, o in zip(cts, outs)], axis=axis)]
+
+
+def _unstack_jvp(primals, tangents, *, axis):
+    x, = primals
+    t, = tangents
+    return lax.unstack_p.bind(x, axis=axis), lax.unstack_p.bind(t, axis=axis)
+
+
+register_vjp(lax.unstack_p, _unstack_vjp)
+register_jvp(lax.unstack_p, _unstack_jvp)
+
+
 def _dynamic_slice_vjp(ct, out, x, *indices, slice_sizes, active):
     # The primitive clamps the start so the slice fits; dynamic_update_slice
     # clamps the same way, so the cotangent lands where the slice came from.

@@ -1,0 +1,476 @@
+"""What the forward sweep keeps for the backward sweep.
+
+Control flow (``scan``, ``cond``) and checkpointing (``remat``) need the backward
+sweep of a sub-jaxpr as a *program* they can place elsewhere: inside a reverse
+``lax.scan``, inside the taken branch of a ``lax.switch``, or after an
+``optimization_barrier``. They get it in three steps:
+
+1. **Joint trace.** :func:`trace_joint` traces, with ``jax.make_jaxpr``, one
+   function that runs our own forward sweep (:func:`reverse.forward`) over the
+   sub-jaxpr and then our own backward sweep (:func:`reverse.backward`) with
+   cotangent inputs. The result is one jaxpr
+   ``(*primals, *cts) -> (*outs, *cts_in)``: every equation of the forward
+   sweep and every equation our VJP rules emitted.
+2. **Split.** :func:`split_joint` cuts it in two by data dependence. The
+   *forward part* is exactly what the primal outputs need. Everything else the
+   cotangent outputs need is the *backward part* - including the
+   cotangent-free pieces of VJP rules (``cos x`` for ``sin``, transposes of
+   weights), which therefore run in the backward sweep, where they are used,
+   instead of being computed early and kept alive. The **residuals** are the
+   forward-part values (and inputs) that the backward part reads: no more is
+   kept than the backward sweep actually uses.
+3. **Recompute.** A predicate may mark forward equations whose outputs must not
+   be kept (a checkpoint policy; loop invariants of a scan). Their outputs are
+   recomputed at the start of the backward part from what is kept, so the
+   residuals move to their inputs.
+
+:func:`saved_residuals` applies the same split to a whole function and reports
+the residuals: one row per kept value with shape, dtype, bytes, producing
+primitive and the user's source line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax import tree_util
+
+from . import compat, reverse, trace
+from .registry import is_differentiable_dtype
+
+# JAX internals used here (dead-code elimination of jaxprs, effect sets).
+from jax._src import core as _jcore  # noqa: E402
+from jax._src.interpreters import partial_eval as _pe  # noqa: E402
+
+
+def _is_var(v) -> bool:
+    return type(v) is not compat.Literal and type(v) is not compat.DropVar
+
+
+def _differentiable(aval) -> bool:
+    dtype = getattr(aval, "dtype", None)
+    return dtype is not None and is_differentiable_dtype(dtype)
+
+
+def spec_of(aval, weak: bool | None = None):
+    """A ``jax.ShapeDtypeStruct`` for an abstract value (keeping its weak type)."""
+    if weak is None:
+        weak = bool(getattr(aval, "weak_type", False))
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=weak)
+
+
+# ------------------------------------------------------------------ joint trace
+@dataclasses.dataclass(frozen=True, eq=False)
+class Joint:
+    """A sub-jaxpr's forward and backward sweeps, traced into one jaxpr.
+
+    Attributes:
+      jaxpr: ``(*primals, *cts) -> (*outs, *cts_in)``; its constvars take ``consts``.
+      consts: values for ``jaxpr.constvars``.
+      n_in: number of primal inputs.
+      n_out: number of primal outputs.
+      in_active: per primal input, whether it was differentiated.
+      out_active: per output, whether it depends on an active input.
+      ct_outputs: indices of the outputs that have a cotangent input (every
+        output with a float dtype, active or not), in the order of the ``cts``.
+      ct_in_nonzero: indices of the inputs whose cotangent is not a symbolic
+        zero, in the order of the ``cts_in`` outputs.
+    """
+    jaxpr: Any
+    consts: list
+    n_in: int
+    n_out: int
+    in_active: tuple
+    out_active: tuple
+    ct_outputs: tuple
+    ct_in_nonzero: tuple
+
+
+_joint_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _aval_key(aval) -> tuple:
+    return (tuple(aval.shape), aval.dtype, bool(getattr(aval, "weak_type", False)))
+
+
+def trace_joint(jaxpr, consts: Sequence, in_avals: Sequence, in_active: Sequence[bool]
+                ) -> Joint:
+    """Traces our forward and backward sweeps over ``jaxpr`` into one jaxpr.
+
+    Cached per (jaxpr, consts, input avals, activity) when the consts are not
+    tracers, so nested control flow is traced once per shape.
+
+    Args:
+      jaxpr: an open jaxpr (``consts`` feed its constvars).
+      consts: values for its constvars.
+      in_avals: abstract values of its inputs (shape, dtype, weak type).
+      in_active: per input, whether it is differentiated.
+
+    Returns:
+      A :class:`Joint`.
+    """
+    in_active = tuple(bool(a) and _differentiable(av) for a, av in zip(in_active, in_avals))
+    key = (tuple(_aval_key(a) for a in in_avals), in_active)
+    cacheable = trace.cache_enabled and not any(compat.is_tracer(c) for c in consts)
+    per = None
+    if cacheable:
+        per = _joint_cache.get(jaxpr)
+        if per is None:
+            per = {}
+            _joint_cache[jaxpr] = per
+        hit = per.get(key)
+        if hit is not None and len(hit[0]) == len(consts) and all(
+                a is b for a, b in zip(hit[0], consts)):
+            return hit[1]
+
+    n_in, n_out = len(jaxpr.invars), len(jaxpr.outvars)
+    out_avals = [v.aval for v in jaxpr.outvars]
+    ct_outputs = tuple(i for i, a in enumerate(out_avals) if _differentiable(a))
+    cell: dict = {}
+
+    def joint(*args):
+        primals, cts = list(args[:n_in]), args[n_in:]
+        outs, tape = reverse.forward(jaxpr, consts, primals, list(in_active))
+        full = [None] * n_out
+        for i, ct in zip(ct_outputs, cts):
+            if tape.out_active[i]:
+                full[i] = ct
+        cts_in = reverse.backward(tape, full)
+        nonzero = tuple(i for i, c in enumerate(cts_in) if c is not None and in_active[i])
+        cell["out_active"] = tuple(tape.out_active)
+        cell["nonzero"] = nonzero
+        return list(outs) + [cts_in[i] for i in nonzero]
+
+    specs = [spec_of(a) for a in in_avals] + [spec_of(out_avals[i], False)
+                                               for i in ct_outputs]
+    closed = jax.make_jaxpr(joint)(*specs)
+    result = Joint(closed.jaxpr, list(closed.consts), n_in, n_out, in_active,
+                   cell["out_active"], ct_outputs, cell["nonzero"])
+    if per is not None and not any(compat.is_tracer(c) for c in closed.consts):
+        per[key] = (list(consts), result)
+    return result
+
+
+# ------------------------------------------------------------------------ split
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+    """A joint jaxpr cut into a forward part and a backward part.
+
+    Attributes:
+      joint: the :class:`Joint` it came from.
+      fwd: jaxpr ``(*primals) -> (*outs, *computed)`` (constvars: the joint's).
+      bwd: jaxpr ``(*saved, *cts_used) -> (*cts_in nonzero)`` (constvars: the joint's).
+      saved: per residual, ``("input", i)`` (the i-th primal input) or
+        ``("computed", j)`` (the j-th extra output of ``fwd``), in ``bwd``'s order.
+      saved_vars: the joint-jaxpr variables of the residuals.
+      computed_as_output: per computed residual, the index of a primal output
+        that is the same value, or ``None``.
+      cts_used: output indices whose cotangent ``bwd`` reads, in its order.
+      recomputed: the forward equations the backward part recomputes.
+    """
+    joint: Joint
+    fwd: Any
+    bwd: Any
+    saved: tuple
+    saved_vars: tuple
+    computed_as_output: tuple
+    cts_used: tuple
+    recomputed: tuple
+
+    @property
+    def consts(self):
+        return self.joint.consts
+
+
+def _effects(eqns):
+    return _jcore.join_effects(*(e.effects for e in eqns)) if eqns else _jcore.no_effects
+
+
+def split_joint(joint: Joint, recompute: Callable[[Any], bool] | None = None) -> Split:
+    """Cuts a joint jaxpr into forward and backward parts (see the module doc).
+
+    Args:
+      joint: from :func:`trace_joint`.
+      recompute: ``recompute(eqn) -> bool`` for forward equations; when true,
+        the equation's outputs are not kept but recomputed by the backward part
+        (which then keeps the equation's inputs instead, recursively).
+
+    Returns:
+      A :class:`Split`.
+    """
+    jaxpr = joint.jaxpr
+    eqns = jaxpr.eqns
+    primal_in = jaxpr.invars[:joint.n_in]
+    ct_in = jaxpr.invars[joint.n_in:]
+    primal_out = jaxpr.outvars[:joint.n_out]
+    ct_out = jaxpr.outvars[joint.n_out:]
+    ct_in_set = set(ct_in)
+
+    # Forward part: what the primal outputs need, plus effects (kept in order).
+    in_fwd = [False] * len(eqns)
+    need = {v for v in primal_out if _is_var(v)}
+    for i in range(len(eqns) - 1, -1, -1):
+        e = eqns[i]
+        if e.effects or any(_is_var(v) and v in need for v in e.outvars):
+            in_fwd[i] = True
+            need.update(v for v in e.invars if _is_var(v))
+    assert not (need & ct_in_set), "a primal output depends on a cotangent input"
+
+    # Backward part: what the cotangent outputs need beyond the forward part.
+    in_bwd = [False] * len(eqns)
+    need = {v for v in ct_out if _is_var(v)}
+    for i in range(len(eqns) - 1, -1, -1):
+        e = eqns[i]
+        if not in_fwd[i] and any(_is_var(v) and v in need for v in e.outvars):
+            in_bwd[i] = True
+            need.difference_update(e.outvars)
+            need.update(v for v in e.invars if _is_var(v))
+
+    # Recompute what must not be kept: walk the forward part backwards, so a
+    # recomputed equation's inputs are themselves considered.
+    in_rec = [False] * len(eqns)
+    if recompute is not None:
+        for i in range(len(eqns) - 1, -1, -1):
+            e = eqns[i]
+            if in_fwd[i] and any(_is_var(v) and v in need for v in e.outvars) \
+                    and not e.effects and recompute(e):
+                in_rec[i] = True
+                need.difference_update(e.outvars)
+                need.update(v for v in e.invars if _is_var(v))
+
+    constvars = set(jaxpr.constvars)
+    saved, saved_vars = [], []
+    for i, v in enumerate(primal_in):
+        if v in need:
+            saved.append(("input", i))
+            saved_vars.append(v)
+    computed_vars = []
+    for i, e in enumerate(eqns):
+        if in_fwd[i]:
+            for v in e.outvars:
+                if _is_var(v) and v in need:
+                    saved.append(("computed", len(computed_vars)))
+                    saved_vars.append(v)
+                    computed_vars.append(v)
+    leftover = need - set(saved_vars) - ct_in_set - constvars
+    assert not leftover, f"unclassified residuals {leftover}"
+    cts_used = tuple(joint.ct_outputs[k] for k, v in enumerate(ct_in) if v in need)
+    cts_used_vars = [v for v in ct_in if v in need]
+
+    fwd_eqns = [e for i, e in enumerate(eqns) if in_fwd[i]]
+    fwd = jaxpr.replace(invars=list(primal_in), outvars=list(primal_out) + computed_vars,
+                        eqns=fwd_eqns, effects=_effects(fwd_eqns))
+    # Drop what nested loops compute but nobody reads (e.g. residual outputs of a
+    # nested forward scan whose values the backward part now recomputes).
+    fwd, _ = _pe.dce_jaxpr(fwd, [True] * len(fwd.outvars), instantiate=True)
+
+    bwd_eqns = [e for i, e in enumerate(eqns) if in_bwd[i] or in_rec[i]]
+    bwd = jaxpr.replace(invars=saved_vars + cts_used_vars, outvars=list(ct_out),
+                        eqns=bwd_eqns, effects=_effects(bwd_eqns))
+    bwd, _ = _pe.dce_jaxpr(bwd, [True] * len(bwd.outvars), instantiate=True)
+
+    out_index = {}
+    for k, v in enumerate(primal_out):
+        if _is_var(v):
+            out_index.setdefault(v, k)
+    computed_as_output = tuple(out_index.get(v) for v in computed_vars)
+    recomputed = tuple(e for i, e in enumerate(eqns) if in_rec[i])
+    return Split(joint, fwd, bwd, tuple(saved), tuple(saved_vars), computed_as_output,
+                 cts_used, recomputed)
+
+
+def eval_jaxpr(jaxpr, consts, *args) -> list:
+    """Evaluates a jaxpr from a split in the current trace."""
+    return list(compat.eval_jaxpr(jaxpr, consts, *args))
+
+
+# ---------------------------------------------------------- the residual report
+@dataclasses.dataclass(frozen=True)
+class Residual:
+    """One value the forward sweep keeps for the backward sweep.
+
+    Attributes:
+      shape: its shape (with the leading steps axis for values kept per step
+        of a scan).
+      dtype: its dtype.
+      nbytes: its size in bytes.
+      kind: ``"argument"``, ``"constant"`` or ``"intermediate"``.
+      primitive: the primitive that produced it (``None`` for arguments).
+      source: the user's ``file:line`` that produced it, or the argument's path.
+      detail: e.g. ``"named 'h'"``, ``"per step of scan (length 64)"``.
+    """
+    shape: tuple
+    dtype: np.dtype
+    nbytes: int
+    kind: str
+    primitive: str | None
+    source: str
+    detail: str = ""
+
+    def describe(self) -> str:
+        what = self.primitive or self.kind
+        return f"{what} at {self.source}" + (f" ({self.detail})" if self.detail else "")
+
+
+class SavedResiduals(tuple):
+    """The residuals of a function, as a tuple of :class:`Residual` rows.
+
+    ``str()`` gives a table with a total; ``total_bytes`` counts every row and
+    ``intermediate_bytes`` leaves out arguments and constants (which exist
+    whether or not a backward sweep follows).
+    """
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.nbytes for r in self)
+
+    @property
+    def intermediate_bytes(self) -> int:
+        return sum(r.nbytes for r in self if r.kind == "intermediate")
+
+    def as_dicts(self) -> list[dict]:
+        return [dataclasses.asdict(r) for r in self]
+
+    def __str__(self) -> str:
+        header = ("shape", "dtype", "bytes", "kind", "produced by")
+        rows = [(str(list(r.shape)), np.dtype(r.dtype).name, f"{r.nbytes:,}", r.kind,
+                 r.describe()) for r in self]
+        widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in
+                  enumerate(header[:-1])]
+
+        def line(cells):
+            return "  ".join(c.rjust(w) if i == 2 else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths))) \
+                + "  " + cells[-1]
+
+        out = [line(header), line(tuple("-" * w for w in widths) + ("-" * 11,))]
+        out += [line(row) for row in rows]
+        out.append(f"total: {len(self)} residuals, {self.total_bytes:,} bytes "
+                   f"({self.intermediate_bytes:,} bytes of intermediates, the rest "
+                   f"arguments/constants)")
+        return "\n".join(out)
+
+    def __repr__(self) -> str:
+        return f"SavedResiduals({len(self)} rows, {self.total_bytes} bytes)"
+
+
+def _nbytes(aval) -> int:
+    return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+
+
+def _producers(jaxpr) -> dict:
+    return {v: e for e in jaxpr.eqns for v in e.outvars if _is_var(v)}
+
+
+def _describe_var(v, jaxpr, steps: list[str]) -> tuple[str | None, str, list[str]]:
+    """(primitive, source line, details) of the equation that produced ``v``,
+    looking through the loops our handlers emit to the per-step producer."""
+    e = _producers(jaxpr).get(v)
+    if e is None:
+        return None, "<input>", steps
+    name = e.primitive.name
+    if name == "scan":
+        k = list(e.outvars).index(v)
+        num_carry = e.params["num_carry"]
+        body = e.params["jaxpr"].jaxpr
+        if k >= num_carry:
+            inner = body.outvars[k]
+            note = f"per step of the scan at {compat.source_line(e)} " \
+                   f"(length {e.params['length']})"
+            if _is_var(inner):
+                prim, src, details = _describe_var(inner, body, steps + [note])
+                if prim is not None:
+                    return prim, src, details
+                idx = list(body.invars).index(inner) if inner in body.invars else None
+                if idx is not None and idx >= e.params["num_consts"] + num_carry:
+                    return "scan", compat.source_line(e), steps + [note, "an xs slice"]
+                if idx is not None:
+                    return "scan", compat.source_line(e), steps + [note, "the carry"]
+            return "scan", compat.source_line(e), steps + [note]
+    if name == "cond":
+        k = list(e.outvars).index(v)
+        found = []
+        for b, branch in enumerate(e.params["branches"]):
+            inner = branch.jaxpr.outvars[k]
+            if _is_var(inner) and inner in _producers(branch.jaxpr):
+                prim, src, _ = _describe_var(inner, branch.jaxpr, [])
+                found.append((b, prim, src))
+        if len(found) == 1:
+            b, prim, src = found[0]
+            return prim, src, steps + [f"in branch {b} of the cond at "
+                                       f"{compat.source_line(e)}"]
+    details = list(steps)
+    if name == "name":
+        details.append(f"named {e.params['name']!r}")
+    elif name in compat.JIT_NAMES:
+        details.append(f"output of jitted function {e.params.get('name', '?')!r}")
+    return name, compat.source_line(e), details
+
+
+def report_split(split: Split, arg_names: Sequence[str]) -> SavedResiduals:
+    """The residual rows of a split (``arg_names``: one per primal input)."""
+    rows = []
+    joint_jaxpr = split.joint.jaxpr
+    for (kind, idx), v in zip(split.saved, split.saved_vars):
+        aval = v.aval
+        if kind == "input":
+            rows.append(Residual(tuple(aval.shape), np.dtype(aval.dtype), _nbytes(aval),
+                                 "argument", None, arg_names[idx]))
+            continue
+        prim, src, details = _describe_var(v, joint_jaxpr, [])
+        rows.append(Residual(tuple(aval.shape), np.dtype(aval.dtype), _nbytes(aval),
+                             "intermediate", prim, src, "; ".join(details)))
+    return SavedResiduals(rows)
+
+
+def saved_residuals(fun: Callable, *args, **kwargs) -> SavedResiduals:
+    """Lists what the forward sweep keeps for the backward sweep of ``fun``.
+
+    Every float argument leaf is differentiated (like
+    ``jax.ad_checkpoint.saved_residuals``). A residual is a value computed (or
+    received) in the forward sweep and read by the backward sweep, after
+    checkpoint policies and scan bookkeeping have decided what to keep. Values
+    kept per step of a ``lax.scan`` appear once, with the steps axis in front.
+
+    Args:
+      fun: the function (pytrees of arrays in, pytree of arrays out).
+      *args: positional arguments to trace it with.
+      **kwargs: keyword arguments to trace it with.
+
+    Returns:
+      A :class:`SavedResiduals`: a tuple of :class:`Residual` rows (shape,
+      dtype, nbytes, kind, primitive, source line) whose ``str()`` is a table with
+      the total, and whose ``total_bytes`` / ``intermediate_bytes`` give sums.
+
+    Example:
+      >>> import fbackprop as fb, jax.numpy as jnp
+      >>> res = fb.saved_residuals(lambda x: jnp.sum(jnp.sin(jnp.sin(x))), jnp.ones(3))
+      >>> [(r.kind, r.primitive, r.shape) for r in res]
+      [('argument', None, (3,)), ('intermediate', 'sin', (3,))]
+      >>> res.total_bytes
+      24
+    """
+    leaves_with_path, in_tree = tree_util.tree_flatten_with_path((args, kwargs))
+    leaves = [x for _, x in leaves_with_path]
+    static = [not (isinstance(x, (np.ndarray, np.generic, jax.Array))
+                   or compat.is_tracer(x) or isinstance(x, (bool, int, float, complex)))
+              for x in leaves]
+    for (path, x), s in zip(leaves_with_path, static):
+        if not s:
+            trace.check_leaf(x, f"saved_residuals: argument {tree_util.keystr(path)}")
+    traced = trace.trace_flat(fun, in_tree, leaves, static,
+                              what=getattr(fun, "__name__", "fun"))
+    names = []
+    for (path, x), s in zip(leaves_with_path, static):
+        if s:
+            continue
+        head = ("args" if path[0].idx == 0 else "kwargs")
+        names.append(head + tree_util.keystr(path[1:]))
+    closed = traced.closed
+    in_avals = [v.aval for v in closed.jaxpr.invars]
+    joint = trace_joint(closed.jaxpr, closed.consts, in_avals, [True] * len(in_avals))
+    return report_split(split_joint(joint), names)

@@ -1,0 +1,545 @@
+"""Control flow (scan, cond/switch, while_loop) and the markers checkpointing uses.
+
+Reverse mode of a loop or a branch needs the backward sweep of its body as a
+program to run inside a reverse ``lax.scan`` or the taken branch of a
+``lax.switch``. We get it from :mod:`fbackprop._src.residuals`: our own forward
+and backward sweeps over the body, traced together into one jaxpr and split
+by data dependence into a forward part (what the outputs need) and a backward
+part (everything else the cotangents need), with the residuals in between.
+
+``scan`` - residual strategy: **save per-step body residuals.** The forward is
+a ``lax.scan`` of the forward part that also emits, stacked over the steps,
+the body values its backward part reads (for a checkpointed body: only what
+the checkpoint policy keeps, i.e. by default just the body inputs). Residuals
+that already exist outside the loop are not copied: a per-step residual that is
+an ``xs`` slice or a ``ys`` output is read from the stacked array, a
+loop-invariant one (a function of the scan's constants only) is recomputed in
+the backward body instead of being stacked. The backward is a ``lax.scan`` in
+the opposite direction whose carry holds the carry cotangents and the running
+sums of the constants' cotangents, and whose outputs are the ``xs``
+cotangents. Integer carries (loop counters) carry no cotangent; symbolic zero
+output cotangents are made inside the backward body, never stacked.
+
+``cond``/``switch`` - the branch index is a residual; each branch keeps its own
+residuals, laid out in shared slots (one slot per shape/dtype per branch
+position); the backward is a ``lax.switch`` running only the taken branch's
+backward part.
+
+``while_loop`` - forward mode only; reverse mode raises an error naming
+``fori_loop`` with static bounds (which lowers to ``scan``) and ``scan``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from .. import compat, forward as _forward, residuals
+from ..registry import (call_handlers_forward, call_handlers_reverse, defjvp, defvjp,
+                        is_differentiable_dtype, nondiff_primitives, register_jvp,
+                        register_vjp)
+
+
+def _differentiable(aval) -> bool:
+    dtype = getattr(aval, "dtype", None)
+    return dtype is not None and is_differentiable_dtype(dtype)
+
+
+def _zeros(aval):
+    return jnp.zeros(aval.shape, aval.dtype)
+
+
+def _strong(x):
+    """``x`` without a weak type, so branch outputs and loop carries agree."""
+    return compat.with_weak_type(x, False)
+
+
+def _is_var(v) -> bool:
+    return type(v) is not compat.Literal and type(v) is not compat.DropVar
+
+
+# ============================================================ checkpoint markers
+# checkpoint_name(x, name) is the identity with a label that checkpoint policies
+# read; the cotangent passes through unchanged, the tangent is not named (as in JAX).
+defvjp("name", lambda ct, out, x, **_: ct)
+register_jvp("name", lambda primals, tangents, *, name:
+             (checkpoint_name(primals[0], name), tangents[0]))
+
+
+# optimization_barrier(*xs) is the identity that XLA may not look through; the
+# cotangents and tangents pass through their own barrier.
+def _optimization_barrier_vjp(cts, outs, *primals):
+    present = [i for i, c in enumerate(cts) if c is not None]
+    result = [None] * len(primals)
+    if present:
+        passed = lax.optimization_barrier([cts[i] for i in present])
+        for i, c in zip(present, passed):
+            result[i] = c
+    return result
+
+
+def _optimization_barrier_jvp(primals, tangents):
+    outs = lax.optimization_barrier(list(primals))
+    present = [i for i, t in enumerate(tangents) if t is not None]
+    touts = [None] * len(primals)
+    if present:
+        passed = lax.optimization_barrier([tangents[i] for i in present])
+        for i, t in zip(present, passed):
+            touts[i] = t
+    return outs, touts
+
+
+register_vjp("optimization_barrier", _optimization_barrier_vjp)
+register_jvp("optimization_barrier", _optimization_barrier_jvp)
+
+
+# ===================================================================== scan
+def _loop_invariant(joint, num_consts):
+    """Predicate: the joint equation depends only on the scan's constants."""
+    jaxpr = joint.jaxpr
+    invariant = set(jaxpr.constvars) | set(jaxpr.invars[:num_consts])
+    ids = set()
+    for e in jaxpr.eqns:
+        if not e.effects and all(not _is_var(v) or v in invariant for v in e.invars):
+            ids.add(id(e))
+            invariant.update(v for v in e.outvars if _is_var(v))
+    return lambda e: id(e) in ids
+
+
+def _scan_joint(body, consts, in_avals, active, nc, nk):
+    """The body's joint trace at the fixpoint of carry activity: a carry is
+    active when its initial value is, or when the body makes it active."""
+    carry_active = [bool(a) and _differentiable(av)
+                    for a, av in zip(active[nc:nc + nk], in_avals[nc:nc + nk])]
+    while True:
+        in_act = list(active[:nc]) + carry_active + list(active[nc + nk:])
+        joint = residuals.trace_joint(body, consts, in_avals, in_act)
+        new = [a or b for a, b in zip(carry_active, joint.out_active[:nk])]
+        if new == carry_active:
+            return joint, carry_active
+        carry_active = new
+
+
+class ScanCall:
+    """Reverse mode of ``lax.scan``: a forward scan that stacks the per-step
+    residuals, a backward scan in the opposite direction that consumes them."""
+
+    def forward(self, eqn, invals, active):
+        p = eqn.params
+        closed = p["jaxpr"]
+        nc, nk = p["num_consts"], p["num_carry"]
+        body = closed.jaxpr
+        in_avals = [v.aval for v in body.invars]
+        joint, carry_active = _scan_joint(body, closed.consts, in_avals, active, nc, nk)
+        split = residuals.split_joint(joint, recompute=_loop_invariant(joint, nc))
+        n_out = joint.n_out
+
+        # Where each residual comes from in the backward scan.
+        plan, res_src = [], []
+        for kind, idx in split.saved:
+            if kind == "input":
+                if idx < nc:
+                    plan.append(("const", idx))
+                elif idx < nc + nk:
+                    plan.append(("res", len(res_src)))
+                    res_src.append(("carry", idx - nc))
+                else:
+                    plan.append(("xs", idx - nc - nk))
+            else:
+                out = split.computed_as_output[idx]
+                if out is not None and out >= nk:
+                    plan.append(("ys", out - nk))
+                else:
+                    plan.append(("res", len(res_src)))
+                    res_src.append(("computed", idx))
+
+        consts = list(invals[:nc])
+        init = list(invals[nc:nc + nk])
+        xs = list(invals[nc + nk:])
+
+        def fwd_body(carry, x):
+            outs = residuals.eval_jaxpr(split.fwd, split.consts, *consts, *carry, *x)
+            computed = outs[n_out:]
+            res = [computed[j] if src == "computed" else carry[j] for src, j in res_src]
+            return list(outs[:nk]), (list(outs[nk:n_out]), res)
+
+        with compat.user_context(eqn):
+            carry_out, (ys, res) = lax.scan(fwd_body, init, xs, length=p["length"],
+                                            reverse=p["reverse"], unroll=p["unroll"])
+        state = dict(split=split, plan=plan, consts=consts, xs=xs, ys=ys, res=res,
+                     carry_active=carry_active)
+        out_active = list(carry_active) + list(joint.out_active[nk:])
+        return list(carry_out) + list(ys), state, out_active
+
+    def backward(self, record, cts_out):
+        eqn = record.eqn
+        p = eqn.params
+        st = record.sub
+        split, plan = st["split"], st["plan"]
+        joint = split.joint
+        nc, nk = p["num_consts"], p["num_carry"]
+        body = p["jaxpr"].jaxpr
+        in_avals = [v.aval for v in body.invars]
+        out_avals = [v.aval for v in body.outvars]
+        consts, xs, ys, res = st["consts"], st["xs"], st["ys"], st["res"]
+
+        act_carry = [k for k in range(nk) if st["carry_active"][k]]
+        carry_pos = {k: i for i, k in enumerate(act_carry)}
+        ct_carry0 = [_strong(cts_out[k]) if cts_out[k] is not None
+                     else _zeros(in_avals[nc + k]) for k in act_carry]
+        nonzero = joint.ct_in_nonzero
+        const_nz = [i for i in nonzero if i < nc]
+        xs_nz = [i - nc - nk for i in nonzero if i >= nc + nk]
+        accs0 = [_zeros(in_avals[i]) for i in const_nz]
+
+        # Per-step inputs of the backward body: stacked residuals, the ys and xs
+        # arrays that double as residuals, and the present ys cotangents.
+        ys_idx = sorted({i for src, i in plan if src == "ys"})
+        xs_idx = sorted({i for src, i in plan if src == "xs"})
+        ys_pos = {y: i for i, y in enumerate(ys_idx)}
+        xs_pos = {x: i for i, x in enumerate(xs_idx)}
+        ct_ys_idx = [o - nk for o in split.cts_used if o >= nk and cts_out[o] is not None]
+        ct_ys_pos = {y: i for i, y in enumerate(ct_ys_idx)}
+        per_step = (list(res), [ys[y] for y in ys_idx], [xs[x] for x in xs_idx],
+                    [cts_out[nk + y] for y in ct_ys_idx])
+
+        def bwd_body(carry, x):
+            ct_carry, accs = carry[:len(act_carry)], carry[len(act_carry):]
+            res_t, ys_t, xs_t, ct_ys_t = x
+            saved = []
+            for src, i in plan:
+                if src == "const":
+                    saved.append(consts[i])
+                elif src == "res":
+                    saved.append(res_t[i])
+                elif src == "ys":
+                    saved.append(ys_t[ys_pos[i]])
+                else:
+                    saved.append(xs_t[xs_pos[i]])
+            cts = []
+            for o in split.cts_used:
+                if o < nk:
+                    cts.append(ct_carry[carry_pos[o]])
+                elif (o - nk) in ct_ys_pos:
+                    cts.append(ct_ys_t[ct_ys_pos[o - nk]])
+                else:
+                    cts.append(_zeros(out_avals[o]))
+            cts_in = dict(zip(nonzero, residuals.eval_jaxpr(
+                split.bwd, split.consts, *saved, *cts)))
+            new_carry = [_strong(cts_in[nc + k]) if nc + k in cts_in
+                         else _zeros(in_avals[nc + k]) for k in act_carry]
+            new_accs = [lax.add(acc, cts_in[i]) for acc, i in zip(accs, const_nz)]
+            ct_xs = [cts_in[nc + nk + j] for j in xs_nz]
+            return new_carry + new_accs, ct_xs
+
+        with compat.user_context(eqn):
+            final, ct_xs = lax.scan(bwd_body, ct_carry0 + accs0, per_step,
+                                    length=p["length"], reverse=not p["reverse"],
+                                    unroll=p["unroll"])
+        result = [None] * len(record.invals)
+        for k in act_carry:
+            result[nc + k] = final[carry_pos[k]]
+        for i, acc in zip(const_nz, final[len(act_carry):]):
+            result[i] = acc
+        for j, ct in zip(xs_nz, ct_xs):
+            result[nc + nk + j] = ct
+        return [c if a else None for c, a in zip(result, record.active)]
+
+
+call_handlers_reverse["scan"] = ScanCall()
+
+
+def _jvp_out_nonzero(jaxpr, consts, in_avals, nonzero):
+    """Which outputs of ``jaxpr`` get a nonzero tangent from the given inputs'."""
+    cell = {}
+    n = len(in_avals)
+    nz_idx = [i for i in range(n) if nonzero[i] and _differentiable(in_avals[i])]
+
+    def f(*args):
+        primals, ts = list(args[:n]), iter(args[n:])
+        tangents = [next(ts) if i in nz_idx else None for i in range(n)]
+        outs, touts = _forward.jvp_jaxpr(jaxpr, consts, primals, tangents)
+        cell["nz"] = [t is not None for t in touts]
+        return outs
+
+    jax.make_jaxpr(f)(*[residuals.spec_of(a) for a in in_avals],
+                      *[residuals.spec_of(in_avals[i], False) for i in nz_idx])
+    return cell["nz"]
+
+
+def _scan_jvp(eqn, invals, tangents):
+    """Forward mode of ``lax.scan``: a scan carrying primals and tangents."""
+    p = eqn.params
+    closed = p["jaxpr"]
+    nc, nk = p["num_consts"], p["num_carry"]
+    body = closed.jaxpr
+    in_avals = [v.aval for v in body.invars]
+    out_avals = [v.aval for v in body.outvars]
+    nz = [t is not None and _differentiable(a) for t, a in zip(tangents, in_avals)]
+    while True:
+        out_nz = _jvp_out_nonzero(body, closed.consts, in_avals, nz)
+        new = nz[:nc] + [a or b for a, b in zip(nz[nc:nc + nk], out_nz[:nk])] + nz[nc + nk:]
+        if new == nz:
+            break
+        nz = new
+    carry_nz = [k for k in range(nk) if nz[nc + k]]
+    ys_nz = [y for y in range(len(out_avals) - nk) if out_nz[nk + y]]
+    consts = list(invals[:nc])
+    const_t = [tangents[i] if nz[i] else None for i in range(nc)]
+    xs_nz = [j for j in range(len(invals) - nc - nk) if nz[nc + nk + j]]
+    init_t = [_strong(tangents[nc + k]) if tangents[nc + k] is not None
+              else _zeros(in_avals[nc + k]) for k in carry_nz]
+
+    def body_fn(carry, x):
+        c, ct = carry
+        xv, xt = x
+        t_carry = [None] * nk
+        for k, t in zip(carry_nz, ct):
+            t_carry[k] = t
+        t_xs = [None] * len(xv)
+        for j, t in zip(xs_nz, xt):
+            t_xs[j] = t
+        outs, touts = _forward.jvp_jaxpr(body, closed.consts, consts + list(c) + list(xv),
+                                         const_t + t_carry + t_xs)
+        new_t = [_strong(touts[k]) if touts[k] is not None else _zeros(out_avals[k])
+                 for k in carry_nz]
+        ys_t = [touts[nk + y] for y in ys_nz]
+        return (list(outs[:nk]), new_t), (list(outs[nk:]), ys_t)
+
+    xs = list(invals[nc + nk:])
+    with compat.user_context(eqn):
+        (carry, carry_t), (ys, ys_t) = lax.scan(
+            body_fn, (list(invals[nc:nc + nk]), init_t),
+            (xs, [tangents[nc + nk + j] for j in xs_nz]),
+            length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    touts = [None] * len(eqn.outvars)
+    for k, t in zip(carry_nz, carry_t):
+        touts[k] = t
+    for y, t in zip(ys_nz, ys_t):
+        touts[nk + y] = t
+    return list(carry) + list(ys), touts
+
+
+call_handlers_forward["scan"] = _scan_jvp
+
+
+# ================================================================ cond / switch
+class CondCall:
+    """Reverse mode of ``lax.cond``/``lax.switch``: the index is a residual and
+    the backward runs only the taken branch's backward part."""
+
+    def forward(self, eqn, invals, active):
+        branches = eqn.params["branches"]
+        index, ops = invals[0], list(invals[1:])
+        act = list(active[1:])
+        in_avals = [v.aval for v in branches[0].jaxpr.invars]
+        joints = [residuals.trace_joint(b.jaxpr, b.consts, in_avals, act) for b in branches]
+        splits = [residuals.split_joint(j) for j in joints]
+        n_out = len(eqn.outvars)
+        out_active = [any(j.out_active[k] for j in joints) for k in range(n_out)]
+
+        # Residual slots shared by the branches: a branch's j-th computed
+        # residual goes to the first slot of its shape/dtype it has not used.
+        slot_avals, slot_of = [], []
+        for s in splits:
+            used, mapping = set(), {}
+            for (kind, j), v in zip(s.saved, s.saved_vars):
+                if kind != "computed":
+                    continue
+                key = (tuple(v.aval.shape), v.aval.dtype)
+                q = next((q for q, a in enumerate(slot_avals)
+                          if (tuple(a.shape), a.dtype) == key and q not in used), None)
+                if q is None:
+                    slot_avals.append(v.aval)
+                    q = len(slot_avals) - 1
+                used.add(q)
+                mapping[j] = q
+            slot_of.append(mapping)
+
+        def make_fwd(b):
+            s, mapping = splits[b], slot_of[b]
+
+            def branch(*ops):
+                outs = residuals.eval_jaxpr(s.fwd, s.consts, *ops)
+                computed = outs[n_out:]
+                slots = [_zeros(a) for a in slot_avals]
+                for j, q in mapping.items():
+                    slots[q] = _strong(computed[j])
+                return list(outs[:n_out]), slots
+            return branch
+
+        with compat.user_context(eqn):
+            outs, slots = lax.switch(index, [make_fwd(b) for b in range(len(branches))],
+                                     *ops)
+        state = dict(splits=splits, slot_of=slot_of, slots=slots, ops=ops, index=index)
+        return list(outs), state, out_active
+
+    def backward(self, record, cts_out):
+        eqn = record.eqn
+        st = record.sub
+        splits, slot_of = st["splits"], st["slot_of"]
+        ops = st["ops"]
+        branches = eqn.params["branches"]
+        in_avals = [v.aval for v in branches[0].jaxpr.invars]
+        out_avals = [v.aval for v in branches[0].jaxpr.outvars]
+        cts_used = sorted(set().union(*(s.cts_used for s in splits)))
+        nonzero = sorted(set().union(*(s.joint.ct_in_nonzero for s in splits)))
+        cts = [_strong(cts_out[o]) if cts_out[o] is not None else _zeros(out_avals[o])
+               for o in cts_used]
+        ops_used = sorted({i for s in splits for kind, i in s.saved if kind == "input"})
+
+        def make_bwd(b):
+            s, mapping = splits[b], slot_of[b]
+
+            def branch(slots, used_ops, cts):
+                op_of = dict(zip(ops_used, used_ops))
+                saved = [op_of[i] if kind == "input" else slots[mapping[i]]
+                         for kind, i in s.saved]
+                ct_of = dict(zip(cts_used, cts))
+                cts_in = dict(zip(s.joint.ct_in_nonzero, residuals.eval_jaxpr(
+                    s.bwd, s.consts, *saved, *[ct_of[o] for o in s.cts_used])))
+                return [_strong(cts_in[i]) if i in cts_in else _zeros(in_avals[i])
+                        for i in nonzero]
+            return branch
+
+        with compat.user_context(eqn):
+            cts_in = lax.switch(st["index"], [make_bwd(b) for b in range(len(branches))],
+                                st["slots"], [ops[i] for i in ops_used], cts)
+        result = [None] * len(record.invals)
+        for i, ct in zip(nonzero, cts_in):
+            result[1 + i] = ct
+        return [c if a else None for c, a in zip(result, record.active)]
+
+
+call_handlers_reverse["cond"] = CondCall()
+
+
+def _cond_jvp(eqn, invals, tangents):
+    """Forward mode of ``lax.cond``/``lax.switch``: each branch pushes tangents."""
+    branches = eqn.params["branches"]
+    index, ops = invals[0], list(invals[1:])
+    in_avals = [v.aval for v in branches[0].jaxpr.invars]
+    out_avals = [v.aval for v in branches[0].jaxpr.outvars]
+    nz = [t is not None and _differentiable(a) for t, a in zip(tangents[1:], in_avals)]
+    out_nz = [False] * len(out_avals)
+    for b in branches:
+        out_nz = [x or y for x, y in zip(out_nz, _jvp_out_nonzero(
+            b.jaxpr, b.consts, in_avals, nz))]
+    nz_in = [i for i in range(len(ops)) if nz[i]]
+    nz_out = [k for k in range(len(out_avals)) if out_nz[k]]
+
+    def make(b):
+        def branch(ops, ts):
+            tangents = [None] * len(ops)
+            for i, t in zip(nz_in, ts):
+                tangents[i] = t
+            outs, touts = _forward.jvp_jaxpr(b.jaxpr, b.consts, list(ops), tangents)
+            return list(outs), [_strong(touts[k]) if touts[k] is not None
+                                else _zeros(out_avals[k]) for k in nz_out]
+        return branch
+
+    with compat.user_context(eqn):
+        outs, ts = lax.switch(index, [make(b) for b in branches], ops,
+                              [tangents[1 + i] for i in nz_in])
+    touts = [None] * len(out_avals)
+    for k, t in zip(nz_out, ts):
+        touts[k] = t
+    return list(outs), touts
+
+
+call_handlers_forward["cond"] = _cond_jvp
+
+
+# ================================================================= while_loop
+def _active_outputs(jaxpr, in_active):
+    """Conservative activity: an output is active if it depends, through
+    primitives that carry gradients, on an active input."""
+    active = {v for v, a in zip(jaxpr.invars, in_active) if a and _differentiable(v.aval)}
+    for e in jaxpr.eqns:
+        if e.primitive.name in nondiff_primitives:
+            continue
+        if any(_is_var(v) and v in active for v in e.invars):
+            active.update(v for v in e.outvars if _is_var(v) and _differentiable(v.aval))
+    return [_is_var(v) and v in active for v in jaxpr.outvars]
+
+
+class WhileCall:
+    """Reverse mode of ``lax.while_loop``: an error when a carry is differentiated."""
+
+    def forward(self, eqn, invals, active):
+        p = eqn.params
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        body = p["body_jaxpr"].jaxpr
+        carry_active = [bool(a) for a in active[cn + bn:]]
+        while True:
+            out = _active_outputs(body, list(active[cn:cn + bn]) + carry_active)
+            new = [a or b for a, b in zip(carry_active, out)]
+            if new == carry_active:
+                break
+            carry_active = new
+        if any(a and _differentiable(v.aval) for a, v in zip(carry_active, eqn.outvars)):
+            raise ValueError(
+                f"Reverse-mode differentiation does not work for lax.while_loop or "
+                f"lax.fori_loop with dynamic start/stop values (the loop at "
+                f"{compat.source_line(eqn)}): its number of iterations is only known at "
+                f"run time, so the values each iteration needs for the backward sweep "
+                f"cannot be laid out in advance. Use lax.fori_loop with static Python "
+                f"int bounds (it lowers to lax.scan, which fbackprop differentiates), or "
+                f"lax.scan with a fixed length. Forward mode (fbackprop.jvp) does work "
+                f"on while_loop.")
+        outvals = compat.bind_eqn(eqn, invals)
+        return outvals, None, [False] * len(outvals)
+
+    def backward(self, record, cts_out):  # pragma: no cover - never recorded
+        raise AssertionError("a while_loop with no active carry was recorded")
+
+
+call_handlers_reverse["while"] = WhileCall()
+
+
+def _while_jvp(eqn, invals, tangents):
+    """Forward mode of ``lax.while_loop``: the loop carries primals and tangents."""
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cond_closed, body_closed = p["cond_jaxpr"], p["body_jaxpr"]
+    body = body_closed.jaxpr
+    in_avals = [v.aval for v in body.invars]
+    nz = [t is not None and _differentiable(a) for t, a in zip(tangents[cn:], in_avals)]
+    while True:
+        out_nz = _jvp_out_nonzero(body, body_closed.consts, in_avals, nz)
+        new = nz[:bn] + [a or b for a, b in zip(nz[bn:], out_nz)]
+        if new == nz:
+            break
+        nz = new
+    cconsts, bconsts = list(invals[:cn]), list(invals[cn:cn + bn])
+    bconst_t = [tangents[cn + i] if nz[i] else None for i in range(bn)]
+    carry_nz = [k for k in range(len(in_avals) - bn) if nz[bn + k]]
+    init_t = [_strong(tangents[cn + bn + k]) if tangents[cn + bn + k] is not None
+              else _zeros(in_avals[bn + k]) for k in carry_nz]
+    n_carry = len(in_avals) - bn
+
+    def cond_fn(state):
+        carry, _ = state
+        return compat.eval_jaxpr(cond_closed.jaxpr, cond_closed.consts, *cconsts, *carry)[0]
+
+    def body_fn(state):
+        carry, ts = state
+        t_carry = [None] * n_carry
+        for k, t in zip(carry_nz, ts):
+            t_carry[k] = t
+        outs, touts = _forward.jvp_jaxpr(body, body_closed.consts, bconsts + list(carry),
+                                         bconst_t + t_carry)
+        return list(outs), [_strong(touts[k]) if touts[k] is not None
+                            else _zeros(in_avals[bn + k]) for k in carry_nz]
+
+    with compat.user_context(eqn):
+        carry, carry_t = lax.while_loop(cond_fn, body_fn, (list(invals[cn + bn:]), init_t))
+    touts = [None] * n_carry
+    for k, t in zip(carry_nz, carry_t):
+        touts[k] = t
+    return list(carry), touts
+
+
+call_handlers_forward["while"] = _while_jvp
