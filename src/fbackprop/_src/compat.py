@@ -174,3 +174,15 @@ def with_weak_type(x, weak: bool):
 def eval_jaxpr(jaxpr, consts, *args):
     """Evaluates a jaxpr in the current trace (no differentiation involved)."""
     return jcore.eval_jaxpr(jaxpr, consts, *args)
+
+
+def dce_keep_inputs(jaxpr, used_outputs) -> Jaxpr:
+    """Dead-code elimination of unused outputs; constvars become leading invars.
+
+    The result takes ``(*consts, *args)`` and returns only the used outputs.
+    """
+    from jax._src.interpreters import partial_eval as pe
+    if jaxpr.constvars:
+        jaxpr = pe.convert_constvars_jaxpr(jaxpr)
+    new, _ = pe.dce_jaxpr(jaxpr, list(used_outputs), instantiate=True)
+    return new

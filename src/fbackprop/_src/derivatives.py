@@ -420,6 +420,9 @@ def _std_basis(pytree):
 
 def _possible_downcast(x, example):
     dtype = _aval(example).dtype
+    if getattr(x, "dtype", None) == jax_float0:
+        # Integer inputs (allow_int): JAX reports their zero Jacobian in their dtype.
+        x = jnp.zeros(np.shape(x), dtype)
     if jnp.issubdtype(x.dtype, jnp.complexfloating) and \
             not jnp.issubdtype(dtype, jnp.complexfloating):
         x = jnp.real(x)

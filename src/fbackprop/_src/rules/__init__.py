@@ -2,3 +2,5 @@
 
 from . import calls, elementwise, structural, contraction, reduction  # noqa: F401
 from . import collectives  # noqa: F401,E402
+from . import control  # noqa: F401,E402
+from . import debug  # noqa: F401,E402

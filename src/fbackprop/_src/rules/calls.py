@@ -5,6 +5,10 @@ Reverse mode recurses into the sub-jaxpr with the same forward/backward sweeps.
 
 from __future__ import annotations
 
+import collections
+
+import jax.numpy as jnp
+
 from .. import compat
 from .. import reverse
 from ..registry import call_handlers_reverse
@@ -64,21 +68,41 @@ class CustomJVPCall(CallHandler):
         out_active = [True] * len(outvals)
         return outvals, (call_jaxpr, num_consts, jvp_jaxpr_of), out_active
 
+    def __init__(self):
+        # (jvp rule, zero pattern, used outputs) -> DCE'd transposable jaxpr.
+        self._cache = collections.OrderedDict()
+
+    def _tangent_jaxpr(self, jvp_jaxpr_of, zeros, cts_out):
+        jvp_jaxpr, jvp_consts, out_zeros = jvp_jaxpr_of(list(zeros))
+        n_out = len(out_zeros)
+        nz_cts = [ct for ct, z in zip(cts_out, out_zeros) if not z]
+        # Only the tangent outputs that receive a cotangent matter; the primal
+        # outputs of the rule (and whatever computes only them) are dropped.
+        used = [False] * n_out + [ct is not None for ct in nz_cts]
+        return compat.dce_keep_inputs(jvp_jaxpr, used), list(jvp_consts), out_zeros
+
     def backward(self, record, cts_out):
         call_jaxpr, num_consts, jvp_jaxpr_of = record.sub
         primals = record.invals[num_consts:]
         active = record.active[num_consts:]
-        jvp_jaxpr, jvp_consts, out_zeros = jvp_jaxpr_of([not a for a in active])
-        n_in = len(primals)
-        tangent_avals = [v.aval for v in jvp_jaxpr.invars[n_in:]]
-        import jax.numpy as jnp
+        zeros = tuple(not a for a in active)
+        key = (record.eqn.params["jvp_jaxpr_fun"], zeros,
+               tuple(c is None for c in cts_out))
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._tangent_jaxpr(jvp_jaxpr_of, zeros, cts_out)
+            if not any(compat.is_tracer(c) for c in hit[1]):
+                self._cache[key] = hit
+                if len(self._cache) > 256:
+                    self._cache.popitem(last=False)
+        jaxpr, consts, out_zeros = hit
+        cts = [ct for ct, z in zip(cts_out, out_zeros) if not z and ct is not None]
+        n_lead = len(consts) + len(primals)
+        tangent_avals = [v.aval for v in jaxpr.invars[n_lead:]]
         tangents = [jnp.zeros(a.shape, a.dtype) for a in tangent_avals]
-        in_active = [False] * n_in + [True] * len(tangents)
-        _, tape = reverse.forward(jvp_jaxpr, jvp_consts, list(primals) + tangents, in_active)
-        n_out = len(out_zeros)
-        nz_cts = [ct for ct, z in zip(cts_out, out_zeros) if not z]
-        cts_all = [None] * n_out + nz_cts
-        cts_in = reverse.backward(tape, cts_all)[n_in:]
+        in_active = [False] * n_lead + [True] * len(tangents)
+        _, tape = reverse.forward(jaxpr, [], consts + list(primals) + tangents, in_active)
+        cts_in = reverse.backward(tape, cts)[n_lead:]
         it = iter(cts_in)
         return [None] * num_consts + [next(it) if a else None for a in active]
 
@@ -113,10 +137,12 @@ def _remat_closed(params):
     return compat.ClosedJaxpr(jaxpr, [])
 
 
-# TODO(issue: remat) recompute instead of saving; for now a checkpointed function
-# differentiates correctly but keeps its residuals like any other code.
+# Reverse mode keeps only the region's inputs and what the policy saves, and
+# recomputes the rest in the backward sweep (see fbackprop/_src/remat.py).
+from ..remat import RematCall  # noqa: E402
+
 for _name in compat.REMAT_NAMES:
-    call_handlers_reverse[_name] = InlineCall(_remat_closed)
+    call_handlers_reverse[_name] = RematCall()
 
 
 # ----------------------------------------------------------------- forward mode

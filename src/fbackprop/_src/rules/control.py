@@ -27,6 +27,9 @@ backward part.
 
 ``while_loop`` - forward mode only; reverse mode raises an error naming
 ``fori_loop`` with static bounds (which lowers to ``scan``) and ``scan``.
+
+(The markers checkpointing uses have their rules with their families:
+``checkpoint_name`` in debug.py, ``optimization_barrier`` in structural.py.)
 """
 
 from __future__ import annotations
@@ -34,12 +37,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 
 from .. import compat, forward as _forward, residuals
-from ..registry import (call_handlers_forward, call_handlers_reverse, defjvp, defvjp,
-                        is_differentiable_dtype, nondiff_primitives, register_jvp,
-                        register_vjp)
+from ..registry import (call_handlers_forward, call_handlers_reverse,
+                        is_differentiable_dtype, nondiff_primitives)
 
 
 def _differentiable(aval) -> bool:
@@ -58,41 +59,6 @@ def _strong(x):
 
 def _is_var(v) -> bool:
     return type(v) is not compat.Literal and type(v) is not compat.DropVar
-
-
-# ============================================================ checkpoint markers
-# checkpoint_name(x, name) is the identity with a label that checkpoint policies
-# read; the cotangent passes through unchanged, the tangent is not named (as in JAX).
-defvjp("name", lambda ct, out, x, **_: ct)
-register_jvp("name", lambda primals, tangents, *, name:
-             (checkpoint_name(primals[0], name), tangents[0]))
-
-
-# optimization_barrier(*xs) is the identity that XLA may not look through; the
-# cotangents and tangents pass through their own barrier.
-def _optimization_barrier_vjp(cts, outs, *primals):
-    present = [i for i, c in enumerate(cts) if c is not None]
-    result = [None] * len(primals)
-    if present:
-        passed = lax.optimization_barrier([cts[i] for i in present])
-        for i, c in zip(present, passed):
-            result[i] = c
-    return result
-
-
-def _optimization_barrier_jvp(primals, tangents):
-    outs = lax.optimization_barrier(list(primals))
-    present = [i for i, t in enumerate(tangents) if t is not None]
-    touts = [None] * len(primals)
-    if present:
-        passed = lax.optimization_barrier([tangents[i] for i in present])
-        for i, t in zip(present, passed):
-            touts[i] = t
-    return outs, touts
-
-
-register_vjp("optimization_barrier", _optimization_barrier_vjp)
-register_jvp("optimization_barrier", _optimization_barrier_jvp)
 
 
 # ===================================================================== scan

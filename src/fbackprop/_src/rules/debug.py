@@ -9,6 +9,7 @@ cotangent during the backward sweep.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.interpreters import ad as jax_ad
@@ -22,14 +23,15 @@ from ..registry import register_jvp, register_vjp
 # the batch axis each enclosing ``vmap`` added to the operand, innermost first,
 # so the hook can be mapped back over them and still see one example's cotangent.
 tag_p = compat.primitive("fbackprop_tag")
-tag_p.def_impl(lambda x, **_: x)
+# Eagerly a new array (not ``x`` itself), so every value keeps one producer.
+tag_p.def_impl(lambda x, **_: jnp.array(x, copy=True))
 tag_p.def_abstract_eval(lambda x, **_: x)
 mlir.register_lowering(tag_p, lambda ctx, x, **_: [x])
 
 
 def _tag_batch(args, dims, *, name, hook, hook_batch_dims):
     (x,), (d,) = args, dims
-    if d is not batching.not_mapped:
+    if d is not None:                    # None: this operand is not batched
         hook_batch_dims = hook_batch_dims + (d,)
     return tag_p.bind(x, name=name, hook=hook, hook_batch_dims=hook_batch_dims), d
 
@@ -103,12 +105,14 @@ register_jvp(tag_p, _tag_jvp)
 # ------------------------------------------------------------ checkpoint_name
 # The primitive object behind jax.ad_checkpoint.checkpoint_name, read from a
 # traced example so no private module is imported.
-name_p = jax.make_jaxpr(lambda x: checkpoint_name(x, "_"))(np.float32(0)).jaxpr.eqns[0].primitive
+_name_eqns = jax.make_jaxpr(lambda x: checkpoint_name(x, "_"))(np.float32(0)).jaxpr.eqns
+name_p = _name_eqns[0].primitive if len(_name_eqns) == 1 else None
 
-if name_p.name == "name":
+# Primitives whose ``name`` param marks a value for grad_and_intermediates.
+NAMED_PRIMITIVES = {tag_p.name}
+
+if name_p is not None and name_p.name == "name":
     register_vjp(name_p, lambda ct, out, x, *, name: [ct])
     register_jvp(name_p, lambda primals, tangents, *, name:
                  (name_p.bind(primals[0], name=name), tangents[0]))
-
-# Primitives whose ``name`` param marks a value for grad_and_intermediates.
-NAMED_PRIMITIVES = {tag_p.name, name_p.name}
+    NAMED_PRIMITIVES.add(name_p.name)

@@ -1,0 +1,950 @@
+"""Seeing backprop: named intermediates, cotangent hooks, NaN/Inf provenance.
+
+Everything here runs fbackprop's own sweeps (:func:`reverse.forward` and
+:func:`reverse.backward`) with an observer attached; the observer sees every
+equation with its values on the way forward and its cotangents on the way back.
+
+* :func:`tag` names a value; :func:`grad_and_intermediates` returns the
+  cotangent arriving at every named value next to the usual gradients.
+* A tag's ``hook`` reads or replaces that cotangent during the backward sweep.
+* :func:`checked_grad` / :func:`checked_value_and_grad` find the first equation,
+  forward or backward, that produced a non-finite value which reaches the loss
+  or the gradient, and report where it is in the user's code.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import linecache
+import re
+import weakref
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import tree_util
+
+from . import api, compat, reverse
+from .rules.debug import NAMED_PRIMITIVES, tag_p
+
+# ============================================================ shared machinery
+
+
+@contextlib.contextmanager
+def observing(observer):
+    """Attaches ``observer`` to fbackprop's sweeps for the duration of the block."""
+    reverse._observers.append(observer)
+    try:
+        yield observer
+    finally:
+        reverse._observers.remove(observer)
+
+
+def _trace_state():
+    """A comparable token for JAX's current trace (None if unavailable).
+
+    Observers compare it with the token taken when they were created, so events
+    from a sweep running inside another trace (e.g. a ``lax.scan`` body) are
+    not mixed with values of the outer computation.
+    """
+    try:
+        from jax._src import core as jax_core
+        return jax_core.get_opaque_trace_state()
+    except Exception:  # pragma: no cover - best effort across JAX versions
+        return None
+
+
+def inlined_jaxpr(eqn):
+    """The sub-jaxpr the reverse engine sweeps in place for a call equation, or None."""
+    name = eqn.primitive.name
+    if name in compat.JIT_NAMES:
+        return compat.jit_inner(eqn.params).jaxpr
+    if name in compat.CLOSED_CALL_NAMES:
+        return compat.closed_call_inner(eqn.params).jaxpr
+    # Checkpoint regions, loops and custom rules run their own programs.
+    return None
+
+
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else [value]:
+            inner = getattr(item, "jaxpr", item)
+            if isinstance(inner, compat.Jaxpr):
+                yield inner
+
+
+_SOURCE_RE = re.compile(r"^(?P<file>.*?):(?P<line>\d+)(?::\d+)?(?: \((?P<func>.*)\))?$")
+
+
+def source_parts(eqn) -> tuple[str, int | None, str]:
+    """(file, line, function) of the user code that created ``eqn``."""
+    text = compat.source_line(eqn)
+    m = _SOURCE_RE.match(text)
+    if not m:
+        return text, None, ""
+    return m.group("file"), int(m.group("line")), m.group("func") or ""
+
+
+def source_code(eqn) -> str:
+    """The stripped source text of the line that created ``eqn`` ('' if unknown)."""
+    file, line, _ = source_parts(eqn)
+    if line is None:
+        return ""
+    return linecache.getline(file, line).strip()
+
+
+def aval_str(x) -> str:
+    try:
+        aval = compat.typeof(x)
+        return f"{np.dtype(aval.dtype).name}{list(aval.shape)}"
+    except Exception:
+        return type(x).__name__
+
+
+def _short_dtype(dtype) -> str:
+    name = np.dtype(dtype).name
+    return {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16",
+            "int32": "i32", "int64": "i64", "bool": "bool", "complex64": "c64",
+            "complex128": "c128"}.get(name, name)
+
+
+def short_aval(x) -> str:
+    try:
+        aval = compat.typeof(x)
+    except Exception:
+        return type(x).__name__
+    return f"{_short_dtype(aval.dtype)}[{','.join(str(d) for d in aval.shape)}]"
+
+
+def leaf_labels(args, kwargs, static) -> list[str]:
+    """Labels like ``args[0]['w']`` for the non-static flat leaves of (args, kwargs)."""
+    paths = [p for p, _ in tree_util.tree_flatten_with_path((tuple(args), kwargs))[0]]
+    labels = []
+    for path, s in zip(paths, static):
+        if s:
+            continue
+        head = "args" if path[0].idx == 0 else "kwargs"
+        labels.append(head + tree_util.keystr(path[1:]))
+    return labels
+
+
+def _split_output(traced, has_aux: bool, api_name: str):
+    """(main_tree, aux_tree) of a traced scalar-loss function, checked like fb.grad."""
+    out_tree = traced.out_tree
+    aux_tree = None
+    if has_aux:
+        if out_tree.num_nodes == 1 or len(out_tree.children()) != 2 \
+                or out_tree.node_data()[0] not in (tuple, list):
+            raise TypeError(
+                f"{api_name} with has_aux=True requires `fun` to return a pair "
+                f"(output, aux), but it returned a pytree with structure {out_tree}.")
+        main_tree, aux_tree = out_tree.children()
+    else:
+        main_tree = out_tree
+    if main_tree.num_leaves != 1 or main_tree.num_nodes != 1:
+        raise TypeError(
+            f"{api_name}: gradient only defined for scalar-output functions. Output was a "
+            f"pytree with structure {main_tree}, not a single array. Reduce it to a "
+            f"scalar, or return extra values with has_aux=True.")
+    aval = traced.out_avals[0]
+    api._check_scalar_output(jax.ShapeDtypeStruct(aval.shape, aval.dtype), api_name, False)
+    return main_tree, aux_tree
+
+
+def _num_eqns(jaxpr) -> int:
+    count, stack = 0, [jaxpr]
+    while stack:
+        j = stack.pop()
+        count += len(j.eqns)
+        for eqn in j.eqns:
+            stack.extend(_sub_jaxprs(eqn))
+    return count
+
+
+def _should_compile(traced, dyn) -> bool:
+    return (getattr(api, "eager_compile", True)
+            and not api._any_tracer(dyn)
+            and not api._any_tracer(traced.closed.consts)
+            and _num_eqns(traced.closed.jaxpr) <= getattr(api, "eager_compile_max_eqns", 5000))
+
+
+# Compiled eager programs, per traced function and options (like fb.grad's).
+_compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled_run(traced, key, make_run):
+    per = _compiled.setdefault(traced, {})
+    fn = per.get(key)
+    if fn is None:
+        fn = per[key] = jax.jit(make_run())
+    return fn
+
+
+# ================================================================= 1. tags
+
+
+def tag(x, name: str, *, hook: Callable | None = None):
+    """Names a value so its gradient can be read (and changed) during backprop.
+
+    ``tag`` is the identity. :func:`grad_and_intermediates` returns the cotangent
+    arriving at each tagged value (what PyTorch's ``retain_grad`` keeps), and a
+    ``hook`` sees that cotangent during every fbackprop backward sweep through
+    the value and may replace it (what ``register_hook`` does), e.g. to clip it.
+    Tags work under ``jax.jit`` and ``jax.vmap`` (a hook then sees one example's
+    cotangent) and in nested differentiation; JAX's own ``jax.grad`` treats a
+    tag as the identity and ignores its hook.
+
+    Args:
+      x: an array, or a pytree of arrays; each leaf of a pytree is tagged as
+        ``name + keystr(path)``, e.g. ``"h['w']"``.
+      name: the name reported by :func:`grad_and_intermediates`; unique per call
+        of the differentiated function.
+      hook: optional ``hook(ct) -> new_ct | None``; it receives the cotangent of
+        the tagged value and returns a replacement with the same shape and dtype,
+        or ``None`` to keep it (a hook that only reads, e.g. ``jax.debug.print``).
+
+    Returns:
+      ``x`` unchanged.
+
+    Example:
+      >>> import fbackprop as fb, jax.numpy as jnp
+      >>> def f(x):
+      ...     h = fb.tag(x * 3.0, "h", hook=lambda ct: jnp.clip(ct, -1.0, 1.0))
+      ...     return jnp.sum(h ** 2)
+      >>> fb.grad(f)(jnp.array([0.1, 2.0]))   # d/dh = 2h = [0.6, 12] is clipped to [0.6, 1]
+      Array([1.8, 3. ], dtype=float32)
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"fbackprop.tag: `name` must be a non-empty string, got {name!r}.")
+    if hook is not None and not callable(hook):
+        raise TypeError(f"fbackprop.tag: `hook` must be a callable ct -> ct (or None), got "
+                        f"{type(hook).__name__}: {hook!r:.60}.")
+    leaves_with_path, treedef = tree_util.tree_flatten_with_path(x)
+    single = treedef.num_nodes == 1 and treedef.num_leaves == 1
+    out = []
+    for path, leaf in leaves_with_path:
+        if not (isinstance(leaf, (bool, int, float, complex, np.ndarray, np.generic, jax.Array))
+                or compat.is_tracer(leaf)):
+            raise TypeError(
+                f"fbackprop.tag('{name}'): leaf {tree_util.keystr(path) or '(root)'} is a "
+                f"{type(leaf).__name__} ({leaf!r:.60}); only arrays and numbers can be tagged.")
+        leaf_name = name if single else name + tree_util.keystr(path)
+        out.append(tag_p.bind(jnp.asarray(leaf) if not compat.is_tracer(leaf) else leaf,
+                              name=leaf_name, hook=hook, hook_batch_dims=()))
+    return tree_util.tree_unflatten(treedef, out)
+
+
+@dataclasses.dataclass
+class TagSite:
+    """One tagged value in a traced function."""
+    name: str
+    eqn: Any
+    blocked_by: str | None   # enclosing primitive the engine does not sweep in place
+
+    @property
+    def where(self) -> str:
+        return compat.source_line(self.eqn)
+
+
+def find_tags(jaxpr, names: Sequence[str] | None = None) -> list[TagSite]:
+    """Every ``tag``/``checkpoint_name`` in ``jaxpr`` (and its sub-jaxprs), in order.
+
+    Raises ValueError when a selected name occurs more than once.
+    """
+    sites: list[TagSite] = []
+
+    def walk(j, blocked_by):
+        for eqn in j.eqns:
+            if eqn.primitive.name in NAMED_PRIMITIVES:
+                sites.append(TagSite(str(eqn.params["name"]), eqn, blocked_by))
+            inner = inlined_jaxpr(eqn)
+            if inner is not None:
+                walk(inner, blocked_by)
+            else:
+                for sub in _sub_jaxprs(eqn):
+                    walk(sub, blocked_by or eqn.primitive.name)
+
+    walk(jaxpr, None)
+    if names is not None:
+        wanted = set(names)
+        missing = sorted(wanted - {s.name for s in sites})
+        if missing:
+            known = sorted({s.name for s in sites})
+            raise ValueError(
+                f"grad_and_intermediates: no tagged value named {missing} in the function "
+                f"(tags found: {known}). Tag it with fbackprop.tag(x, name) or "
+                f"jax.ad_checkpoint.checkpoint_name(x, name).")
+        sites = [s for s in sites if s.name in wanted]
+    by_name = collections.defaultdict(list)
+    for s in sites:
+        by_name[s.name].append(s)
+    dups = {n: ss for n, ss in by_name.items() if len(ss) > 1}
+    if dups:
+        n, ss = next(iter(dups.items()))
+        places = "\n".join(f"    {s.where}" for s in ss[:5])
+        raise ValueError(
+            f"Tag name '{n}' is used {len(ss)} times in the differentiated function:\n"
+            f"{places}\nEach tagged value needs its own name so its gradient can be "
+            f"reported. If the tag is in a layer or jitted function called several times, "
+            f"put the call's index in the name, e.g. fb.tag(h, f'{n}{{i}}').")
+    return sites
+
+
+class _TagCollector:
+    """Observer keeping the cotangent that arrives at each tagged value."""
+
+    def __init__(self, sites):
+        self.by_eqn = {id(s.eqn): s for s in sites}
+        self.state = _trace_state()
+        self.seen: set = set()
+        self.cts: dict = {}
+
+    def _here(self) -> bool:
+        return self.state is None or _trace_state() == self.state
+
+    def on_forward(self, eqn, invals, outvals):
+        site = self.by_eqn.get(id(eqn))
+        if site is not None and self._here():
+            self.seen.add(site.name)
+
+    def on_backward(self, eqn, cts_out, cts_in, record):
+        site = self.by_eqn.get(id(eqn))
+        if site is not None and self._here():
+            self.cts[site.name] = cts_out[0]      # before the tag's hook, if any
+
+
+def _recorded_eqns(tape) -> set:
+    ids, stack = set(), [tape]
+    while stack:
+        t = stack.pop()
+        for rec in t.records:
+            ids.add(id(rec.eqn))
+            if hasattr(rec.sub, "records"):
+                stack.append(rec.sub)
+    return ids
+
+
+def _collect(sites, collector, tape) -> dict:
+    recorded = None
+    out = {}
+    for s in sites:
+        aval = s.eqn.outvars[0].aval
+        if not jnp.issubdtype(aval.dtype, jnp.inexact):
+            continue                      # integer/bool values carry no cotangent
+        if s.name in collector.cts:
+            out[s.name] = collector.cts[s.name]
+            continue
+        if s.blocked_by is not None or s.name not in collector.seen:
+            raise NotImplementedError(
+                f"grad_and_intermediates: tag '{s.name}' (at {s.where}) is inside a "
+                f"'{s.blocked_by or 'nested'}' computation whose body fbackprop "
+                f"differentiates as a whole, so its intermediate cotangent is not "
+                f"available. Tag values in straight-line code or inside jax.jit "
+                f"functions (not inside jax.checkpoint regions, loop/branch bodies or "
+                f"custom_jvp/custom_vjp functions), or return the value from the body.")
+        if recorded is None:
+            recorded = _recorded_eqns(tape)
+        if id(s.eqn) not in recorded:
+            raise ValueError(
+                f"grad_and_intermediates: tag '{s.name}' (at {s.where}) marks a value that "
+                f"does not depend on any array argument through differentiable operations "
+                f"(it is computed from constants, or behind lax.stop_gradient), so the "
+                f"backward sweep does not visit it. Tag a value computed from the "
+                f"function's arguments.")
+        out[s.name] = jnp.zeros(aval.shape, aval.dtype)    # does not reach the loss
+    return out
+
+
+def grad_and_intermediates(fun: Callable, argnums: int | Sequence[int] = 0,
+                           has_aux: bool = False, *,
+                           names: str | Sequence[str] | None = None) -> Callable:
+    """Creates a function returning the gradient and the cotangent of every tagged value.
+
+    The cotangent of a tagged value ``h`` is ``d loss / d h``: what ``jax.grad``
+    gives for the perturbation trick (compute ``h + eps`` at the tag and
+    differentiate with respect to ``eps`` at 0), here read directly off
+    fbackprop's backward sweep. Values are tagged with :func:`tag` or
+    ``jax.ad_checkpoint.checkpoint_name``. A tag's hook, if any, changes what
+    flows on to earlier values; the reported cotangent is the one arriving
+    at the tag (before its own hook).
+
+    Args:
+      fun: scalar-valued function, as for :func:`fbackprop.grad`.
+      argnums: which positional arguments to differentiate.
+      has_aux: whether ``fun`` returns ``(loss, aux)``.
+      names: optional name or names to report (default: every tag); only these
+        names must be unique.
+
+    Returns:
+      A function returning ``(grads, intermediates)`` — or ``(grads,
+      intermediates, aux)`` with ``has_aux`` — where ``intermediates`` maps each
+      tag name to its cotangent (zeros if the value does not reach the loss).
+
+    Example:
+      >>> import fbackprop as fb, jax.numpy as jnp
+      >>> def f(x, y):
+      ...     z = fb.tag(x * y, "z")
+      ...     return (z + x) ** 2
+      >>> grads, inter = fb.grad_and_intermediates(f, argnums=(0, 1))(2.0, 3.0)
+      >>> grads, inter["z"]
+      ((Array(64., dtype=float32, weak_type=True), Array(32., dtype=float32, weak_type=True)), Array(16., dtype=float32, weak_type=True))
+    """
+    api_name = "grad_and_intermediates"
+    api._check_callable(fun, api_name)
+    if names is not None:
+        names = (names,) if isinstance(names, str) else tuple(names)
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"{api_name}: `names` must be a string or a sequence of strings, "
+                            f"got {names!r}.")
+
+    @functools.wraps(fun)
+    def wrapped(*args, **kwargs):
+        nums = api._normalize_argnums(argnums, len(args), api_name)
+        prog = api._Program(fun, args, kwargs, nums, api_name)
+        traced = prog.traced
+        main_tree, aux_tree = _split_output(traced, has_aux, api_name)
+        closed = traced.closed
+        sites = find_tags(closed.jaxpr, names)
+        # Every float input is active, so a tagged value that depends only on a
+        # non-differentiated argument is on the tape too.
+        active = tuple(jnp.issubdtype(api._dtype_of(x), jnp.inexact) for x in prog.dyn)
+
+        def make_run():
+            def run(dyn):
+                collector = _TagCollector(sites)
+                with observing(collector):
+                    outs, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
+                    one = jnp.ones((), api._dtype_of(outs[0]))
+                    cts = reverse.backward(tape, [one] + [None] * (len(outs) - 1))
+                return outs, cts, _collect(sites, collector, tape)
+            return run
+
+        if _should_compile(traced, prog.dyn):
+            run = _compiled_run(traced, ("intermediates", active, names), make_run)
+        else:
+            run = make_run()
+        outs, cts, inter = run(prog.dyn)
+        cts = [ct if d else None for ct, d in zip(cts, prog.dyn_diff)]
+        grads = prog.diff_cts_to_tree(cts, args, nums)
+        grads = grads[0] if isinstance(argnums, (int, np.integer)) else tuple(grads)
+        if has_aux:
+            return grads, inter, tree_util.tree_unflatten(aux_tree, outs[1:])
+        return grads, inter
+
+    return wrapped
+
+
+# ============================================================ 3. NaN/Inf provenance
+
+# Why a primitive's derivative is commonly non-finite, shown under the report.
+_BACKWARD_HINTS = {
+    "sqrt": "d/dx sqrt(x) = 1/(2 sqrt(x)) is infinite at x = 0 (e.g. the norm of a zero "
+            "vector). Use sqrt(x + eps), or a safe norm that avoids differentiating sqrt at 0 "
+            "(jnp.where(x > 0, x, 1) inside, then where(x > 0, sqrt, 0) outside).",
+    "rsqrt": "d/dx x^(-1/2) = -x^(-3/2)/2 is infinite at x = 0; add a small eps.",
+    "log": "d/dx log(x) = 1/x is infinite at x = 0. If a jnp.where masks the log branch, "
+           "the masked branch still gets 0 * inf = NaN: make its input safe too "
+           "(log(where(x > 0, x, 1))).",
+    "div": "d(x/y)/dy = -x/y^2 is infinite where y = 0 (also in a masked branch: "
+           "guard the denominator, e.g. y = where(y == 0, 1, y)).",
+    "pow": "d/dx x^y = y x^(y-1) is infinite at x = 0 for y < 1, and d/dy = log(x) x^y "
+           "is NaN for x <= 0.",
+    "integer_pow": "x^n with n < 0 has an infinite derivative at x = 0.",
+    "atan2": "atan2 has no derivative at (0, 0).",
+    "acos": "d/dx acos(x) = -1/sqrt(1 - x^2) is infinite at |x| = 1; clip x slightly inside.",
+    "asin": "d/dx asin(x) = 1/sqrt(1 - x^2) is infinite at |x| = 1; clip x slightly inside.",
+    "cbrt": "d/dx cbrt(x) is infinite at x = 0.",
+}
+_FORWARD_HINTS = {
+    "log": "log(x) is -inf at x = 0 and NaN for x < 0.",
+    "sqrt": "sqrt(x) is NaN for x < 0.",
+    "div": "x / 0 is inf (0 / 0 is NaN).",
+    "exp": "exp overflows to inf for large inputs (about x > 88 in float32); use "
+           "jax.nn.logsumexp / log_softmax style formulations.",
+    "pow": "x^y is NaN for x < 0 and non-integer y, inf for x = 0 and y < 0.",
+    "rsqrt": "1/sqrt(x) is inf at x = 0 and NaN for x < 0.",
+}
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or Inf reached the loss or the gradient; the message says where it started."""
+
+    def __init__(self, message, site=None):
+        super().__init__(message)
+        self.site = site
+
+
+@dataclasses.dataclass(frozen=True)
+class NonFiniteSite:
+    """Where the first non-finite value that matters was produced.
+
+    Attributes:
+      primitive: the primitive's name (e.g. ``"sqrt"``).
+      phase: ``"forward"`` or ``"backward"``.
+      source: the user's ``file:line (function)`` that created the equation.
+      code: that line's source text.
+      produced: per output, ``(label, aval, n_nan, n_inf)`` of the non-finite ones.
+      inputs: per input of the forward op / VJP rule, ``(label, aval, min, max,
+        n_nan, n_inf)`` (min/max over finite elements).
+      results: the affected results, e.g. ``("gradient args[0]",)``.
+      batch_index: which example of a ``vmap`` batch this is (None otherwise).
+    """
+    primitive: str
+    phase: str
+    source: str
+    code: str
+    produced: tuple
+    inputs: tuple
+    results: tuple
+    batch_index: tuple | None = None
+
+
+def _fmt_num(v) -> str:
+    v = float(v)
+    if np.isnan(v):
+        return "nan"
+    return f"{v:.6g}"
+
+
+def _fmt_range(mn, mx, n_nan, n_inf) -> str:
+    parts = []
+    if np.isfinite(mn) or np.isfinite(mx):
+        parts.append(f"min {_fmt_num(mn)}, max {_fmt_num(mx)}" if mn != mx
+                     else f"= {_fmt_num(mn)}")
+    elif not (np.isnan(mn) and np.isnan(mx)):
+        parts.append("no finite elements")
+    if n_nan:
+        parts.append(f"{int(n_nan)} NaN")
+    if n_inf:
+        parts.append(f"{int(n_inf)} inf")
+    return "; ".join(parts) if parts else "(empty)"
+
+
+@tree_util.register_pytree_node_class
+class NonFiniteReport:
+    """The result of a checked gradient: ok, or where a NaN/Inf started.
+
+    A pytree (like ``checkify``'s error value), so it can be returned from
+    ``jax.jit`` and ``jax.vmap``. Check it outside the transformation with
+    :meth:`throw` (raises :class:`NonFiniteError`) or :meth:`get` (the message
+    or ``None``).
+    """
+
+    def __init__(self, stats, meta):
+        self.stats = stats          # [..., n_values, 4]: min, max, n_nan, n_inf
+        self.meta = meta            # static description of the recorded graph
+
+    def tree_flatten(self):
+        return (self.stats,), self.meta
+
+    @classmethod
+    def tree_unflatten(cls, meta, children):
+        return cls(children[0], meta)
+
+    # ------------------------------------------------------------ analysis
+    def _concrete(self):
+        if compat.is_tracer(self.stats):
+            raise TypeError(
+                "This NonFiniteReport holds traced values: return it from the jitted/"
+                "vmapped function and call .throw() / .get() on the result outside.")
+        return np.asarray(self.stats)
+
+    def _analyze(self):
+        stats = self._concrete()
+        n_values = len(self.meta["values"])
+        flat = stats.reshape(-1, n_values, 4) if n_values else stats.reshape(-1, 0, 4)
+        batch_shape = stats.shape[:-2]
+        finals = self.meta["finals"]
+        for b in range(flat.shape[0]):
+            s = flat[b]
+            bad = (s[:, 2] + s[:, 3]) > 0
+            bad_finals = [label for label, i in finals if bad[i]]
+            if bad_finals:
+                index = tuple(int(i) for i in np.unravel_index(b, batch_shape)) \
+                    if batch_shape else None
+                return self._origin(s, bad, bad_finals, index)
+        return None
+
+    def _origin(self, s, bad, bad_finals, batch_index):
+        meta = self.meta
+        nodes, events = meta["nodes"], meta["events"]
+        acc = np.zeros(len(bad), bool)
+        for _, i in meta["finals"]:
+            acc[i] |= bad[i]
+        reach = np.zeros(len(nodes), bool)
+        # Backwards over the recorded events: a node matters if one of its
+        # non-finite outputs flows (through non-finite values) into a result.
+        for ev in reversed(events):
+            if ev[0] == "node":
+                n = ev[1]
+                if any(bad[o] and acc[o] for _, o, owned in nodes[n]["outputs"] if owned):
+                    reach[n] = True
+                    for _, i in nodes[n]["inputs"]:
+                        acc[i] = True
+            else:
+                _, total, parts = ev
+                if bad[total] and acc[total]:
+                    for p in parts:
+                        acc[p] = True
+        hits = np.flatnonzero(reach)
+        values = meta["values"]
+        if len(hits) == 0:
+            # No equation made it non-finite: it came in through an input.
+            leaves = [values[i]["label"] for _, i in meta["finals"] if bad[i]]
+            return NonFiniteSite("(input)", "input", "", "", (), (), tuple(bad_finals),
+                                 batch_index), leaves
+        node = nodes[int(hits[0])]
+        produced = tuple((label, values[o]["aval"], int(s[o, 2]), int(s[o, 3]))
+                         for label, o, _ in node["outputs"] if bad[o])
+        inputs = tuple((label, values[i]["aval"], float(s[i, 0]), float(s[i, 1]),
+                        int(s[i, 2]), int(s[i, 3]), values[i]["label"])
+                       for label, i in node["inputs"])
+        site = NonFiniteSite(node["primitive"], node["phase"], node["source"], node["code"],
+                             produced, tuple(x[:6] for x in inputs), tuple(bad_finals),
+                             batch_index)
+        return site, inputs
+
+    def first(self) -> NonFiniteSite | None:
+        """The first equation whose non-finite output matters, or None if all is finite."""
+        found = self._analyze()
+        return None if found is None else found[0]
+
+    @property
+    def ok(self) -> bool:
+        """True when the loss and every gradient are finite."""
+        return self._analyze() is None
+
+    def get(self) -> str | None:
+        """The report's message, or None when everything is finite."""
+        found = self._analyze()
+        return None if found is None else self._message(*found)
+
+    def throw(self):
+        """Raises :class:`NonFiniteError` with the report if something is non-finite."""
+        found = self._analyze()
+        if found is not None:
+            raise NonFiniteError(self._message(*found), found[0])
+
+    def _message(self, site, extra) -> str:
+        lines = [f"Non-finite value in the gradient computation of "
+                 f"'{self.meta['function']}': {', '.join(site.results)} "
+                 f"{'is' if len(site.results) == 1 else 'are'} NaN/Inf."]
+        if site.batch_index is not None:
+            lines.append(f"(first affected example of the vmapped batch: index "
+                         f"{site.batch_index})")
+        if site.phase == "input":
+            lines.append(f"No equation produced it: the non-finite value comes straight from "
+                         f"the inputs ({', '.join(extra)}). Check the data passed in.")
+            return "\n".join(lines)
+        what = ("its VJP rule, in the backward pass" if site.phase.startswith("backward")
+                else "the forward pass")
+        lines.append(f"The first operation producing a non-finite value that reaches "
+                     f"{'it' if len(site.results) == 1 else 'them'}:")
+        lines.append(f"  {site.primitive}  ({what})")
+        lines.append(f"  at {site.source}")
+        if site.code:
+            lines.append(f"      {site.code}")
+        for label, aval, n_nan, n_inf in site.produced:
+            counts = ", ".join(c for c in (f"{n_nan} NaN" if n_nan else "",
+                                           f"{n_inf} inf" if n_inf else "") if c)
+            lines.append(f"  produced: {label} {aval}: {counts}")
+        title = "inputs of the VJP rule" if site.phase.startswith("backward") else "inputs"
+        lines.append(f"  {title}:")
+        for label, aval, mn, mx, n_nan, n_inf, origin in extra:
+            note = ""
+            if n_nan or n_inf:
+                note = f"   <- already non-finite ({origin})" if origin else \
+                    "   <- already non-finite"
+            lines.append(f"    {label:<34} {aval:<14} {_fmt_range(mn, mx, n_nan, n_inf)}{note}")
+        hints = _BACKWARD_HINTS if site.phase.startswith("backward") else _FORWARD_HINTS
+        if site.primitive in hints:
+            lines.append(f"  hint: {hints[site.primitive]}")
+        if self.meta.get("skipped"):
+            lines.append(f"  note: {self.meta['skipped']} equations inside loop/branch bodies "
+                         f"were checked only as a whole (their enclosing operation).")
+        return "\n".join(lines)
+
+    def __repr__(self):
+        if compat.is_tracer(self.stats):
+            return "NonFiniteReport(<traced>)"
+        msg = self.get()
+        return "NonFiniteReport(ok)" if msg is None else f"NonFiniteReport(\n{msg}\n)"
+
+
+def _value_stats(x):
+    """(min, max over finite elements, #NaN, #inf) of one value, as a float vector."""
+    ft = jnp.result_type(float)
+    try:
+        x = jnp.asarray(x)
+        plain = jnp.issubdtype(x.dtype, jnp.number) or jnp.issubdtype(x.dtype, jnp.bool_)
+    except (TypeError, ValueError):
+        plain = False
+    if not plain or x.size == 0:          # PRNG keys, float0, empty arrays
+        return jnp.array([np.nan, np.nan, 0, 0], ft)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        is_nan = jnp.isnan(x)
+        is_inf = jnp.isinf(x)
+        mag = jnp.abs(x) if jnp.issubdtype(x.dtype, jnp.complexfloating) else x
+        mag = mag.astype(ft)
+        finite = jnp.isfinite(mag)
+        mn = jnp.min(jnp.where(finite, mag, jnp.inf))
+        mx = jnp.max(jnp.where(finite, mag, -jnp.inf))
+        return jnp.stack([mn, mx, jnp.sum(is_nan).astype(ft), jnp.sum(is_inf).astype(ft)])
+    y = x.astype(ft)
+    zero = jnp.zeros((), ft)
+    return jnp.stack([jnp.min(y), jnp.max(y), zero, zero])
+
+
+def _eqn_desc(eqn) -> str:
+    ins = ", ".join(short_aval(v.val) if type(v) is compat.Literal else
+                    f"{_short_dtype(v.aval.dtype)}[{','.join(map(str, v.aval.shape))}]"
+                    for v in eqn.invars)
+    return f"{eqn.primitive.name}({ins})"
+
+
+class _FiniteWatch:
+    """Observer recording a value-level dataflow graph of both sweeps.
+
+    Nodes are equations (forward) and VJP-rule applications (backward); values
+    are identified by object identity, and a cotangent the engine summed from
+    several contributions (fan-out) becomes a "sum" event over them. Only the
+    per-value statistics are computed in the traced program; the search for
+    the origin runs on the host over this static graph.
+    """
+
+    def __init__(self, leaf_labels, dyn, consts):
+        self.state = _trace_state()
+        self.values: list = []
+        self.value_meta: list = []
+        self.index: dict = {}
+        self.produced: set = set()
+        self.nodes: list = []
+        self.events: list = []
+        self.pending: dict = collections.defaultdict(list)
+        self.phase = "forward"
+        self.skipped = 0
+        for label, x in zip(leaf_labels, dyn):
+            self._value(x, label)
+        for k, c in enumerate(consts):
+            self._value(c, f"constant {k} captured by the function")
+
+    def _here(self) -> bool:
+        return self.state is None or _trace_state() == self.state
+
+    def _value(self, x, label="") -> int:
+        i = self.index.get(id(x))
+        if i is None:
+            i = len(self.values)
+            self.values.append(x)
+            self.value_meta.append({"label": label, "aval": short_aval(x)})
+            self.index[id(x)] = i
+        return i
+
+    def _literal(self, v) -> int:
+        return self._value(v.val, f"literal {v.val!r:.20}")
+
+    def _add_node(self, phase, eqn, inputs, outputs):
+        n = len(self.nodes)
+        owned = []
+        for label, o in outputs:
+            mine = o not in self.produced and not self.value_meta[o]["label"]
+            if mine:
+                self.produced.add(o)
+            owned.append((label, o, mine))
+        self.nodes.append({
+            "primitive": eqn.primitive.name, "phase": phase,
+            "source": compat.source_line(eqn), "code": source_code(eqn),
+            "desc": _eqn_desc(eqn), "inputs": tuple(inputs), "outputs": tuple(owned)})
+        self.events.append(("node", n))
+        return n
+
+    def _sum(self, total, var):
+        parts = self.pending.pop(var, [])
+        if parts:
+            self.produced.add(total)
+            self.events.append(("sum", total, tuple(parts)))
+
+    def on_forward(self, eqn, invals, outvals):
+        if not self._here():
+            self.skipped += 1
+            return
+        inputs = []
+        for k, (v, x) in enumerate(zip(eqn.invars, invals)):
+            i = self._literal(v) if type(v) is compat.Literal else self._value(x)
+            inputs.append((f"input {k}", i))
+        outputs = [(f"output {k}", self._value(x)) for k, x in enumerate(outvals)]
+        phase = "forward" if self.phase == "forward" else "backward (re-running a custom rule)"
+        self._add_node(phase, eqn, inputs, outputs)
+
+    def on_backward(self, eqn, cts_out, cts_in, record):
+        if not self._here():
+            self.skipped += 1
+            return
+        inputs = []
+        for k, (v, ct) in enumerate(zip(eqn.outvars, cts_out)):
+            if ct is None:
+                continue
+            i = self._value(ct)
+            if i not in self.produced and not self.value_meta[i]["label"]:
+                self._sum(i, v)
+            inputs.append((f"upstream cotangent of output {k}", i))
+        for k, (v, x) in enumerate(zip(eqn.invars, record.invals)):
+            i = self._literal(v) if type(v) is compat.Literal else self._value(x)
+            inputs.append((f"forward input {k}", i))
+        for k, x in enumerate(record.outvals):
+            inputs.append((f"forward output {k}", self._value(x)))
+        inner = inlined_jaxpr(eqn)
+        outputs = []
+        for k, (v, ct, a) in enumerate(zip(eqn.invars, cts_in, record.active)):
+            if ct is None or not a:
+                continue
+            o = self._value(ct)
+            if inner is not None:
+                # The call's cotangent was summed inside its own sweep.
+                inner_var = inner.invars[k]
+                if o not in self.produced:
+                    self._sum(o, inner_var)
+                self.pending.pop(inner_var, None)
+            outputs.append((f"cotangent of input {k}", o))
+        # Mirror the engine's accumulation: these are contributions to the
+        # cotangents of this equation's input variables.
+        for v, ct, a in zip(eqn.invars, cts_in, record.active):
+            if ct is not None and a and type(v) is not compat.Literal:
+                self.pending[v].append(self._value(ct))
+        self._add_node("backward", eqn, inputs, outputs)
+
+    def finish(self, fun_name, value, grads, top_invars, grad_labels):
+        finals = [("the loss", self._value(value))]
+        for v, g, label in zip(top_invars, grads, grad_labels):
+            if g is None or label is None:
+                continue
+            i = self._value(g)
+            if i not in self.produced and not self.value_meta[i]["label"]:
+                self._sum(i, v)
+            finals.append((f"gradient {label}", i))
+        values = tuple({"label": m["label"], "aval": m["aval"]} for m in self.value_meta)
+        meta = _Meta(function=fun_name, values=values, nodes=tuple(self.nodes),
+                     events=tuple(self.events), finals=tuple(finals), skipped=self.skipped)
+        stats = jnp.stack([_value_stats(x) for x in self.values]) if self.values \
+            else jnp.zeros((0, 4), jnp.result_type(float))
+        return NonFiniteReport(stats, meta)
+
+
+class _Meta(dict):
+    """Static description of a checked program (hashable, for pytree aux data)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._key = id(self)
+
+    def __hash__(self):
+        return self._key
+
+    def __eq__(self, other):
+        return self is other
+
+
+def _checked(fun, argnums, has_aux, api_name, with_value):
+    api._check_callable(fun, api_name)
+
+    @functools.wraps(fun)
+    def wrapped(*args, **kwargs):
+        nums = api._normalize_argnums(argnums, len(args), api_name)
+        prog = api._Program(fun, args, kwargs, nums, api_name)
+        traced = prog.traced
+        main_tree, aux_tree = _split_output(traced, has_aux, api_name)
+        closed = traced.closed
+        active = tuple(prog.active)
+        labels = leaf_labels(args, kwargs, prog.static)
+        grad_labels = [label if a else None for label, a in zip(labels, active)]
+        fun_name = getattr(fun, "__name__", "fun")
+
+        def make_run():
+            def run(dyn):
+                watch = _FiniteWatch(labels, dyn, closed.consts)
+                with observing(watch):
+                    outs, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
+                    one = jnp.ones((), api._dtype_of(outs[0]))
+                    watch._value(one, "the seed cotangent 1.0")
+                    watch.phase = "backward"
+                    cts = reverse.backward(tape, [one] + [None] * (len(outs) - 1))
+                report = watch.finish(fun_name, outs[0], cts, closed.jaxpr.invars, grad_labels)
+                return report, outs, cts
+            return run
+
+        eager = _should_compile(traced, prog.dyn)
+        if eager:
+            run = _compiled_run(traced, ("finite", active), make_run)
+        else:
+            run = make_run()
+        report, outs, cts = run(prog.dyn)
+        if eager or not api._any_tracer(jax.tree_util.tree_leaves(report)):
+            report.throw()
+        grads = prog.diff_cts_to_tree(cts, args, nums)
+        grads = grads[0] if isinstance(argnums, (int, np.integer)) else tuple(grads)
+        result = grads
+        if with_value:
+            value = outs[0]
+            if has_aux:
+                value = (value, tree_util.tree_unflatten(aux_tree, outs[1:]))
+            result = (value, grads)
+        elif has_aux:
+            result = (grads, tree_util.tree_unflatten(aux_tree, outs[1:]))
+        return report, result
+
+    return wrapped
+
+
+def checked_value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0,
+                           has_aux: bool = False) -> Callable:
+    """:func:`fbackprop.value_and_grad` that finds where a NaN or Inf started.
+
+    Every equation's outputs (forward) and every VJP rule's cotangents
+    (backward) are checked. If the loss or a gradient is non-finite, the report
+    names the first equation — in execution order, forward then backward —
+    whose non-finite output reaches it, with the primitive, the pass, the
+    ranges of its inputs and the user's source line. Non-finite values that
+    do not reach the results (e.g. the masked branch of
+    ``jnp.where(x > 0, jnp.log(x), 0.)``) are not reported.
+
+    Called eagerly, the function raises :class:`NonFiniteError`. Under
+    ``jax.jit`` / ``jax.vmap`` it returns the report as a value, like
+    ``checkify``: call ``report.throw()`` after the transformed call.
+
+    Args:
+      fun: scalar-valued function, as for :func:`fbackprop.value_and_grad`.
+      argnums: which positional arguments to differentiate.
+      has_aux: whether ``fun`` returns ``(loss, aux)``.
+
+    Returns:
+      A function returning ``(report, (value, grads))`` (``value`` is ``(loss,
+      aux)`` with ``has_aux``); ``report`` is a :class:`NonFiniteReport`.
+
+    Example:
+      >>> import fbackprop as fb, jax, jax.numpy as jnp
+      >>> norm = lambda x: jnp.sqrt(jnp.sum(x ** 2))
+      >>> report, (value, g) = jax.jit(fb.checked_value_and_grad(norm))(jnp.zeros(3))
+      >>> report.first().primitive, report.first().phase
+      ('sqrt', 'backward')
+    """
+    return _checked(fun, argnums, has_aux, "checked_value_and_grad", True)
+
+
+def checked_grad(fun: Callable, argnums: int | Sequence[int] = 0,
+                 has_aux: bool = False) -> Callable:
+    """:func:`fbackprop.grad` that finds where a NaN or Inf started.
+
+    Like :func:`checked_value_and_grad` but returns ``(report, grads)`` (or
+    ``(report, (grads, aux))`` with ``has_aux``).
+
+    Example:
+      >>> import fbackprop as fb, jax.numpy as jnp
+      >>> report, g = fb.checked_grad(lambda x: jnp.sum(jnp.sin(x)))(jnp.ones(2))
+      >>> report.ok
+      True
+    """
+    return _checked(fun, argnums, has_aux, "checked_grad", False)

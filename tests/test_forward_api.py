@@ -1,0 +1,329 @@
+"""Forward mode and Jacobians: fb.jvp / linearize / jacfwd / jacrev / jacobian against JAX.
+
+Also the spec table driving the inner-product identity <u, J v> == <J^T u, v>
+between our own JVP and our own VJP for every primitive (orders 1 and 2), and
+derivatives of order 3 by nesting.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import tree_util
+
+import fbackprop as fb
+from fbackprop._src.registry import MissingRuleError
+from fbackprop._src.testing import assert_allclose
+from specs import ALL_SPECS
+
+float0 = jax.dtypes.float0
+
+
+def assert_trees_match(ours, theirs, tol=1e-10):
+    """Same tree structure, shapes, dtypes and (for float leaves) values."""
+    la, ta = tree_util.tree_flatten(ours)
+    lb, tb = tree_util.tree_flatten(theirs)
+    assert ta == tb, f"tree structure\n  ours:   {ta}\n  theirs: {tb}"
+    for a, b in zip(la, lb):
+        da, db = jnp.asarray(a).dtype if not isinstance(a, np.ndarray) else a.dtype, \
+            jnp.asarray(b).dtype if not isinstance(b, np.ndarray) else b.dtype
+        assert np.shape(a) == np.shape(b), (np.shape(a), np.shape(b))
+        assert da == db, (da, db)
+        if da != float0:
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+def _rand(rng, tree):
+    return tree_util.tree_map(lambda x: rng.standard_normal(np.shape(x)), tree)
+
+
+@pytest.fixture
+def model():
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((3, 2)), "b": rng.standard_normal(2)}
+    x = rng.standard_normal((4, 3))
+
+    def net(p, x):
+        h = jnp.tanh(x @ p["w"] + p["b"])
+        return {"out": h, "energy": jnp.sum(h * h)}
+
+    return net, params, x
+
+
+# ----------------------------------------------------------------------- jvp
+def test_jvp_matches_jax_on_pytrees(model):
+    net, params, x = model
+    tangents = _rand(np.random.default_rng(1), (params, x))
+    assert_trees_match(fb.jvp(net, (params, x), tangents),
+                       jax.jvp(net, (params, x), tangents))
+    jitted = jax.jit(lambda p, x, t: fb.jvp(net, (p, x), t))
+    assert_trees_match(jitted(params, x, tangents), jax.jvp(net, (params, x), tangents))
+
+
+def test_jvp_has_aux_and_list_primals(model):
+    net, params, x = model
+
+    def f(p, x):
+        out = net(p, x)
+        return out["out"], {"energy": out["energy"], "n": 3}
+
+    t = _rand(np.random.default_rng(2), [params, x])
+    assert_trees_match(fb.jvp(f, [params, x], t, has_aux=True),
+                       jax.jvp(f, [params, x], t, has_aux=True))
+
+
+def test_jvp_python_scalars_and_weak_types():
+    ours = fb.jvp(lambda x, y: jnp.sin(x) * y, (0.5, 2.0), (1.0, 0.0))
+    theirs = jax.jvp(lambda x, y: jnp.sin(x) * y, (0.5, 2.0), (1.0, 0.0))
+    assert_trees_match(ours, theirs)
+    assert ours[1].weak_type == theirs[1].weak_type
+
+
+def test_jvp_integer_primal_and_output_use_float0():
+    f = lambda x, n: (x * n, n + 1)  # noqa: E731
+    t = (2.0, np.zeros((), float0))
+    ours, theirs = fb.jvp(f, (1.5, 3), t), jax.jvp(f, (1.5, 3), t)
+    assert_trees_match(ours, theirs)
+    assert ours[1][1].dtype == float0
+
+
+def test_jvp_through_nested_jit_and_custom_jvp():
+    @jax.jit
+    def inner(x):
+        return jax.nn.relu(x) * jnp.exp(x)
+
+    f = lambda x: jnp.sum(inner(x) ** 2)  # noqa: E731
+    x = np.array([-1.0, 0.0, 0.5, 2.0])  # relu's custom rule decides the tangent at 0
+    t = np.array([1.0, 1.0, -2.0, 0.5])
+    assert_trees_match(fb.jvp(f, (x,), (t,)), jax.jvp(f, (x,), (t,)))
+    assert_trees_match(fb.jvp(jax.nn.relu, (x,), (t,)), jax.jvp(jax.nn.relu, (x,), (t,)))
+
+
+def test_jvp_of_custom_vjp_is_refused_clearly():
+    @jax.custom_vjp
+    def straight_through(x):
+        return jnp.round(x)
+
+    straight_through.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
+    with pytest.raises(TypeError, match="custom_vjp"):
+        fb.jvp(straight_through, (np.array([0.3]),), (np.array([1.0]),))
+
+
+@pytest.mark.parametrize("primals,tangents,error,pattern", [
+    (np.ones(3), np.ones(3), TypeError, "must be tuples or lists"),
+    ((np.ones(3),), [np.ones(3)], TypeError, "same tree structure"),
+    (({"w": np.ones(3)},), ({"w": np.ones(4)},), ValueError,
+     r"primal shape \(3,\) and tangent shape as \(4,\).*primals\[0\]\['w'\]"),
+    ((np.ones(3),), (np.ones(3, np.float32),), TypeError,
+     "expected tangent dtype float64, but got tangent dtype float32"),
+    ((np.arange(3),), (np.ones(3),), TypeError, "float0"),
+    (("a string",), (1.0,), TypeError, "not a valid JAX type"),
+])
+def test_jvp_input_errors(primals, tangents, error, pattern):
+    with pytest.raises(error, match=pattern):
+        fb.jvp(lambda *xs: xs[0], primals, tangents)
+
+
+# ----------------------------------------------------------------- linearize
+def test_linearize_matches_jax_and_is_reusable(model):
+    net, params, x = model
+    y, f_jvp = fb.linearize(net, params, x)
+    y_ref, f_jvp_ref = jax.linearize(net, params, x)
+    assert_trees_match(y, y_ref)
+    rng = np.random.default_rng(3)
+    for _ in range(2):
+        t = _rand(rng, (params, x))
+        assert_trees_match(f_jvp(*t), f_jvp_ref(*t))
+    # jvp_fn is a pytree (its residuals are leaves): it can cross a jit boundary.
+    t = _rand(rng, (params, x))
+    assert_trees_match(jax.jit(lambda fn, t: fn(*t))(f_jvp, t), f_jvp_ref(*t))
+
+
+def test_linearize_does_not_recompute_the_primal():
+    f = lambda x: jnp.sin(jnp.exp(x)) * 3.0  # noqa: E731
+    _, f_jvp = fb.linearize(f, np.array([0.1, 0.2]))
+    tangent_prims = {e.primitive.name for e in f_jvp.func.prog.tangent_jaxpr.eqns}
+    assert tangent_prims <= {"mul", "neg", "add"}, tangent_prims
+    np.testing.assert_allclose(f_jvp(np.array([1.0, 0.0])),
+                               jax.jvp(f, (np.array([0.1, 0.2]),),
+                                       (np.array([1.0, 0.0]),))[1])
+
+
+def test_linearize_has_aux_and_jit():
+    def f(x):
+        return jnp.sum(jnp.tanh(x)), {"mean": jnp.mean(x)}
+
+    x = np.linspace(-1.0, 1.0, 5)
+    y, f_jvp, aux = fb.linearize(f, x, has_aux=True)
+    y_ref, f_jvp_ref, aux_ref = jax.linearize(f, x, has_aux=True)
+    assert_trees_match((y, aux), (y_ref, aux_ref))
+    assert_trees_match(f_jvp(np.ones(5)), f_jvp_ref(np.ones(5)))
+
+    @jax.jit
+    def under_jit(x, t):
+        _, fn = fb.linearize(lambda x: jnp.tanh(x) * x, x)
+        return fn(t)
+
+    assert_trees_match(under_jit(x, np.ones(5)), jax.jvp(lambda x: jnp.tanh(x) * x, (x,),
+                                                          (np.ones(5),))[1])
+
+
+def test_linearize_tangent_errors():
+    _, f_jvp = fb.linearize(lambda x, y: x * y, np.ones(3), np.ones(3))
+    with pytest.raises(TypeError, match="one tangent per primal"):
+        f_jvp(np.ones(3))
+    with pytest.raises(ValueError, match=r"float64\[4\].*tangents\[1\].*float64\[3\]"):
+        f_jvp(np.ones(3), np.ones(4))
+
+
+# ----------------------------------------------------------------- Jacobians
+@pytest.mark.parametrize("argnums", [0, 1, (0, 1), (1,)])
+@pytest.mark.parametrize("jac", ["jacfwd", "jacrev", "jacobian"])
+def test_jacobians_match_jax_on_pytrees(model, jac, argnums):
+    net, params, x = model
+    ours = getattr(fb, jac)(net, argnums)(params, x)
+    theirs = getattr(jax, jac)(net, argnums)(params, x)
+    assert_trees_match(ours, theirs)
+
+
+@pytest.mark.parametrize("jac", ["jacfwd", "jacrev"])
+def test_jacobians_has_aux_kwargs_and_jit(model, jac):
+    net, params, x = model
+
+    def f(p, x, scale=1.0):
+        out = net(p, x)
+        return out["out"] * scale, {"energy": out["energy"]}
+
+    ours = jax.jit(getattr(fb, jac)(f, has_aux=True))(params, x, scale=2.0)
+    theirs = getattr(jax, jac)(f, has_aux=True)(params, x, scale=2.0)
+    assert_trees_match(ours, theirs)
+
+
+def test_jacrev_allow_int_and_input_checks():
+    f = lambda x, n: x * n  # noqa: E731
+    x, n = np.ones(2), np.arange(2)
+    assert_trees_match(fb.jacrev(f, (0, 1), allow_int=True)(x, n),
+                       jax.jacrev(f, (0, 1), allow_int=True)(x, n))
+    with pytest.raises(TypeError, match="allow_int"):
+        fb.jacrev(f, 1)(x, n)
+    with pytest.raises(TypeError, match="jacfwd requires real-valued inputs"):
+        fb.jacfwd(f, 1)(x, n)
+    with pytest.raises(TypeError, match="argnums"):
+        fb.jacfwd(f, 2)(x, n)
+
+
+def test_jacrev_of_scalar_and_tuple_outputs_and_holomorphic():
+    f = lambda x: (jnp.sum(x ** 3), x[:2] * 2.0)  # noqa: E731
+    x = np.array([1.0, 2.0, 3.0])
+    for jac in ("jacfwd", "jacrev"):
+        assert_trees_match(getattr(fb, jac)(f)(x), getattr(jax, jac)(f)(x))
+    z = np.array([1.0 + 2.0j, -0.5 + 0.1j])
+    g = lambda z: z * z + 3.0 * z  # noqa: E731
+    for jac in ("jacfwd", "jacrev"):
+        assert_trees_match(getattr(fb, jac)(g, holomorphic=True)(z),
+                           getattr(jax, jac)(g, holomorphic=True)(z))
+
+
+# ----------------------------------------------------------- higher order
+def _scalar_fn(x):
+    return jnp.sum(jnp.sin(x) * jnp.exp(0.3 * x) + x ** 3 / (1.0 + x * x))
+
+
+def test_third_order_by_nesting():
+    x = np.array([0.3, -0.7, 1.1])
+    assert_trees_match(fb.grad(fb.grad(fb.grad(lambda s: _scalar_fn(s))))(0.4),
+                       jax.grad(jax.grad(jax.grad(lambda s: _scalar_fn(s))))(0.4), 1e-9)
+    v = np.array([1.0, 0.5, -2.0])
+    assert_trees_match(fb.jvp(fb.grad(_scalar_fn), (x,), (v,)),
+                       jax.jvp(jax.grad(_scalar_fn), (x,), (v,)), 1e-9)
+    assert_trees_match(fb.jacfwd(fb.jacrev(_scalar_fn))(x),
+                       jax.jacfwd(jax.jacrev(_scalar_fn))(x), 1e-9)
+    assert_trees_match(fb.jacfwd(fb.jacfwd(fb.jacrev(_scalar_fn)))(x),
+                       jax.jacfwd(jax.jacfwd(jax.jacrev(_scalar_fn)))(x), 1e-8)
+    assert_trees_match(fb.jacrev(fb.jacrev(fb.grad(_scalar_fn)))(x),
+                       jax.jacrev(jax.jacrev(jax.grad(_scalar_fn)))(x), 1e-8)
+    # Reverse over forward as well.
+    assert_trees_match(fb.grad(lambda x: fb.jvp(_scalar_fn, (x,), (v,))[1])(x),
+                       jax.grad(lambda x: jax.jvp(_scalar_fn, (x,), (v,))[1])(x), 1e-9)
+
+
+# ------------------------------------- the spec table: our JVP against our VJP
+def _float_split(spec, args):
+    idx = [i for i, a in enumerate(args) if jnp.issubdtype(np.asarray(a).dtype, jnp.inexact)]
+
+    def f(*floats):
+        full = list(args)
+        for i, x in zip(idx, floats):
+            full[i] = x
+        return spec.fn(*full)
+
+    return f, tuple(args[i] for i in idx)
+
+
+def _like(rng, tree):
+    def one(x):
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            return np.zeros(x.shape, float0)
+        r = rng.standard_normal(x.shape)
+        if jnp.issubdtype(x.dtype, jnp.complexfloating):
+            r = r + 1j * rng.standard_normal(x.shape)
+        return jnp.asarray(r, x.dtype)
+    return tree_util.tree_map(one, tree)
+
+
+def _inner(xs, ys):
+    total = 0.0
+    for x, y in zip(tree_util.tree_leaves(xs), tree_util.tree_leaves(ys)):
+        if jnp.asarray(x).dtype == float0:
+            continue
+        total = total + jnp.real(jnp.sum(jnp.conj(x) * y))
+    return total
+
+
+def _identity_sides(f, xs, seed):
+    """(<u, J v>, <J^T u, v>) with our own JVP and VJP, JAX's complex convention."""
+    rng = np.random.default_rng(seed)
+    v = _like(rng, xs)
+    out, jv = fb.jvp(f, xs, v)
+    u = _like(rng, out)
+    _, vjp_fn = fb.vjp(f, *xs)
+    jtu = vjp_fn(tree_util.tree_map(lambda c: c if c.dtype == float0 else jnp.conj(c), u))
+    jtu = tree_util.tree_map(lambda c: c if c.dtype == float0 else jnp.conj(c), jtu)
+    return _inner(u, jv), _inner(jtu, v)
+
+
+SPEC_CASES = [pytest.param(s, id=s.name) for s in ALL_SPECS
+              if "fwd" in s.modes and "rev" in s.modes]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("spec", SPEC_CASES)
+def test_jvp_vjp_inner_product_identity(spec, jit):
+    dtype = "float64" if "float64" in spec.dtypes else spec.dtypes[0]
+    f, floats = _float_split(spec, spec.args(dtype))
+    if not floats:
+        pytest.skip("no float inputs")
+
+    def sides(*xs):
+        first = _identity_sides(f, xs, 0)
+        if spec.order < 2 or not jit:
+            return first, first
+        # Order 2: the same identity for the function x -> J(x)^T u (our VJP),
+        # i.e. forward-over-reverse against reverse-over-reverse.
+        u = _like(np.random.default_rng(5), jax.eval_shape(f, *xs))
+
+        def pullback(*ys):
+            return fb.vjp(f, *ys)[1](u)
+
+        return first, _identity_sides(pullback, xs, 1)
+
+    try:
+        (a1, b1), (a2, b2) = (jax.jit(sides) if jit else sides)(*floats)
+    except MissingRuleError as e:
+        pytest.skip(f"rule not registered yet: {str(e).splitlines()[0]}")
+    tol = {"float64": (1e-9, 1e-9)} if dtype == "float64" else None
+    for a, b in ((a1, b1), (a2, b2)):
+        scale = 1.0 + abs(float(a)) + abs(float(b))
+        assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, dtype,
+                        spec.tol or tol, err_msg=spec.name)
