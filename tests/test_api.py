@@ -302,3 +302,20 @@ def test_user_registered_rule():
     fb.extend.defvjp(cube, lambda ct, out, x: ct * 3.0 * x * x)
     assert fb.grad(cube.bind)(2.0) == 12.0
     assert jax.jit(fb.grad(cube.bind))(2.0) == 12.0
+
+
+def test_holomorphic_and_complex_inputs_like_jax():
+    f = lambda z: jnp.sin(z) * z + jnp.exp(z) / z  # noqa: E731
+    z = jnp.complex64(1 + 0.5j)
+    np.testing.assert_allclose(fb.grad(f, holomorphic=True)(z),
+                               jax.grad(f, holomorphic=True)(z), rtol=1e-5)
+    h = lambda z: jnp.real(z * jnp.conj(z)) + jnp.imag(z) ** 2  # noqa: E731
+    np.testing.assert_allclose(fb.grad(h)(z), jax.grad(h)(z), rtol=1e-6)
+    g = lambda x: jnp.abs(jnp.sum(jnp.exp(1j * x) * x)) ** 2  # noqa: E731
+    x = jnp.arange(3.0)
+    np.testing.assert_allclose(fb.grad(g)(x), jax.grad(g)(x), rtol=1e-5)
+
+
+def test_complex_output_without_holomorphic_is_refused():
+    with pytest.raises(TypeError, match="holomorphic=True"):
+        fb.grad(lambda x: x * 1j)(1.0)

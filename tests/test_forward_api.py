@@ -262,7 +262,7 @@ def _float_split(spec, args):
 
 def _like(rng, tree):
     def one(x):
-        x = jnp.asarray(x)
+        x = x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
         if not jnp.issubdtype(x.dtype, jnp.inexact):
             return np.zeros(x.shape, float0)
         r = rng.standard_normal(x.shape)
@@ -293,6 +293,10 @@ def _identity_sides(f, xs, seed):
     return _inner(u, jv), _inner(jtu, v)
 
 
+# reduce_precision rounds the tangent (JVP) and the cotangent (VJP) to its
+# reduced precision separately, so the identity holds only to that precision.
+IDENTITY_TOL = {"reduce_precision": {"float64": (1e-2, 1e-2), "float32": (1e-2, 1e-2)}}
+
 SPEC_CASES = [pytest.param(s, id=s.name) for s in ALL_SPECS
               if "fwd" in s.modes and "rev" in s.modes]
 
@@ -322,8 +326,9 @@ def test_jvp_vjp_inner_product_identity(spec, jit):
         (a1, b1), (a2, b2) = (jax.jit(sides) if jit else sides)(*floats)
     except MissingRuleError as e:
         pytest.skip(f"rule not registered yet: {str(e).splitlines()[0]}")
-    tol = {"float64": (1e-9, 1e-9)} if dtype == "float64" else None
+    tol = IDENTITY_TOL.get(spec.name) or spec.tol or \
+        ({"float64": (1e-9, 1e-9)} if dtype == "float64" else None)
     for a, b in ((a1, b1), (a2, b2)):
         scale = 1.0 + abs(float(a)) + abs(float(b))
-        assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, dtype,
-                        spec.tol or tol, err_msg=spec.name)
+        assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, dtype, tol,
+                        err_msg=spec.name)

@@ -6,8 +6,16 @@ from fbackprop._src.derivatives import (hessian, hvp, jacfwd, jacobian, jacrev, 
                                         linearize)
 from fbackprop._src.gradcheck import GradCheckReport, check_grads
 from fbackprop._src.trace import clear_cache
+from fbackprop._src.debug import (NonFiniteError, NonFiniteReport, checked_grad,
+                                  checked_value_and_grad, grad_and_intermediates, tag)
+from fbackprop._src.explain import Explanation, explain
+from fbackprop._src.health import (HealthReport, gradient_health, gradient_stats,
+                                   plot_gradient_norms)
 
 __version__ = "0.1.0"
 
 __all__ = ["GradCheckReport", "check_grads", "clear_cache", "extend", "grad", "hessian", "hvp",
            "jacfwd", "jacobian", "jacrev", "jvp", "linearize", "precision", "value_and_grad", "vjp"]
+__all__ += ["Explanation", "HealthReport", "NonFiniteError", "NonFiniteReport", "checked_grad",
+            "checked_value_and_grad", "explain", "grad_and_intermediates", "gradient_health",
+            "gradient_stats", "plot_gradient_norms", "tag"]

@@ -28,6 +28,11 @@ def _with_update(shape, update_shape, ints):
                                _uniform(rng, dtype, *update_shape))
 
 
+def _const(x, value):
+    """A scalar of ``x``'s dtype (lax ops taking init/padding values need it exact)."""
+    return jnp.asarray(value, x.dtype)
+
+
 def _max_pool(window, strides, padding):
     return lambda x: lax.reduce_window(x, -jnp.inf, lax.max, window, strides, padding)
 
@@ -84,9 +89,9 @@ SPECS = [
          lambda x, i, u: lax.dynamic_update_slice(x, u * u, (i, i)),
          make_args=_with_update((4, 5), (2, 2), 7)),
     # ---------------------------------------------------------------- padding
-    Spec("pad", lambda x: lax.sin(lax.pad(x, 0.0, ((1, 2, 0), (0, 1, 1))))),
+    Spec("pad", lambda x: lax.sin(lax.pad(x, _const(x, 0.0), ((1, 2, 0), (0, 1, 1))))),
     Spec("pad_negative_interior",
-         lambda x: lax.sin(lax.pad(x, 0.0, ((-1, 2, 1), (2, -3, 2))))),
+         lambda x: lax.sin(lax.pad(x, _const(x, 0.0), ((-1, 2, 1), (2, -3, 2))))),
     Spec("pad_traced_value",
          lambda x, v: lax.sin(lax.pad(x, v, ((1, -1, 1), (-1, 2, 0)))),
          shapes=((3, 4), ())),
@@ -185,10 +190,10 @@ SPECS = [
              t, x, select_prim=lax.le_p, base_dilation=(1, 1), window_dilation=(1, 1), **_POOL)),
          shapes=((3, 4), (3, 4))),
     Spec("reduce_window_generic_product",
-         lambda x: lax.reduce_window(x, 1.0, lax.mul, (2, 2), (1, 1), "VALID"),
+         lambda x: lax.reduce_window(x, _const(x, 1.0), lax.mul, (2, 2), (1, 1), "VALID"),
          domain=(0.5, 1.5), order=1, modes=("fwd",)),
     Spec("reduce_window_generic_pair",
-         lambda x, y: lax.reduce_window((x, y), (-jnp.inf, 0.0),
+         lambda x, y: lax.reduce_window((x, y), (_const(x, -jnp.inf), _const(y, 0.0)),
                                         lambda a, b: (lax.max(a[0], b[0]),
                                                       a[1] * lax.sin(b[1])),
                                         (2, 2), (1, 1), "SAME"),

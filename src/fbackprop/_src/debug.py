@@ -29,6 +29,7 @@ import numpy as np
 from jax import tree_util
 
 from . import api, compat, reverse
+from .registry import vjp_rules
 from .rules.debug import NAMED_PRIMITIVES, tag_p
 
 # ============================================================ shared machinery
@@ -514,7 +515,7 @@ def _fmt_range(mn, mx, n_nan, n_inf) -> str:
     parts = []
     if np.isfinite(mn) or np.isfinite(mx):
         parts.append(f"min {_fmt_num(mn)}, max {_fmt_num(mx)}" if mn != mx
-                     else f"= {_fmt_num(mn)}")
+                     else f"value {_fmt_num(mn)}")
     elif not (np.isnan(mn) and np.isnan(mx)):
         parts.append("no finite elements")
     if n_nan:
@@ -583,7 +584,7 @@ class NonFiniteReport:
                 n = ev[1]
                 if any(bad[o] and acc[o] for _, o, owned in nodes[n]["outputs"] if owned):
                     reach[n] = True
-                    for _, i in nodes[n]["inputs"]:
+                    for i in nodes[n]["deps"]:
                         acc[i] = True
             else:
                 _, total, parts = ev
@@ -598,6 +599,12 @@ class NonFiniteReport:
             return NonFiniteSite("(input)", "input", "", "", (), (), tuple(bad_finals),
                                  batch_index), leaves
         node = nodes[int(hits[0])]
+        from_inputs = [values[i]["label"] for i in node["deps"]
+                       if bad[i] and values[i]["leaf"]]
+        if from_inputs:
+            # The first operation that matters was handed a non-finite input.
+            return NonFiniteSite("(input)", "input", node["source"], node["code"], (), (),
+                                 tuple(bad_finals), batch_index), from_inputs
         produced = tuple((label, values[o]["aval"], int(s[o, 2]), int(s[o, 3]))
                          for label, o, _ in node["outputs"] if bad[o])
         inputs = tuple((label, values[i]["aval"], float(s[i, 0]), float(s[i, 1]),
@@ -637,8 +644,10 @@ class NonFiniteReport:
             lines.append(f"(first affected example of the vmapped batch: index "
                          f"{site.batch_index})")
         if site.phase == "input":
+            where = f" (first used at {site.source})" if site.source else ""
             lines.append(f"No equation produced it: the non-finite value comes straight from "
-                         f"the inputs ({', '.join(extra)}). Check the data passed in.")
+                         f"the inputs: {', '.join(dict.fromkeys(extra))}{where}. Check the "
+                         f"data passed in.")
             return "\n".join(lines)
         what = ("its VJP rule, in the backward pass" if site.phase.startswith("backward")
                 else "the forward pass")
@@ -655,11 +664,10 @@ class NonFiniteReport:
         title = "inputs of the VJP rule" if site.phase.startswith("backward") else "inputs"
         lines.append(f"  {title}:")
         for label, aval, mn, mx, n_nan, n_inf, origin in extra:
-            note = ""
+            note = f"  ({origin})" if origin else ""
             if n_nan or n_inf:
-                note = f"   <- already non-finite ({origin})" if origin else \
-                    "   <- already non-finite"
-            lines.append(f"    {label:<34} {aval:<14} {_fmt_range(mn, mx, n_nan, n_inf)}{note}")
+                note = "  <- already non-finite" + note
+            lines.append(f"    {label:<32} {aval:<12} {_fmt_range(mn, mx, n_nan, n_inf)}{note}")
         hints = _BACKWARD_HINTS if site.phase.startswith("backward") else _FORWARD_HINTS
         if site.primitive in hints:
             lines.append(f"  hint: {hints[site.primitive]}")
@@ -706,6 +714,56 @@ def _eqn_desc(eqn) -> str:
     return f"{eqn.primitive.name}({ins})"
 
 
+_rule_uses_cache: dict = {}
+
+
+def _rule_uses(eqn, cts_out, record):
+    """Which of (nonzero cotangents, forward inputs, forward outputs) a VJP rule reads.
+
+    Traced once per primitive/params/shapes: a rule that ignores a value (log's
+    rule never reads its -inf output) must not make that value a suspect.
+    None when unknown (call primitives: every input counts).
+    """
+    rule = vjp_rules.get(eqn.primitive.name)
+    if rule is None or record.sub is not None:
+        return None
+    cts_mask = tuple(c is not None for c in cts_out)
+    flat = [c for c in cts_out if c is not None] + list(record.invals) + list(record.outvals)
+    try:
+        avals = tuple((tuple(np.shape(x)), compat.typeof(x).dtype,
+                       bool(getattr(compat.typeof(x), "weak_type", False))) for x in flat)
+        key = (eqn.primitive.name, tuple(sorted(eqn.params.items())), avals, cts_mask,
+               tuple(record.active))
+        hash(key)
+    except Exception:
+        key = None
+    if key is not None and key in _rule_uses_cache:
+        return _rule_uses_cache[key]
+    n_ct, n_in = sum(cts_mask), len(record.invals)
+
+    def run(*xs):
+        it = iter(xs[:n_ct])
+        cts = [next(it) if m else None for m in cts_mask]
+        rec = reverse.Record(eqn, list(xs[n_ct:n_ct + n_in]), list(xs[n_ct + n_in:]),
+                             record.active, None)
+        return [c for c in reverse.apply_rule(rec, cts) if c is not None]
+
+    try:
+        specs = [jax.ShapeDtypeStruct(shape, dtype, weak_type=weak)
+                 for shape, dtype, weak in avals]
+        jaxpr = jax.make_jaxpr(run)(*specs).jaxpr
+    except Exception:
+        return None
+    needed = {v for v in jaxpr.outvars if type(v) is not compat.Literal}
+    for e in reversed(jaxpr.eqns):
+        if any(v in needed for v in e.outvars):
+            needed.update(v for v in e.invars if type(v) is not compat.Literal)
+    used = tuple(v in needed for v in jaxpr.invars)
+    if key is not None:
+        _rule_uses_cache[key] = used
+    return used
+
+
 class _FiniteWatch:
     """Observer recording a value-level dataflow graph of both sweeps.
 
@@ -745,9 +803,11 @@ class _FiniteWatch:
         return i
 
     def _literal(self, v) -> int:
-        return self._value(v.val, f"literal {v.val!r:.20}")
+        val = np.asarray(v.val)
+        text = _fmt_num(val) if val.size == 1 and np.isrealobj(val) else short_aval(v.val)
+        return self._value(v.val, f"literal {text}")
 
-    def _add_node(self, phase, eqn, inputs, outputs):
+    def _add_node(self, phase, eqn, inputs, outputs, deps=None):
         n = len(self.nodes)
         owned = []
         for label, o in outputs:
@@ -758,7 +818,8 @@ class _FiniteWatch:
         self.nodes.append({
             "primitive": eqn.primitive.name, "phase": phase,
             "source": compat.source_line(eqn), "code": source_code(eqn),
-            "desc": _eqn_desc(eqn), "inputs": tuple(inputs), "outputs": tuple(owned)})
+            "desc": _eqn_desc(eqn), "inputs": tuple(inputs), "outputs": tuple(owned),
+            "deps": tuple(i for _, i in inputs) if deps is None else tuple(deps)})
         self.events.append(("node", n))
         return n
 
@@ -797,6 +858,11 @@ class _FiniteWatch:
             inputs.append((f"forward input {k}", i))
         for k, x in enumerate(record.outvals):
             inputs.append((f"forward output {k}", self._value(x)))
+        used = _rule_uses(eqn, cts_out, record)
+        deps = None if used is None else [i for (_, i), u in zip(inputs, used) if u]
+        if used is not None:
+            inputs = [(label if u else f"{label} (unused by the rule)", i)
+                      for (label, i), u in zip(inputs, used)]
         inner = inlined_jaxpr(eqn)
         outputs = []
         for k, (v, ct, a) in enumerate(zip(eqn.invars, cts_in, record.active)):
@@ -815,7 +881,7 @@ class _FiniteWatch:
         for v, ct, a in zip(eqn.invars, cts_in, record.active):
             if ct is not None and a and type(v) is not compat.Literal:
                 self.pending[v].append(self._value(ct))
-        self._add_node("backward", eqn, inputs, outputs)
+        self._add_node("backward", eqn, inputs, outputs, deps)
 
     def finish(self, fun_name, value, grads, top_invars, grad_labels):
         finals = [("the loss", self._value(value))]
@@ -826,7 +892,17 @@ class _FiniteWatch:
             if i not in self.produced and not self.value_meta[i]["label"]:
                 self._sum(i, v)
             finals.append((f"gradient {label}", i))
-        values = tuple({"label": m["label"], "aval": m["aval"]} for m in self.value_meta)
+        origin = {}
+        for node in self.nodes:
+            where = node["source"].split(" (")[0]
+            where = where.rsplit("/", 1)[-1]
+            for _, o, owned in node["outputs"]:
+                if owned:
+                    kind = "cotangent from" if node["phase"] == "backward" else "output of"
+                    origin[o] = f"{kind} {node['primitive']} at {where}"
+        values = tuple({"label": m["label"] or origin.get(i, ""), "aval": m["aval"],
+                        "leaf": bool(m["label"])}
+                       for i, m in enumerate(self.value_meta))
         meta = _Meta(function=fun_name, values=values, nodes=tuple(self.nodes),
                      events=tuple(self.events), finals=tuple(finals), skipped=self.skipped)
         stats = jnp.stack([_value_stats(x) for x in self.values]) if self.values \

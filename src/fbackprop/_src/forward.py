@@ -6,6 +6,8 @@ perturbed input produces one.
 
 from __future__ import annotations
 
+import jax
+
 from . import compat
 from .registry import call_handlers_forward, jvp_rules, missing_rule_error, \
     nondiff_primitives, is_differentiable_dtype
@@ -91,14 +93,13 @@ class LinearizedProgram:
     is :meth:`eval_primal`, applying the linear map is :meth:`eval_tangent`.
 
     Attributes:
-      tangent_jaxpr: jaxpr over ``(*residuals, *tangents)`` returning the nonzero
-        output tangents (a debugging aid: print it to see what ``jvp_fn`` runs).
+      tangent_jaxpr: closed jaxpr over ``(*residuals, *tangents)`` returning the
+        nonzero output tangents (a debugging aid: print it to see what ``jvp_fn`` runs).
       out_tangent_nonzero: per output of the original jaxpr, whether its tangent
         can be nonzero (the others are zero whatever the input tangents).
     """
 
     def __init__(self, jaxpr, consts, in_avals, tangent_mask):
-        import jax
         self.tangent_mask = list(tangent_mask)
         n_in = len(in_avals)
         n_out = len(jaxpr.outvars)
@@ -156,10 +157,18 @@ class LinearizedProgram:
         self._known_eqns = kept
         self._primal_outvars = list(primal_outvars)
         self._residual_vars = residuals
-        effects = frozenset().union(*(e.effects for e in tangent_eqns)) if tangent_eqns \
-            else frozenset()
-        self.tangent_jaxpr = compat.Jaxpr([], residuals + list(tangent_vars),
-                                          list(tangent_outvars), tangent_eqns, effects)
+        # Re-trace the tangent equations alone into a well-formed jaxpr over
+        # (residuals, tangents): what jvp_fn evaluates, and what a user can print.
+        tangent_in = residuals + list(tangent_vars)
+
+        def tangent_fn(*vals):
+            read = self._run(tangent_eqns, dict(zip(tangent_in, vals)))
+            return [read(v) for v in tangent_outvars]
+
+        specs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype,
+                                      weak_type=getattr(v.aval, "weak_type", False))
+                 for v in tangent_in]
+        self.tangent_jaxpr = jax.make_jaxpr(tangent_fn)(*specs)
 
     @staticmethod
     def _run(eqns, env):
@@ -187,7 +196,5 @@ class LinearizedProgram:
 
         ``tangents`` holds one array per input with ``tangent_mask`` set.
         """
-        jaxpr = self.tangent_jaxpr
-        env = dict(zip(jaxpr.invars, list(residuals) + list(tangents)))
-        read = self._run(jaxpr.eqns, env)
-        return [read(v) for v in jaxpr.outvars]
+        closed = self.tangent_jaxpr
+        return compat.eval_jaxpr(closed.jaxpr, closed.consts, *residuals, *tangents)

@@ -303,7 +303,18 @@ def run_workload(workload, settings: Settings, aa: bool = False,
         result["notes"].append(reason)
         return result
     kind, args = problem.kind, problem.args
+    # Wall and CPU seconds per stage: where a slow run spends its time.
+    result["stage_seconds"] = {}
+    current = [None, 0.0, 0.0]
 
+    def stage(name):
+        wall, cpu = time.perf_counter(), time.process_time()
+        if current[0] is not None:
+            result["stage_seconds"][current[0]] = {"wall": wall - current[1],
+                                                   "cpu": cpu - current[2]}
+        current[:] = [name, wall, cpu]
+
+    stage("trace_lower")
     # Trace + lower: fresh function objects and cleared caches every time.
     lowered = {}
     try:
@@ -325,6 +336,7 @@ def run_workload(workload, settings: Settings, aa: bool = False,
     except Exception as exc:
         record_error(["trace_lower"], exc)
 
+    stage("compile")
     # Compiled FLOPs and temp bytes of the compiled step.
     compiled = {}
     if lowered:
@@ -347,6 +359,7 @@ def run_workload(workload, settings: Settings, aa: bool = False,
         for f in ("flops", "temp_bytes"):
             result["errors"].setdefault(f, result["errors"].get("trace_lower", "not lowered"))
 
+    stage("jit_step")
     # Jitted step time, with the forward pass in the same interleaved rounds.
     # The executables are the ones compiled above: exactly what jax.jit(step)
     # runs, without compiling them a second time.
@@ -375,6 +388,7 @@ def run_workload(workload, settings: Settings, aa: bool = False,
     except Exception as exc:
         record_error(["jit_step"], exc)
 
+    stage("eager")
     # Eager (no jit): what a user sees in a notebook.
     try:
         eager_loss = problem.make_loss()
@@ -387,6 +401,7 @@ def run_workload(workload, settings: Settings, aa: bool = False,
     except Exception as exc:
         record_error(["eager"], exc)
 
+    stage(None)
     n_ok = len(result["figures"])
     result["status"] = "ok" if not result["errors"] else ("partial" if n_ok else "error")
     result["seconds"] = time.perf_counter() - t_start
@@ -505,7 +520,6 @@ def run(names: list[str] | None = None, quick: bool = False, reps: int | None = 
         res = run_workload(workload, settings, aa=aa, verbose=verbose)
         results.append(res)
         print(f" {res['status']} ({res.get('seconds', 0.0):.1f} s)", file=log, flush=True)
-        jax.clear_caches()
         gc.collect()
     meta["total_seconds"] = time.perf_counter() - t0
     return {"meta": meta, "targets": dict(TARGETS), "workloads": results}

@@ -2,17 +2,181 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ..registry import defjvp, defvjp
+from .. import forward as forward_mode
+from .. import reverse as reverse_mode
+from .. import trace
+from ..registry import defjvp, defnondiff, defvjp, register_jvp, zeros_like_aval
 
 
-def _reduce_sum_vjp(ct, out, x, *, axes, **_):
-    shape = np.shape(x)
-    kept = tuple(d for d in range(len(shape)) if d not in axes)
-    return lax.broadcast_in_dim(ct, shape, kept)
+def _kept_dims(ndim, axes):
+    return tuple(d for d in range(ndim) if d not in axes)
 
 
-defvjp(lax.reduce_sum_p, _reduce_sum_vjp)
+def _expand(y, like, axes):
+    """Broadcasts a reduced value ``y`` back over the reduced ``axes`` of ``like``."""
+    return lax.broadcast_in_dim(y, np.shape(like), _kept_dims(np.ndim(like), axes))
+
+
+# ------------------------------------------------------------------- reduce_sum
+# Linear: the cotangent is copied to every summed position.
+defvjp(lax.reduce_sum_p, lambda ct, out, x, *, axes, **_: _expand(ct, x, axes))
 defjvp(lax.reduce_sum_p, lambda t, out, x, *, axes, **_: lax.reduce_sum(t, axes))
+
+
+# ------------------------------------------------------------ reduce_max / _min
+# The derivative of a max is an average over the positions that attain it:
+# with m = [x == max(x)] (per reduced slice) and count = sum(m), the rule is
+# dmax = sum(m * dx) / count, so ties share the cotangent equally, as in JAX.
+def _chooser_locations(out, x, axes, dtype):
+    at_extremum = lax.convert_element_type(lax.eq(x, _expand(out, x, axes)), dtype)
+    return at_extremum, lax.reduce_sum(at_extremum, axes)
+
+
+def _chooser_vjp(ct, out, x, *, axes, **_):
+    locations, counts = _chooser_locations(out, x, axes, ct.dtype)
+    return lax.mul(locations, _expand(lax.div(ct, counts), x, axes))
+
+
+def _chooser_jvp(t, out, x, *, axes, **_):
+    locations, counts = _chooser_locations(out, x, axes, t.dtype)
+    return lax.div(lax.reduce_sum(lax.mul(t, locations), axes), counts)
+
+
+for _prim in (lax.reduce_max_p, lax.reduce_min_p):
+    defvjp(_prim, _chooser_vjp)
+    defjvp(_prim, _chooser_jvp)
+
+
+# ------------------------------------------------------------------ reduce_prod
+# d prod(x) / d x_k = prod_{j != k} x_j. Dividing the product by x_k breaks at
+# zeros, so the product of the others is formed directly as (exclusive prefix
+# product) * (exclusive suffix product) along the flattened reduced axes. It is
+# exact with any number of zeros and stays differentiable (cumprod has rules).
+def _flatten_reduced(x, axes):
+    """Moves ``axes`` to the front and flattens them: shape (n, *kept)."""
+    kept = _kept_dims(np.ndim(x), axes)
+    perm = tuple(axes) + kept
+    shape = np.shape(x)
+    n = int(np.prod([shape[d] for d in axes], dtype=np.int64))
+    moved = x if perm == tuple(range(np.ndim(x))) else lax.transpose(x, perm)
+    return lax.reshape(moved, (n,) + tuple(shape[d] for d in kept)), perm
+
+
+def _unflatten_reduced(y, x, perm):
+    shape = np.shape(x)
+    y = lax.reshape(y, tuple(shape[d] for d in perm))
+    inverse = tuple(int(i) for i in np.argsort(perm))
+    return y if inverse == tuple(range(len(perm))) else lax.transpose(y, inverse)
+
+
+def _product_of_others(flat):
+    """For ``flat`` of shape (n, ...): out[k] = prod_{j != k} flat[j] along axis 0."""
+    n = flat.shape[0]
+    if n == 1:
+        return lax.full_like(flat, 1)
+    one = lax.full_like(lax.slice_in_dim(flat, 0, 1, axis=0), 1)
+    before = lax.cumprod(lax.slice_in_dim(flat, 0, n - 1, axis=0), axis=0)
+    after = lax.cumprod(lax.slice_in_dim(flat, 1, n, axis=0), axis=0, reverse=True)
+    return lax.mul(lax.concatenate([one, before], 0), lax.concatenate([after, one], 0))
+
+
+def _reduce_prod_vjp(ct, out, x, *, axes, **_):
+    if np.size(x) == 0:
+        return zeros_like_aval(x)
+    flat, perm = _flatten_reduced(x, axes)
+    others = _product_of_others(flat)
+    ct_flat = lax.mul(lax.broadcast_in_dim(ct, others.shape, tuple(range(1, others.ndim))),
+                      others)
+    return _unflatten_reduced(ct_flat, x, perm)
+
+
+def _reduce_prod_jvp(t, out, x, *, axes, **_):
+    if np.size(x) == 0:
+        return zeros_like_aval(out)
+    flat, _ = _flatten_reduced(x, axes)
+    t_flat, _ = _flatten_reduced(t, axes)
+    return lax.reduce_sum(lax.mul(t_flat, _product_of_others(flat)), (0,))
+
+
+defvjp(lax.reduce_prod_p, _reduce_prod_vjp)
+defjvp(lax.reduce_prod_p, _reduce_prod_jvp)
+
+
+# ------------------------------------------------------------------- cumsum
+# Linear; its transpose sums the cotangent in the opposite direction.
+defvjp(lax.cumsum_p, lambda ct, out, x, *, axis, reverse, **_:
+       lax.cumsum(ct, axis=axis, reverse=not reverse))
+defjvp(lax.cumsum_p, lambda t, out, x, *, axis, reverse, **_:
+       lax.cumsum(t, axis=axis, reverse=reverse))
+
+
+# ------------------------------------------ cumprod, cummax, cummin, cumlogsumexp
+# These are differentiated through the parallel prefix scan that computes them
+# (lax.associative_scan with the matching binary op), with fbackprop's own
+# sweeps over its jaxpr: only slices, pads, concatenations and the binary op,
+# each with its own rule. As that is also how JAX defines these derivatives,
+# the conventions agree exactly: zeros in cumprod, ties in cummax/cummin (the
+# max rule splits a tie evenly at each combine), and the overflow-free
+# logaddexp in cumlogsumexp.
+_COMBINE = {
+    "cumprod": lax.mul,
+    "cummax": lax.max,
+    "cummin": lax.min,
+    "cumlogsumexp": jnp.logaddexp,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _prefix_scan(name: str, axis: int, reverse: bool):
+    """The associative-scan definition of a cumulative primitive, as a function."""
+    combine = _COMBINE[name]
+
+    def scan(x):
+        return lax.associative_scan(combine, x, axis=axis, reverse=reverse)
+
+    scan.__name__ = f"{name}_prefix_scan"
+    return scan
+
+
+def _traced_prefix_scan(name, x, axis, reverse):
+    fn = _prefix_scan(name, int(axis), bool(reverse))
+    leaves, in_tree = jax.tree_util.tree_flatten(((x,), {}))
+    return trace.trace_flat(fn, in_tree, leaves, what=fn.__name__).closed
+
+
+def _cumulative_vjp(name):
+    def rule(ct, out, x, *, axis, reverse, **_):
+        closed = _traced_prefix_scan(name, x, axis, reverse)
+        _, tape = reverse_mode.forward(closed.jaxpr, closed.consts, [x], [True])
+        ct_x, = reverse_mode.backward(tape, [ct])
+        return zeros_like_aval(x) if ct_x is None else ct_x
+    rule.__name__ = f"_{name}_vjp"
+    return rule
+
+
+def _cumulative_jvp(name):
+    def rule(primals, tangents, *, axis, reverse, **_):
+        x, = primals
+        t, = tangents
+        closed = _traced_prefix_scan(name, x, axis, reverse)
+        outs, out_tangents = forward_mode.jvp_jaxpr(closed.jaxpr, closed.consts, [x], [t])
+        return outs[0], out_tangents[0]
+    rule.__name__ = f"_{name}_jvp"
+    return rule
+
+
+for _prim in (lax.cumprod_p, lax.cummax_p, lax.cummin_p, lax.cumlogsumexp_p):
+    defvjp(_prim, _cumulative_vjp(_prim.name))
+    register_jvp(_prim, _cumulative_jvp(_prim.name))
+
+
+# ---------------------------------------------------------------- no gradient
+# Index-valued and logical reductions: their outputs are integers or booleans.
+defnondiff(lax.argmax_p, lax.argmin_p, lax.reduce_and_p, lax.reduce_or_p, lax.reduce_xor_p)
