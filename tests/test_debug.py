@@ -417,3 +417,22 @@ def test_traced_report_must_be_checked_outside():
         return report, g
 
     jax.jit(step)(jnp.ones(2))
+
+
+def test_debugging_tools_never_call_jax_autodiff(monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("fbackprop called JAX's autodiff")
+    for name in ["grad", "vjp", "jvp", "linearize", "linear_transpose", "value_and_grad"]:
+        monkeypatch.setattr(jax, name, forbidden)
+    from jax._src.interpreters import ad
+    for name in ["jvp", "linearize", "backward_pass"]:
+        monkeypatch.setattr(ad, name, forbidden)
+    monkeypatch.setattr(ad.JVPTrace, "__init__", forbidden)
+    monkeypatch.setattr(ad.LinearizeTrace, "__init__", forbidden)
+    grads, inter = jax.jit(fb.grad_and_intermediates(seed, argnums=(0, 1)))(2.0, 3.0)
+    assert float(inter["z"]) == 16.0
+    assert_allclose(jax.vmap(fb.grad(clipped))(jnp.ones((2, 3))), jnp.full((2, 3), 3.0))
+    report, _ = jax.jit(fb.checked_grad(norm))(jnp.zeros(2))
+    assert report.first().primitive == "sqrt"
+    assert [float(i.grad) for i in fb.explain(seed, 2.0, 3.0).inputs] == [64.0, 32.0]
+    fb.gradient_health(fb.grad(lambda x: jnp.sum(jnp.sin(x)))(jnp.ones(3)))

@@ -6,6 +6,8 @@ from fbackprop._src.derivatives import (hessian, hvp, jacfwd, jacobian, jacrev, 
                                         linearize)
 from fbackprop._src.gradcheck import GradCheckReport, check_grads
 from fbackprop._src.trace import clear_cache
+from fbackprop._src.remat import checkpoint, checkpoint_name, checkpoint_policies, remat
+from fbackprop._src.residuals import Residual, SavedResiduals, saved_residuals
 from fbackprop._src.debug import (NonFiniteError, NonFiniteReport, checked_grad,
                                   checked_value_and_grad, grad_and_intermediates, tag)
 from fbackprop._src.explain import Explanation, explain
@@ -19,3 +21,5 @@ __all__ = ["GradCheckReport", "check_grads", "clear_cache", "extend", "grad", "h
 __all__ += ["Explanation", "HealthReport", "NonFiniteError", "NonFiniteReport", "checked_grad",
             "checked_value_and_grad", "explain", "grad_and_intermediates", "gradient_health",
             "gradient_stats", "plot_gradient_norms", "tag"]
+__all__ += ["Residual", "SavedResiduals", "checkpoint", "checkpoint_name", "checkpoint_policies",
+            "remat", "saved_residuals"]

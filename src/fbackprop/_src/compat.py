@@ -42,6 +42,11 @@ def typeof(x: Any):
     return jcore.typeof(x)
 
 
+def trace_state():
+    """An opaque token of the current trace (equal tokens: same trace context)."""
+    return jcore.get_opaque_trace_state()
+
+
 def is_tracer(x: Any) -> bool:
     return isinstance(x, jcore.Tracer)
 
@@ -75,7 +80,6 @@ def bind(prim: Primitive, *args, **params):
 # ---------------------------------------------------------------- primitive names
 # Nested ``jax.jit`` is ``pjit`` in older JAX and ``jit`` in 0.7+; we accept both.
 JIT_NAMES = ("jit", "pjit")
-CLOSED_CALL_NAMES = ("closed_call", "core_call")
 CUSTOM_JVP_CALL = "custom_jvp_call"
 CUSTOM_VJP_CALL = "custom_vjp_call"
 REMAT_NAMES = ("remat2", "checkpoint")
@@ -84,10 +88,6 @@ REMAT_NAMES = ("remat2", "checkpoint")
 def jit_inner(params) -> ClosedJaxpr:
     """The closed sub-jaxpr of a ``jit``/``pjit`` equation."""
     return params["jaxpr"]
-
-
-def closed_call_inner(params) -> ClosedJaxpr:
-    return params["call_jaxpr"]
 
 
 def remat_inner(params) -> tuple[Jaxpr, dict]:

@@ -75,6 +75,41 @@ def _check_primal_leaves(leaves_with_path, api_name: str, what: str = "primals")
         trace.check_leaf(x, f"{api_name}: {what}{tree_util.keystr(path)}")
 
 
+_compiled_calls: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compile_when_eager(fn: Callable) -> Callable:
+    """Runs ``fn`` as one compiled program when called on concrete values.
+
+    Jacobians and Hessians map the tangent sweep over a basis with ``vmap``;
+    eagerly that would dispatch (and compile) every batched primitive on its
+    own. Instead the whole call is traced once per input shapes (cached like
+    every fbackprop trace) and run with ``jax.jit``. Under an enclosing trace
+    (``jit``, ``vmap``, another derivative) ``fn`` simply runs in place.
+    Non-array leaves (Python scalars, strings...) stay static, as in ``grad``.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        leaves, in_tree = tree_util.tree_flatten((args, kwargs))
+        if not api.eager_compile or _is_tracer_tree(leaves):
+            return fn(*args, **kwargs)
+        static = [not api._is_array_leaf(x) for x in leaves]
+        traced = trace.trace_flat(fn, in_tree, leaves, static,
+                                  what=getattr(fn, "__name__", "fun"))
+        if _is_tracer_tree(traced.closed.consts):
+            return fn(*args, **kwargs)
+        run = _compiled_calls.get(traced)
+        if run is None:
+            closed = traced.closed
+            run = _compiled_calls[traced] = jax.jit(
+                lambda dyn: compat.eval_jaxpr(closed.jaxpr, closed.consts, *dyn))
+        outs = run([x for x, st in zip(leaves, static) if not st])
+        return tree_util.tree_unflatten(traced.out_tree, outs)
+
+    return wrapper
+
+
 # --------------------------------------------------------------------- jvp
 # Eager calls run the tangent sweep compiled, once per traced jaxpr and pattern
 # of zero tangents (see api.eager_compile).
@@ -506,7 +541,7 @@ def jacfwd(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
         return (jac_tree, aux) if has_aux else jac_tree
 
     jacfun.__doc__ = _jac_docstring(fun, argnums, "forward mode")
-    return jacfun
+    return _compile_when_eager(jacfun)
 
 
 def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
@@ -554,7 +589,7 @@ def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
         return (jac_tree, *maybe_aux) if has_aux else jac_tree
 
     jacfun.__doc__ = _jac_docstring(fun, argnums, "reverse mode")
-    return jacfun
+    return _compile_when_eager(jacfun)
 
 
 def jacobian(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
@@ -594,6 +629,34 @@ def hessian(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fal
 
 
 # ---------------------------------------------------------------------- hvp
+_hvp_functions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _hvp_functions_of(fun, argnums):
+    """``(grad(fun), grad of <grad(fun), v>)``: the same function objects on every
+    call, so that repeated ``hvp`` calls hit the trace and compile caches. They
+    reach ``fun`` through a weak reference so the cache does not keep it alive."""
+    try:
+        per = _hvp_functions.setdefault(fun, {})
+        ref = weakref.ref(fun)
+    except TypeError:  # not weak-referenceable: build them afresh
+        per, ref = {}, (lambda: fun)
+    fns = per.get(argnums)
+    if fns is None:
+        def fun_by_ref(*args):
+            return ref()(*args)
+
+        fun_by_ref.__name__ = getattr(fun, "__name__", "fun")
+        grad_f = grad(fun_by_ref, argnums=argnums)
+
+        def grad_dot_v(*args_and_v):
+            *xs, v = args_and_v
+            return _tree_vdot(grad_f(*xs), v)
+
+        fns = per[argnums] = (grad_f, grad(grad_dot_v, argnums=argnums))
+    return fns
+
+
 def _tree_vdot(xs, ys):
     """Sum over leaves of <x, y> (real inner product), as a scalar array."""
     terms = [jnp.sum(x * y) for x, y in zip(tree_util.tree_leaves(xs),
@@ -643,7 +706,7 @@ def hvp(fun: Callable, primals, tangents, mode: str = "fwd_rev"):
         raise TypeError(f"hvp: got {len(primals)} primals but {len(tangents)} tangents; "
                         f"pass one tangent per primal.")
     argnums = tuple(range(len(primals)))
-    grad_f = grad(fun, argnums=argnums)
+    grad_f, rev_rev = _hvp_functions_of(fun, argnums)
     if mode == "fwd_rev":
         _, hv = _jvp(grad_f, tuple(primals), tuple(tangents), api_name="hvp")
         return tuple(hv)
@@ -655,9 +718,6 @@ def hvp(fun: Callable, primals, tangents, mode: str = "fwd_rev"):
                             f"primals have {p_tree}, tangents have {t_tree}.")
         _validate_tangents(p_leaves_with_path, t_leaves, "hvp")
 
-        def grad_dot_v(*xs):
-            return _tree_vdot(grad_f(*xs), tuple(tangents))
-
-        return tuple(grad(grad_dot_v, argnums=argnums)(*primals))
+        return tuple(rev_rev(*primals, tuple(tangents)))
     raise ValueError(f"hvp: mode must be 'fwd_rev' (forward-over-reverse) or 'rev_rev' "
                      f"(reverse-over-reverse), got {mode!r}.")

@@ -30,7 +30,7 @@ import numpy as np
 from jax import tree_util
 
 from . import api, compat, reverse
-from .debug import (_split_output, _trace_state, _sub_jaxprs, inlined_jaxpr, observing,
+from .debug import (_split_output, _trace_state, inlined_jaxpr, observing,
                     short_aval, source_code, source_parts)
 from .rules.debug import NAMED_PRIMITIVES
 
@@ -75,7 +75,8 @@ def summarize_short(x) -> str:
     if a.size == 1 or a.dtype == jax.dtypes.float0:
         return summarize(a)
     if np.issubdtype(a.dtype, np.number):
-        return f"norm {np.linalg.norm(a.astype(np.complex128 if np.iscomplexobj(a) else np.float64).reshape(-1)):.3g}"
+        wide = a.astype(np.complex128 if np.iscomplexobj(a) else np.float64)
+        return f"norm {np.linalg.norm(wide.reshape(-1)):.3g}"
     return summarize(a)
 
 

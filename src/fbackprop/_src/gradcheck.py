@@ -376,7 +376,8 @@ class _Checker:
         # JAX's convention for complex values: the adjoint is conj . vjp . conj.
         cts = vjp_fn(tree_util.tree_unflatten(
             out_tree, [np.conj(c) if _is_inexact(np.dtype(c.dtype)) else c for c in u]))
-        cts = [np.conj(np.asarray(c)) for c in tree_util.tree_leaves(cts)]
+        cts = [np.conj(np.asarray(c)) if _is_inexact(np.dtype(c.dtype)) else c
+               for c in tree_util.tree_leaves(cts)]
         u_inexact = [c if _is_inexact(np.dtype(c.dtype)) else None for c in u]
         out_dtypes = [np.dtype(o.dtype) for o in out_leaves if _is_inexact(np.dtype(o.dtype))]
 

@@ -10,7 +10,7 @@ an optional matplotlib plot of the per-leaf norms.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import Offloadable, Recompute, Saveable
+from jax.ad_checkpoint import checkpoint_name  # noqa: F401  (re-exported)
 
 from . import compat, residuals
 
@@ -169,3 +170,5 @@ def checkpoint(fun: Callable, *, policy=None, prevent_cse: bool = True,
 
 
 remat = checkpoint
+# The policies, re-exported so users need not import them from jax.
+checkpoint_policies = jax.checkpoint_policies

@@ -32,6 +32,7 @@ primitive and the user's source line.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -312,8 +313,12 @@ class Residual:
     detail: str = ""
 
     def describe(self) -> str:
-        what = self.primitive or self.kind
-        return f"{what} at {self.source}" + (f" ({self.detail})" if self.detail else "")
+        """One line: what produced the value, where, and how it is kept."""
+        if self.primitive is None:
+            text = f"the {self.kind} {self.source}"
+        else:
+            text = f"{self.primitive} at {self.source}"
+        return text + (f" ({self.detail})" if self.detail else "")
 
 
 class SavedResiduals(tuple):
@@ -379,17 +384,19 @@ def _describe_var(v, jaxpr, steps: list[str]) -> tuple[str | None, str, list[str
         body = e.params["jaxpr"].jaxpr
         if k >= num_carry:
             inner = body.outvars[k]
-            note = f"per step of the scan at {compat.source_line(e)} " \
-                   f"(length {e.params['length']})"
+            where = f"scan at {compat.source_line(e)}"
+            note = f"kept per step of the {where}, length {e.params['length']}"
             if _is_var(inner):
                 prim, src, details = _describe_var(inner, body, steps + [note])
                 if prim is not None:
                     return prim, src, details
                 idx = list(body.invars).index(inner) if inner in body.invars else None
                 if idx is not None and idx >= e.params["num_consts"] + num_carry:
-                    return "scan", compat.source_line(e), steps + [note, "an xs slice"]
+                    return "scan", compat.source_line(e), steps + [
+                        f"the xs slice, kept per step (length {e.params['length']})"]
                 if idx is not None:
-                    return "scan", compat.source_line(e), steps + [note, "the carry"]
+                    return "scan", compat.source_line(e), steps + [
+                        f"the carry, kept per step (length {e.params['length']})"]
             return "scan", compat.source_line(e), steps + [note]
     if name == "cond":
         k = list(e.outvars).index(v)
@@ -425,6 +432,22 @@ def report_split(split: Split, arg_names: Sequence[str]) -> SavedResiduals:
         rows.append(Residual(tuple(aval.shape), np.dtype(aval.dtype), _nbytes(aval),
                              "intermediate", prim, src, "; ".join(details)))
     return SavedResiduals(rows)
+
+
+def _param_names(fun, nargs: int) -> list:
+    """The names of ``fun``'s first ``nargs`` positional parameters (best effort)."""
+    try:
+        params = list(inspect.signature(fun).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    names = []
+    for p in params:
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.append(p.name)
+        elif p.kind is p.VAR_POSITIONAL:
+            names += [None] * (nargs - len(names))
+            break
+    return names[:nargs]
 
 
 def saved_residuals(fun: Callable, *args, **kwargs) -> SavedResiduals:
@@ -464,12 +487,17 @@ def saved_residuals(fun: Callable, *args, **kwargs) -> SavedResiduals:
             trace.check_leaf(x, f"saved_residuals: argument {tree_util.keystr(path)}")
     traced = trace.trace_flat(fun, in_tree, leaves, static,
                               what=getattr(fun, "__name__", "fun"))
+    params = _param_names(fun, len(args))
     names = []
     for (path, x), s in zip(leaves_with_path, static):
         if s:
             continue
-        head = ("args" if path[0].idx == 0 else "kwargs")
-        names.append(head + tree_util.keystr(path[1:]))
+        if path[0].idx == 0:
+            name = "args" + tree_util.keystr(path[1:])
+            param = params[path[1].idx] if path[1].idx < len(params) else None
+            names.append(f"{name} ({param})" if param else name)
+        else:
+            names.append("kwargs" + tree_util.keystr(path[1:]))
     closed = traced.closed
     in_avals = [v.aval for v in closed.jaxpr.invars]
     joint = trace_joint(closed.jaxpr, closed.consts, in_avals, [True] * len(in_avals))

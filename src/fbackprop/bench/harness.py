@@ -66,7 +66,7 @@ class Settings:
         self.quick = quick
         self.step_reps = reps or (5 if quick else 21)
         self.trace_reps = 1 if quick else 5
-        self.eager_reps = 3 if quick else 9
+        self.eager_reps = 2 if quick else 9
         self.min_reps = 1 if quick else 3
         # Stop adding rounds after this many seconds (once min_reps are done).
         self.step_budget = 2.0 if quick else 25.0
@@ -143,14 +143,15 @@ def _time_once(call: Callable[[], Any], repeat: int = 1) -> float:
 
 
 def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int, min_reps: int,
-                     budget: float, min_sample: float, warmup: int = 2) -> dict:
+                     budget: float, min_sample: float, warmup: int = 2,
+                     discard_round: bool = True) -> dict:
     """Median seconds per call of each entry, measured in alternating order.
 
     Every call is warmed up first. One sample repeats a call until it lasts
     ``min_sample`` seconds; a round takes one sample of every call, in forward
     order on even rounds and reversed on odd ones, so slow drifts of the
-    machine hit all entries alike. One round is run and thrown away first (the
-    first samples after a pause are slow). Rounds stop after ``reps``, or once
+    machine hit all entries alike. With ``discard_round`` one round is run and
+    thrown away first (the first samples after a pause are slow). Rounds stop after ``reps``, or once
     ``budget`` seconds have passed and ``min_reps`` rounds are done.
 
     Returns:
@@ -163,8 +164,9 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int, min_reps: i
     samples: dict[str, list] = {name: [] for name in calls}
     names = list(calls)
     gc.collect()
-    for name in names:
-        _time_once(calls[name], repeat[name])
+    if discard_round:
+        for name in names:
+            _time_once(calls[name], repeat[name])
     start = time.perf_counter()
     for r in range(reps):
         for name in (names if r % 2 == 0 else names[::-1]):
@@ -326,9 +328,11 @@ def run_workload(workload, settings: Settings, aa: bool = False,
                 return jax.jit(differentiate(kind, engine, loss)).lower(*args)
             return lower
         # The very first trace also pays for one-time imports and rule-table
-        # set-up; run one of each before timing.
-        fresh_lower(fb_engine)()
-        fresh_lower("jax")()
+        # set-up; run one of each before timing (a quick run only checks that
+        # the figure works and skips this).
+        if not settings.quick:
+            fresh_lower(fb_engine)()
+            fresh_lower("jax")()
         timings, lowered = time_fresh_interleaved(
             {"fb": fresh_lower(fb_engine), "jax": fresh_lower("jax")},
             settings.trace_reps, settings.min_reps, settings.trace_budget)
@@ -379,7 +383,8 @@ def run_workload(workload, settings: Settings, aa: bool = False,
             {"fb": lambda: fb_step(*args), "jax": lambda: jax_step(*args),
              "forward": lambda: forward(*args)},
             settings.step_reps, settings.min_reps, settings.step_budget, settings.min_sample,
-            warmup=settings.warmup)
+            warmup=settings.warmup,
+            discard_round=not settings.quick)
         fb_t, jax_t, fwd_t = (timings[k]["median"] for k in ("fb", "jax", "forward"))
         result["figures"]["jit_step"] = _timed_figure("jit_step", timings)
         result["forward_seconds"] = fwd_t
@@ -396,7 +401,8 @@ def run_workload(workload, settings: Settings, aa: bool = False,
             {"fb": lambda: differentiate(kind, fb_engine, eager_loss)(*args),
              "jax": lambda: differentiate(kind, "jax", eager_loss)(*args)},
             settings.eager_reps, settings.min_reps, settings.eager_budget,
-            settings.min_sample, warmup=settings.warmup)
+            settings.min_sample, warmup=settings.warmup,
+            discard_round=not settings.quick)
         result["figures"]["eager"] = _timed_figure("eager", timings)
     except Exception as exc:
         record_error(["eager"], exc)

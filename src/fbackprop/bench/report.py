@@ -187,31 +187,39 @@ def plot(doc: dict, path: str) -> str:
         return "plot skipped: matplotlib is not installed (pip install matplotlib)"
     import os
     names = [res["name"] for res in doc["workloads"]]
-    fig, axes = plt.subplots(1, len(FIGURES), figsize=(3.2 * len(FIGURES), 0.45 * len(names)
-                                                       + 1.6), sharey=True)
+    fig, axes = plt.subplots(1, len(FIGURES), figsize=(3.0 * len(FIGURES),
+                                                       0.42 * len(names) + 1.5), sharey=True)
     y = np.arange(len(names))
+    # Bars of log10(fb/jax) from 0 (equal to JAX): left of the line fbackprop
+    # is better, right is worse; clipped at 1/16x and 16x.
+    limit = math.log10(16.0)
+    ticks = [0.1, 0.3, 1.0, 3.0, 10.0]
     for ax, figure in zip(axes, FIGURES):
-        ratios, colors = [], []
-        for res in doc["workloads"]:
+        for yi, res in zip(y, doc["workloads"]):
             f = res["figures"].get(figure)
             r = None if f is None else f["ratio"]
-            ratios.append(np.nan if r is None or not math.isfinite(r) or r <= 0 else r)
-            colors.append("tab:gray" if f is None or f["passed"] is None else
-                          ("tab:green" if f["passed"] else "tab:red"))
-        ax.barh(y, ratios, color=colors, alpha=0.85)   # NaN (error, skipped): no bar
-        for yi, r in zip(y, ratios):
-            ax.text(0.0, yi, "  n/a" if np.isnan(r) else f" {r:.2f}", va="center",
-                    fontsize=8, transform=ax.get_yaxis_transform())
-        ax.axvline(TARGETS[figure], color="k", linestyle="--", linewidth=1)
-        ax.axvline(1.0, color="k", linewidth=0.5)
-        ax.set_xscale("log")
-        ax.set_title(f"{FIGURE_LABELS[figure]}\nfb/jax (target {_target_text(figure)})",
-                     fontsize=9)
-        ax.invert_yaxis()
+            if r is None or not math.isfinite(r) or r <= 0:
+                label = "skipped" if res.get("status") == "skipped" else "error"
+                ax.text(0.0, yi, label, va="center", ha="center", fontsize=7, color="gray")
+                continue
+            color = "tab:gray" if f["passed"] is None else \
+                ("tab:green" if f["passed"] else "tab:red")
+            width = max(-limit, min(limit, math.log10(r)))
+            ax.barh(yi, width, color=color, alpha=0.85)
+            ax.text(width, yi, f" {r:.2f} " + ("+" if math.log10(r) > limit else ""),
+                    va="center", ha="left" if width >= 0 else "right", fontsize=7)
+        ax.axvline(math.log10(TARGETS[figure]), color="k", linestyle="--", linewidth=1)
+        ax.axvline(0.0, color="k", linewidth=0.6)
+        ax.set_xlim(-limit * 1.35, limit * 1.35)
+        ax.set_xticks([math.log10(t) for t in ticks], [f"{t:g}" for t in ticks], fontsize=7)
+        ax.set_title(f"{FIGURE_LABELS[figure]}: fb/jax\n(target {_target_text(figure)}, "
+                     f"dashed)", fontsize=9)
+    axes[0].invert_yaxis()
     axes[0].set_yticks(y, names, fontsize=8)
     meta = doc["meta"]
     fig.suptitle(f"fbackprop vs jax {meta['jax_version']} on {meta['platform']} "
-                 f"({meta['device_kind']}), {meta['date']}", fontsize=10)
+                 f"({meta['device_kind']}), {meta['date']}; left of 1: fbackprop is "
+                 f"faster / smaller", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

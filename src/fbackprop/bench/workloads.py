@@ -207,7 +207,7 @@ def _build_cnn(quick):
 # -------------------------------------------------------------------- transformer
 def _transformer_sizes(quick):
     # seq, width, heads, blocks, vocab, batch
-    return (16, 16, 4, 2, 32, 2) if quick else (256, 256, 4, 4, 512, 2)
+    return (16, 16, 4, 1, 32, 2) if quick else (256, 256, 4, 4, 512, 2)
 
 
 def attention(p, x, n_heads):

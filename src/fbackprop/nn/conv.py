@@ -72,11 +72,12 @@ def _pool(x, init, op, window, stride, padding):
 
 def max_pool(x, window=2, stride=None, padding="VALID"):
     """Max over ``window`` patches of an ``NCHW`` array (stride defaults to window)."""
-    return _pool(x, jnp.array(-jnp.inf, x.dtype), lax.max, window, stride, padding)
+    # Python-scalar identities make JAX emit reduce_window_max / reduce_window_sum.
+    return _pool(x, -jnp.inf, lax.max, window, stride, padding)
 
 
 def avg_pool(x, window=2, stride=None, padding="VALID"):
     """Mean over ``window`` patches of an ``NCHW`` array (stride defaults to window)."""
     kh, kw = _pair(window)
-    total = _pool(x, jnp.array(0, x.dtype), lax.add, window, stride, padding)
+    total = _pool(x, 0.0, lax.add, window, stride, padding)
     return total / jnp.asarray(kh * kw, x.dtype)

@@ -1,4 +1,4 @@
-"""Call primitives: nested jit, closed_call, custom_jvp_call, custom_vjp_call.
+"""Call primitives: nested jit, custom_jvp_call, custom_vjp_call.
 
 Reverse mode recurses into the sub-jaxpr with the same forward/backward sweeps.
 """
@@ -24,7 +24,7 @@ class CallHandler:
         raise NotImplementedError
 
 
-# ------------------------------------------------------------ jit / closed_call
+# ------------------------------------------------------------------- nested jit
 class InlineCall(CallHandler):
     """Differentiates a call by sweeping its sub-jaxpr in place."""
 
@@ -42,8 +42,6 @@ class InlineCall(CallHandler):
 
 for _name in compat.JIT_NAMES:
     call_handlers_reverse[_name] = InlineCall(compat.jit_inner)
-for _name in compat.CLOSED_CALL_NAMES:
-    call_handlers_reverse[_name] = InlineCall(compat.closed_call_inner)
 
 
 # -------------------------------------------------------------------- custom_jvp
@@ -159,8 +157,6 @@ def _inline_jvp(get_closed):
 
 for _name in compat.JIT_NAMES:
     call_handlers_forward[_name] = _inline_jvp(compat.jit_inner)
-for _name in compat.CLOSED_CALL_NAMES:
-    call_handlers_forward[_name] = _inline_jvp(compat.closed_call_inner)
 for _name in compat.REMAT_NAMES:
     call_handlers_forward[_name] = _inline_jvp(_remat_closed)
 

@@ -84,8 +84,20 @@ defjvp(lax.add_p, lambda t, out, x, y, **_: t, lambda t, out, x, y, **_: t)
 
 defvjp(lax.sub_p,
        lambda ct, out, x, y, **_: unbroadcast(ct, x),
-       lambda ct, out, x, y, **_: unbroadcast(lax.neg(ct), y))
-defjvp(lax.sub_p, lambda t, out, x, y, **_: t, lambda t, out, x, y, **_: lax.neg(t))
+       lambda ct, out, x, y, **_: lax.neg(unbroadcast(ct, y)))
+
+
+def _sub_jvp(primals, tangents, **params):
+    out = lax.sub_p.bind(*primals, **params)
+    tx, ty = tangents
+    if ty is None:
+        return out, None if tx is None else _broadcast_to(tx, np.shape(out))
+    if tx is None:
+        return out, _broadcast_to(lax.neg(ty), np.shape(out))
+    return out, lax.sub(tx, ty)  # one subtraction, not an addition of a negation
+
+
+register_jvp(lax.sub_p, _sub_jvp)
 
 defvjp(lax.neg_p, lambda ct, out, x, **_: lax.neg(ct))
 defjvp(lax.neg_p, lambda t, out, x, **_: lax.neg(t))
@@ -119,13 +131,28 @@ defjvp(lax.mul_p,
        lambda t, out, x, y, *, out_dtype=None, **_: lax.mul(x, t, out_dtype=out_dtype))
 
 
-# d(x/y)/dx = 1/y;  d(x/y)/dy = -x/y^2 = -out/y (reusing the quotient).
-defvjp(lax.div_p,
-       lambda ct, out, x, y, **_: unbroadcast(lax.div(ct, y), x),
-       lambda ct, out, x, y, **_: unbroadcast(lax.neg(lax.div(lax.mul(ct, out), y)), y))
+# d(x/y)/dx = 1/y;  d(x/y)/dy = -x/y^2.
+def _div_vjp(ct, out, x, y, *, active, **_):
+    x_active, y_active = active
+    ct_over_y = lax.div(ct, y) if x_active else None
+    ct_x = unbroadcast(ct_over_y, x) if x_active else None
+    ct_y = None
+    if y_active:
+        if x_active:
+            # Reuse the x cotangent and the quotient: -x/y^2 ct = -(ct/y) out.
+            slope_ct = lax.mul(ct_over_y, out)
+        else:
+            # A constant numerator (1/y...): -(ct x)/(y y) stays cheaper at higher
+            # order than going through the quotient.
+            slope_ct = lax.div(lax.mul(ct, x), lax.mul(y, y))
+        ct_y = lax.neg(unbroadcast(slope_ct, y))
+    return [ct_x, ct_y]
+
+
+register_vjp(lax.div_p, _div_vjp, needs_active=True)
 defjvp(lax.div_p,
        lambda t, out, x, y, **_: lax.div(t, y),
-       lambda t, out, x, y, **_: lax.neg(lax.div(lax.mul(t, out), y)))
+       lambda t, out, x, y, **_: lax.neg(lax.mul(lax.div(t, y), out)))
 
 
 # rem(x, y) = x - y * trunc(x / y): d/dx = 1, d/dy = -trunc(x / y).
@@ -136,7 +163,7 @@ def _rem_dy(x, y):
 
 defvjp(lax.rem_p,
        lambda ct, out, x, y, **_: unbroadcast(ct, x),
-       lambda ct, out, x, y, **_: unbroadcast(lax.mul(lax.neg(ct), _rem_dy(x, y)), y))
+       lambda ct, out, x, y, **_: lax.neg(unbroadcast(lax.mul(ct, _rem_dy(x, y)), y)))
 defjvp(lax.rem_p,
        lambda t, out, x, y, **_: t,
        lambda t, out, x, y, **_: lax.mul(lax.neg(t), _rem_dy(x, y)))
@@ -203,7 +230,8 @@ _def_unary(lax.cbrt_p,
 _def_unary(lax.exp_p, lambda x, y, **_: y)
 
 # d/dx 2^x = 2^x log 2
-_def_unary(lax.exp2_p, lambda x, y, **_: lax.mul(y, _const(y, np.log(2))))
+defvjp(lax.exp2_p, lambda ct, out, x, **_: lax.mul(lax.mul(ct, out), _const(out, np.log(2))))
+defjvp(lax.exp2_p, lambda t, out, x, **_: lax.mul(lax.mul(t, out), _const(out, np.log(2))))
 
 # d/dx (e^x - 1) = e^x = y + 1 (or a fresh exp when the highest accuracy is asked)
 _def_unary(lax.expm1_p,
@@ -243,7 +271,7 @@ _def_unary(lax.sin_p, lambda x, y, *, accuracy=None, **_: lax.cos(x, accuracy=ac
 
 # d/dx cos x = -sin x
 defvjp(lax.cos_p, lambda ct, out, x, *, accuracy=None, **_:
-       lax.neg(lax.mul(ct, lax.sin(x, accuracy=accuracy))))
+       lax.mul(lax.neg(ct), lax.sin(x, accuracy=accuracy)))
 defjvp(lax.cos_p, lambda t, out, x, *, accuracy=None, **_:
        lax.neg(lax.mul(t, lax.sin(x, accuracy=accuracy))))
 
@@ -495,9 +523,19 @@ defjvp(lax.imag_p, lambda t, out, x, **_: lax.imag(t))
 defvjp(lax.complex_p,
        lambda ct, out, x, y, **_: unbroadcast(lax.real(ct), x),
        lambda ct, out, x, y, **_: unbroadcast(lax.neg(lax.imag(ct)), y))
-defjvp(lax.complex_p,
-       lambda t, out, x, y, **_: lax.complex(t, _real_zero(t)),
-       lambda t, out, x, y, **_: lax.complex(_real_zero(t), t))
+
+
+def _complex_jvp(primals, tangents, **params):
+    out = lax.complex_p.bind(*primals, **params)
+    tx, ty = tangents
+    if tx is None and ty is None:
+        return out, None
+    tx = _real_zero(ty) if tx is None else tx
+    ty = _real_zero(tx) if ty is None else ty
+    return out, _broadcast_to(lax.complex(tx, ty), np.shape(out))
+
+
+register_jvp(lax.complex_p, _complex_jvp)
 
 
 def _conj_vjp(ct, out, x, *, input_dtype, **_):

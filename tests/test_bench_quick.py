@@ -1,0 +1,90 @@
+"""The benchmark harness runs end to end and writes a well-formed JSON report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from fbackprop._src import compat
+from fbackprop.bench import harness
+from fbackprop.bench.workloads import Problem, Workload
+
+FIGURES = ("jit_step", "flops", "temp_bytes", "trace_lower", "eager")
+
+
+def test_quick_run_writes_json(tmp_path):
+    json_path = tmp_path / "bench.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fbackprop", "bench", "--quick", "--only", "mlp,deep_narrow",
+         "--json", str(json_path), "--plot", str(tmp_path / "bench.png")],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fb/jax" in proc.stdout and "jax " in proc.stdout
+
+    doc = json.loads(json_path.read_text())
+    meta = doc["meta"]
+    for key in ("platform", "device_kind", "jax_version", "cpu_count", "date", "command"):
+        assert key in meta
+    assert meta["quick"] is True
+    assert doc["targets"] == harness.TARGETS
+    assert [w["name"] for w in doc["workloads"]] == ["mlp", "deep_narrow"]
+    for res in doc["workloads"]:
+        assert res["status"] in ("ok", "partial", "error")
+        for figure in FIGURES:
+            # Every figure is either measured or reported as an error, never lost.
+            assert (figure in res["figures"]) != (figure in res["errors"]), (res["name"], figure)
+        for figure, fig in res["figures"].items():
+            assert fig["fb"] > 0 and fig["jax"] > 0 and fig["ratio"] > 0, (res["name"], figure)
+            assert fig["target"] == harness.TARGETS[figure]
+            assert isinstance(fig["passed"], bool)
+        if "jit_step" in res["figures"]:
+            assert res["max_rel_err"] is not None and res["max_rel_err"] < 1e-3
+            assert res["fb_grad_over_fwd"] > 0
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "bench.png").stat().st_size > 0
+    except ImportError:
+        assert "plot skipped" in proc.stdout
+
+
+def _no_rule_primitive():
+    prim = compat.primitive("bench_test_no_rule")
+    prim.def_impl(lambda x: x)
+    prim.def_abstract_eval(lambda aval: aval)
+    return prim
+
+
+def test_failing_workload_is_an_error_row_not_a_crash():
+    prim = _no_rule_primitive()
+
+    def make_loss():
+        def loss(params, batch):
+            return jnp.sum(prim.bind(params * batch))
+        return loss
+
+    workload = Workload("broken", "uses a primitive without rules", lambda quick: Problem(
+        make_loss, (jnp.ones(3, jnp.float32), jnp.ones(3, jnp.float32)), "3"))
+    res = harness.run_workload(workload, harness.Settings(quick=True))
+    assert res["status"] == "error"
+    assert set(res["errors"]) == set(FIGURES)
+    assert "bench_test_no_rule" in res["errors"]["trace_lower"]
+
+
+def test_unknown_workload_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        harness.main(["--only", "no_such_workload"])
+    assert exc.value.code == 2
+    assert "no_such_workload" in capsys.readouterr().err
+
+
+def test_main_dispatch_lists_subcommands(capsys):
+    from fbackprop.__main__ import main
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("bench", "demo", "explain"):
+        assert name in out
+    assert main(["frobnicate"]) == 2
