@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax import lax
 from jax.ad_checkpoint import Offloadable, Recompute, Saveable, checkpoint_name
+from jax._src.ad_checkpoint import saved_residuals as jax_saved_residuals  # the oracle
 
 import fbackprop as fb
 from fbackprop._src.testing import assert_allclose
@@ -163,7 +164,8 @@ def test_custom_policies_returning_jax_decisions():
         loss = _mlp(policy)
         _close(jax.jit(fb.grad(loss))(ws, x), jax.grad(loss)(ws, x))
     rows = fb.saved_residuals(_mlp(save_tanh, layers=1), ws, x)
-    assert [r.primitive for r in rows if r.kind == "intermediate"] == ["tanh"]
+    # tanh's output, and the layer's output (an add, for the loss's square)
+    assert [r.primitive for r in rows if r.kind == "intermediate"] == ["tanh", "add"]
 
 
 def test_bad_policy_return_value_is_an_error():
@@ -180,18 +182,21 @@ def _kept(policy, layers=2):
 
 
 def test_saved_residuals_follow_the_policy():
-    # each layer's input is kept (for layer 2 it is layer 1's output, an add);
-    # layer 1's input is an argument, not an intermediate
-    assert _kept(P.nothing_saveable) == [("add", (4, 8))]
+    # Two layers. Layer 2's input is layer 1's output (an add), and the loss's
+    # square needs layer 2's output (an add); layer 1's input is an argument.
+    adds = [("add", (4, 8))] * 2
+    assert _kept(P.nothing_saveable) == adds
     assert _kept(None) == _kept(P.nothing_saveable)
-    assert _kept(P.dots_saveable) == [("add", (4, 8))] + [("dot_general", (4, 8))] * 4
+    assert _kept(P.dots_saveable) == adds + [("dot_general", (4, 8))] * 4
     assert _kept(P.dots_with_no_batch_dims_saveable) == _kept(P.dots_saveable)
-    assert _kept(P.save_only_these_names("hidden")) == [("add", (4, 8))] + \
-        [("name", (4, 8))] * 2
+    assert _kept(P.save_only_these_names("hidden")) == adds + [("name", (4, 8))] * 2
     assert _kept(P.save_any_names_but_these("hidden")) == _kept(P.nothing_saveable)
     assert _kept(P.save_any_names_but_these("other")) == _kept(P.save_only_these_names(
         "hidden"))
     everything = _kept(P.everything_saveable)
+    # the dots feeding sin (for cos) and tanh's output (for 1 - tanh^2 and the
+    # second dot); the named alias of tanh's output is not kept twice
+    assert everything == adds + [("dot_general", (4, 8))] * 2 + [("tanh", (4, 8))] * 2
     plain_rows = fb.saved_residuals(lambda ws, x: jnp.sum(
         _layer(ws[1], _layer(ws[0], x)) ** 2), _params(), _x())
     assert everything == sorted((r.primitive, r.shape) for r in plain_rows
@@ -251,7 +256,7 @@ def test_saved_residuals_of_a_known_function():
 
 def _jax_rows(f, *args):
     return sorted((tuple(aval.shape), src.split(" from ")[0])
-                  for aval, src in jax.ad_checkpoint.saved_residuals(f, *args))
+                  for aval, src in jax_saved_residuals(f, *args))
 
 
 def test_saved_residuals_agree_with_jax_where_the_choice_is_forced():
@@ -277,7 +282,7 @@ def test_saved_residuals_never_exceed_jax_on_simple_functions():
     for f, args in cases:
         ours = fb.saved_residuals(f, *args).total_bytes
         theirs = sum(int(np.prod(a.shape)) * a.dtype.itemsize
-                     for a, _ in jax.ad_checkpoint.saved_residuals(f, *args))
+                     for a, _ in jax_saved_residuals(f, *args))
         assert ours <= theirs, (f, ours, theirs)
 
 

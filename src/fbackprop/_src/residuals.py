@@ -191,6 +191,43 @@ def _effects(eqns):
     return _jcore.join_effects(*(e.effects for e in eqns)) if eqns else _jcore.no_effects
 
 
+# Forward equations whose output is as cheap to recompute as to read back: views
+# and casts of a value that is kept anyway. (``name`` is the identity, so keeping
+# both a value and its named alias would keep the same array twice.)
+_CHEAP = frozenset({"name", "transpose", "reshape", "squeeze", "expand_dims",
+                    "broadcast_in_dim", "convert_element_type", "copy", "rev",
+                    "reduce_precision"})
+
+
+def _nbytes_of(v) -> int:
+    aval = v.aval
+    return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+
+
+def _recompute_cheap(eqns, in_fwd, in_rec, need, primal_in, constvars):
+    """Moves cheap forward equations into the backward part when their inputs are
+    kept anyway (or are inputs no larger than the output): the residual becomes
+    the input, and nothing new is kept. Constants (no variable inputs) are
+    always recomputed. Updates ``in_rec`` and ``need`` in place."""
+    available = need | constvars
+    for i, e in enumerate(eqns):
+        if not in_fwd[i] or in_rec[i] or e.effects:
+            continue
+        outs = [v for v in e.outvars if _is_var(v) and v in need]
+        if not outs:
+            continue
+        ins = [v for v in e.invars if _is_var(v)]
+        if ins and e.primitive.name not in _CHEAP:
+            continue
+        out_bytes = sum(_nbytes_of(v) for v in outs)
+        if all(v in available or (v in primal_in and _nbytes_of(v) <= out_bytes)
+               for v in ins):
+            in_rec[i] = True
+            need.difference_update(outs)
+            need.update(ins)
+            available.update(ins)
+
+
 def split_joint(joint: Joint, recompute: Callable[[Any], bool] | None = None) -> Split:
     """Cuts a joint jaxpr into forward and backward parts (see the module doc).
 
@@ -244,6 +281,8 @@ def split_joint(joint: Joint, recompute: Callable[[Any], bool] | None = None) ->
                 need.update(v for v in e.invars if _is_var(v))
 
     constvars = set(jaxpr.constvars)
+    _recompute_cheap(eqns, in_fwd, in_rec, need, set(primal_in), constvars)
+
     saved, saved_vars = [], []
     for i, v in enumerate(primal_in):
         if v in need:
