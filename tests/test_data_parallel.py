@@ -29,17 +29,18 @@ def _env(devices: int) -> dict:
 
 
 # --------------------------------------------------------------- the child side
-def _problem(jnp, jax):
+def _problem(jnp, jax, activation=None):
     from fbackprop import nn
     key = jax.random.key(0)
     params = nn.init_mlp(key, [16, 32, 10])
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((64, 16)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, 64), jnp.int32)
+    activation = activation or jax.nn.relu      # relu is a custom_jvp function
 
     def loss(p, batch):
         xb, yb = batch
-        return nn.softmax_cross_entropy(nn.mlp(p, xb), yb)
+        return nn.softmax_cross_entropy(nn.mlp(p, xb, activation=activation), yb)
 
     return params, (x, y), loss
 
@@ -72,15 +73,20 @@ def child(which: str) -> dict:
         out["helper_vs_full_batch"] = _max_diff(dp, full, jax)
         out["helper_loss_diff"] = abs(float(dp_loss) - float(full_loss))
 
-    if which in ("all", "through"):
+    for name, activation in (("through", jnp.tanh), ("through_relu", jax.nn.relu)):
+        if which not in ("all", name):
+            continue
         # fb.grad *through* a shard_map whose body pmeans the per-shard losses.
-        def sharded_loss(p, b):
-            per_shard = jax.shard_map(lambda p, b: lax.pmean(loss(p, b), "data"), mesh=mesh,
+        _, _, loss_a = _problem(jnp, jax, activation)
+
+        def sharded_loss(p, b, loss_a=loss_a):
+            per_shard = jax.shard_map(lambda p, b: lax.pmean(loss_a(p, b), "data"), mesh=mesh,
                                       in_specs=(P(), P("data")), out_specs=P())
             return per_shard(p, b)
 
         through = jax.jit(fb.grad(sharded_loss))(params, batch)
-        out["through_shard_map_vs_full_batch"] = _max_diff(through, full, jax)
+        reference = jax.jit(fb.grad(loss_a))(params, batch)
+        out[f"{name}_shard_map_vs_full_batch"] = _max_diff(through, reference, jax)
 
     if which in ("all", "vma"):
         # Inside a default (check_vma=True) shard_map: make the replicated params
@@ -116,6 +122,12 @@ def test_data_parallel_helper_equals_full_batch_gradient_on_8_devices():
 def test_grad_through_shard_map_on_8_devices():
     res = _run_child("through")
     assert res["through_shard_map_vs_full_batch"] < 1e-6, res
+
+
+def test_grad_through_shard_map_with_custom_jvp_inside_on_8_devices():
+    """jax.nn.relu (a custom_jvp) inside the mapped body: zero tangents must be per-device."""
+    res = _run_child("through_relu")
+    assert res["through_relu_shard_map_vs_full_batch"] < 1e-6, res
 
 
 def test_grad_inside_vma_typed_shard_map_on_8_devices():

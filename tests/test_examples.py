@@ -1,15 +1,20 @@
 """Every script in examples/ runs (in its quick mode when it has one) and its assertions hold.
 
 Each runs in a fresh Python process, in a temporary working directory so that
-figures and reports land there. ``python -m fbackprop demo`` runs too, shortened.
+figures and reports land there; the processes run a few at a time (one per CPU
+core), started together when the first example test runs. ``python -m fbackprop
+demo`` runs too, shortened.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -27,12 +32,39 @@ def _env():
     return env
 
 
-def _run(args, cwd, timeout=600):
+def _launch(args, cwd, timeout=900):
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=_env(), capture_output=True,
                           text=True, timeout=timeout)
-    assert proc.returncode == 0, (f"{' '.join(args)} failed (exit {proc.returncode}):\n"
-                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc.stdout
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _check(args, result):
+    code, out, err = result
+    assert code == 0, (f"{' '.join(args)} failed (exit {code}):\n{out[-4000:]}\n"
+                       f"{err[-6000:]}")
+    return out
+
+
+def _example_args(path):
+    with open(path) as f:
+        source = f.read()
+    return [path] + (["--quick"] if "--quick" in source else [])
+
+
+@pytest.fixture(scope="module")
+def example_runs():
+    """Starts every example at once on a small process pool; maps path -> future."""
+    workdir = tempfile.mkdtemp(prefix="fbackprop-examples-")
+    workers = max(2, min(4, os.cpu_count() or 2))
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    futures = {}
+    for path in EXAMPLES:
+        cwd = os.path.join(workdir, os.path.basename(path)[:-3])
+        os.makedirs(cwd)
+        futures[path] = pool.submit(_launch, _example_args(path), cwd)
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_examples_exist():
@@ -47,17 +79,15 @@ def test_examples_exist():
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[os.path.basename(p)[:-3] for p in EXAMPLES])
-def test_example_runs(path, tmp_path):
-    with open(path) as f:
-        source = f.read()
-    args = [path] + (["--quick"] if "--quick" in source else [])
-    out = _run(args, cwd=str(tmp_path))
+def test_example_runs(path, example_runs):
+    out = _check(_example_args(path), example_runs[path].result())
     assert out.strip(), f"{os.path.basename(path)} printed nothing"
 
 
 def test_demo_runs_quickly(tmp_path):
-    out = _run(["-m", "fbackprop", "demo", "--epochs", "3", "--target", "0.9", "--no-progress",
-                "--out", str(tmp_path / "out")], cwd=str(tmp_path))
+    args = ["-m", "fbackprop", "demo", "--epochs", "3", "--target", "0.9", "--no-progress",
+            "--out", str(tmp_path / "out")]
+    out = _check(args, _launch(args, cwd=str(tmp_path)))
     assert "gradient check at step 0: max |fb.grad - jax.grad|" in out
     assert "test accuracy" in out
     for name in ("digits_report.md", "digits_metrics.json"):

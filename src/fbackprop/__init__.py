@@ -1,6 +1,7 @@
 """fbackprop: functional backpropagation for JAX with its own reverse-mode engine."""
 
 from fbackprop import extend, precision
+from fbackprop import nn, train
 from fbackprop._src.api import grad, value_and_grad, vjp
 from fbackprop._src.derivatives import (hessian, hvp, jacfwd, jacobian, jacrev, jvp,
                                         linearize)
@@ -23,3 +24,4 @@ __all__ += ["Explanation", "HealthReport", "NonFiniteError", "NonFiniteReport", 
             "gradient_stats", "plot_gradient_norms", "tag"]
 __all__ += ["Residual", "SavedResiduals", "checkpoint", "checkpoint_name", "checkpoint_policies",
             "remat", "saved_residuals"]
+__all__ += ["nn", "train"]

@@ -21,6 +21,8 @@ source_info_util.register_exclusion(_os.path.dirname(_os.path.abspath(__file__))
 
 JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
+add_any_p = ad_util.add_jaxvals_p   # JAX autodiff's own addition ("add_any")
+
 Var = jcore.Var
 Literal = jcore.Literal
 DropVar = jcore.DropVar

@@ -11,6 +11,7 @@ itself a plain function of arrays that the engines can trace again.
 from __future__ import annotations
 
 import functools
+import inspect
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -134,14 +135,27 @@ def _jvp_runner(traced, tangent_mask, eager: bool):
     return fn
 
 
-def _validate_tangents(p_leaves_with_path, t_leaves, api_name: str):
-    """JAX's checks for a (primal, tangent) pair, with the leaf path in the message."""
+def _param_names(fun) -> list[str]:
+    try:
+        return [p.name for p in inspect.signature(fun).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return []
+
+
+def _validate_tangents(p_leaves_with_path, t_leaves, api_name: str, fun=None):
+    """JAX's checks for a (primal, tangent) pair, with the leaf path (and the
+    name of the function's parameter) in the message."""
+    names = _param_names(fun) if fun is not None else []
     out = []
     for (path, p), t in zip(p_leaves_with_path, t_leaves):
         where = tree_util.keystr(path)
+        idx = getattr(path[0], "idx", None) if path else None
+        if isinstance(idx, int) and idx < len(names):
+            where += f" (argument `{names[idx]}`)"
         trace.check_leaf(t, f"{api_name}: tangents{where}")
         p_aval = _aval(p)
-        t_dtype = _aval(t).dtype if not isinstance(t, np.ndarray) else t.dtype
+        t_dtype = _aval(t).dtype  # canonical, like JAX (float64 numpy -> float32 without x64)
         want = _tangent_dtype(p_aval.dtype)
         if t_dtype != want:
             hint = ("pass a float0 tangent, e.g. np.zeros(shape, jax.dtypes.float0), for an "
@@ -152,13 +166,12 @@ def _validate_tangents(p_leaves_with_path, t_leaves, api_name: str):
                 f"equal, or in case of int/bool primal dtype the tangent dtype must be "
                 f"float0. Got primal dtype {p_aval.dtype} and so expected tangent dtype "
                 f"{np.dtype(want).name}, but got tangent dtype {np.dtype(t_dtype).name} "
-                f"instead (at primals{where} / tangents{where}: {hint}).")
+                f"instead (at primals{where}: {hint}).")
         if tuple(np.shape(t)) != tuple(p_aval.shape):
             raise ValueError(
                 f"{api_name} called with different primal and tangent shapes; Got primal "
                 f"shape {tuple(p_aval.shape)} and tangent shape as {tuple(np.shape(t))} (at "
-                f"primals{where} / tangents{where}). A tangent must have its primal's "
-                f"shape and dtype.")
+                f"primals{where}). A tangent must have its primal's shape and dtype.")
         if want == jax_float0:
             out.append(None)
         else:
@@ -178,7 +191,7 @@ def _jvp(fun, primals, tangents, has_aux=False, api_name="jvp"):
             f"structure {t_tree}. Build the tangents with e.g. "
             f"jax.tree_util.tree_map(jnp.ones_like, primals).")
     _check_primal_leaves(p_leaves_with_path, api_name)
-    tangent_vals = _validate_tangents(p_leaves_with_path, t_leaves, api_name)
+    tangent_vals = _validate_tangents(p_leaves_with_path, t_leaves, api_name, fun)
     leaves = [_as_array(x) for _, x in p_leaves_with_path]
     in_tree = tree_util.tree_structure((tuple(primals), {}))
     traced = trace.trace_flat(fun, in_tree, leaves, what=getattr(fun, "__name__", "fun"))
@@ -716,7 +729,7 @@ def hvp(fun: Callable, primals, tangents, mode: str = "fwd_rev"):
         if p_tree != t_tree:
             raise TypeError(f"hvp: primals and tangents must have the same tree structure; "
                             f"primals have {p_tree}, tangents have {t_tree}.")
-        _validate_tangents(p_leaves_with_path, t_leaves, "hvp")
+        _validate_tangents(p_leaves_with_path, t_leaves, "hvp", fun)
 
         return tuple(rev_rev(*primals, tuple(tangents)))
     raise ValueError(f"hvp: mode must be 'fwd_rev' (forward-over-reverse) or 'rev_rev' "

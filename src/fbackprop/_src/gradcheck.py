@@ -366,6 +366,19 @@ class _Checker:
         return _inner([uo for uo in u if uo is not None],
                       [o for o, uo in zip(out, u) if uo is not None])[0]
 
+    def _partial(self, f, point, i, u, k, eps) -> float:
+        """d<u, f>/dx_k for element k of leaf i, by a central difference."""
+        x = point.leaves[i]
+        flat = x.reshape(-1)
+        plus, minus = flat.copy(), flat.copy()
+        plus[k] = np.asarray(_wide(flat[k]) + eps).astype(x.dtype)
+        minus[k] = np.asarray(_wide(flat[k]) - eps).astype(x.dtype)
+        step = float(np.real(_wide(plus[k]) - _wide(minus[k])))  # after rounding
+        if step == 0:
+            return float("nan")
+        return (self._scalar(f, point, i, u, plus.reshape(x.shape)) -
+                self._scalar(f, point, i, u, minus.reshape(x.shape))) / step
+
     def check_vjp(self, f, point: _Point, label: str):
         from . import api, derivatives
         rng = np.random.default_rng(self.seed)
@@ -400,14 +413,8 @@ class _Checker:
                 size = int(np.size(x))
                 ks = np.arange(size) if size <= self.max_elements else \
                     np.sort(rng.choice(size, self.max_elements, replace=False))
-                basis = np.zeros((len(ks), size))
-                basis[np.arange(len(ks)), ks] = 1.0
-                basis = basis.reshape((len(ks),) + np.shape(x))
-                xp, xm, real_steps = _perturb(x[None], basis, eps)
-                s_plus = np.array([self._scalar(f, point, i, u_inexact, b) for b in xp])
-                s_minus = np.array([self._scalar(f, point, i, u_inexact, b) for b in xm])
-                steps = real_steps.reshape(len(ks), -1)[np.arange(len(ks)), ks]
-                numeric_k = (s_plus - s_minus) / (2 * eps) / np.where(steps == 0, 1.0, steps)
+                numeric_k = np.array([self._partial(f, point, i, u_inexact, int(k), eps)
+                                      for k in ks])
                 analytic_k = _wide(ct).reshape(-1)[ks]
                 rel_k, j, ok_k = _elementwise(analytic_k, numeric_k, atol, rtol)
                 # Point at an element unless only the random direction caught the error

@@ -171,7 +171,9 @@ class Split:
       computed_as_output: per computed residual, the index of a primal output
         that is the same value, or ``None``.
       cts_used: output indices whose cotangent ``bwd`` reads, in its order.
-      recomputed: the forward equations the backward part recomputes.
+      recomputed: the forward equations the backward part recomputes because
+        ``recompute`` asked for it (not counting views and casts of kept values,
+        which are always re-derived rather than kept).
     """
     joint: Joint
     fwd: Any
@@ -204,12 +206,12 @@ def _nbytes_of(v) -> int:
     return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
 
 
-def _recompute_cheap(eqns, in_fwd, in_rec, need, primal_in, constvars):
+def _recompute_cheap(eqns, in_fwd, in_rec, need, primal_in, free):
     """Moves cheap forward equations into the backward part when their inputs are
-    kept anyway (or are inputs no larger than the output): the residual becomes
-    the input, and nothing new is kept. Constants (no variable inputs) are
-    always recomputed. Updates ``in_rec`` and ``need`` in place."""
-    available = need | constvars
+    kept anyway or free (or are inputs no larger than the output): the residual
+    becomes the input, and nothing new is kept. Constants (no variable inputs)
+    are always recomputed. Updates ``in_rec`` and ``need`` in place."""
+    available = need | free
     for i, e in enumerate(eqns):
         if not in_fwd[i] or in_rec[i] or e.effects:
             continue
@@ -228,7 +230,41 @@ def _recompute_cheap(eqns, in_fwd, in_rec, need, primal_in, constvars):
             available.update(ins)
 
 
-def split_joint(joint: Joint, recompute: Callable[[Any], bool] | None = None) -> Split:
+def _hoist_shrinking(eqns, in_fwd, in_bwd, in_rec, need, ct_in, ct_out, free):
+    """Moves cotangent-free backward equations into the forward part when that
+    keeps fewer bytes: e.g. ``x > 0`` in ReLU's VJP, where keeping the boolean
+    mask beats keeping the float ``x`` that nothing else in the backward reads.
+    Updates ``in_fwd``, ``in_bwd`` and ``need`` in place."""
+    depends_on_ct = set(ct_in)
+    for e in eqns:
+        if any(_is_var(v) and v in depends_on_ct for v in e.invars):
+            depends_on_ct.update(v for v in e.outvars if _is_var(v))
+    uses: dict = {}
+    for i, e in enumerate(eqns):
+        if in_bwd[i] or in_rec[i]:
+            for v in {v for v in e.invars if _is_var(v)}:
+                uses[v] = uses.get(v, 0) + 1
+    for v in ct_out:
+        if _is_var(v):
+            uses[v] = uses.get(v, 0) + 1
+    for i, e in enumerate(eqns):
+        if not in_bwd[i] or e.effects:
+            continue
+        ins = {v for v in e.invars if _is_var(v)}
+        if not ins or any(v in depends_on_ct or not (v in need or v in free) for v in ins):
+            continue
+        freed = [v for v in ins if v in need and v not in free and uses.get(v) == 1]
+        outs = [v for v in e.outvars if _is_var(v)]
+        if sum(map(_nbytes_of, freed)) > sum(map(_nbytes_of, outs)):
+            in_bwd[i], in_fwd[i] = False, True
+            for v in ins:
+                uses[v] -= 1
+            need.difference_update(freed)
+            need.update(outs)
+
+
+def split_joint(joint: Joint, recompute: Callable[[Any], bool] | None = None,
+                costly_inputs: Sequence[int] = ()) -> Split:
     """Cuts a joint jaxpr into forward and backward parts (see the module doc).
 
     Args:
@@ -236,6 +272,8 @@ def split_joint(joint: Joint, recompute: Callable[[Any], bool] | None = None) ->
       recompute: ``recompute(eqn) -> bool`` for forward equations; when true,
         the equation's outputs are not kept but recomputed by the backward part
         (which then keeps the equation's inputs instead, recursively).
+      costly_inputs: primal inputs that cost memory to keep (a scan's carry,
+        which is stacked per step); the others exist anyway and are free.
 
     Returns:
       A :class:`Split`.
@@ -281,7 +319,10 @@ def split_joint(joint: Joint, recompute: Callable[[Any], bool] | None = None) ->
                 need.update(v for v in e.invars if _is_var(v))
 
     constvars = set(jaxpr.constvars)
-    _recompute_cheap(eqns, in_fwd, in_rec, need, set(primal_in), constvars)
+    free = constvars | {v for i, v in enumerate(primal_in) if i not in set(costly_inputs)}
+    recomputed = tuple(e for i, e in enumerate(eqns) if in_rec[i])
+    _hoist_shrinking(eqns, in_fwd, in_bwd, in_rec, need, ct_in, ct_out, free)
+    _recompute_cheap(eqns, in_fwd, in_rec, need, set(primal_in), free)
 
     saved, saved_vars = [], []
     for i, v in enumerate(primal_in):
@@ -318,7 +359,6 @@ def split_joint(joint: Joint, recompute: Callable[[Any], bool] | None = None) ->
         if _is_var(v):
             out_index.setdefault(v, k)
     computed_as_output = tuple(out_index.get(v) for v in computed_vars)
-    recomputed = tuple(e for i, e in enumerate(eqns) if in_rec[i])
     return Split(joint, fwd, bwd, tuple(saved), tuple(saved_vars), computed_as_output,
                  cts_used, recomputed)
 
@@ -437,6 +477,7 @@ def _describe_var(v, jaxpr, steps: list[str]) -> tuple[str | None, str, list[str
                     return "scan", compat.source_line(e), steps + [
                         f"the carry, kept per step (length {e.params['length']})"]
             return "scan", compat.source_line(e), steps + [note]
+        return "scan", compat.source_line(e), steps + ["the final carry"]
     if name == "cond":
         k = list(e.outvars).index(v)
         found = []

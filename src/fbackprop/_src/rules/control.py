@@ -99,7 +99,8 @@ class ScanCall:
         body = closed.jaxpr
         in_avals = [v.aval for v in body.invars]
         joint, carry_active = _scan_joint(body, closed.consts, in_avals, active, nc, nk)
-        split = residuals.split_joint(joint, recompute=_loop_invariant(joint, nc))
+        split = residuals.split_joint(joint, recompute=_loop_invariant(joint, nc),
+                                      costly_inputs=range(nc, nc + nk))
         n_out = joint.n_out
 
         # Where each residual comes from in the backward scan.

@@ -77,6 +77,13 @@ def _is_highest(accuracy) -> bool:
 
 
 # ------------------------------------------------------------------ linear ops
+# add_any is the addition JAX's own autodiff emits; it appears when a user's
+# function contains a gradient computed by JAX and is differentiated by us.
+defvjp(compat.add_any_p,
+       lambda ct, out, x, y, **_: ct,
+       lambda ct, out, x, y, **_: ct)
+defjvp(compat.add_any_p, lambda t, out, x, y, **_: t, lambda t, out, x, y, **_: t)
+
 defvjp(lax.add_p,
        lambda ct, out, x, y, **_: unbroadcast(ct, x),
        lambda ct, out, x, y, **_: unbroadcast(ct, y))
@@ -367,7 +374,7 @@ _def_unary(lax.bessel_i0e_p,
 def _bessel_i1e_derivative(x, y, **_):
     # i1e(x) = exp(-|x|) I1(x):  i1e' = i0e(x) - i1e(x) (sign(x) + 1/x), whose limit at
     # x = 0 is 1/2; JAX evaluates it away from |x| <= eps and uses 1/2 there.
-    eps = np.finfo(_dtype(x)).eps
+    eps = jnp.finfo(_dtype(x)).eps
     not_tiny = lax.gt(lax.abs(x), _const(x, eps))
     safe_x = lax.select(not_tiny, x, lax.full_like(x, eps))
     slope = lax.sub(lax.bessel_i0e(safe_x),
@@ -420,6 +427,11 @@ for _prim in (lax.max_p, lax.min_p):
 # (lo, hi), lo where lo > x (and lo < hi), hi where hi < x. At x == lo or x == hi
 # nobody gets it.
 def _clamp_masks(lo, x, hi):
+    if _is_complex(x):
+        raise NotImplementedError(
+            f"fbackprop: 'clamp' has no derivative rule for complex operands (got dtype "
+            f"{_dtype(x)}); complex numbers have no order. Clamp the real and imaginary "
+            f"parts separately (lax.real/lax.imag) instead.")
     inside = lax.bitwise_and(lax.gt(x, lo), lax.lt(x, hi))
     below = lax.bitwise_and(lax.gt(lo, x), lax.lt(lo, hi))
     above = lax.lt(hi, x)
@@ -428,9 +440,6 @@ def _clamp_masks(lo, x, hi):
 
 def _clamp_rule_for(which):
     def vjp(ct, out, lo, x, hi, **_):
-        if _is_complex(ct):
-            raise NotImplementedError("fbackprop: the 'clamp' rule supports real inputs only, "
-                                      f"got dtype {_dtype(ct)}.")
         mask = _clamp_masks(lo, x, hi)[which]
         return unbroadcast(lax.select(mask, ct, _zeros(ct)), (lo, x, hi)[which])
 

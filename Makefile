@@ -1,0 +1,49 @@
+# The two commands of the README. Both create .venv (python3.11 -m venv) if it is
+# missing and install the package into it, so they work on a fresh machine.
+#
+#   make demo    train an MLP on scikit-learn's digits with fbackprop gradients
+#   make test    run the test suite
+#
+# Variables: PYTHON (interpreter for the venv, default python3.11), VENV (default
+# .venv), ARGS (extra arguments for the demo/bench), PYTEST_ARGS (for pytest).
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help demo test bench examples clean
+
+help:
+	@echo "make demo      train an MLP on digits with fbackprop (writes out/)"
+	@echo "make test      run the tests"
+	@echo "make bench     benchmark fbackprop against jax (ARGS=--quick for a smoke run)"
+	@echo "make examples  run every script in examples/"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall when pyproject.toml changes; the stamp files record what was installed.
+$(VENV)/.installed-examples: pyproject.toml | $(PY)
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[examples]"
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
+	@touch $@
+
+demo: $(VENV)/.installed-examples
+	$(PY) -m fbackprop demo $(ARGS)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-examples
+	$(PY) -m fbackprop bench $(ARGS)
+
+examples: $(VENV)/.installed-examples
+	@set -e; for f in examples/*.py; do echo "== $$f"; $(PY) $$f; done
+
+clean:
+	rm -rf out build .pytest_cache .hypothesis src/*.egg-info
