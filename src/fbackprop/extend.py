@@ -29,6 +29,10 @@ Rule signatures (arrays positional, primitive parameters keyword-only):
 * ``register_vjp(prim, rule)``: ``rule(cts, outs, *primals, **params)`` returns
   one cotangent per input (``None`` for zero); for ``multiple_results``
   primitives ``cts``/``outs`` are lists and a cotangent may be ``None``.
+  ``register_vjp(prim, rule, fwd=fwd)`` also replaces the forward evaluation by
+  ``fwd(*primals, **params) -> (outs, residuals)``; the rule then receives
+  ``residuals=`` (for something the forward pass can produce cheaply, like a
+  sort's permutation).
 * ``defjvp(prim, *per_input)``: ``g(t, out, *primals, **params)`` is the
   contribution of that input's tangent ``t`` to the output tangent.
 * ``register_jvp(prim, rule)``: ``rule(primals, tangents, **params) -> (outs,

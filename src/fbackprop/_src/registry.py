@@ -36,6 +36,10 @@ from . import compat
 class VJPRule:
     fn: Callable
     needs_active: bool = False
+    # Optional forward replacement ``fwd(*primals, **params) -> (outs, residuals)``:
+    # the forward sweep calls it instead of binding the primitive, and the rule
+    # receives ``residuals=`` (e.g. a sort that also returns its permutation).
+    fwd: Callable | None = None
 
 
 vjp_rules: dict[Any, VJPRule] = {}
@@ -73,8 +77,14 @@ def _prim_name(prim) -> str:
 
 
 # ----------------------------------------------------------------- registration
-def register_vjp(prim, fn: Callable, *, needs_active: bool = False):
-    vjp_rules[_prim_name(prim)] = VJPRule(fn, needs_active)
+def register_vjp(prim, fn: Callable, *, needs_active: bool = False,
+                 fwd: Callable | None = None):
+    """Registers a whole VJP rule (see the module docstring for the signature).
+
+    With ``fwd``, the forward sweep runs ``fwd(*primals, **params) -> (outs,
+    residuals)`` in place of the primitive and passes ``residuals=`` to the rule.
+    """
+    vjp_rules[_prim_name(prim)] = VJPRule(fn, needs_active, fwd)
     return fn
 
 

@@ -52,6 +52,12 @@ def _var_differentiable(v) -> bool:
 
 _NO_RULE = object()   # marks a recorded equation whose primitive has no VJP rule
 
+
+@dataclasses.dataclass
+class _Residuals:
+    """What a rule's own ``fwd`` kept for its backward."""
+    values: Any
+
 # Hooks let debugging tools observe the sweeps without a second engine.
 # on_forward(eqn, invals, outvals); on_backward(eqn, cts_out, cts_in, record)
 _observers: list = []
@@ -99,8 +105,15 @@ def forward(jaxpr, consts, args, in_active) -> tuple[list, Tape]:
         else:
             # A primitive without a rule is only an error if a cotangent reaches it
             # (e.g. a max whose result goes through stop_gradient needs none).
-            outvals = compat.bind_eqn(eqn, invals)
-            sub = None if name in vjp_rules else _NO_RULE
+            rule = vjp_rules.get(name)
+            if rule is not None and rule.fwd is not None:
+                with compat.user_context(eqn):
+                    outvals, residuals = rule.fwd(*invals, **eqn.params)
+                outvals = list(outvals) if eqn.primitive.multiple_results else [outvals]
+                sub = _Residuals(residuals)
+            else:
+                outvals = compat.bind_eqn(eqn, invals)
+                sub = None if rule is not None else _NO_RULE
             out_act = [True] * len(eqn.outvars)
         for v, x in zip(eqn.outvars, outvals):
             if type(v) is not compat.DropVar:
@@ -144,7 +157,8 @@ def apply_rule(rec: Record, cts_out: list) -> list:
     name = eqn.primitive.name
     if rec.sub is _NO_RULE:
         raise missing_rule_error(eqn, "reverse")
-    if rec.sub is not None or name in call_handlers_reverse:
+    if rec.sub is not None and type(rec.sub) is not _Residuals or \
+            name in call_handlers_reverse:
         try:
             return call_handlers_reverse[name].backward(rec, cts_out)
         except MissingRuleError as err:
@@ -157,6 +171,8 @@ def apply_rule(rec: Record, cts_out: list) -> list:
     kwargs = dict(eqn.params)
     if rule.needs_active:
         kwargs["active"] = rec.active
+    if rule.fwd is not None:
+        kwargs["residuals"] = rec.sub.values
     with compat.user_context(eqn):
         return rule.fn(ct_arg, out_arg, *rec.invals, **kwargs)
 

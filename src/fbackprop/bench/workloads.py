@@ -233,9 +233,12 @@ def transformer_block(p, x, n_heads):
 
 def _make_transformer_loss(n_heads, checkpoint):
     def make():
-        block = transformer_block
+        # A fresh block function too: jax.checkpoint caches its trace per
+        # function object, which would make every later "first call" warm.
+        def block(p, x, n_heads):
+            return transformer_block(p, x, n_heads)
         if checkpoint:
-            block = jax.checkpoint(transformer_block, static_argnums=(2,))
+            block = jax.checkpoint(block, static_argnums=(2,))
 
         def transformer_loss(params, tokens):
             inputs, targets = tokens[:, :-1], tokens[:, 1:]

@@ -471,11 +471,15 @@ def _sort_permutation(operands, dimension, is_stable, num_keys):
                            num_keys=num_keys)
 
 
-def _sort_vjp(cts, outs, *operands, dimension, is_stable, num_keys, active):
+def _sort_fwd(*operands, dimension, is_stable, num_keys):
+    # Sort an iota along, so the permutation comes out of the forward sort itself.
+    *outs, perm = _sort_permutation(operands, dimension, is_stable, num_keys)
+    return outs, perm
+
+
+def _sort_vjp(cts, outs, *operands, dimension, is_stable, num_keys, active, residuals):
     # Sorting permutes each operand the same way; the cotangent is permuted back.
-    # The permutation is recomputed here (one more sort) since the primitive
-    # does not return it.
-    perm = _sort_permutation(operands, dimension, is_stable, num_keys)[-1]
+    perm = residuals
     shape = np.shape(operands[0])
     return [None if (ct is None or not a) else _put_along_axis(ct, perm, dimension, shape)
             for ct, a in zip(cts, active)]
@@ -487,7 +491,7 @@ def _sort_jvp(primals, tangents, *, dimension, is_stable, num_keys):
                   for t in tangents]
 
 
-register_vjp(lax.sort_p, _sort_vjp, needs_active=True)
+register_vjp(lax.sort_p, _sort_vjp, needs_active=True, fwd=_sort_fwd)
 register_jvp(lax.sort_p, _sort_jvp)
 
 
