@@ -21,7 +21,6 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import fbackprop as fb

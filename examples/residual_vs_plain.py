@@ -7,8 +7,8 @@ Idealized: 10 layers whose local derivative is 0.5 each.
   keeps every factor >= 1)
 
 Then a real network: 20 tanh layers with small weights (each layer scales its
-input by about 0.5), with and without skip connections; the gradient norm at the first layer's weights is compared (fbackprop gradients,
-checked against JAX's).
+input by about 0.5), with and without skip connections: how much of the output's
+gradient reaches the input (fbackprop gradients, checked against JAX's).
 
 Run: python examples/residual_vs_plain.py [--quick]
 """

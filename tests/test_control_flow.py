@@ -201,7 +201,7 @@ def test_scan_per_step_residuals_are_what_the_backward_reads():
     per_step = sorted((r.primitive, r.shape) for r in rows if r.kind == "intermediate")
     # per step: the carry (for the weight's cotangent) and tanh's output
     assert per_step == [("scan", (10, 4)), ("tanh", (10, 4))]
-    assert "the carry" in [r for r in rows if r.primitive == "scan"][0].detail
+    assert "its carry, x10 steps" in [r for r in rows if r.primitive == "scan"][0].detail
 
 
 # ------------------------------------------------------------------ cond/switch

@@ -170,7 +170,7 @@ def test_axis_index_has_no_gradient_path():
     import fbackprop as fb
 
     mesh = Mesh(np.array(jax.devices()[:1]), ("i",))
-    f = jax.shard_map(lambda x: jnp.sum(x * lax.axis_index("i").astype(x.dtype) + x),
+    f = jax.shard_map(lambda x: x * lax.axis_index("i").astype(x.dtype) + x,
                       mesh=mesh, in_specs=P("i"), out_specs=P("i"))
     g = fb.grad(lambda x: jnp.sum(f(x)))(jnp.ones((4,)))
     np.testing.assert_allclose(np.asarray(g), np.ones(4))

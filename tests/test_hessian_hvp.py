@@ -86,15 +86,10 @@ CASES = _cases()
 CASE_IDS = sorted(CASES)
 
 
-def _all_args(f, n):
-    """f as a function of its n positional arguments, for argnums=(0, ..., n-1)."""
-    return tuple(range(n))
-
-
 @pytest.mark.parametrize("name", CASE_IDS)
 def test_hessian_matches_jax(name):
     f, args = CASES[name]
-    argnums = _all_args(f, len(args))
+    argnums = tuple(range(len(args)))  # all arguments
     # The reference runs jitted only to keep the test fast.
     assert_trees_close(fb.hessian(f, argnums)(*args), jax.jit(jax.hessian(f, argnums))(*args))
 
@@ -105,7 +100,7 @@ def test_hvp_matches_jax(name, mode):
     f, args = CASES[name]
     rng = np.random.default_rng(1)
     v = tree_util.tree_map(lambda a: rng.standard_normal(np.shape(a)), args)
-    argnums = _all_args(f, len(args))
+    argnums = tuple(range(len(args)))  # all arguments
     theirs = jax.jit(lambda a, v: jax.jvp(jax.grad(f, argnums), a, v)[1])(args, v)
     ours = jax.jit(lambda a, v: fb.hvp(f, a, v, mode=mode))(args, v)
     assert_trees_close(ours, theirs)

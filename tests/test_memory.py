@@ -59,8 +59,12 @@ def mlp_stack(layers, width, hidden, batch, seed=0):
     return params, _normal(rng, batch, width)
 
 
-def mlp_block(x, p):
-    h = checkpoint_name(jnp.tanh(x @ p["w1"] + p["b1"]), "hidden")
+def _named(x, named):
+    return checkpoint_name(x, "hidden") if named else x
+
+
+def mlp_block(x, p, named=False):
+    h = _named(jnp.tanh(x @ p["w1"] + p["b1"]), named)
     return x + h @ p["w2"] + p["b2"]
 
 
@@ -82,7 +86,7 @@ def _layer_norm(x, gain):
     return (x - mean) * lax.rsqrt(var + 1e-5) * gain
 
 
-def transformer_block(x, p, heads=4):
+def transformer_block(x, p, named=False, heads=4):
     seq, width = x.shape[-2:]
 
     def split_heads(t):
@@ -93,14 +97,15 @@ def transformer_block(x, p, heads=4):
     scores = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), scores, -1e9)
     attended = (jax.nn.softmax(scores, axis=-1) @ v).swapaxes(-2, -3).reshape(x.shape)
     x = x + attended @ p["wo"]
-    h = checkpoint_name(jax.nn.gelu(_layer_norm(x, p["g2"]) @ p["w1"]), "hidden")
+    h = _named(jax.nn.gelu(_layer_norm(x, p["g2"]) @ p["w1"]), named)
     return x + h @ p["w2"]
 
 
-def scanned_loss(block, policy=None, checkpointed=False):
-    """mean(y^2) of the blocks run by lax.scan, the body checkpointed or not."""
+def scanned_loss(block, policy=None, checkpointed=False, named=False):
+    """mean(y^2) of the blocks run by lax.scan, the body checkpointed or not
+    (``named``: the hidden activation is marked with ``checkpoint_name``)."""
     def body(x, p):
-        return block(x, p), None
+        return block(x, p, named), None
     if checkpointed:
         body = jax.checkpoint(body, policy=policy)
 
@@ -132,7 +137,8 @@ def rnn_loss(checkpointed):
 def memory_table(block, params, x):
     """{case: (fb temp bytes, jax temp bytes)} for plain and each policy."""
     cases = {"plain": scanned_loss(block)}
-    cases.update({name: scanned_loss(block, policy, True) for name, policy in POLICIES.items()})
+    cases.update({name: scanned_loss(block, policy, True, named="names" in name)
+                  for name, policy in POLICIES.items()})
     return {name: (temp_bytes(fb.grad(loss), params, x), temp_bytes(jax.grad(loss), params, x))
             for name, loss in cases.items()}
 
@@ -163,7 +169,7 @@ def test_checkpointed_workloads_have_jax_gradients():
     for block, (params, x) in [(mlp_block, mlp_stack(4, 16, 32, 8)),
                                (transformer_block, transformer_stack(2, 16, 16))]:
         for policy in (None, P.dots_saveable, P.save_only_these_names("hidden")):
-            loss = scanned_loss(block, policy, True)
+            loss = scanned_loss(block, policy, True, named=True)
             ours = jax.jit(fb.grad(loss))(params, x)
             theirs = jax.jit(jax.grad(loss))(params, x)
             for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):

@@ -306,7 +306,7 @@ def _write_svg(history, path, title):
              f'<text x="10" y="18">{title}</text>']
     loss = np.log10(np.maximum(np.asarray(history["loss"], float), 1e-12))
     box = (40, 40, 340, 240)
-    parts.append(f'<text x="40" y="34">log10 loss vs step</text>')
+    parts.append('<text x="40" y="34">log10 loss vs step</text>')
     parts.append(_polyline(history["step"], loss, box, (min(history["step"]),
                                                         max(history["step"])),
                            (loss.min(), loss.max()), "steelblue"))

@@ -7,7 +7,6 @@ the product of the other entries, not out / x).
 
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 
 from .common import Spec
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +189,30 @@ def _any_tracer(xs) -> bool:
     return any(compat.is_tracer(x) for x in xs)
 
 
+def _eager_compilable(prog, traced) -> bool:
+    return (eager_compile and not _any_tracer(prog.dyn)
+            and len(traced.closed.jaxpr.eqns) <= eager_compile_max_eqns
+            and not _any_tracer(traced.closed.consts))
+
+
+def _compiled_vjp(traced, active):
+    """(forward(dyn) -> outs, vjp(dyn, cts) -> input cts), compiled, per jaxpr."""
+    key = ("vjp", tuple(active))
+    per = _compiled.setdefault(traced, {})
+    fns = per.get(key)
+    if fns is None:
+        closed = traced.closed
+
+        def fwd(dyn):
+            return reverse.forward(closed.jaxpr, closed.consts, dyn, active)[0]
+
+        def vjp(dyn, cts):
+            _, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
+            return reverse.backward(tape, cts)
+        fns = per[key] = (jax.jit(fwd), jax.jit(vjp))
+    return fns
+
+
 # -------------------------------------------------------------------- the API
 def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
                    holomorphic: bool = False, allow_int: bool = False,
@@ -246,9 +270,7 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
         aval = traced.out_avals[0]
         _check_scalar_output(jax.ShapeDtypeStruct(aval.shape, aval.dtype), api, holomorphic)
 
-        if eager_compile and not _any_tracer(prog.dyn) and \
-                len(traced.closed.jaxpr.eqns) <= eager_compile_max_eqns and \
-                not _any_tracer(traced.closed.consts):
+        if _eager_compilable(prog, traced):
             outs, cts = _compiled_value_and_grad(traced, prog.active, holomorphic)(prog.dyn)
         else:
             outs, cts = _run_value_and_grad(traced.closed, prog.dyn, prog.active, holomorphic)
@@ -354,7 +376,17 @@ def vjp(fun: Callable, *primals, has_aux: bool = False, reduce_axes: Sequence = 
     n_main = main_tree.num_leaves
     active = [jnp.issubdtype(_dtype_of(x), jnp.inexact) for x in prog.dyn]
     closed = traced.closed
-    outs, tape = reverse.forward(closed.jaxpr, closed.consts, prog.dyn, active)
+    if _eager_compilable(prog, traced):
+        # Eagerly, the forward runs compiled, and each vjp_fn call runs one
+        # compiled program that recomputes the forward and sweeps backward: no
+        # op-by-op dispatch and no tape kept alive between calls.
+        fwd_fn, bwd_fn = _compiled_vjp(traced, active)
+        dyn = prog.dyn
+        outs = fwd_fn(dyn)
+        backward_fn = functools.partial(bwd_fn, dyn)
+    else:
+        outs, tape = reverse.forward(closed.jaxpr, closed.consts, prog.dyn, active)
+        backward_fn = functools.partial(reverse.backward, tape)
     main_outs = outs[:n_main]
     out = tree_util.tree_unflatten(main_tree, main_outs)
     fun_name = getattr(fun, "__name__", "fun")
@@ -390,7 +422,7 @@ def vjp(fun: Callable, *primals, has_aux: bool = False, reduce_axes: Sequence = 
                                          _fmt_aval(np.shape(c), c_dtype),
                                          f"float0{list(o_aval.shape)}")
                 cts.append(None)
-        in_cts = reverse.backward(tape, cts + [None] * (len(outs) - n_main))
+        in_cts = backward_fn(cts + [None] * (len(outs) - n_main))
         return tuple(prog.diff_cts_to_tree(in_cts, primals, tuple(range(len(primals)))))
 
     if has_aux:

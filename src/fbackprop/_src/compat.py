@@ -49,6 +49,31 @@ def trace_state():
     return jcore.get_opaque_trace_state()
 
 
+def spec_of(x):
+    """A ``ShapeDtypeStruct`` with everything tracing needs of ``x``'s type: shape,
+    dtype, weak type, sharding and (inside ``shard_map``) the mesh axes it varies over."""
+    a = typeof(x)
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=bool(getattr(a, "weak_type", False)),
+                                sharding=getattr(a, "sharding", None),
+                                manual_axis_type=getattr(a, "manual_axis_type", None))
+
+
+def aval_key(x) -> tuple:
+    """A hashable key of everything in ``x``'s type that a trace depends on."""
+    a = typeof(x)
+    return (tuple(a.shape), a.dtype, bool(getattr(a, "weak_type", False)),
+            getattr(a, "sharding", None), getattr(a, "manual_axis_type", None))
+
+
+def zeros_like_aval(aval):
+    """Zeros of an abstract value, varying over the same ``shard_map`` axes."""
+    z = jax.numpy.zeros(aval.shape, aval.dtype)
+    varying = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+    if varying:
+        z = jax.lax.pcast(z, tuple(sorted(varying)), to="varying")
+    return z
+
+
 def is_tracer(x: Any) -> bool:
     return isinstance(x, jcore.Tracer)
 
@@ -150,8 +175,7 @@ def custom_vjp_parts(params):
             cts = [ad_util.SymbolicZero(a.to_tangent_aval()) if c is None else c
                    for c, a in zip(cts, out_avals)]
         else:
-            cts = [jax.numpy.zeros(a.shape, a.dtype) if c is None else c
-                   for c, a in zip(cts, out_avals)]
+            cts = [zeros_like_aval(a) if c is None else c for c, a in zip(cts, out_avals)]
         cts_in = bwd.call_wrapped(*res, *cts)
         return [None] * num_consts + [as_none_if_zero(c) for c in cts_in]
 

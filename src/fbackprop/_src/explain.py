@@ -574,7 +574,7 @@ class Explanation:
                '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" '
                'markerWidth="7" markerHeight="7" orient="auto-start-reverse">'
                '<path d="M 0 0 L 10 5 L 0 10 z" fill="#777"/></marker></defs>',
-               f'<rect width="100%" height="100%" fill="white"/>',
+               '<rect width="100%" height="100%" fill="white"/>',
                f'<text x="20" y="24" font-size="14" font-weight="bold">{e(self.name)}: '
                f'forward edges left to right; red labels = gradient sent back along the '
                f'edge</text>']

@@ -10,9 +10,8 @@ and pass/fail. It raises ``AssertionError`` with that report when a check fails.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

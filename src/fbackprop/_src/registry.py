@@ -156,8 +156,7 @@ def defjvp(prim, *per_input: Callable | None):
 
 # ----------------------------------------------------------------- small helpers
 def zeros_like_aval(x):
-    aval = compat.typeof(x)
-    return jnp.zeros(aval.shape, aval.dtype)
+    return compat.zeros_like_aval(compat.typeof(x))
 
 
 def add_tangents(a, b):

@@ -463,8 +463,7 @@ def _describe_var(v, jaxpr, steps: list[str]) -> tuple[str | None, str, list[str
         body = e.params["jaxpr"].jaxpr
         if k >= num_carry:
             inner = body.outvars[k]
-            where = f"scan at {compat.source_line(e)}"
-            note = f"kept per step of the {where}, length {e.params['length']}"
+            note = f"x{e.params['length']} steps of the scan at {compat.source_line(e)}"
             if _is_var(inner):
                 prim, src, details = _describe_var(inner, body, steps + [note])
                 if prim is not None:
@@ -472,12 +471,12 @@ def _describe_var(v, jaxpr, steps: list[str]) -> tuple[str | None, str, list[str
                 idx = list(body.invars).index(inner) if inner in body.invars else None
                 if idx is not None and idx >= e.params["num_consts"] + num_carry:
                     return "scan", compat.source_line(e), steps + [
-                        f"the xs slice, kept per step (length {e.params['length']})"]
+                        f"its xs slice, x{e.params['length']} steps"]
                 if idx is not None:
                     return "scan", compat.source_line(e), steps + [
-                        f"the carry, kept per step (length {e.params['length']})"]
+                        f"its carry, x{e.params['length']} steps"]
             return "scan", compat.source_line(e), steps + [note]
-        return "scan", compat.source_line(e), steps + ["the final carry"]
+        return "scan", compat.source_line(e), steps + ["its final carry"]
     if name == "cond":
         k = list(e.outvars).index(v)
         found = []

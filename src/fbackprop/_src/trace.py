@@ -13,7 +13,7 @@ from jax import tree_util
 from . import compat
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Traced:
     closed: Any            # ClosedJaxpr over the flat input leaves
     out_tree: Any          # treedef of the function's output
@@ -30,9 +30,7 @@ def clear_cache():
     _cache.clear()
 
 
-def aval_key(x) -> tuple:
-    a = compat.typeof(x)
-    return (tuple(a.shape), a.dtype, bool(getattr(a, "weak_type", False)))
+aval_key = compat.aval_key
 
 
 def check_leaf(x, where: str):
@@ -102,9 +100,7 @@ def trace_flat(fun: Callable, in_tree, leaves: list, static: list | None = None,
         out_tree_cell.append(out_tree)
         return [leaf for _, leaf in out_leaves_with_path]
 
-    specs = [jax.ShapeDtypeStruct(np.shape(x), compat.typeof(x).dtype,
-                                  weak_type=bool(getattr(compat.typeof(x), "weak_type", False)))
-             for x in dyn]
+    specs = [compat.spec_of(x) for x in dyn]
     closed = jax.make_jaxpr(flat_fun)(*specs)
     trace_count += 1
     traced = Traced(closed, out_tree_cell[0], tuple(v.aval for v in closed.jaxpr.outvars))

@@ -45,6 +45,7 @@ TARGETS: dict[str, float] = {
     "temp_bytes": 1.00,
     "trace_lower": 0.70,
     "eager": 1.00,
+    "eager_closure": 1.00,
 }
 FIGURE_LABELS = {
     "jit_step": "jitted step",
@@ -52,8 +53,11 @@ FIGURE_LABELS = {
     "temp_bytes": "temp bytes",
     "trace_lower": "trace+lower",
     "eager": "eager step",
+    "eager_closure": "eager closure",
 }
 FIGURES = tuple(TARGETS)
+# Figures that only some workload kinds have (absent elsewhere, not an error).
+OPTIONAL_FIGURES = ("eager_closure",)
 # A gradient that differs from JAX's by more than this (relative to the largest
 # entry of JAX's) is flagged in the table: speed of a wrong answer is no speed.
 AGREEMENT_TOL = 1e-3
@@ -159,6 +163,9 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int, min_reps: i
     """
     repeat = {}
     for name, call in calls.items():
+        if warmup == 0:   # every call does the same one-off work: time it as is
+            repeat[name] = 1
+            continue
         t = min(_time_once(call) for _ in range(warmup))
         repeat[name] = max(1, min(100, math.ceil(min_sample / max(t, 1e-9))))
     samples: dict[str, list] = {name: [] for name in calls}
@@ -317,26 +324,39 @@ def run_workload(workload, settings: Settings, aa: bool = False,
         current[:] = [name, wall, cpu]
 
     stage("trace_lower")
-    # Trace + lower: fresh function objects and cleared caches every time.
+    # Trace + lower: fresh function objects and cleared caches every time. The
+    # tracing part alone (``jit(step).trace``: our sweeps, or JAX's linearize and
+    # transpose) is kept too; lowering to StableHLO costs both sides about the
+    # same per equation.
     lowered = {}
+    trace_only: dict[str, list] = {"fb": [], "jax": []}
     try:
-        def fresh_lower(engine):
+        def fresh_lower(engine, side):
             def lower():
                 loss = problem.make_loss()
                 if engine == "fb":
                     clear_fb_caches()
-                return jax.jit(differentiate(kind, engine, loss)).lower(*args)
+                t0 = time.perf_counter()
+                traced = jax.jit(differentiate(kind, engine, loss)).trace(*args)
+                trace_only[side].append(time.perf_counter() - t0)
+                return traced.lower()
             return lower
         # The very first trace also pays for one-time imports and rule-table
         # set-up; run one of each before timing (a quick run only checks that
         # the figure works and skips this).
         if not settings.quick:
-            fresh_lower(fb_engine)()
-            fresh_lower("jax")()
+            fresh_lower(fb_engine, "fb")()
+            fresh_lower("jax", "jax")()
+            for side in trace_only:
+                trace_only[side].clear()
         timings, lowered = time_fresh_interleaved(
-            {"fb": fresh_lower(fb_engine), "jax": fresh_lower("jax")},
+            {"fb": fresh_lower(fb_engine, "fb"), "jax": fresh_lower("jax", "jax")},
             settings.trace_reps, settings.min_reps, settings.trace_budget)
         result["figures"]["trace_lower"] = _timed_figure("trace_lower", timings)
+        fb_trace, jax_trace = (statistics.median(trace_only[k]) for k in ("fb", "jax"))
+        result["trace_only"] = {"fb": fb_trace, "jax": jax_trace,
+                                "ratio": _ratio(fb_trace, jax_trace),
+                                "samples": trace_only}
     except Exception as exc:
         record_error(["trace_lower"], exc)
 
@@ -406,6 +426,28 @@ def run_workload(workload, settings: Settings, aa: bool = False,
         result["figures"]["eager"] = _timed_figure("eager", timings)
     except Exception as exc:
         record_error(["eager"], exc)
+
+    # Eager with a new closure on every call, e.g. in a notebook loop
+    # ``fb.value_and_grad(lambda p: loss(p, batch))(params)``: no cache keyed on
+    # the function object can help here. (The hvp step closes over its batch
+    # this way already.)
+    if kind == "value_and_grad":
+        stage("eager_closure")
+        try:
+            params, *rest = args
+
+            def closure_call(engine):
+                def call():
+                    return differentiate(kind, engine, lambda p: eager_loss(p, *rest))(params)
+                return call
+            timings = time_interleaved(
+                {"fb": closure_call(fb_engine), "jax": closure_call("jax")},
+                settings.eager_reps, settings.min_reps, settings.eager_budget,
+                settings.min_sample, warmup=0 if settings.quick else 1,
+                discard_round=False)
+            result["figures"]["eager_closure"] = _timed_figure("eager_closure", timings)
+        except Exception as exc:
+            record_error(["eager_closure"], exc)
 
     stage(None)
     n_ok = len(result["figures"])

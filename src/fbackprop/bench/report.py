@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .harness import FIGURE_LABELS, FIGURES, TARGETS
+from .harness import FIGURE_LABELS, FIGURES, OPTIONAL_FIGURES, TARGETS
 
 
 def json_default(x):
@@ -103,6 +103,8 @@ def table(doc: dict) -> str:
         for figure in FIGURES:
             label = FIGURE_LABELS[figure]
             fig = res["figures"].get(figure)
+            if fig is None and figure in OPTIONAL_FIGURES and figure not in res["errors"]:
+                continue
             if fig is None:
                 err = res["errors"].get(figure, "not measured")
                 lines.append(_row("", label, "ERROR", "", "", _target_text(figure), "") +
@@ -119,6 +121,11 @@ def table(doc: dict) -> str:
             lines.append(_row("", label, fmt_value(fig["fb"], fig["unit"]),
                               fmt_value(fig["jax"], fig["unit"]), fmt_ratio(fig["ratio"]),
                               _target_text(figure), verdict) + extra)
+            if figure == "trace_lower" and res.get("trace_only"):
+                t = res["trace_only"]
+                lines.append(_row("", "  trace only", _fmt_seconds(t["fb"]),
+                                  _fmt_seconds(t["jax"]), fmt_ratio(t["ratio"]), "", "") +
+                             "  (jit(step).trace; the rest is lowering)")
         if "fb_grad_over_fwd" in res:
             theory = res.get("theory_grad_over_fwd")
             lines.append(_row("", "step/forward", f"{res['fb_grad_over_fwd']:.2f}x",
@@ -140,7 +147,7 @@ def table(doc: dict) -> str:
 def markdown_table(doc: dict) -> str:
     """The results as a Markdown table: one row per workload, one column per figure."""
     head = ["workload"] + [f"{FIGURE_LABELS[f]} ({_target_text(f)})" for f in FIGURES] + \
-        ["step/fwd fb (jax)", "max rel err"]
+        ["step/fwd fb (jax), ~3", "max rel err"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in doc["workloads"]:
         cells = [res["name"]]
@@ -150,12 +157,17 @@ def markdown_table(doc: dict) -> str:
             continue
         for figure in FIGURES:
             fig = res["figures"].get(figure)
-            if fig is None:
+            if fig is None and figure in OPTIONAL_FIGURES and figure not in res["errors"]:
+                cells.append("-")
+            elif fig is None:
                 cells.append("ERROR")
             else:
                 verdict = "" if fig["passed"] is None else \
                     (" PASS" if fig["passed"] else " **MISS**")
-                cells.append(fmt_ratio(fig["ratio"]) + verdict)
+                cell = fmt_ratio(fig["ratio"]) + verdict
+                if figure == "trace_lower" and res.get("trace_only"):
+                    cell += f" (trace only {fmt_ratio(res['trace_only']['ratio'])})"
+                cells.append(cell)
         if "fb_grad_over_fwd" in res:
             cells.append(f"{res['fb_grad_over_fwd']:.2f} ({res['jax_grad_over_fwd']:.2f})")
         else:
@@ -199,7 +211,9 @@ def plot(doc: dict, path: str) -> str:
             f = res["figures"].get(figure)
             r = None if f is None else f["ratio"]
             if r is None or not math.isfinite(r) or r <= 0:
-                label = "skipped" if res.get("status") == "skipped" else "error"
+                label = "skipped" if res.get("status") == "skipped" else (
+                    "n/a" if f is None and figure in OPTIONAL_FIGURES
+                    and figure not in res.get("errors", {}) else "error")
                 ax.text(0.0, yi, label, va="center", ha="center", fontsize=7, color="gray")
                 continue
             color = "tab:gray" if f["passed"] is None else \

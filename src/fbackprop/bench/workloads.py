@@ -156,8 +156,11 @@ def _build_per_example(quick):
     d_in, d_h, d_out, _ = _mlp_sizes(quick)
     # Per-example gradients hold one copy of the 670k parameters per example.
     batch = 8 if quick else 32
+    # No ~3x theory here: the step writes one full gradient per example, so it is
+    # bound by memory traffic, not by the forward pass's FLOPs.
     return Problem(make_mlp_example_loss, (_mlp_params(quick), _mlp_batch(quick, batch)),
-                   f"{d_in}-{d_h}-{d_h}-{d_out}, {batch} examples", kind="per_example")
+                   f"{d_in}-{d_h}-{d_h}-{d_out}, {batch} examples", kind="per_example",
+                   theory_grad_over_fwd=None)
 
 
 # ---------------------------------------------------------------------------- CNN
@@ -270,7 +273,8 @@ def _build_transformer(quick, checkpoint=False):
     tokens = jax.random.randint(next(keys), (batch, seq + 1), 0, vocab, jnp.int32)
     extra = ", jax.checkpoint per block" if checkpoint else ""
     return Problem(_make_transformer_loss(heads, checkpoint), (params, tokens),
-                   f"{n_blocks} blocks, seq {seq}, width {width}, {heads} heads, "
+                   f"{n_blocks} block{'s' if n_blocks > 1 else ''}, seq {seq}, width {width}, "
+                   f"{heads} heads, "
                    f"vocab {vocab}, batch {batch}{extra}")
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 
-import jax.numpy as jnp
 
 from .. import compat
 from .. import reverse
@@ -97,7 +96,7 @@ class CustomJVPCall(CallHandler):
         cts = [ct for ct, z in zip(cts_out, out_zeros) if not z and ct is not None]
         n_lead = len(consts) + len(primals)
         tangent_avals = [v.aval for v in jaxpr.invars[n_lead:]]
-        tangents = [jnp.zeros(a.shape, a.dtype) for a in tangent_avals]
+        tangents = [compat.zeros_like_aval(a) for a in tangent_avals]
         in_active = [False] * n_lead + [True] * len(tangents)
         _, tape = reverse.forward(jaxpr, [], consts + list(primals) + tangents, in_active)
         cts_in = reverse.backward(tape, cts)[n_lead:]
