@@ -100,6 +100,29 @@ def _check_scalar_output(out, api: str, holomorphic: bool):
                         f"sub-dtype of np.floating), but got {dtype}. {extra}")
 
 
+def split_scalar_output(traced, has_aux: bool, api: str, holomorphic: bool = False):
+    """(main_tree, aux_tree) of a traced function whose main output must be a scalar."""
+    out_tree = traced.out_tree
+    aux_tree = None
+    if has_aux:
+        if out_tree.num_nodes == 1 or len(out_tree.children()) != 2 \
+                or out_tree.node_data()[0] not in (tuple, list):
+            raise TypeError(
+                f"{api} with has_aux=True requires `fun` to return a pair (output, aux), "
+                f"but it returned a pytree with structure {out_tree}.")
+        main_tree, aux_tree = out_tree.children()
+    else:
+        main_tree = out_tree
+    if main_tree.num_leaves != 1 or main_tree.num_nodes != 1:
+        raise TypeError(
+            f"Gradient only defined for scalar-output functions. Output was a pytree "
+            f"with structure {main_tree}, not a single array. Use fbackprop.vjp or "
+            f"fbackprop.jacrev for several outputs, or return the aux with has_aux=True.")
+    aval = traced.out_avals[0]
+    _check_scalar_output(jax.ShapeDtypeStruct(aval.shape, aval.dtype), api, holomorphic)
+    return main_tree, aux_tree
+
+
 def _zeros_or_float0(x):
     aval = compat.typeof(x)
     if jnp.issubdtype(aval.dtype, jnp.inexact):
@@ -252,23 +275,7 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
         nums = _normalize_argnums(argnums, len(args), api)
         prog = _Program(fun, args, kwargs, nums, api, holomorphic, allow_int)
         traced = prog.traced
-        out_tree = traced.out_tree
-        if has_aux:
-            if out_tree.num_nodes == 1 or len(out_tree.children()) != 2 \
-                    or out_tree.node_data()[0] not in (tuple, list):
-                raise TypeError(
-                    f"{api} with has_aux=True requires `fun` to return a pair (output, aux), "
-                    f"but it returned a pytree with structure {out_tree}.")
-            main_tree, aux_tree = out_tree.children()
-        else:
-            main_tree = out_tree
-        if main_tree.num_leaves != 1 or main_tree.num_nodes != 1:
-            raise TypeError(
-                f"Gradient only defined for scalar-output functions. Output was a pytree "
-                f"with structure {main_tree}, not a single array. Use fbackprop.vjp or "
-                f"fbackprop.jacrev for several outputs, or return the aux with has_aux=True.")
-        aval = traced.out_avals[0]
-        _check_scalar_output(jax.ShapeDtypeStruct(aval.shape, aval.dtype), api, holomorphic)
+        main_tree, aux_tree = split_scalar_output(traced, has_aux, api, holomorphic)
 
         if _eager_compilable(prog, traced):
             outs, cts = _compiled_value_and_grad(traced, prog.active, holomorphic)(prog.dyn)

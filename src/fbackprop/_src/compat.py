@@ -104,6 +104,19 @@ def bind(prim: Primitive, *args, **params):
     return prim.bind(*args, **params)
 
 
+# ------------------------------------------------------------------ collectives
+from jax._src.lax import parallel as _parallel  # noqa: E402
+
+psum_p = _parallel.psum_p
+psum_invariant_p = _parallel.psum_invariant_p
+pvary_p = jcore.pvary_p
+all_gather_p = _parallel.all_gather_p
+reduce_scatter_p = _parallel.reduce_scatter_p
+ppermute_p = _parallel.ppermute_p
+all_to_all_p = _parallel.all_to_all_p
+axis_index_p = _parallel.axis_index_p
+
+
 # ---------------------------------------------------------------- primitive names
 # Nested ``jax.jit`` is ``pjit`` in older JAX and ``jit`` in 0.7+; we accept both.
 JIT_NAMES = ("jit", "pjit")

@@ -129,25 +129,7 @@ def leaf_labels(args, kwargs, static) -> list[str]:
 
 def _split_output(traced, has_aux: bool, api_name: str):
     """(main_tree, aux_tree) of a traced scalar-loss function, checked like fb.grad."""
-    out_tree = traced.out_tree
-    aux_tree = None
-    if has_aux:
-        if out_tree.num_nodes == 1 or len(out_tree.children()) != 2 \
-                or out_tree.node_data()[0] not in (tuple, list):
-            raise TypeError(
-                f"{api_name} with has_aux=True requires `fun` to return a pair "
-                f"(output, aux), but it returned a pytree with structure {out_tree}.")
-        main_tree, aux_tree = out_tree.children()
-    else:
-        main_tree = out_tree
-    if main_tree.num_leaves != 1 or main_tree.num_nodes != 1:
-        raise TypeError(
-            f"{api_name}: gradient only defined for scalar-output functions. Output was a "
-            f"pytree with structure {main_tree}, not a single array. Reduce it to a "
-            f"scalar, or return extra values with has_aux=True.")
-    aval = traced.out_avals[0]
-    api._check_scalar_output(jax.ShapeDtypeStruct(aval.shape, aval.dtype), api_name, False)
-    return main_tree, aux_tree
+    return api.split_scalar_output(traced, has_aux, api_name)
 
 
 def _num_eqns(jaxpr) -> int:

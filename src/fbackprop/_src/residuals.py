@@ -23,6 +23,12 @@ sweep of a sub-jaxpr as a *program* they can place elsewhere: inside a reverse
    be kept (a checkpoint policy; loop invariants of a scan). Their outputs are
    recomputed at the start of the backward part from what is kept, so the
    residuals move to their inputs.
+4. **Fewest bytes.** Two local moves then shrink what is kept without adding
+   work: a cotangent-free backward equation whose output is smaller than the
+   kept inputs only it reads moves to the forward part (ReLU keeps a boolean
+   mask ``x > 0``, not the float ``x``); a view or cast of a kept value
+   (``transpose``, ``reshape``, ``name``, ...) is re-derived in the backward
+   part instead of being kept twice.
 
 :func:`saved_residuals` applies the same split to a whole function and reports
 the residuals: one row per kept value with shape, dtype, bytes, producing

@@ -68,9 +68,9 @@ class Settings:
 
     def __init__(self, quick: bool, reps: int | None = None):
         self.quick = quick
-        self.step_reps = reps or (5 if quick else 21)
+        self.step_reps = reps or (3 if quick else 21)
         self.trace_reps = 1 if quick else 5
-        self.eager_reps = 2 if quick else 9
+        self.eager_reps = 1 if quick else 9
         self.min_reps = 1 if quick else 3
         # Stop adding rounds after this many seconds (once min_reps are done).
         self.step_budget = 2.0 if quick else 25.0
@@ -508,7 +508,7 @@ def build_parser(prog: str = "python -m fbackprop bench") -> argparse.ArgumentPa
     parser.add_argument("--list", action="store_true", help="list the workloads and exit")
     parser.add_argument("--reps", type=int, default=None,
                         help="interleaved rounds for the jitted step time "
-                             "(default 21, quick 5)")
+                             "(default 21, quick 3)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="directory for bench.json and bench.png "
                              "(default: benchmarks/results, or ./bench_results)")

@@ -28,22 +28,20 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax._src import core as _jcore
-from jax._src.lax import parallel as _parallel
 
 from .. import compat, forward as _forward, reverse
 from ..registry import (call_handlers_forward, call_handlers_reverse, defjvp, defnondiff,
                         defvjp)
 
-# Version-specific names (jax 0.10.x); private primitives of the vma type system.
-psum_p = _parallel.psum_p
-psum_invariant_p = _parallel.psum_invariant_p
-pvary_p = _jcore.pvary_p
-all_gather_p = _parallel.all_gather_p
-reduce_scatter_p = _parallel.reduce_scatter_p
-ppermute_p = _parallel.ppermute_p
-all_to_all_p = _parallel.all_to_all_p
-axis_index_p = _parallel.axis_index_p
+# Version-specific names (jax 0.10.x) live in compat.
+psum_p = compat.psum_p
+psum_invariant_p = compat.psum_invariant_p
+pvary_p = compat.pvary_p
+all_gather_p = compat.all_gather_p
+reduce_scatter_p = compat.reduce_scatter_p
+ppermute_p = compat.ppermute_p
+all_to_all_p = compat.all_to_all_p
+axis_index_p = compat.axis_index_p
 
 
 def _varying_axes(x) -> frozenset:

@@ -34,6 +34,8 @@ backward part.
 
 from __future__ import annotations
 
+import weakref
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -218,11 +220,19 @@ class ScanCall:
 call_handlers_reverse["scan"] = ScanCall()
 
 
+_nonzero_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _jvp_out_nonzero(jaxpr, consts, in_avals, nonzero):
-    """Which outputs of ``jaxpr`` get a nonzero tangent from the given inputs'."""
-    cell = {}
+    """Which outputs of ``jaxpr`` get a nonzero tangent from the given inputs'
+    (traced once per jaxpr and pattern, so nested loops do not re-trace)."""
     n = len(in_avals)
     nz_idx = [i for i in range(n) if nonzero[i] and _differentiable(in_avals[i])]
+    key = (tuple(nz_idx), tuple((tuple(a.shape), a.dtype) for a in in_avals))
+    per = _nonzero_cache.setdefault(jaxpr, {})
+    if key in per:
+        return per[key]
+    cell = {}
 
     def f(*args):
         primals, ts = list(args[:n]), iter(args[n:])
@@ -233,6 +243,7 @@ def _jvp_out_nonzero(jaxpr, consts, in_avals, nonzero):
 
     jax.make_jaxpr(f)(*[residuals.spec_of(a) for a in in_avals],
                       *[residuals.spec_of(in_avals[i], False) for i in nz_idx])
+    per[key] = cell["nz"]
     return cell["nz"]
 
 

@@ -1,0 +1,4 @@
+from .common import Spec
+
+SPECS = [
+]
