@@ -37,7 +37,7 @@ demo: $(VENV)/.installed-examples
 	$(PY) -m fbackprop demo $(ARGS)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-examples
 	$(PY) -m fbackprop bench $(ARGS)

@@ -201,7 +201,7 @@ def test_scan_per_step_residuals_are_what_the_backward_reads():
     per_step = sorted((r.primitive, r.shape) for r in rows if r.kind == "intermediate")
     # per step: the carry (for the weight's cotangent) and tanh's output
     assert per_step == [("scan", (10, 4)), ("tanh", (10, 4))]
-    assert "its carry, x10 steps" in [r for r in rows if r.primitive == "scan"][0].detail
+    assert "its carry, x10 steps" in next(r for r in rows if r.primitive == "scan").detail
 
 
 # ------------------------------------------------------------------ cond/switch
@@ -253,7 +253,7 @@ def test_cond_branches_share_residual_slots():
                                 lambda a: jnp.cos(jnp.cos(a)), x))
 
     jaxpr = jax.make_jaxpr(fb.grad(f))(x).jaxpr
-    fwd = [e for e in jaxpr.eqns if e.primitive.name == "cond"][0]
+    fwd = next(e for e in jaxpr.eqns if e.primitive.name == "cond")
     # one output plus one shared f64[5] slot (each branch keeps one value)
     assert len(fwd.outvars) == 2
 
@@ -267,7 +267,7 @@ def test_cond_with_inactive_branch_outputs_and_integer_operands():
         return jnp.sum(out) * count.astype(x.dtype)
 
     for n in (1, 5):
-        _check_grad(lambda x: f(x, n), x)
+        _check_grad(lambda x, n=n: f(x, n), x)
 
 
 def test_switch_with_traced_index():

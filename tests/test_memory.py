@@ -22,7 +22,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
@@ -52,10 +51,10 @@ def _normal(rng, *shape, scale=1.0):
 def mlp_stack(layers, width, hidden, batch, seed=0):
     """Residual MLP blocks stacked on a leading axis: (params, x)."""
     rng = np.random.default_rng(seed)
-    params = dict(w1=_normal(rng, layers, width, hidden, scale=width ** -0.5),
-                  b1=jnp.zeros((layers, hidden), jnp.float32),
-                  w2=_normal(rng, layers, hidden, width, scale=hidden ** -0.5),
-                  b2=jnp.zeros((layers, width), jnp.float32))
+    params = {"w1": _normal(rng, layers, width, hidden, scale=width ** -0.5),
+              "b1": jnp.zeros((layers, hidden), jnp.float32),
+              "w2": _normal(rng, layers, hidden, width, scale=hidden ** -0.5),
+              "b2": jnp.zeros((layers, width), jnp.float32)}
     return params, _normal(rng, batch, width)
 
 
@@ -71,12 +70,12 @@ def mlp_block(x, p, named=False):
 def transformer_stack(blocks, seq, width, batch=1, seed=0):
     """Pre-norm causal transformer blocks stacked on a leading axis: (params, x)."""
     rng = np.random.default_rng(seed)
-    params = dict(wqkv=_normal(rng, blocks, width, 3 * width, scale=width ** -0.5),
-                  wo=_normal(rng, blocks, width, width, scale=width ** -0.5),
-                  w1=_normal(rng, blocks, width, 4 * width, scale=width ** -0.5),
-                  w2=_normal(rng, blocks, 4 * width, width, scale=(4 * width) ** -0.5),
-                  g1=jnp.ones((blocks, width), jnp.float32),
-                  g2=jnp.ones((blocks, width), jnp.float32))
+    params = {"wqkv": _normal(rng, blocks, width, 3 * width, scale=width ** -0.5),
+              "wo": _normal(rng, blocks, width, width, scale=width ** -0.5),
+              "w1": _normal(rng, blocks, width, 4 * width, scale=width ** -0.5),
+              "w2": _normal(rng, blocks, 4 * width, width, scale=(4 * width) ** -0.5),
+              "g1": jnp.ones((blocks, width), jnp.float32),
+              "g2": jnp.ones((blocks, width), jnp.float32)}
     return params, _normal(rng, batch, seq, width)
 
 
@@ -117,9 +116,9 @@ def scanned_loss(block, policy=None, checkpointed=False, named=False):
 
 def rnn(steps, hidden, inputs, batch, seed=0):
     rng = np.random.default_rng(seed)
-    params = dict(wh=_normal(rng, hidden, hidden, scale=hidden ** -0.5),
-                  wx=_normal(rng, inputs, hidden, scale=inputs ** -0.5),
-                  b=jnp.zeros(hidden, jnp.float32))
+    params = {"wh": _normal(rng, hidden, hidden, scale=hidden ** -0.5),
+              "wx": _normal(rng, inputs, hidden, scale=inputs ** -0.5),
+              "b": jnp.zeros(hidden, jnp.float32)}
     return params, _normal(rng, steps, batch, inputs), jnp.zeros((batch, hidden), jnp.float32)
 
 

@@ -38,43 +38,33 @@ def _random_like(tree, seed):
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("spec,dtype", CASES)
-def test_vjp_matches_jax(spec, dtype, jit):
-    if "rev" not in spec.modes:
-        pytest.skip("reverse mode not applicable")
-    f, floats = _split(spec, spec.args(dtype))
+def test_vjp_and_jvp_match_jax(spec, dtype, jit, request):
+    """fb.vjp with a random cotangent and fb.jvp with a random tangent, against JAX.
 
-    def ours(*xs):
-        out, vjp_fn = fb.vjp(f, *xs)
-        return out, vjp_fn(_random_like(out, 1))
-
-    def theirs(*xs):
-        out, vjp_fn = jax.vjp(f, *xs)
-        return out, vjp_fn(_random_like(out, 1))
-
-    if jit:
-        ours, theirs = jax.jit(ours), jax.jit(theirs)
-    (o1, g1), (o2, g2) = ours(*floats), theirs(*floats)
-    for a, b in zip(jax.tree_util.tree_leaves((o1, g1)), jax.tree_util.tree_leaves((o2, g2))):
-        if _is_float(b):
-            assert_allclose(a, b, dtype, spec.tol, err_msg=spec.name)
-
-
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("spec,dtype", CASES)
-def test_jvp_matches_jax(spec, dtype, jit):
-    if "fwd" not in spec.modes:
-        pytest.skip("forward mode not applicable")
-    if not hasattr(fb, "jvp"):
-        pytest.skip("forward mode not built yet")
+    Eagerly the jaxpr is interpreted primitive by primitive; under jit both
+    directions of one implementation are compiled as one program.
+    """
+    if not jit:
+        request.getfixturevalue("op_by_op")
     f, floats = _split(spec, spec.args(dtype))
     tangents = _random_like(floats, 2)
-    ours = lambda *xs: fb.jvp(f, xs, tangents)  # noqa: E731
-    theirs = lambda *xs: jax.jvp(f, xs, tangents)  # noqa: E731
-    if jit:
-        ours, theirs = jax.jit(ours), jax.jit(theirs)
-    for a, b in zip(jax.tree_util.tree_leaves(ours(*floats)),
-                    jax.tree_util.tree_leaves(theirs(*floats))):
+
+    def run(vjp, jvp):
+        def both(*xs):
+            results = {}
+            if "rev" in spec.modes:
+                out, vjp_fn = vjp(f, *xs)
+                results["rev"] = (out, vjp_fn(_random_like(out, 1)))
+            if "fwd" in spec.modes:
+                results["fwd"] = jvp(f, xs, tangents)
+            return results
+        return (jax.jit(both) if jit else both)(*floats)
+
+    ours, theirs = run(fb.vjp, fb.jvp), run(jax.vjp, jax.jvp)
+    assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
         if _is_float(b):
+            assert np.shape(a) == np.shape(b) and a.dtype == b.dtype, spec.name
             assert_allclose(a, b, dtype, spec.tol, err_msg=spec.name)
 
 

@@ -28,13 +28,17 @@ equation to a policy: saved whole or recomputed whole.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.ad_checkpoint import Offloadable, Recompute, Saveable
-from jax.ad_checkpoint import checkpoint_name  # noqa: F401  (re-exported)
+from jax.ad_checkpoint import (
+    Offloadable,
+    Recompute,
+    Saveable,
+    checkpoint_name,  # noqa: F401  (re-exported)
+)
 
 from . import compat, residuals
 
@@ -57,7 +61,7 @@ def _nothing_saveable(*_, **__) -> bool:
     return False
 
 
-_split_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_split_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def split_for_policy(joint: residuals.Joint, policy) -> residuals.Split:

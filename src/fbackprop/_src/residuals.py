@@ -40,18 +40,19 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import weakref
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax import tree_util
 
+# JAX internals used here (dead-code elimination of jaxprs, effect sets).
+from jax._src import core as _jcore
+from jax._src.interpreters import partial_eval as _pe
+
 from . import compat, reverse, trace
 from .registry import is_differentiable_dtype
-
-# JAX internals used here (dead-code elimination of jaxprs, effect sets).
-from jax._src import core as _jcore  # noqa: E402
-from jax._src.interpreters import partial_eval as _pe  # noqa: E402
 
 
 def _is_var(v) -> bool:
@@ -97,7 +98,7 @@ class Joint:
     ct_in_nonzero: tuple
 
 
-_joint_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_joint_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _aval_key(aval) -> tuple:
@@ -121,7 +122,8 @@ def trace_joint(jaxpr, consts: Sequence, in_avals: Sequence, in_active: Sequence
       A :class:`Joint`.
     """
     in_active = tuple(bool(a) and _differentiable(av) for a, av in zip(in_active, in_avals))
-    key = (tuple(_aval_key(a) for a in in_avals), in_active)
+    key = (tuple(_aval_key(a) for a in in_avals), in_active,
+           bool(jax.config.jax_enable_x64))
     cacheable = trace.cache_enabled and not any(compat.is_tracer(c) for c in consts)
     per = None
     if cacheable:
@@ -493,8 +495,8 @@ def _describe_var(v, jaxpr, steps: list[str]) -> tuple[str | None, str, list[str
                 found.append((b, prim, src))
         if len(found) == 1:
             b, prim, src = found[0]
-            return prim, src, steps + [f"in branch {b} of the cond at "
-                                       f"{compat.source_line(e)}"]
+            where = f"in branch {b} of the cond at {compat.source_line(e)}"
+            return prim, src, [*steps, where]
     details = list(steps)
     if name == "name":
         details.append(f"named {e.params['name']!r}")

@@ -4,3 +4,4 @@ from . import calls, elementwise, structural, contraction, reduction  # noqa: F4
 from . import collectives  # noqa: F401,E402
 from . import control  # noqa: F401,E402
 from . import debug  # noqa: F401,E402
+from . import linalg, special  # noqa: F401,E402

@@ -1,4 +1,4 @@
-"""Control flow (scan, cond/switch, while_loop) and the markers checkpointing uses.
+"""Control flow: scan, cond/switch, while_loop (and fori_loop, which lowers to them).
 
 Reverse mode of a loop or a branch needs the backward sweep of its body as a
 program to run inside a reverse ``lax.scan`` or the taken branch of a
@@ -18,7 +18,10 @@ the backward body instead of being stacked. The backward is a ``lax.scan`` in
 the opposite direction whose carry holds the carry cotangents and the running
 sums of the constants' cotangents, and whose outputs are the ``xs``
 cotangents. Integer carries (loop counters) carry no cotangent; symbolic zero
-output cotangents are made inside the backward body, never stacked.
+output cotangents are made inside the backward body, never stacked. (The other
+strategy, keeping only the per-step carries and recomputing the body in the
+backward loop, is what a checkpointed body gives: ``lax.scan(jax.checkpoint(
+body), ...)``.) Compiled memory against ``jax.grad``: tests/test_memory.py.
 
 ``cond``/``switch`` - the branch index is a residual; each branch keeps its own
 residuals, laid out in shared slots (one slot per shape/dtype per branch
@@ -40,9 +43,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .. import compat, forward as _forward, residuals
-from ..registry import (call_handlers_forward, call_handlers_reverse,
-                        is_differentiable_dtype, nondiff_primitives)
+from .. import compat, residuals
+from .. import forward as _forward
+from ..registry import (
+    call_handlers_forward,
+    call_handlers_reverse,
+    is_differentiable_dtype,
+    nondiff_primitives,
+)
 
 
 def _differentiable(aval) -> bool:
@@ -90,6 +98,9 @@ def _scan_joint(body, consts, in_avals, active, nc, nk):
         carry_active = new
 
 
+_scan_splits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class ScanCall:
     """Reverse mode of ``lax.scan``: a forward scan that stacks the per-step
     residuals, a backward scan in the opposite direction that consumes them."""
@@ -101,8 +112,11 @@ class ScanCall:
         body = closed.jaxpr
         in_avals = [v.aval for v in body.invars]
         joint, carry_active = _scan_joint(body, closed.consts, in_avals, active, nc, nk)
-        split = residuals.split_joint(joint, recompute=_loop_invariant(joint, nc),
-                                      costly_inputs=range(nc, nc + nk))
+        per_joint = _scan_splits.setdefault(joint, {})
+        split = per_joint.get((nc, nk))
+        if split is None:
+            split = per_joint[nc, nk] = residuals.split_joint(
+                joint, recompute=_loop_invariant(joint, nc), costly_inputs=range(nc, nc + nk))
         n_out = joint.n_out
 
         # Where each residual comes from in the backward scan.
@@ -137,8 +151,8 @@ class ScanCall:
         with compat.user_context(eqn):
             carry_out, (ys, res) = lax.scan(fwd_body, init, xs, length=p["length"],
                                             reverse=p["reverse"], unroll=p["unroll"])
-        state = dict(split=split, plan=plan, consts=consts, xs=xs, ys=ys, res=res,
-                     carry_active=carry_active)
+        state = {"split": split, "plan": plan, "consts": consts, "xs": xs, "ys": ys,
+                 "res": res, "carry_active": carry_active}
         out_active = list(carry_active) + list(joint.out_active[nk:])
         return list(carry_out) + list(ys), state, out_active
 
@@ -220,7 +234,7 @@ class ScanCall:
 call_handlers_reverse["scan"] = ScanCall()
 
 
-_nonzero_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_nonzero_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _jvp_out_nonzero(jaxpr, consts, in_avals, nonzero):
@@ -351,7 +365,8 @@ class CondCall:
         with compat.user_context(eqn):
             outs, slots = lax.switch(index, [make_fwd(b) for b in range(len(branches))],
                                      *ops)
-        state = dict(splits=splits, slot_of=slot_of, slots=slots, ops=ops, index=index)
+        state = {"splits": splits, "slot_of": slot_of, "slots": slots, "ops": ops,
+                 "index": index}
         return list(outs), state, out_active
 
     def backward(self, record, cts_out):
