@@ -369,7 +369,31 @@ def test_control_flow_never_calls_jax_autodiff(monkeypatch):
     want2 = jax.grad(second(jax.grad), (0, 1, 2))(w, h0, xs)
     for name in ["grad", "vjp", "jvp", "linearize", "linear_transpose", "value_and_grad"]:
         monkeypatch.setattr(jax, name, forbidden)
+    from jax._src.interpreters import ad
+    for name in ["jvp", "linearize", "backward_pass"]:
+        monkeypatch.setattr(ad, name, forbidden)
+    monkeypatch.setattr(ad.JVPTrace, "__init__", forbidden)
+    monkeypatch.setattr(ad.LinearizeTrace, "__init__", forbidden)
     _assert_trees_close(fb.grad(f, (0, 1, 2))(w, h0, xs), want)
     _assert_trees_close(jax.jit(fb.grad(second(fb.grad), (0, 1, 2)))(w, h0, xs), want2)
     _assert_trees_close(fb.jvp(f, (w, h0, xs), (w, h0, xs))[1],
                         sum(jnp.sum(g * t) for g, t in zip(want, (w, h0, xs))))
+
+
+def test_everything_nested_to_second_order():
+    # a checkpointed scan body holding a cond, an inner scan and a fori_loop
+    w, h0, xs = _rand(0, 3, 3) * 0.5, _rand(1, 3), _rand(2, 4, 3)
+
+    def f(w, h0, xs):
+        @jax.checkpoint
+        def body(h, x):
+            h = lax.cond(jnp.sum(x) > 0, lambda a: jnp.tanh(w @ a), lambda a: jnp.sin(a) * x, h)
+            g, ys = lax.scan(lambda g, z: (g * jnp.cos(z) + z, g), h, xs[:2])
+            g = lax.fori_loop(0, 2, lambda i, c: c + jnp.sin(c) * 0.1, g)
+            return g, jnp.sum(ys)
+        h, ys = lax.scan(body, h0, xs, reverse=True)
+        return jnp.sum(h ** 2) + jnp.sum(ys)
+
+    _check_grad(f, w, h0, xs)
+    hess = jax.jit(fb.hessian(f, 1))(w, h0, xs)
+    _assert_trees_close(hess, jax.hessian(f, 1)(w, h0, xs))

@@ -275,7 +275,7 @@ _SVD = [
          make_args=_matrices((4, 3)), tol=LOOSE),
     Spec("la_norm_2", lambda a: jnp.linalg.norm(a, ord=2), make_args=_matrices((3, 4)),
          tol=LOOSE),
-    Spec("la_norm_nuclear", lambda a: jnp.linalg.norm(a, ord="nuc"),
+    Spec("la_norm_nuclear", lambda a: jnp.linalg.norm(a, ord="nuc", axis=(-2, -1)),
          make_args=_matrices((2, 3, 3)), tol=LOOSE),
     Spec("la_pinv", jnp.linalg.pinv, make_args=_matrices((4, 3)), tol=LOOSE),
     Spec("la_lstsq", lambda a, b: jnp.linalg.lstsq(a, b)[0],

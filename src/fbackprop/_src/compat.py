@@ -225,3 +225,14 @@ def dce_keep_inputs(jaxpr, used_outputs) -> Jaxpr:
         jaxpr = pe.convert_constvars_jaxpr(jaxpr)
     new, _ = pe.dce_jaxpr(jaxpr, list(used_outputs), instantiate=True)
     return new
+
+
+def dce_jaxpr(jaxpr, used_outputs, instantiate=False):
+    """JAX's dead-code elimination of a jaxpr: (new jaxpr, used inputs)."""
+    from jax._src.interpreters import partial_eval as pe
+    return pe.dce_jaxpr(jaxpr, used_outputs, instantiate=instantiate)
+
+
+def join_effects(eqns):
+    """The union of the effects of some equations."""
+    return jcore.join_effects(*(e.effects for e in eqns)) if eqns else jcore.no_effects

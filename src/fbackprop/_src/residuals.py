@@ -47,10 +47,6 @@ import jax
 import numpy as np
 from jax import tree_util
 
-# JAX internals used here (dead-code elimination of jaxprs, effect sets).
-from jax._src import core as _jcore
-from jax._src.interpreters import partial_eval as _pe
-
 from . import compat, reverse, trace
 from .registry import is_differentiable_dtype
 
@@ -198,7 +194,7 @@ class Split:
 
 
 def _effects(eqns):
-    return _jcore.join_effects(*(e.effects for e in eqns)) if eqns else _jcore.no_effects
+    return compat.join_effects(eqns)
 
 
 # Forward equations whose output is as cheap to recompute as to read back: views
@@ -355,12 +351,12 @@ def split_joint(joint: Joint, recompute: Callable[[Any], bool] | None = None,
                         eqns=fwd_eqns, effects=_effects(fwd_eqns))
     # Drop what nested loops compute but nobody reads (e.g. residual outputs of a
     # nested forward scan whose values the backward part now recomputes).
-    fwd, _ = _pe.dce_jaxpr(fwd, [True] * len(fwd.outvars), instantiate=True)
+    fwd, _ = compat.dce_jaxpr(fwd, [True] * len(fwd.outvars), instantiate=True)
 
     bwd_eqns = [e for i, e in enumerate(eqns) if in_bwd[i] or in_rec[i]]
     bwd = jaxpr.replace(invars=saved_vars + cts_used_vars, outvars=list(ct_out),
                         eqns=bwd_eqns, effects=_effects(bwd_eqns))
-    bwd, _ = _pe.dce_jaxpr(bwd, [True] * len(bwd.outvars), instantiate=True)
+    bwd, _ = compat.dce_jaxpr(bwd, [True] * len(bwd.outvars), instantiate=True)
 
     out_index = {}
     for k, v in enumerate(primal_out):

@@ -538,7 +538,8 @@ def _output_paths(args) -> tuple[str, str | None]:
 
 
 def run(names: list[str] | None = None, quick: bool = False, reps: int | None = None,
-        aa: bool = False, verbose: bool = False, log=sys.stderr) -> dict:
+        aa: bool = False, verbose: bool = False, log=sys.stderr,
+        command: str | None = None) -> dict:
     """Runs the benchmark and returns the results (the JSON document as a dict).
 
     Args:
@@ -548,6 +549,7 @@ def run(names: list[str] | None = None, quick: bool = False, reps: int | None = 
       aa: time jax against itself (noise floor) instead of fbackprop against jax.
       verbose: print tracebacks of failures.
       log: where progress lines go.
+      command: the command line to record (default: ``sys.argv``).
 
     Returns:
       ``{"meta": {...}, "targets": {...}, "workloads": [{...}, ...]}``.
@@ -559,8 +561,7 @@ def run(names: list[str] | None = None, quick: bool = False, reps: int | None = 
     settings = Settings(quick, reps)
     selected = workloads_mod.get(names)
     meta = environment()
-    meta.update(quick=quick, aa=aa, command=" ".join([os.path.basename(sys.argv[0])]
-                                                     + sys.argv[1:]))
+    meta.update(quick=quick, aa=aa, command=command or " ".join(sys.argv))
     results = []
     t0 = time.perf_counter()
     for i, workload in enumerate(selected, 1):
@@ -590,7 +591,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m fbackprop bench")
     json_path, plot_path = _output_paths(args)
     meta = environment()
     print(report.header(meta, args.quick, args.aa), flush=True)
-    doc = run(names, quick=args.quick, reps=args.reps, aa=args.aa, verbose=args.verbose)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    doc = run(names, quick=args.quick, reps=args.reps, aa=args.aa, verbose=args.verbose,
+              command=" ".join([prog] + argv))
     print(report.table(doc))
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     with open(json_path, "w") as f:

@@ -167,6 +167,8 @@ def markdown_table(doc: dict) -> str:
                 cell = fmt_ratio(fig["ratio"]) + verdict
                 if figure == "trace_lower" and res.get("trace_only"):
                     cell += f" (trace only {fmt_ratio(res['trace_only']['ratio'])})"
+                elif fig.get("paired_ratio") is not None:
+                    cell += f" (paired {fmt_ratio(fig['paired_ratio'])})"
                 cells.append(cell)
         if "fb_grad_over_fwd" in res:
             cells.append(f"{res['fb_grad_over_fwd']:.2f} ({res['jax_grad_over_fwd']:.2f})")

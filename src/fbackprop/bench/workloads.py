@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 # How a workload's loss is differentiated (the harness builds the fb/jax pair):
@@ -58,8 +59,14 @@ class Workload:
 
 
 # ------------------------------------------------------------------ building blocks
-def _normal(key, shape, scale):
-    return scale * jax.random.normal(key, shape, jnp.float32)
+# Data and parameters come from NumPy's generator: building a workload then
+# compiles nothing (jax.random would compile a kernel per shape).
+def _normal(key, shape, scale=1.0):
+    return jnp.asarray(scale * key.standard_normal(shape), jnp.float32)
+
+
+def _randint(key, shape, high):
+    return jnp.asarray(key.integers(0, high, shape), jnp.int32)
 
 
 def _dense_init(key, n_in, n_out):
@@ -91,7 +98,8 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
 
 
 def _keys(seed, n):
-    return list(jax.random.split(jax.random.PRNGKey(seed), n))
+    """``n`` independent NumPy generators derived from ``seed``."""
+    return [np.random.default_rng([seed, i]) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------- MLP
@@ -112,8 +120,7 @@ def _mlp_batch(quick, batch_size=None, seed=1):
     d_in, _, d_out, batch = _mlp_sizes(quick)
     batch = batch_size or batch
     kx, ky = _keys(seed, 2)
-    return (jax.random.normal(kx, (batch, d_in), jnp.float32),
-            jax.random.randint(ky, (batch,), 0, d_out, jnp.int32))
+    return _normal(kx, (batch, d_in)), _randint(ky, (batch,), d_out)
 
 
 def make_mlp_loss():
@@ -137,7 +144,7 @@ def _build_mlp_hvp(quick):
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = _keys(7, len(leaves))
     tangent = jax.tree_util.tree_unflatten(
-        tree, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+        tree, [_normal(k, x.shape) for k, x in zip(keys, leaves)])
     return Problem(make_mlp_loss, (params, tangent, _mlp_batch(quick)),
                    f"{d_in}-{d_h}-{d_h}-{d_out}, batch {batch}", kind="hvp",
                    theory_grad_over_fwd=None)
@@ -201,8 +208,7 @@ def _build_cnn(quick):
         "fc1": _dense_init(k3, 7 * 7 * c2, hidden),
         "fc2": _dense_init(k4, hidden, 10),
     }
-    batch_data = (jax.random.normal(kx, (batch, 28, 28, 1), jnp.float32),
-                  jax.random.randint(ky, (batch,), 0, 10, jnp.int32))
+    batch_data = (_normal(kx, (batch, 28, 28, 1)), _randint(ky, (batch,), 10))
     return Problem(make_cnn_loss, (params, batch_data),
                    f"28x28x1, conv3x3 {c1}-{c2}, maxpool, dense {hidden}, batch {batch}")
 
@@ -270,7 +276,7 @@ def _build_transformer(quick, checkpoint=False):
               "blocks": [block_params() for _ in range(n_blocks)],
               "ln_f": _norm_init(width),
               "unembed": _dense_init(next(keys), width, vocab)}
-    tokens = jax.random.randint(next(keys), (batch, seq + 1), 0, vocab, jnp.int32)
+    tokens = _randint(next(keys), (batch, seq + 1), vocab)
     extra = ", jax.checkpoint per block" if checkpoint else ""
     return Problem(_make_transformer_loss(heads, checkpoint), (params, tokens),
                    f"{n_blocks} block{'s' if n_blocks > 1 else ''}, seq {seq}, width {width}, "
@@ -304,8 +310,7 @@ def _build_rnn(quick):
               "wh": _normal(k2, (hidden, hidden), 1 / math.sqrt(hidden)),
               "b": jnp.zeros((hidden,), jnp.float32),
               "out": _dense_init(k3, hidden, 1)}
-    data = (jax.random.normal(kx, (steps, batch, n_in), jnp.float32),
-            jax.random.normal(ky, (steps, batch, 1), jnp.float32))
+    data = (_normal(kx, (steps, batch, n_in)), _normal(ky, (steps, batch, 1)))
     return Problem(make_rnn_loss, (params, data),
                    f"T={steps}, batch {batch}, input {n_in}, hidden {hidden}")
 
@@ -329,8 +334,7 @@ def _build_deep(quick):
     depth, width, batch = _deep_sizes(quick)
     keys = _keys(5, depth + 2)
     params = [_dense_init(k, width, width) for k in keys[:depth]]
-    data = (jax.random.normal(keys[-2], (batch, width), jnp.float32),
-            jax.random.normal(keys[-1], (batch, width), jnp.float32))
+    data = (_normal(keys[-2], (batch, width)), _normal(keys[-1], (batch, width)))
     return Problem(make_deep_loss, (params, data),
                    f"{depth} tanh layers of width {width}, batch {batch}")
 

@@ -145,6 +145,13 @@ def _div_vjp(ct, out, x, y, *, active, **_):
     ct_x = unbroadcast(ct_over_y, x) if x_active else None
     ct_y = None
     if y_active:
+        if np.shape(y) != np.shape(ct):
+            # y was broadcast inside the primitive (softmax's denominator): sum
+            # ct x / y over the broadcast axes first, then divide the small result,
+            # so no full-size 1/y buffer stays alive.
+            summed = unbroadcast(lax.mul(lax.div(ct, y) if ct_over_y is None else ct_over_y,
+                                         x), y)
+            return [ct_x, lax.neg(lax.div(summed, y))]
         if x_active:
             # Reuse the x cotangent and the quotient: -x/y^2 ct = -(ct/y) out.
             slope_ct = lax.mul(ct_over_y, out)

@@ -305,8 +305,13 @@ def _qr_thin_vjp(q, r, ct_q, ct_r):
 def _qr_full_z(q, n):
     """Z_pn = Q_pn (Q_nn - I)^{-1} of JAX's full-matrices QR derivative."""
     q_nn, q_pn = q[..., :n, :n], q[..., n:, :n]
-    z_h = jnp.linalg.solve(_H(q_nn - _eye(n, q.dtype)), _H(q_pn))
-    return _H(z_h)
+    # Z (Q_nn - I) = Q_pn, solved with an LU factorization (P M = L U):
+    # Z = Q_pn U^{-1} L^{-1} P.
+    lu, _, perm = lax_linalg.lu_p.bind(q_nn - _eye(n, q.dtype))
+    l, u = _lu_factors(lu)
+    z = _tri_solve(u, q_pn, left_side=False, lower=False)
+    z = _tri_solve(l, z, left_side=False, lower=True, unit_diagonal=True)
+    return _permute_cols(z, _inverse_permutation(perm))
 
 
 def _qr_jvp(primals, tangents, *, pivoting, full_matrices, use_magma):
@@ -436,20 +441,24 @@ register_jvp(lax_linalg.eigh_p, _eigh_jvp)
 #   G = F o (U^T ct_U), D = diag(U^T ct_U) / (2 s), G' = F o (V^T ct_V), ct_V = ct_Vt^H
 #   ct_A = conj(U) ct_dS V^T + (projection terms).
 # With compute_uv=False the forward sweep still computes U and V (as JAX's rule
-# does) and ct_A = conj(U diag(ct_s) V^H). Repeated or zero singular values make
+# does) and ct_A = conj(U diag(ct_s) V^H). With full_matrices=True and a
+# non-square matrix the extra singular vectors are not unique: the VJP accepts
+# cotangents of the singular values only (using the first k vectors) and the
+# JVP raises, as JAX's does. Repeated or zero singular values make
 # U and V non-differentiable (inf/NaN gradients, as in JAX); the singular
 # values alone stay differentiable wherever they are distinct.
-def _svd_check(a, full_matrices, compute_uv, subset_by_index):
+def _svd_check_vectors(a, full_matrices, subset_by_index):
+    """Raises where the singular vectors of ``a`` have no derivative."""
     m, n = a.shape[-2:]
-    if compute_uv and full_matrices and m != n:
+    if full_matrices and m != n:
         raise NotImplementedError(
-            f"fbackprop: the derivative of 'svd' with full_matrices=True is not implemented "
-            f"for a non-square {m}x{n} matrix (JAX has none either): the extra singular "
-            f"vectors are not unique. Use full_matrices=False.")
-    if compute_uv and not (subset_by_index is None
-                           or tuple(subset_by_index) == (0, min(m, n))):
+            f"fbackprop: the derivative of 'svd' singular vectors with full_matrices=True is "
+            f"not implemented for a non-square {m}x{n} matrix (JAX has none either): the "
+            f"extra singular vectors are not unique. Use full_matrices=False (or "
+            f"compute_uv=False if only the singular values are differentiated).")
+    if not (subset_by_index is None or tuple(subset_by_index) == (0, min(m, n))):
         raise NotImplementedError(
-            f"fbackprop: the derivative of 'svd' with singular vectors is only implemented "
+            f"fbackprop: the derivative of 'svd' singular vectors is only implemented "
             f"for the full decomposition, not subset_by_index={subset_by_index}.")
 
 
@@ -459,7 +468,6 @@ def _svd_thin(a, subset_by_index, algorithm):
 
 
 def _svd_fwd(a, *, full_matrices, compute_uv, subset_by_index, algorithm):
-    _svd_check(a, full_matrices, compute_uv, subset_by_index)
     if compute_uv:
         outs = lax_linalg.svd_p.bind(a, full_matrices=full_matrices, compute_uv=True,
                                      subset_by_index=subset_by_index, algorithm=algorithm)
@@ -482,13 +490,22 @@ def _svd_gaps(s, dtype):
 def _svd_vjp(cts, outs, a, *, residuals, full_matrices, compute_uv, subset_by_index,
              algorithm):
     dtype = a.dtype
+    m, n = a.shape[-2:]
     if compute_uv:
         s, u, vt = outs
         ct_s, ct_u, ct_vt = cts
+        if ct_u is not None or ct_vt is not None:
+            _svd_check_vectors(a, full_matrices, subset_by_index)
+        # Only the singular values get a cotangent: the first k vectors suffice
+        # (also for full_matrices=True, where the others are not unique).
+        k = s.shape[-1]
+        if u.shape[-1] != k:
+            u = u[..., :, :k]
+        if vt.shape[-2] != k:
+            vt = vt[..., :k, :]
     else:
         (s,), (u, vt) = outs, residuals
         ct_s, ct_u, ct_vt = cts[0], None, None
-    m, n = a.shape[-2:]
     v = _H(vt)
     s_c = _cast(s, dtype)
     k = s.shape[-1]
@@ -523,7 +540,8 @@ def _svd_vjp(cts, outs, a, *, residuals, full_matrices, compute_uv, subset_by_in
 
 def _svd_jvp(primals, tangents, *, full_matrices, compute_uv, subset_by_index, algorithm):
     (a,), (da,) = primals, tangents
-    _svd_check(a, full_matrices, compute_uv, subset_by_index)
+    if compute_uv:
+        _svd_check_vectors(a, full_matrices, subset_by_index)
     s, u, vt = _svd_thin(a, subset_by_index, algorithm)
     outs = (s, u, vt) if compute_uv else (s,)
     if da is None:
