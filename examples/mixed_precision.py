@@ -17,6 +17,7 @@ import optax
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+import fbackprop as fb
 from fbackprop import precision as mp
 
 
@@ -123,6 +124,18 @@ def main(argv=None):
     bf16_bytes, bf16_fn, bf16_args = temp_bytes(runs[1][1], data)
     print(f"compiled temp bytes of the gradient step (MLP 64-1024-1024-10, batch 1024): "
           f"float32 {f32_bytes:,}  bfloat16 {bf16_bytes:,}  ratio {bf16_bytes / f32_bytes:.2f}")
+    residual = {}
+    for name, policy, _ in runs[:2]:
+        x, y = jnp.asarray(data[0][:1024]), jnp.asarray(data[2][:1024])
+        big = init(jax.random.PRNGKey(0), (64, 1024, 1024, 10))
+        report = fb.saved_residuals(
+            lambda p: loss_fn(policy.cast_to_compute(p), policy.cast_to_compute(x), y), big)
+        residual[name] = report.intermediate_bytes
+    ratio = residual["bfloat16 compute"] / residual["float32"]
+    print(f"activations kept for backward (fb.saved_residuals): float32 "
+          f"{residual['float32']:,} bytes, bfloat16 {residual['bfloat16 compute']:,} bytes, "
+          f"ratio {ratio:.2f} (boolean ReLU masks do not shrink)")
+    assert ratio < 0.75
     if not args.quick:
         t32, t16 = median_time(f32_fn, f32_args), median_time(bf16_fn, bf16_args)
         print(f"step time on {jax.devices()[0].device_kind}: float32 {t32 * 1e3:.2f} ms, "
