@@ -242,6 +242,8 @@ SPECS = [
     Spec("comparisons", _comparisons, shapes=((3, 4), (3, 4))),
     Spec("bitwise_and_logical", _bitwise, make_args=_with_ints),
     Spec("piecewise_constant", _piecewise_constant),
+    # jnp.copysign reads the sign bit with bitcast_convert_type (zero derivative).
+    Spec("bitcast_sign_bit", lambda x, y: jnp.copysign(x, y) * y, shapes=((3, 4), (3, 4))),
     # ------------------------------------------------------------------ casts
     Spec("convert_f32_to_f64", lambda x: jnp.sin(x.astype(jnp.float64)) * x,
          dtypes=("float32",)),

@@ -10,7 +10,6 @@ the real and the imaginary parts.
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
@@ -188,7 +187,26 @@ def _low_rank_args(rng, dtype):
             _rand(rng, (3,), dtype))
 
 
+def _tridiagonal_args(batch, m, n):
+    def make(rng, dtype):
+        dl, du, b = (_rand(rng, (*batch, m), dtype), _rand(rng, (*batch, m), dtype),
+                     _rand(rng, (*batch, m, n), dtype))
+        d = (_rand(rng, (*batch, m), dtype) + 4).astype(dtype)
+        return dl, d, du, b
+    return make
+
+
+def _tridiagonal(dl, d, du, b):
+    return _phase(lax.linalg.tridiagonal_solve(dl, d, du, b))
+
+
 _LINEAR_SOLVE = [
+    Spec("la_tridiagonal_solve", _tridiagonal, make_args=_tridiagonal_args((), 4, 2),
+         tol=LOOSE),
+    Spec("la_tridiagonal_solve_batched", _tridiagonal, make_args=_tridiagonal_args((2,), 3, 1),
+         tol=LOOSE),
+    Spec("la_tridiagonal_solve_complex", _tridiagonal, make_args=_tridiagonal_args((), 4, 2),
+         dtypes=COMPLEX, tol=LOOSE),
     Spec("la_custom_linear_solve_symmetric", _diag_plus_low_rank_solve,
          make_args=_low_rank_args, tol=LOOSE),
     Spec("la_custom_linear_solve_transpose_solve", _nonsymmetric_solve,
@@ -246,6 +264,29 @@ _EIGH = [
     Spec("la_eigh_unsymmetrized",
          lambda a: lax.linalg.eigh(a, symmetrize_input=False)[1],
          make_args=_matrices((3, 3), kind="spread"), tol=LOOSE),
+]
+
+
+# ------------------------------------------------------------------------- eig
+def _eig(left=False, right=True):
+    def fn(a):
+        outs = lax.linalg.eig(a, compute_left_eigenvectors=left,
+                              compute_right_eigenvectors=right, enable_eigvec_derivs=True)
+        return tuple(map(_phase, outs))
+    return fn
+
+
+_EIG = [
+    # Second order would differentiate the eigenvectors the first-order rule
+    # uses, which needs enable_eigvec_derivs=True (in JAX too).
+    Spec("la_eigvals", lambda a: _phase(jnp.linalg.eigvals(a)), make_args=_matrices((4, 4)),
+         order=1, tol=LOOSE),
+    Spec("la_eig_right", _eig(), make_args=_matrices((3, 3)), tol=LOOSE),
+    Spec("la_eig_left_and_right", _eig(left=True), make_args=_matrices((3, 3)), tol=LOOSE),
+    Spec("la_eig_left_only", _eig(left=True, right=False), make_args=_matrices((3, 3)),
+         tol=LOOSE),
+    Spec("la_eig_batched", _eig(), make_args=_matrices((2, 3, 3)), tol=LOOSE),
+    Spec("la_eig_complex", _eig(), make_args=_matrices((3, 3)), dtypes=COMPLEX, tol=LOOSE),
 ]
 
 
@@ -311,4 +352,5 @@ _FFT = [
                                                      n=6), shapes=((2, 6),)),
 ]
 
-SPECS = [*_CHOLESKY, *_TRIANGULAR, *_LU, *_LINEAR_SOLVE, *_QR, *_EIGH, *_SVD, *_FFT]
+SPECS = [*_CHOLESKY, *_TRIANGULAR, *_LU, *_LINEAR_SOLVE, *_QR, *_EIG, *_EIGH, *_SVD,
+         *_FFT]

@@ -185,13 +185,32 @@ def _run_value_and_grad(closed, dyn, active, holomorphic):
     return outs, cts
 
 
-# Eager calls (no tracers anywhere) run the whole forward+backward program
-# compiled, once per traced jaxpr: repeated eager calls neither re-trace nor
-# dispatch op by op. Programs longer than ``eager_compile_max_eqns`` run op by op
-# instead (XLA's compiler recurses over very long chains and can overflow the
-# stack near 100k operations).
+# Eager calls (no tracers anywhere) of a function fbackprop has already traced
+# for these shapes run the whole forward+backward program compiled (once per
+# traced jaxpr): repeated eager calls neither re-trace nor dispatch op by op.
+# The first call of a traced program is interpreted primitive by primitive, like
+# JAX's own eager mode, so a fresh closure per call never pays a compile.
+# Programs longer than ``eager_compile_max_eqns`` always run op by op (XLA's
+# compiler recurses over very long chains and can overflow the stack near 100k
+# operations).
 eager_compile = True
+eager_compile_after = 2
 eager_compile_max_eqns = 5000
+_eager_calls: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def compile_eagerly(traced, *value_lists) -> bool:
+    """Whether this eager call of ``traced`` should run as one compiled program."""
+    if not eager_compile or traced.num_eqns > eager_compile_max_eqns:
+        return False
+    if any(_any_tracer(values) for values in value_lists) or \
+            _any_tracer(traced.closed.consts):
+        return False
+    calls = _eager_calls.get(traced, 0) + 1
+    _eager_calls[traced] = calls
+    return calls >= eager_compile_after
+
+
 _compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -210,12 +229,6 @@ def _compiled_value_and_grad(traced, active, holomorphic):
 
 def _any_tracer(xs) -> bool:
     return any(compat.is_tracer(x) for x in xs)
-
-
-def _eager_compilable(prog, traced) -> bool:
-    return (eager_compile and not _any_tracer(prog.dyn)
-            and len(traced.closed.jaxpr.eqns) <= eager_compile_max_eqns
-            and not _any_tracer(traced.closed.consts))
 
 
 def _compiled_vjp(traced, active):
@@ -277,7 +290,7 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
         traced = prog.traced
         main_tree, aux_tree = split_scalar_output(traced, has_aux, api, holomorphic)
 
-        if _eager_compilable(prog, traced):
+        if compile_eagerly(traced, prog.dyn):
             outs, cts = _compiled_value_and_grad(traced, prog.active, holomorphic)(prog.dyn)
         else:
             outs, cts = _run_value_and_grad(traced.closed, prog.dyn, prog.active, holomorphic)
@@ -383,7 +396,7 @@ def vjp(fun: Callable, *primals, has_aux: bool = False, reduce_axes: Sequence = 
     n_main = main_tree.num_leaves
     active = [jnp.issubdtype(_dtype_of(x), jnp.inexact) for x in prog.dyn]
     closed = traced.closed
-    if _eager_compilable(prog, traced):
+    if compile_eagerly(traced, prog.dyn):
         # Eagerly, the forward runs compiled, and each vjp_fn call runs one
         # compiled program that recomputes the forward and sweeps backward: no
         # op-by-op dispatch and no tape kept alive between calls.

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax, tree_util
 
-from . import api, compat, reverse
+from . import api, compat, reverse, trace
 from .registry import vjp_rules
 from .rules.debug import NAMED_PRIMITIVES, tag_p
 
@@ -64,12 +64,7 @@ def inlined_jaxpr(eqn):
     return None
 
 
-def _sub_jaxprs(eqn):
-    for value in eqn.params.values():
-        for item in value if isinstance(value, (tuple, list)) else [value]:
-            inner = getattr(item, "jaxpr", item)
-            if isinstance(inner, compat.Jaxpr):
-                yield inner
+_sub_jaxprs = trace.sub_jaxprs
 
 
 _SOURCE_RE = re.compile(r"^(?P<file>.*?):(?P<line>\d+)(?::\d+)?(?: \((?P<func>.*)\))?$")
@@ -132,21 +127,11 @@ def _split_output(traced, has_aux: bool, api_name: str):
     return api.split_scalar_output(traced, has_aux, api_name)
 
 
-def _num_eqns(jaxpr) -> int:
-    count, stack = 0, [jaxpr]
-    while stack:
-        j = stack.pop()
-        count += len(j.eqns)
-        for eqn in j.eqns:
-            stack.extend(_sub_jaxprs(eqn))
-    return count
-
-
 def _should_compile(traced, dyn) -> bool:
-    return (getattr(api, "eager_compile", True)
+    return (api.eager_compile
             and not api._any_tracer(dyn)
             and not api._any_tracer(traced.closed.consts)
-            and _num_eqns(traced.closed.jaxpr) <= getattr(api, "eager_compile_max_eqns", 5000))
+            and traced.num_eqns <= api.eager_compile_max_eqns)
 
 
 # Compiled eager programs, per traced function and options (like fb.grad's).

@@ -98,8 +98,11 @@ def _compile_when_eager(fn: Callable) -> Callable:
         static = [not api._is_array_leaf(x) for x in leaves]
         traced = trace.trace_flat(fn, in_tree, leaves, static,
                                   what=getattr(fn, "__name__", "fun"))
-        if _is_tracer_tree(traced.closed.consts):
-            return fn(*args, **kwargs)
+        if not api.compile_eagerly(traced, leaves):
+            closed = traced.closed
+            dyn = [x for x, st in zip(leaves, static) if not st]
+            outs = compat.eval_jaxpr(closed.jaxpr, closed.consts, *dyn)
+            return tree_util.tree_unflatten(traced.out_tree, outs)
         run = _compiled_calls.get(traced)
         if run is None:
             closed = traced.closed
@@ -199,8 +202,7 @@ def _jvp(fun, primals, tangents, has_aux=False, api_name="jvp"):
 
     mask = [t is not None for t in tangent_vals]
     nz = [t for t in tangent_vals if t is not None]
-    eager = api.eager_compile and not _is_tracer_tree(leaves) and not _is_tracer_tree(nz) \
-        and not _is_tracer_tree(traced.closed.consts)
+    eager = api.compile_eagerly(traced, leaves, nz)
     outs, touts = _jvp_runner(traced, mask, eager)(leaves, nz)
 
     n_main = main_tree.num_leaves
@@ -356,8 +358,7 @@ def linearize(fun: Callable, *primals, has_aux: bool = False):
     mask = [jnp.issubdtype(a.dtype, jnp.inexact) for a in in_avals]
     prog = _linearized_program(traced, mask)
 
-    eager = api.eager_compile and not _is_tracer_tree(leaves) and \
-        not _is_tracer_tree(traced.closed.consts)
+    eager = api.compile_eagerly(traced, leaves)
     if eager:
         per = _linearized.setdefault(traced, {})
         jit_key = ("eval_primal", tuple(mask))

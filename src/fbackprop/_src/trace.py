@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from typing import Any, Callable
 
@@ -18,6 +19,30 @@ class Traced:
     closed: Any            # ClosedJaxpr over the flat input leaves
     out_tree: Any          # treedef of the function's output
     out_avals: tuple
+
+    @functools.cached_property
+    def num_eqns(self) -> int:
+        """Equations in the jaxpr, counting those inside sub-jaxprs."""
+        return count_eqns(self.closed.jaxpr)
+
+
+def sub_jaxprs(eqn):
+    """The open jaxprs inside an equation's parameters (jit, scan, cond bodies...)."""
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else [value]:
+            inner = getattr(item, "jaxpr", item)
+            if isinstance(inner, compat.Jaxpr):
+                yield inner
+
+
+def count_eqns(jaxpr) -> int:
+    count, stack = 0, [jaxpr]
+    while stack:
+        j = stack.pop()
+        count += len(j.eqns)
+        for eqn in j.eqns:
+            stack.extend(sub_jaxprs(eqn))
+    return count
 
 
 _cache: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()

@@ -30,10 +30,13 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
+
+import fbackprop as fb
 
 from . import workloads as workloads_mod
 
@@ -58,6 +61,14 @@ FIGURE_LABELS = {
 FIGURES = tuple(TARGETS)
 # Figures that only some workload kinds have (absent elsewhere, not an error).
 OPTIONAL_FIGURES = ("eager_closure",)
+
+# LLVM's optimizations are most of XLA:CPU's compile time; a quick run compiles
+# dozens of programs and hundreds of eager single-op kernels, and turning them
+# off halves its run time. XLA's HLO passes still run, so the compiled FLOPs
+# and temp bytes are the same as in a full run (only the step times change,
+# for both engines alike).
+QUICK_XLA_FLAG = "--xla_backend_optimization_level=0"
+
 # A gradient that differs from JAX's by more than this (relative to the largest
 # entry of JAX's) is flagged in the table: speed of a wrong answer is no speed.
 AGREEMENT_TOL = 1e-3
@@ -88,7 +99,6 @@ def differentiate(kind: str, engine: str, loss: Callable) -> Callable:
     This is the code a user writes; everything else in the harness only times it.
     """
     if engine == "fb":
-        import fbackprop as fb
         value_and_grad, grad = fb.value_and_grad, fb.grad
     else:
         value_and_grad, grad = jax.value_and_grad, jax.grad
@@ -98,8 +108,6 @@ def differentiate(kind: str, engine: str, loss: Callable) -> Callable:
         return jax.vmap(grad(loss), in_axes=(None, 0))
     if kind == "hvp":
         if engine == "fb":
-            import fbackprop as fb
-
             def fb_hvp_step(params, tangent, batch):
                 return fb.hvp(lambda p: loss(p, batch), (params,), (tangent,))
             return fb_hvp_step
@@ -121,10 +129,8 @@ def forward_of(kind: str, loss: Callable) -> Callable:
 
 
 def skip_reason(kind: str, aa: bool) -> str | None:
-    if kind == "hvp" and not aa:
-        import fbackprop as fb
-        if not hasattr(fb, "hvp"):
-            return "fbackprop.hvp does not exist yet"
+    if kind == "hvp" and not aa and not hasattr(fb, "hvp"):
+        return "fbackprop.hvp does not exist yet"
     return None
 
 
@@ -300,7 +306,7 @@ def run_workload(workload, settings: Settings, aa: bool = False,
 
     try:
         problem = workload.build(settings.quick)
-    except Exception as exc:  # the workload itself is broken
+    except Exception as exc:  # noqa: BLE001  (any failure becomes an error row)
         record_error(FIGURES, exc)
         result["status"] = "error"
         return result
@@ -347,8 +353,8 @@ def run_workload(workload, settings: Settings, aa: bool = False,
         if not settings.quick:
             fresh_lower(fb_engine, "fb")()
             fresh_lower("jax", "jax")()
-            for side in trace_only:
-                trace_only[side].clear()
+            for samples in trace_only.values():
+                samples.clear()
         timings, lowered = time_fresh_interleaved(
             {"fb": fresh_lower(fb_engine, "fb"), "jax": fresh_lower("jax", "jax")},
             settings.trace_reps, settings.min_reps, settings.trace_budget)
@@ -357,7 +363,7 @@ def run_workload(workload, settings: Settings, aa: bool = False,
         result["trace_only"] = {"fb": fb_trace, "jax": jax_trace,
                                 "ratio": _ratio(fb_trace, jax_trace),
                                 "samples": trace_only}
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         record_error(["trace_lower"], exc)
 
     stage("compile")
@@ -376,7 +382,7 @@ def run_workload(workload, settings: Settings, aa: bool = False,
             result["figures"]["temp_bytes"] = _figure(
                 "temp_bytes", _temp_bytes_of(compiled["fb"]),
                 _temp_bytes_of(compiled["jax"]), "B")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             compiled = {}
             record_error(["flops", "temp_bytes"], exc)
     else:
@@ -410,7 +416,7 @@ def run_workload(workload, settings: Settings, aa: bool = False,
         result["forward_seconds"] = fwd_t
         result["fb_grad_over_fwd"] = fb_t / fwd_t
         result["jax_grad_over_fwd"] = jax_t / fwd_t
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         record_error(["jit_step"], exc)
 
     stage("eager")
@@ -424,7 +430,7 @@ def run_workload(workload, settings: Settings, aa: bool = False,
             settings.min_sample, warmup=settings.warmup,
             discard_round=not settings.quick)
         result["figures"]["eager"] = _timed_figure("eager", timings)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         record_error(["eager"], exc)
 
     # Eager with a new closure on every call, e.g. in a notebook loop
@@ -446,7 +452,7 @@ def run_workload(workload, settings: Settings, aa: bool = False,
                 settings.min_sample, warmup=0 if settings.quick else 1,
                 discard_round=False)
             result["figures"]["eager_closure"] = _timed_figure("eager_closure", timings)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             record_error(["eager_closure"], exc)
 
     stage(None)
@@ -471,7 +477,6 @@ def _cpu_model() -> str:
 def environment() -> dict:
     """Device, versions and machine, printed at the top and stored in the JSON."""
     import jaxlib
-    import fbackprop
     devices = jax.devices()
     try:
         usable = len(os.sched_getaffinity(0))
@@ -484,7 +489,7 @@ def environment() -> dict:
         "device_count": len(devices),
         "jax_version": jax.__version__,
         "jaxlib_version": jaxlib.__version__,
-        "fbackprop_version": getattr(fbackprop, "__version__", "?"),
+        "fbackprop_version": getattr(fb, "__version__", "?"),
         "python": platform.python_version(),
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -502,7 +507,8 @@ def build_parser(prog: str = "python -m fbackprop bench") -> argparse.ArgumentPa
         "jitted step time, compiled FLOPs and temp bytes, trace+lower time, eager step "
         "time, and gradient/forward time.")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes and few repetitions (well under a minute on 2 cores)")
+                        help="tiny sizes, few repetitions and XLA_FLAGS+="
+                             f"{QUICK_XLA_FLAG} (about half a minute of CPU)")
     parser.add_argument("--only", action="append", default=[], metavar="NAME[,NAME]",
                         help=f"run only these workloads (repeatable). Known: {names}")
     parser.add_argument("--list", action="store_true", help="list the workloads and exit")
@@ -520,6 +526,24 @@ def build_parser(prog: str = "python -m fbackprop bench") -> argparse.ArgumentPa
     parser.add_argument("--verbose", action="store_true",
                         help="print full tracebacks of failing workloads")
     return parser
+
+
+def _backend_started() -> bool:
+    """Whether JAX has created its backend (after which XLA_FLAGS are ignored)."""
+    try:   # private: JAX has no public query for this
+        from jax._src import xla_bridge
+        return bool(xla_bridge._backends)
+    except (ImportError, AttributeError):
+        return True   # unknown: assume too late, and leave XLA_FLAGS alone
+
+
+def _use_quick_compiler_flags() -> bool:
+    """Adds :data:`QUICK_XLA_FLAG` to ``XLA_FLAGS`` if no backend exists yet."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" in flags or _backend_started():
+        return False
+    os.environ["XLA_FLAGS"] = (flags + " " + QUICK_XLA_FLAG).strip()
+    return True
 
 
 def _output_paths(args) -> tuple[str, str | None]:
@@ -589,6 +613,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m fbackprop bench")
     except ValueError as exc:
         parser.error(str(exc))
     json_path, plot_path = _output_paths(args)
+    if args.quick:
+        _use_quick_compiler_flags()
     meta = environment()
     print(report.header(meta, args.quick, args.aa), flush=True)
     argv = sys.argv[1:] if argv is None else list(argv)

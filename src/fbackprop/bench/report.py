@@ -21,12 +21,14 @@ def json_default(x):
 def header(meta: dict, quick: bool = False, aa: bool = False) -> str:
     mode = "quick" if quick else "full"
     lines = [
-        f"fbackprop {meta['fbackprop_version']} vs jax {meta['jax_version']} "
-        f"(jaxlib {meta['jaxlib_version']}), {mode} run, {meta['date']}",
-        f"device: {meta['platform']} / {meta['device_kind']} x{meta['device_count']}   "
-        f"CPU: {meta['cpu_model']}, {meta['cpu_count']} CPUs "
-        f"({meta['cpus_usable']} usable)   python {meta['python']}",
+        (f"fbackprop {meta['fbackprop_version']} vs jax {meta['jax_version']} "
+         f"(jaxlib {meta['jaxlib_version']}), {mode} run, {meta['date']}"),
+        (f"device: {meta['platform']} / {meta['device_kind']} x{meta['device_count']}   "
+         f"CPU: {meta['cpu_model']}, {meta['cpu_count']} CPUs "
+         f"({meta['cpus_usable']} usable)   python {meta['python']}"),
     ]
+    if meta.get("xla_flags"):
+        lines.append(f"XLA_FLAGS={meta['xla_flags']}")
     if aa:
         lines.append("A/A run: the 'fb' column is jax itself; ratios show the noise floor.")
     return "\n".join(lines)

@@ -568,7 +568,10 @@ defjvp(lax.conj_p, lambda t, out, x, *, input_dtype, **_:
 # ------------------------------------------------------------------ no gradient
 # Comparisons, predicates, integer and bit ops have integer/bool outputs; rounding,
 # sign and nextafter are piecewise constant (JAX gives them a zero derivative).
+# A bitcast reinterprets the bits (jnp.copysign and jax.scipy.special.gamma read a
+# float's sign bit through one); JAX gives it a zero derivative whatever the dtypes.
 defnondiff(lax.eq_p, lax.ne_p, lax.lt_p, lax.le_p, lax.gt_p, lax.ge_p,
+           lax.bitcast_convert_type_p,
            lax.eq_to_p, lax.le_to_p, lax.lt_to_p, lax.is_finite_p,
            lax.and_p, lax.or_p, lax.not_p, lax.xor_p,
            lax.shift_left_p, lax.shift_right_arithmetic_p, lax.shift_right_logical_p,

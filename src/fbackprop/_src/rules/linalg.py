@@ -1,8 +1,9 @@
 """Linear algebra and FFT: VJP and JVP rules side by side.
 
-Decompositions (``cholesky``, ``lu``, ``qr``, ``eigh``, ``svd``), triangular
-solves, ``custom_linear_solve`` (what ``jnp.linalg.solve`` and ``inv`` bind) and
-``fft``. Conventions shared by every rule here:
+Decompositions (``cholesky``, ``lu``, ``qr``, ``eig``, ``eigh``, ``svd``),
+triangular and tridiagonal solves, ``custom_linear_solve`` (what
+``jnp.linalg.solve`` and ``inv`` bind) and ``fft``. Conventions shared by every
+rule here:
 
 * Matrices may carry leading batch dimensions; every formula works on the last
   two axes (``_T`` swaps them, ``_mm`` is a batched matrix product).
@@ -16,8 +17,9 @@ solves, ``custom_linear_solve`` (what ``jnp.linalg.solve`` and ``inv`` bind) and
 * The rules only use primitives that have rules themselves (triangular solves,
   ``dot_general``, ``select_n``...), so second and higher orders work.
 * Outside a formula's domain the rules raise ``NotImplementedError`` naming the
-  primitive (partial eigen/singular decompositions, full-matrix SVD of
-  non-square inputs), as JAX does. At degenerate points (repeated eigenvalues
+  primitive (partial eigen/singular decompositions, singular vectors of a
+  full-matrix SVD of a non-square input, non-symmetric eigenvectors without
+  ``enable_eigvec_derivs``), as JAX does. At degenerate points (repeated eigenvalues
   or singular values) the gradients are inf/NaN, as JAX's: the derivative of an
   eigenvector there is not defined.
 """
@@ -33,8 +35,14 @@ from jax.lax import linalg as lax_linalg
 
 from .. import forward as _forward
 from .. import reverse as _reverse
-from ..registry import (defjvp, defjvp_linear, defnondiff, defvjp, register_jvp,
-                        register_vjp)
+from ..registry import (
+    defjvp,
+    defjvp_linear,
+    defnondiff,
+    defvjp,
+    register_jvp,
+    register_vjp,
+)
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -90,6 +98,13 @@ def _diag_matrix(v):
     """A batch of diagonal matrices with ``v`` (shape ``(..., n)``) on the diagonal."""
     n = v.shape[-1]
     return jnp.where(np.eye(n, dtype=bool), v[..., None, :], jnp.zeros((), v.dtype))
+
+
+def _inverse_gaps(w, dtype):
+    """F_ij = 1 / (w_j - w_i) off the diagonal, 0 on it, in ``dtype``."""
+    n = w.shape[-1]
+    eye = _eye(n, w.dtype)
+    return _cast(1 / (eye + w[..., None, :] - w[..., :, None]) - eye, dtype)
 
 
 def _zeros_like(x):
@@ -196,8 +211,8 @@ def _tri_solve_vjp(ct, x, a, b, *, active, **params):
 def _tri_solve_jvp_a(t, x, a, b, *, left_side, lower, transpose_a, conjugate_a,
                      unit_diagonal):
     dop = -_tri_op(_tri_mask(t, lower, unit_diagonal), transpose_a, conjugate_a)
-    params = dict(left_side=left_side, lower=lower, transpose_a=transpose_a,
-                  conjugate_a=conjugate_a, unit_diagonal=unit_diagonal)
+    params = {"left_side": left_side, "lower": lower, "transpose_a": transpose_a,
+              "conjugate_a": conjugate_a, "unit_diagonal": unit_diagonal}
     m, n = x.shape[-2:]
     # A triangular solve costs about a matrix product: order the two so the
     # product is the smaller one, as JAX does.
@@ -268,6 +283,19 @@ register_jvp(lax_linalg.lu_p, _lu_jvp)
 defnondiff(lax_linalg.lu_pivots_to_permutation_p)
 
 
+def _lu_solve(a, b):
+    """X with A X = B for square A (batched), by LU: X = U^{-1} L^{-1} P B.
+
+    Built from primitives with rules, so it differentiates like any program
+    (used inside rules that need A^{-1}; a user's jnp.linalg.solve goes through
+    custom_linear_solve instead).
+    """
+    lu, _, perm = lax_linalg.lu_p.bind(a)
+    l, u = _lu_factors(lu)
+    x = _tri_solve(l, _permute_rows(b, perm), left_side=True, lower=True, unit_diagonal=True)
+    return _tri_solve(u, x, left_side=True, lower=False)
+
+
 # -------------------------------------------------------------------------- qr
 # Thin QR (m >= n): X = Q R, Q^H Q = I, R upper triangular. With
 # Y = dX R^{-1} and C = Q^H Y, the skew-Hermitian part of Q^H dQ is
@@ -305,13 +333,8 @@ def _qr_thin_vjp(q, r, ct_q, ct_r):
 def _qr_full_z(q, n):
     """Z_pn = Q_pn (Q_nn - I)^{-1} of JAX's full-matrices QR derivative."""
     q_nn, q_pn = q[..., :n, :n], q[..., n:, :n]
-    # Z (Q_nn - I) = Q_pn, solved with an LU factorization (P M = L U):
-    # Z = Q_pn U^{-1} L^{-1} P.
-    lu, _, perm = lax_linalg.lu_p.bind(q_nn - _eye(n, q.dtype))
-    l, u = _lu_factors(lu)
-    z = _tri_solve(u, q_pn, left_side=False, lower=False)
-    z = _tri_solve(l, z, left_side=False, lower=True, unit_diagonal=True)
-    return _permute_cols(z, _inverse_permutation(perm))
+    # Z (Q_nn - I) = Q_pn  <=>  (Q_nn - I)^T Z^T = Q_pn^T.
+    return _T(_lu_solve(_T(q_nn - _eye(n, q.dtype)), _T(q_pn)))
 
 
 def _qr_jvp(primals, tangents, *, pivoting, full_matrices, use_magma):
@@ -327,7 +350,7 @@ def _qr_jvp(primals, tangents, *, pivoting, full_matrices, use_magma):
     if m < n:
         dq, dr1 = _qr_thin_jvp(q, r[..., :, :m], dx[..., :, :m])
         dr2 = _mm(_H(dq), x[..., :, m:]) + _mm(_H(q), dx[..., :, m:])
-        dq, dr = dq, jnp.concatenate([dr1, dr2], axis=-1)
+        dr = jnp.concatenate([dr1, dr2], axis=-1)
     elif not full_matrices or m == n:
         dq, dr = _qr_thin_jvp(q, r, dx)
     else:
@@ -373,6 +396,123 @@ register_vjp(lax_linalg.qr_p, _qr_vjp)
 register_jvp(lax_linalg.qr_p, _qr_jvp)
 
 
+# ------------------------------------------------------------------------- eig
+# A V = V diag(w) for a general (diagonalizable) A; w and V are complex. With
+# P = V^{-1} dA V: dw = diag(P), and the right eigenvectors move by
+#   U = V (F o P),  F_ij = 1 / (w_j - w_i) (i != j), F_ii = 0,
+#   dv_j = u_j + c_j v_j,
+# where c_j keeps LAPACK's normalization (unit norm, real largest component
+# v_kj, k = argmax_i |v_ij|):
+#   c_j = -Re(v_j^H u_j) - i Im(u_kj) / Re(v_kj)   (JAX's rule, issue 2748).
+# The left eigenvectors are the right ones of A^H (eigenvalues conj(w)).
+# Transpose, with g_j = sum_i ct_v_ij v_ij:
+#   ct_U = ct_v - conj(V) Re(g) - i (Im(g) / Re(v_k)) e_k   (column by column)
+#   ct_A = V^{-T} (diag(ct_w) + F o (V^T ct_U)) V^T,  its real part for a real A.
+# Eigenvector derivatives rely on assumptions JAX cannot check, so, like JAX,
+# they need enable_eigvec_derivs=True; eigenvalue derivatives do not.
+def _eig_check_vectors(enable_eigvec_derivs):
+    if not enable_eigvec_derivs:
+        raise NotImplementedError(
+            "fbackprop: derivatives of the eigenvectors of 'eig' (non-symmetric) are only "
+            "valid under assumptions on the input that cannot be checked; pass "
+            "enable_eigvec_derivs=True to jax.lax.linalg.eig to opt in (as in JAX). "
+            "Eigenvalue derivatives need no opt-in: use jnp.linalg.eigvals.")
+
+
+def _eig_bind(a, params, right=True):
+    return lax_linalg.eig_p.bind(a, **{**params, "compute_right_eigenvectors": right})
+
+
+def _eig_fwd(a, **params):
+    outs = _eig_bind(a, params)
+    if params["compute_right_eigenvectors"]:
+        return outs, None
+    return outs[:-1], outs[-1]
+
+
+def _eig_normalizing_index(v):
+    """One-hot (as v's dtype) of each column's largest-magnitude component."""
+    k = jnp.argmax(jnp.abs(v), axis=-2)
+    rows = lax.broadcasted_iota(np.int32, v.shape, v.ndim - 2)
+    return (rows == k[..., None, :]).astype(v.dtype)
+
+
+def _eig_vec_jvp(w, v, da):
+    p = _mm(_lu_solve(v, da), v)
+    u = _mm(v, _inverse_gaps(w, v.dtype) * p)
+    mask = _eig_normalizing_index(v)
+    c = lax.complex(-jnp.sum(jnp.real(_conj(v) * u), axis=-2),
+                    -jnp.imag(jnp.sum(mask * u, axis=-2))
+                    / jnp.real(jnp.sum(mask * v, axis=-2)))
+    return _diagonal(p), u + v * c[..., None, :]
+
+
+def _eig_ct_p(w, v, ct_v):
+    """The cotangent of P = V^{-1} dA V from the eigenvectors' cotangent."""
+    g = jnp.sum(ct_v * v, axis=-2)
+    mask = _eig_normalizing_index(v)
+    r = jnp.real(jnp.sum(mask * v, axis=-2))
+    ct_u = ct_v - _conj(v) * _cast(jnp.real(g), v.dtype)[..., None, :] \
+        - mask * lax.complex(jnp.zeros_like(r), jnp.imag(g) / r)[..., None, :]
+    return _inverse_gaps(w, v.dtype) * _mm(_T(v), ct_u)
+
+
+def _eig_vjp(cts, outs, a, *, residuals, compute_left_eigenvectors,
+             compute_right_eigenvectors, enable_eigvec_derivs, implementation):
+    w = outs[0]
+    vr = outs[-1] if compute_right_eigenvectors else residuals
+    ct_w = cts[0]
+    ct_vl = cts[1] if compute_left_eigenvectors else None
+    ct_vr = cts[-1] if compute_right_eigenvectors else None
+    if ct_vl is not None or ct_vr is not None:
+        _eig_check_vectors(enable_eigvec_derivs)
+    ct_a = None
+    ct_p = None
+    if ct_w is not None:
+        ct_p = _diag_matrix(_cast(ct_w, vr.dtype))
+    if ct_vr is not None:
+        term = _eig_ct_p(w, vr, ct_vr)
+        ct_p = term if ct_p is None else ct_p + term
+    if ct_p is not None:
+        ct_a = _lu_solve(_T(vr), _mm(ct_p, _T(vr)))    # V^{-T} ct_P V^T
+    if ct_vl is not None:
+        vl = outs[1]
+        ct_p_left = _eig_ct_p(_conj(w), vl, ct_vl)
+        term = _H(_lu_solve(_T(vl), _mm(ct_p_left, _T(vl))))
+        ct_a = term if ct_a is None else ct_a + term
+    if ct_a is None:
+        return [None]
+    return [ct_a if _is_complex(a) else _cast(jnp.real(ct_a), a.dtype)]
+
+
+def _eig_jvp(primals, tangents, **params):
+    (a,), (da,) = primals, tangents
+    if params["compute_left_eigenvectors"] or params["compute_right_eigenvectors"]:
+        _eig_check_vectors(params["enable_eigvec_derivs"])
+    full = _eig_bind(a, params)
+    w, vr = full[0], full[-1]
+    outs = full if params["compute_right_eigenvectors"] else full[:-1]
+    if da is None:
+        return outs, [None] * len(outs)
+    da = _cast(da, vr.dtype)
+    if not params["compute_right_eigenvectors"]:
+        dw = _diagonal(_mm(_lu_solve(vr, da), vr))
+        if not params["compute_left_eigenvectors"]:
+            return outs, [dw]
+    else:
+        dw, dvr = _eig_vec_jvp(w, vr, da)
+    touts = [dw]
+    if params["compute_left_eigenvectors"]:
+        touts.append(_eig_vec_jvp(_conj(w), full[1], _H(da))[1])
+    if params["compute_right_eigenvectors"]:
+        touts.append(dvr)
+    return outs, touts
+
+
+register_vjp(lax_linalg.eig_p, _eig_vjp, fwd=_eig_fwd)
+register_jvp(lax_linalg.eig_p, _eig_jvp)
+
+
 # ------------------------------------------------------------------------ eigh
 # A = V diag(w) V^H with distinct eigenvalues w (first-order perturbation
 # theory): with M = V^H dA V,
@@ -397,12 +537,6 @@ def _eigh_fwd(a, **params):
     return lax_linalg.eigh_p.bind(_symmetrize(a), **params), None
 
 
-def _eigh_inverse_gaps(w, dtype):
-    n = w.shape[-1]
-    eye = _eye(n, w.dtype)
-    return _cast(1 / (eye + w[..., None, :] - w[..., :, None]) - eye, dtype)
-
-
 def _eigh_vjp(cts, outs, a, *, residuals, subset_by_index, **_):
     ct_v, ct_w = cts
     v, w = outs
@@ -410,7 +544,7 @@ def _eigh_vjp(cts, outs, a, *, residuals, subset_by_index, **_):
     if ct_w is not None:
         m = m + _diag_matrix(_cast(ct_w, v.dtype))
     if ct_v is not None:
-        m = m + _eigh_inverse_gaps(w, v.dtype) * _mm(_T(v), ct_v)
+        m = m + _inverse_gaps(w, v.dtype) * _mm(_T(v), ct_v)
     return [_mm(_mm(_conj(v), m), _T(v))]
 
 
@@ -422,7 +556,7 @@ def _eigh_jvp(primals, tangents, **params):
         return (v, w), (None, None)
     m = _mm(_mm(_H(v), t), v)
     dw = _cast(jnp.real(_diagonal(m)), w.dtype)
-    dv = _mm(v, _eigh_inverse_gaps(w, v.dtype) * m)
+    dv = _mm(v, _inverse_gaps(w, v.dtype) * m)
     return (v, w), (dv, dw)
 
 
@@ -574,6 +708,76 @@ def _svd_jvp(primals, tangents, *, full_matrices, compute_uv, subset_by_index, a
 
 register_vjp(lax_linalg.svd_p, _svd_vjp, fwd=_svd_fwd)
 register_jvp(lax_linalg.svd_p, _svd_jvp)
+
+
+# ----------------------------------------------------------- tridiagonal_solve
+# X = T^{-1} B for the tridiagonal T with sub-, main and super-diagonals dl, d,
+# du (dl[0] and du[-1] are not read). Like a general solve:
+#   dX = T^{-1} (dB - dT X),   ct_B = T^{-T} ct,
+# where T^T has sub-diagonal du shifted down one and super-diagonal dl shifted
+# up one. The diagonals' cotangents pair ct_B with the matching rows of X:
+#   ct_d[i] = -sum_j ct_B[i, j] X[i, j],   ct_dl[i] = -sum_j ct_B[i, j] X[i-1, j],
+#   ct_du[i] = -sum_j ct_B[i, j] X[i+1, j]  (zero where the diagonal is not read).
+def _shift_rows(x, offset):
+    """``y[..., i, :] = x[..., i + offset, :]``, zero outside (offset is +1 or -1)."""
+    nb = x.ndim - 2
+    if offset == 1:
+        return jnp.pad(x[..., 1:, :], [(0, 0)] * nb + [(0, 1), (0, 0)])
+    return jnp.pad(x[..., :-1, :], [(0, 0)] * nb + [(1, 0), (0, 0)])
+
+
+def _tridiagonal_product(dl, d, du, x):
+    return (d[..., :, None] * x + dl[..., :, None] * _shift_rows(x, -1)
+            + du[..., :, None] * _shift_rows(x, 1))
+
+
+def _tridiagonal_transposed(dl, d, du):
+    zero = jnp.zeros((*d.shape[:-1], 1), d.dtype)
+    dl_t = jnp.concatenate([zero, du[..., :-1]], axis=-1)
+    du_t = jnp.concatenate([dl[..., 1:], zero], axis=-1)
+    return dl_t, d, du_t
+
+
+def _tridiagonal_solve_vjp(ct, x, dl, d, du, b, *, perturb_singular, active):
+    ct_b = lax_linalg.tridiagonal_solve_p.bind(*_tridiagonal_transposed(dl, d, du), ct,
+                                               perturb_singular=perturb_singular)
+    cts = [None, None, None, ct_b if active[3] else None]
+    if any(active[:3]):
+        m = d.shape[-1]
+        read_below = np.arange(m) > 0
+        read_above = np.arange(m) < m - 1
+        pairs = (_shift_rows(x, -1), x, _shift_rows(x, 1))
+        masks = (read_below, None, read_above)
+        for i, (rows, mask) in enumerate(zip(pairs, masks)):
+            if active[i]:
+                ct_diag = -jnp.sum(ct_b * rows, axis=-1)
+                if mask is not None:
+                    ct_diag = jnp.where(mask, ct_diag, jnp.zeros((), ct_diag.dtype))
+                cts[i] = ct_diag
+    return cts
+
+
+def _tridiagonal_solve_jvp(primals, tangents, *, perturb_singular):
+    dl, d, du, _ = primals
+    x = lax_linalg.tridiagonal_solve_p.bind(*primals, perturb_singular=perturb_singular)
+    t_diags, t_b = tangents[:3], tangents[3]
+    rhs = t_b
+    if any(t is not None for t in t_diags):
+        t_diags = [_zeros_like(p) if t is None else t for p, t in zip(primals[:3], t_diags)]
+        m = d.shape[-1]
+        zero = jnp.zeros((), d.dtype)
+        t_read = (jnp.where(np.arange(m) > 0, t_diags[0], zero), t_diags[1],
+                  jnp.where(np.arange(m) < m - 1, t_diags[2], zero))
+        t_tx = _tridiagonal_product(*t_read, x)
+        rhs = -t_tx if rhs is None else rhs - t_tx
+    if rhs is None:
+        return x, None
+    return x, lax_linalg.tridiagonal_solve_p.bind(dl, d, du, rhs,
+                                                  perturb_singular=perturb_singular)
+
+
+register_vjp(lax_linalg.tridiagonal_solve_p, _tridiagonal_solve_vjp, needs_active=True)
+register_jvp(lax_linalg.tridiagonal_solve_p, _tridiagonal_solve_jvp)
 
 
 # ---------------------------------------------------------- custom_linear_solve

@@ -6,7 +6,8 @@ cotangent back to the operand's shape with ``unbroadcast``. Where a derivative
 has no closed form (the incomplete gamma function's second derivative in
 ``a``, the Hurwitz zeta function's derivative in ``s``, the incomplete beta
 function's derivatives in ``a`` and ``b``) the rule raises
-``NotImplementedError`` naming the primitive and the argument, as JAX does.
+``NotImplementedError`` naming the primitive and the argument (JAX has no
+derivative there either).
 """
 
 from __future__ import annotations
@@ -32,6 +33,37 @@ def _no_derivative(primitive, argument, why):
     return rule
 
 
+class _Undefined:
+    """Marks a partial derivative that has no rule; using it raises with ``why``."""
+
+    def __init__(self, primitive, argument, why):
+        self.rule = _no_derivative(primitive, argument, why)
+
+
+def _negated(d):
+    return lambda u, v: lax.neg(d(u, v))
+
+
+def _def_binary(prim, d_first, d_second, sign=1):
+    """Both rules of ``f(u, v)`` from its partial derivatives ``d(u, v)``.
+
+    A partial derivative may be an ``_Undefined``; ``sign=-1`` negates both.
+    """
+    vjps, jvps = [], []
+    for i, d in enumerate((d_first, d_second)):
+        if isinstance(d, _Undefined):
+            vjps.append(d.rule)
+            jvps.append(d.rule)
+            continue
+        if sign == -1:
+            d = _negated(d)
+        vjps.append(lambda ct, out, u, v, _d=d, _i=i, **_:
+                    unbroadcast(lax.mul(ct, _d(u, v)), (u, v)[_i]))
+        jvps.append(lambda t, out, u, v, _d=d, **_: lax.mul(t, _d(u, v)))
+    defvjp(prim, *vjps)
+    defjvp(prim, *jvps)
+
+
 # ------------------------------------------------------ incomplete gamma function
 # P(a, x) = igamma(a, x) = gamma(a, x) / Gamma(a), Q = igammac = 1 - P.
 #   dP/dx = x^(a-1) e^(-x) / Gamma(a)        dP/da = igamma_grad_a(a, x)
@@ -48,33 +80,6 @@ def _igamma_da(a, x):
 
 def _igamma_grad_a_dx(a, x):
     return lax.mul(_igamma_dx(a, x), lax.sub(lax.log(x), lax.digamma(a)))
-
-
-class _Undefined:
-    """Marks a partial derivative that has no rule; using it raises with ``why``."""
-
-    def __init__(self, primitive, argument, why):
-        self.rule = _no_derivative(primitive, argument, why)
-
-
-def _def_binary(prim, d_first, d_second, sign=1):
-    """Both rules of ``f(u, v)`` from its partial derivatives ``d(u, v)``.
-
-    A partial derivative may be an ``_Undefined``; ``sign=-1`` negates both.
-    """
-    vjps, jvps = [], []
-    for i, d in enumerate((d_first, d_second)):
-        if isinstance(d, _Undefined):
-            vjps.append(d.rule)
-            jvps.append(d.rule)
-            continue
-        if sign == -1:
-            d = (lambda _d: lambda u, v: lax.neg(_d(u, v)))(d)
-        vjps.append(lambda ct, out, u, v, _d=d, _i=i, **_:
-                    unbroadcast(lax.mul(ct, _d(u, v)), (u, v)[_i]))
-        jvps.append(lambda t, out, u, v, _d=d, **_: lax.mul(t, _d(u, v)))
-    defvjp(prim, *vjps)
-    defjvp(prim, *jvps)
 
 
 _def_binary(lax.igamma_p, _igamma_da, _igamma_dx)
