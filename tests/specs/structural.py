@@ -155,6 +155,10 @@ SPECS = [
                                        _uniform(rng, dtype, 3, 4))),
     Spec("top_k", lambda x: lax.sin(lax.top_k(x, 2)[0]), shapes=((3, 5),)),
     Spec("top_k_with_indices", lambda x: lax.top_k(x, 3)[0] * lax.top_k(x, 3)[1], shapes=((6,),)),
+    Spec("approx_max_k", lambda x: lax.sin(lax.approx_max_k(x, 2)[0]), shapes=((3, 5),)),
+    Spec("approx_min_k_axis0",
+         lambda x: lax.sin(lax.approx_min_k(x, 2, reduction_dimension=0)[0]) * 2.0,
+         shapes=((4, 3),)),
     # ----------------------------------------------------------------- pooling
     Spec("max_pool_valid", lambda x: lax.sin(_max_pool((2, 2), (2, 2), "VALID")(x)),
          shapes=((4, 6),)),
@@ -169,6 +173,9 @@ SPECS = [
     Spec("max_pool_base_dilation",
          lambda x: lax.sin(lax.reduce_window(x, -jnp.inf, lax.max, (2, 2), (1, 1), "SAME",
                                              base_dilation=(2, 1)))),
+    # bfloat16 is a floating dtype for jnp but not for numpy's issubdtype.
+    Spec("max_pool_bfloat16", lambda x: _max_pool((2, 2), (1, 1), "VALID")(x) * 2.0,
+         shapes=((4, 5),), dtypes=("bfloat16",), order=1),
     Spec("min_pool", lambda x: lax.sin(lax.reduce_window(x, jnp.inf, lax.min, (2, 3), (1, 2),
                                                          "SAME")), shapes=((4, 5),)),
     Spec("avg_pool_valid",

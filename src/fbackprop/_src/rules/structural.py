@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -516,6 +517,32 @@ def _top_k_jvp(primals, tangents, **params):
 register_vjp(lax.top_k_p, _top_k_vjp)
 register_jvp(lax.top_k_p, _top_k_jvp)
 
+
+# approx_max_k / approx_min_k: like top_k, the values are a selection of the
+# operand along the reduction dimension, named by the (distinct) index output.
+def _approx_top_k_axis(x, reduction_dimension):
+    return reduction_dimension % np.ndim(x)
+
+
+def _approx_top_k_vjp(cts, outs, x, *, reduction_dimension, **_):
+    ct_values = cts[0]
+    if ct_values is None:
+        return [None]
+    return [_put_along_axis(ct_values, outs[1], _approx_top_k_axis(x, reduction_dimension),
+                            np.shape(x))]
+
+
+def _approx_top_k_jvp(primals, tangents, **params):
+    x, = primals
+    t, = tangents
+    values, idx = lax.approx_top_k_p.bind(x, **params)
+    axis = _approx_top_k_axis(x, params["reduction_dimension"])
+    return [values, idx], [_take_along_axis(t, idx, axis), None]
+
+
+register_vjp(lax.approx_top_k_p, _approx_top_k_vjp)
+register_jvp(lax.approx_top_k_p, _approx_top_k_jvp)
+
 defnondiff(lax.iota_p)
 
 
@@ -571,7 +598,8 @@ def _scatter_to_selected(ct, x, select_prim, window_dimensions, window_strides, 
 
 
 def _check_real(name, x):
-    if not np.issubdtype(_dtype(x), np.floating):
+    # jnp.issubdtype: numpy alone does not count bfloat16 as a floating dtype.
+    if not jnp.issubdtype(_dtype(x), jnp.floating):
         raise NotImplementedError(
             f"fbackprop: the derivative of {name} is implemented for real floating "
             f"inputs only, got {_dtype(x)}.")
