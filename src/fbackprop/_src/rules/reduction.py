@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .. import compat
 from .. import forward as forward_mode
 from .. import reverse as reverse_mode
 from .. import trace
-from ..registry import defjvp, defnondiff, defvjp, register_jvp, zeros_like_aval
+from ..registry import (defjvp, defnondiff, defvjp, register_jvp, register_vjp,
+                        zeros_like_aval)
 
 
 def _kept_dims(ndim, axes):
@@ -175,6 +177,86 @@ def _cumulative_jvp(name):
 for _prim in (lax.cumprod_p, lax.cummax_p, lax.cummin_p, lax.cumlogsumexp_p):
     defvjp(_prim, _cumulative_vjp(_prim.name))
     register_jvp(_prim, _cumulative_jvp(_prim.name))
+
+
+# --------------------------------------------------------------- generic reduce
+# lax.reduce with a computation other than a plain add/mul/max/min (a variadic
+# argmax, logaddexp, a product with a twist...) binds the generic ``reduce``
+# primitive. As JAX does, it is differentiated as the balanced tree of pairwise
+# combinations that computes it: the reduced axes are flattened to the front,
+# and the two halves are combined by the reducer applied elementwise (an odd
+# half padded with the init value) until one row is left. Our own sweeps then
+# differentiate that tree, whose jaxpr holds slices, pads and the reducer's ops.
+@functools.lru_cache(maxsize=64)
+def _reduce_tree(reducer, dimensions: tuple, n_operands: int):
+    """``f(*operands, *init_values) -> outputs``: the tree form of a ``reduce``."""
+
+    def tree(*args):
+        operands, init_values = args[:n_operands], args[n_operands:]
+        shape = np.shape(operands[0])
+        kept = _kept_dims(len(shape), dimensions)
+        kept_shape = tuple(shape[d] for d in kept)
+        n = int(np.prod([shape[d] for d in dimensions], dtype=np.int64))
+        if n == 0:
+            return [lax.broadcast(i, kept_shape) for i in init_values]
+        xs = [lax.reshape(x, (n,) + kept_shape, tuple(dimensions) + kept) for x in operands]
+
+        def combine(*pair):
+            return compat.eval_jaxpr(reducer.jaxpr, reducer.consts, *pair)
+        for _ in range(len(kept) + 1):
+            combine = jax.vmap(combine)
+        while n > 1:
+            half = (n + 1) // 2
+            first = [lax.slice_in_dim(x, 0, half, axis=0) for x in xs]
+            second = [lax.slice_in_dim(x, half, n, axis=0) for x in xs]
+            if n % 2:
+                config = [(0, 1, 0)] + [(0, 0, 0)] * len(kept)
+                second = [lax.pad(x, i, config) for x, i in zip(second, init_values)]
+            xs, n = list(combine(*first, *second)), half
+        return [lax.squeeze(x, (0,)) for x in xs]
+
+    tree.__name__ = "reduce_tree"
+    return tree
+
+
+def _traced_reduce_tree(args, jaxpr, dimensions):
+    fn = _reduce_tree(jaxpr, tuple(int(d) for d in dimensions), len(args) // 2)
+    leaves, in_tree = jax.tree_util.tree_flatten((tuple(args), {}))
+    return trace.trace_flat(fn, in_tree, leaves, what=fn.__name__).closed
+
+
+def _check_constant_init(tangents_or_active, n):
+    if any(tangents_or_active[n:]):
+        raise NotImplementedError(
+            "fbackprop: the derivative of the generic lax.reduce with respect to its "
+            "init values is not implemented (JAX has none either); pass constant init "
+            "values (e.g. wrap them in lax.stop_gradient).")
+
+
+def _reduce_vjp(cts, outs, *args, computation, jaxpr, dimensions, active):
+    n = len(args) // 2
+    _check_constant_init(active, n)
+    closed = _traced_reduce_tree(args, jaxpr, dimensions)
+    in_active = list(active[:n]) + [False] * n
+    _, tape = reverse_mode.forward(closed.jaxpr, closed.consts, list(args), in_active)
+    return reverse_mode.backward(tape, list(cts))
+
+
+def _reduce_jvp(primals, tangents, *, computation, jaxpr, dimensions):
+    n = len(primals) // 2
+    _check_constant_init([t is not None for t in tangents], n)
+    closed = _traced_reduce_tree(primals, jaxpr, dimensions)
+    # The primal outputs come from the primitive itself (the tree's combination
+    # order may round differently); the tangents from the tree.
+    outs = lax.reduce_p.bind(*primals, computation=computation, jaxpr=jaxpr,
+                             dimensions=dimensions)
+    _, out_tangents = forward_mode.jvp_jaxpr(closed.jaxpr, closed.consts, list(primals),
+                                             list(tangents))
+    return list(outs), list(out_tangents)
+
+
+register_vjp(lax.reduce_p, _reduce_vjp, needs_active=True)
+register_jvp(lax.reduce_p, _reduce_jvp)
 
 
 # ---------------------------------------------------------------- no gradient
