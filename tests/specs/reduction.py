@@ -32,6 +32,22 @@ def _cumprod_zeros(rng, dtype):
     return (x,)
 
 
+def _max_with_payload(xs, ys):
+    """Generic variadic reduce: the max of x along axis 1 and the y found with it."""
+    def pick(a, b):
+        (a_x, a_y), (b_x, b_y) = a, b
+        first = a_x >= b_x
+        return lax.select(first, a_x, b_x), lax.select(first, a_y, b_y)
+    init = (jnp.array(-jnp.inf, xs.dtype), jnp.array(0, ys.dtype))
+    best_x, best_y = lax.reduce((xs, ys), init, pick, (1,))
+    return best_x * best_y
+
+
+def _product_with_extra_op(a, b):
+    # Not recognized as a plain multiplication: lax.reduce binds the generic primitive.
+    return a * b * jnp.ones((), a.dtype)
+
+
 SPECS = [
     # ------------------------------------------------------------ reduce_sum
     Spec("reduce_sum_all", lambda x: jnp.sum(lax.sin(x))),
@@ -66,6 +82,14 @@ SPECS = [
     Spec("reduce_and_or", lambda x: jnp.where(jnp.all(x > -1, axis=1, keepdims=True) |
                                               jnp.any(x > 1.5, axis=0), x, x * x)),
     Spec("reduce_xor", lambda x: jnp.where(lax.reduce_xor(x > 0, (1,))[:, None], x, -x)),
+    # -------------------------------------------------- generic reduce (tree form)
+    Spec("reduce_generic_logaddexp",
+         lambda x: lax.reduce(x, jnp.array(-jnp.inf, x.dtype), jnp.logaddexp, (1,)),
+         shapes=((3, 5),)),
+    Spec("reduce_generic_product_3d",
+         lambda x: lax.reduce(x, jnp.array(1, x.dtype), _product_with_extra_op, (0, 2)),
+         shapes=((3, 2, 3),), domain=(0.5, 1.5)),
+    Spec("reduce_generic_variadic", _max_with_payload, shapes=((3, 5), (3, 5))),
     # ---------------------------------------------------------------- cumsum
     Spec("cumsum_axis0", lambda x: lax.cumsum(x * x, axis=0)),
     Spec("cumsum_axis1_reverse", lambda x: lax.cumsum(x * x, axis=1, reverse=True)),

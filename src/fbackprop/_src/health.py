@@ -274,16 +274,17 @@ def plot_gradient_norms(reports: Mapping[str, HealthReport] | HealthReport, ax=N
     Returns:
       The ``Axes``.
     """
+    if isinstance(reports, HealthReport):
+        reports = {"gradient norm": reports}
+    if not isinstance(reports, Mapping) or not reports or \
+            not all(isinstance(r, HealthReport) for r in reports.values()):
+        raise TypeError("plot_gradient_norms: pass a HealthReport or a mapping of labels to "
+                        "HealthReports (from fb.gradient_health).")
     try:
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("Plotting gradient norms needs matplotlib, an optional dependency: "
                           "pip install matplotlib") from err
-    if isinstance(reports, HealthReport):
-        reports = {"gradient norm": reports}
-    if not reports or not all(isinstance(r, HealthReport) for r in reports.values()):
-        raise TypeError("plot_gradient_norms: pass a HealthReport or a mapping of labels to "
-                        "HealthReports (from fb.gradient_health).")
     fig = None
     if ax is None:
         longest = max(len(r.leaves) for r in reports.values())
