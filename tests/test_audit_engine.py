@@ -40,9 +40,6 @@ _CONSTANT_INPUT_CASES = [
 ]
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "rules/calls.py: custom_jvp with symbolic_zeros=False gets SymbolicZero tangents "
-    "for non-differentiated inputs (reverse mode)"))
 @pytest.mark.parametrize("f", [f for _, f in _CONSTANT_INPUT_CASES],
                          ids=[name for name, _ in _CONSTANT_INPUT_CASES])
 def test_custom_jvp_with_a_constant_input_reverse(f):
@@ -50,9 +47,6 @@ def test_custom_jvp_with_a_constant_input_reverse(f):
     np.testing.assert_allclose(fb.grad(loss)(X), jax.grad(loss)(X), rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "rules/calls.py: custom_jvp with symbolic_zeros=False gets SymbolicZero tangents "
-    "for non-differentiated inputs (forward mode)"))
 def test_custom_jvp_with_a_constant_input_forward():
     ours = fb.jvp(jax.nn.softplus, (X,), (np.ones_like(X),))
     theirs = jax.jvp(jax.nn.softplus, (X,), (np.ones_like(X),))
@@ -74,8 +68,6 @@ def _loss_reading_a_global(w):
     return jnp.sum((_batch["x"] @ w) ** 2)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "trace.py: the trace cache keeps a global's old value (stale gradients)"))
 def test_gradient_sees_a_changed_global():
     w = np.ones(3)
     fb.grad(_loss_reading_a_global)(w)

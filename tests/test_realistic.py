@@ -120,7 +120,8 @@ def _x(shape=(3, 4), dtype=F64, seed=0, low=-2.0, high=2.0):
 
 
 def _sum_sin(g):
-    """A scalar that weighs every output element differently (catches transposed cts)."""
+    """A scalar whose cotangent differs per output element (sin is not linear), so a
+    cotangent sent to the wrong position shows."""
     def f(*args):
         return jnp.sum(jnp.sin(g(*args)))
     return f

@@ -94,7 +94,11 @@ def trace_flat(fun: Callable, in_tree, leaves: list, static: list | None = None,
     except TypeError:
         key = None
     per_fun = None
-    if cache_enabled and key is not None:
+    # Eager calls trace every time, like jax.grad: a function may read globals
+    # (the current batch, a hyperparameter) whose values a cached trace would
+    # freeze. Under a transformation (jit, vmap, an outer derivative) the
+    # enclosing trace already fixes them, so the trace is cached there.
+    if cache_enabled and key is not None and any(compat.is_tracer(x) for x in dyn):
         try:
             per_fun = _cache.get(fun)
             if per_fun is None:

@@ -82,7 +82,9 @@ class CustomJVPCall(CallHandler):
         call_jaxpr, num_consts, jvp_jaxpr_of = record.sub
         primals = record.invals[num_consts:]
         active = record.active[num_consts:]
-        zeros = tuple(not a for a in active)
+        # Without symbolic zeros the user's rule expects every tangent as an array.
+        symbolic = record.eqn.params.get("symbolic_zeros", False)
+        zeros = tuple(not a for a in active) if symbolic else (False,) * len(active)
         key = (record.eqn.params["jvp_jaxpr_fun"], zeros,
                tuple(c is None for c in cts_out))
         hit = self._cache.get(key)
@@ -97,11 +99,13 @@ class CustomJVPCall(CallHandler):
         n_lead = len(consts) + len(primals)
         tangent_avals = [v.aval for v in jaxpr.invars[n_lead:]]
         tangents = [compat.zeros_like_aval(a) for a in tangent_avals]
-        in_active = [False] * n_lead + [True] * len(tangents)
+        tangent_active = [a for a, z in zip(active, zeros) if not z]
+        in_active = [False] * n_lead + tangent_active
         _, tape = reverse.forward(jaxpr, [], consts + list(primals) + tangents, in_active)
         cts_in = reverse.backward(tape, cts)[n_lead:]
         it = iter(cts_in)
-        return [None] * num_consts + [next(it) if a else None for a in active]
+        per_input = [None if z else next(it) for z in zeros]
+        return [None] * num_consts + [ct if a else None for ct, a in zip(per_input, active)]
 
 
 call_handlers_reverse[compat.CUSTOM_JVP_CALL] = CustomJVPCall()
@@ -170,6 +174,10 @@ def _custom_jvp_forward(eqn, invals, tangents):
             f"to a value it closes over; pass that value as an argument.")
     primals = invals[num_consts:]
     tangents = tangents[num_consts:]
+    if not eqn.params.get("symbolic_zeros", False):
+        # Without symbolic zeros the user's rule expects every tangent as an array.
+        tangents = [compat.zeros_like_aval(compat.typeof(x)) if t is None else t
+                    for x, t in zip(primals, tangents)]
     jvp_jaxpr, jvp_consts, out_zeros = jvp_jaxpr_of([t is None for t in tangents])
     nz_tangents = [t for t in tangents if t is not None]
     with compat.user_context(eqn):
