@@ -20,3 +20,18 @@ def op_by_op(monkeypatch):
     """Eager calls interpret the jaxpr primitive by primitive (no whole-program compile)."""
     from fbackprop._src import api
     monkeypatch.setattr(api, "eager_compile", False)
+
+
+@pytest.fixture
+def no_jax_autodiff(monkeypatch):
+    """Makes every entry point of JAX's own autodiff raise for the test's duration."""
+    def forbidden(*a, **k):
+        raise AssertionError("fbackprop called JAX's autodiff")
+    for name in ["grad", "vjp", "jvp", "linearize", "linear_transpose", "value_and_grad"]:
+        monkeypatch.setattr(jax, name, forbidden)
+    from jax._src.interpreters import ad
+    for name in ["jvp", "linearize", "backward_pass"]:
+        monkeypatch.setattr(ad, name, forbidden)
+    # Any JVP or linearize tracing at all, however reached, would construct these.
+    monkeypatch.setattr(ad.JVPTrace, "__init__", forbidden)
+    monkeypatch.setattr(ad.LinearizeTrace, "__init__", forbidden)
