@@ -16,13 +16,6 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 @pytest.fixture
-def op_by_op(monkeypatch):
-    """Eager calls interpret the jaxpr primitive by primitive (no whole-program compile)."""
-    from fbackprop._src import api
-    monkeypatch.setattr(api, "eager_compile", False)
-
-
-@pytest.fixture
 def no_jax_autodiff(monkeypatch):
     """Makes every entry point of JAX's own autodiff raise for the test's duration."""
     def forbidden(*a, **k):

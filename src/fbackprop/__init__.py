@@ -7,6 +7,8 @@ from fbackprop._src.derivatives import (hessian, hvp, jacfwd, jacobian, jacrev, 
                                         linearize)
 from fbackprop._src.gradcheck import GradCheckReport, check_grads
 from fbackprop._src.trace import clear_cache
+from fbackprop._src.reverse import NonLinearRuleError
+from fbackprop._src.registry import MissingRuleError
 from fbackprop._src.remat import checkpoint, checkpoint_name, checkpoint_policies, remat
 from fbackprop._src.residuals import Residual, SavedResiduals, saved_residuals
 from fbackprop._src.debug import (NonFiniteError, NonFiniteReport, checked_grad,
@@ -17,7 +19,7 @@ from fbackprop._src.health import (HealthReport, gradient_health, gradient_stats
 
 __version__ = "0.1.0"
 
-__all__ = ["GradCheckReport", "check_grads", "clear_cache", "extend", "grad", "hessian", "hvp",
+__all__ = ["GradCheckReport", "MissingRuleError", "NonLinearRuleError", "check_grads", "clear_cache", "extend", "grad", "hessian", "hvp",
            "jacfwd", "jacobian", "jacrev", "jvp", "linearize", "precision", "value_and_grad", "vjp"]
 __all__ += ["Explanation", "HealthReport", "NonFiniteError", "NonFiniteReport", "checked_grad",
             "checked_value_and_grad", "explain", "grad_and_intermediates", "gradient_health",

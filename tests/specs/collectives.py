@@ -38,13 +38,13 @@ SPECS = [
          shapes=((8, 3),)),
     # A replicated input used with a sharded one: pvary appears explicitly.
     Spec("shard_map_replicated_weight",
-         smap(lambda w, x: lax.psum(jnp.sum(jnp.tanh(x * w), 0), AXIS), (P(), P(AXIS)), P()),
+         smap(lambda w, x: lax.psum(jnp.sum(jnp.tanh(x * w[None, :]), 0), AXIS), (P(), P(AXIS)), P()),
          shapes=((3,), (8, 3))),
     Spec("shard_map_sharded_output",
-         smap(lambda w, x: jnp.sin(x) * w, (P(), P(AXIS)), P(AXIS)), shapes=((3,), (8, 3))),
+         smap(lambda w, x: jnp.sin(x) * w[None, :], (P(), P(AXIS)), P(AXIS)), shapes=((3,), (8, 3))),
     # check_vma=False: the plain psum primitive (psum + broadcast; transpose is psum).
     Spec("shard_map_psum_no_vma",
-         smap(lambda w, x: lax.psum(jnp.sum(x * w, 0), AXIS), (P(), P(AXIS)), P(),
+         smap(lambda w, x: lax.psum(jnp.sum(x * w[None, :], 0), AXIS), (P(), P(AXIS)), P(),
               check_vma=False), shapes=((3,), (8, 3))),
     Spec("shard_map_pmean_no_vma",
          smap(lambda x: lax.pmean(jnp.exp(x), AXIS), P(AXIS), P(), check_vma=False),

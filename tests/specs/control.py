@@ -72,6 +72,7 @@ def _cond_false(x, y):
 
 def _switch(index):
     def f(x, y):
+        y = jnp.broadcast_to(y, jnp.shape(x))
         return lax.switch(index, [lambda a, b: jnp.sin(a) * b,
                                   lambda a, b: (a * b) ** 2,
                                   lambda a, b: jnp.exp(a) + b], x, y)

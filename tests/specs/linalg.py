@@ -215,16 +215,23 @@ _LINEAR_SOLVE = [
 
 
 # -------------------------------------------------------------------------- QR
+def _ramp(x):
+    """1, 2, ..., n along the last axis, broadcast to ``x``'s shape explicitly (the
+    tests run with jax_numpy_rank_promotion='raise')."""
+    n = x.shape[-1]
+    return jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.real(x).dtype), x.shape)
+
+
 def _qr_outputs(mode="reduced"):
     def fn(a):
         q, r = jnp.linalg.qr(a, mode=mode)
-        return _sum_outputs(q * jnp.arange(1, q.shape[-1] + 1), r)
+        return _sum_outputs(q * _ramp(q), r)
     return fn
 
 
 def _qr_pivoted(a):
     q, r, p = jsl.qr(a, pivoting=True)
-    return _sum_outputs(q * jnp.arange(1, q.shape[-1] + 1), r) + jnp.sum(p)
+    return _sum_outputs(q * _ramp(q), r) + jnp.sum(p)
 
 
 _QR = [
@@ -250,7 +257,7 @@ def _eigh_outputs(a):
     w, v = jnp.linalg.eigh(a)
     # Eigenvectors are defined up to sign (phase): a loss invariant to it, as
     # any meaningful one is, plus the eigenvalues themselves.
-    return w, jnp.abs(v) ** 2 * jnp.arange(1, a.shape[-1] + 1)
+    return w, jnp.abs(v) ** 2 * _ramp(v)
 
 
 _EIGH = [
@@ -293,7 +300,7 @@ _EIG = [
 # ------------------------------------------------------------------------- SVD
 def _svd_outputs(a):
     u, s, vt = jnp.linalg.svd(a, full_matrices=False)
-    return _sum_outputs(jnp.abs(u) ** 2 * jnp.arange(1, u.shape[-1] + 1), s,
+    return _sum_outputs(jnp.abs(u) ** 2 * _ramp(u), s,
                         jnp.abs(vt) ** 2)
 
 
@@ -348,7 +355,7 @@ _FFT = [
          dtypes=COMPLEX),
     Spec("la_irfftn", lambda x: jnp.fft.irfftn(x, s=(3, 4)),
          make_args=_complex_args((2, 3, 3)), dtypes=COMPLEX),
-    Spec("la_fft_roundtrip", lambda x: jnp.fft.irfft(jnp.fft.rfft(x) * jnp.arange(1, 5),
+    Spec("la_fft_roundtrip", lambda x: jnp.fft.irfft(jnp.fft.rfft(x) * _ramp(jnp.fft.rfft(x)),
                                                      n=6), shapes=((2, 6),)),
 ]
 

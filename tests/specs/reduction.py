@@ -80,7 +80,7 @@ SPECS = [
     Spec("reduce_argmax_argmin", lambda x: x * (jnp.argmax(x, axis=1) -
                                          jnp.argmin(x, axis=1))[:, None].astype(x.dtype)),
     Spec("reduce_and_or", lambda x: jnp.where(jnp.all(x > -1, axis=1, keepdims=True) |
-                                              jnp.any(x > 1.5, axis=0), x, x * x)),
+                                              jnp.any(x > 1.5, axis=0, keepdims=True), x, x * x)),
     Spec("reduce_xor", lambda x: jnp.where(lax.reduce_xor(x > 0, (1,))[:, None], x, -x)),
     # -------------------------------------------------- generic reduce (tree form)
     Spec("reduce_generic_logaddexp",

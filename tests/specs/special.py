@@ -48,7 +48,8 @@ SPECS = [
     # -------------------------------------------------------- incomplete beta
     Spec("sp_betainc_x", lambda x: jss.betainc(2.0, 3.0, x), domain=(0.05, 0.95)),
     Spec("sp_betainc_x_broadcast",
-         lambda a, x: lax.stop_gradient(a) + jss.betainc(lax.stop_gradient(a), 1.5, x),
+         lambda a, x: (lambda a: a + jss.betainc(a, 1.5, x))(
+             jnp.broadcast_to(lax.stop_gradient(a), x.shape)),
          shapes=((4,), (3, 4)), domain=((0.5, 3.0), (0.05, 0.95))),
     # --------------------------------------------------------- gamma sampling
     Spec("sp_random_gamma", lambda a: jax.random.gamma(jax.random.key(0), a), shapes=((6,),),

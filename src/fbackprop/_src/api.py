@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from . import compat, reverse, trace
+from . import compat, define_by_run, reverse, trace
 from .registry import jax_float0
 
 # Importing the rule modules fills the tables.
@@ -100,9 +100,10 @@ def _check_scalar_output(out, api: str, holomorphic: bool):
                         f"sub-dtype of np.floating), but got {dtype}. {extra}")
 
 
-def split_scalar_output(traced, has_aux: bool, api: str, holomorphic: bool = False):
-    """(main_tree, aux_tree) of a traced function whose main output must be a scalar."""
-    out_tree = traced.out_tree
+def split_scalar_output(out_tree, out_leaves, has_aux: bool, api: str,
+                        holomorphic: bool = False):
+    """(main_tree, aux_tree) of a function whose main output must be a scalar;
+    ``out_leaves`` are its flat output values (or avals)."""
     aux_tree = None
     if has_aux:
         if out_tree.num_nodes == 1 or len(out_tree.children()) != 2 \
@@ -118,135 +119,125 @@ def split_scalar_output(traced, has_aux: bool, api: str, holomorphic: bool = Fal
             f"Gradient only defined for scalar-output functions. Output was a pytree "
             f"with structure {main_tree}, not a single array. Use fbackprop.vjp or "
             f"fbackprop.jacrev for several outputs, or return the aux with has_aux=True.")
-    aval = traced.out_avals[0]
+    aval = output_aval(out_leaves[0], api, "")
     _check_scalar_output(jax.ShapeDtypeStruct(aval.shape, aval.dtype), api, holomorphic)
     return main_tree, aux_tree
 
 
-def _zeros_or_float0(x):
-    aval = compat.typeof(x)
+def output_aval(x, api: str, where: str):
+    """The aval of an output value; a clear error for values that are not arrays."""
+    if isinstance(x, compat.ShapedArray):
+        return x
+    try:
+        return compat.typeof(x)
+    except TypeError:
+        raise TypeError(
+            f"{api}: the function returned a {type(x).__name__} ({x!r:.60}) at "
+            f"output{where}; differentiated functions must return arrays or numbers "
+            f"(pytrees of them). Return auxiliary data with has_aux=True.") from None
+
+
+def _zeros_or_float0(aval):
     if jnp.issubdtype(aval.dtype, jnp.inexact):
         return jnp.zeros(aval.shape, aval.dtype)
     return np.zeros(aval.shape, jax_float0)
 
 
-# ---------------------------------------------------------------- the program
-class _Program:
-    """A traced function plus which leaves are differentiated."""
+def _as_array(x):
+    """Python scalars become (weakly typed) arrays so they can be traced."""
+    if isinstance(x, (bool, int, float, complex)):
+        return jnp.asarray(x)
+    return x
 
-    def __init__(self, fun, args, kwargs, diff_argnums, api, holomorphic=False,
+
+# ------------------------------------------------------------- the arguments
+class _Inputs:
+    """The flat leaves of ``(args, kwargs)``, which are differentiated, and which
+    positional argument each belongs to."""
+
+    def __init__(self, args, kwargs, diff_argnums, api, holomorphic=False,
                  allow_int=False, vjp_mode=False):
         leaves_with_path, in_tree = tree_util.tree_flatten_with_path((tuple(args), kwargs))
-        leaves = [x for _, x in leaves_with_path]
+        # The positional argument each leaf belongs to (None for keyword arguments).
+        self.arg_index = [path[1].idx if len(path) >= 2 and path[0].idx == 0 else None
+                          for path, _ in leaves_with_path]
         diff = []
-        static = []
-        for path, x in leaves_with_path:
-            is_diff = len(path) >= 2 and path[0].idx == 0 and path[1].idx in diff_argnums
+        for (path, x), i in zip(leaves_with_path, self.arg_index):
+            is_diff = i in diff_argnums
             if is_diff:
-                where = "args" + tree_util.keystr(path[1:])
                 if vjp_mode:
                     trace.check_leaf(x, f"{api}: primal {tree_util.keystr(path[1:])}")
                 else:
-                    _check_diff_input(x, where, api, holomorphic, allow_int)
+                    _check_diff_input(x, "args" + tree_util.keystr(path[1:]), api,
+                                      holomorphic, allow_int)
             diff.append(is_diff)
-            static.append(not is_diff and not _is_array_leaf(x))
-        self.leaves, self.in_tree, self.diff, self.static = leaves, in_tree, diff, static
-        self.dyn = [x for x, s in zip(leaves, static) if not s]
-        self.dyn_diff = [d for d, s in zip(diff, static) if not s]
-        self.traced = trace.trace_flat(fun, in_tree, leaves, static,
+        self.in_tree, self.diff = in_tree, diff
+        self.leaves = [_as_array(x) if d else x
+                       for (_, x), d in zip(leaves_with_path, diff)]
+        self.diff_avals = [compat.typeof(x) if d else None
+                           for x, d in zip(self.leaves, diff)]
+        self.arg_trees = {i: tree_util.tree_structure(args[i]) for i in diff_argnums}
+
+    def active(self) -> list:
+        """Per leaf: differentiated and of a float/complex dtype."""
+        return [a is not None and jnp.issubdtype(a.dtype, jnp.inexact)
+                for a in self.diff_avals]
+
+    def grads(self, cts, diff_argnums):
+        """One gradient pytree per entry of ``diff_argnums`` from one cotangent
+        (``None`` = zero) per leaf."""
+        return grads_per_argument(self.diff_avals, self.arg_index, cts, self.arg_trees,
+                                  diff_argnums)
+
+
+class _Program(_Inputs):
+    """The arguments plus the function traced to a jaxpr (for the tools that read
+    the jaxpr: explain, saved_residuals, the debugging sweeps)."""
+
+    def __init__(self, fun, args, kwargs, diff_argnums, api, holomorphic=False,
+                 allow_int=False, vjp_mode=False):
+        super().__init__(args, kwargs, diff_argnums, api, holomorphic, allow_int, vjp_mode)
+        static = [not d and not _is_array_leaf(x) for x, d in zip(self.leaves, self.diff)]
+        self.static = static
+        self.dyn = [x for x, s in zip(self.leaves, static) if not s]
+        self.dyn_diff = [d for d, s in zip(self.diff, static) if not s]
+        self.traced = trace.trace_flat(fun, self.in_tree, self.leaves, static,
                                        what=getattr(fun, "__name__", "fun"))
-        self.active = [d and jnp.issubdtype(_dtype_of(x), jnp.inexact)
-                       for x, d in zip(self.dyn, self.dyn_diff)]
+        self.active = [a for a, s in zip(_Inputs.active(self), static) if not s]
 
     def diff_cts_to_tree(self, dyn_cts, args, diff_argnums):
-        """Per differentiated argument, the pytree of its gradients."""
+        """Per differentiated argument, in the order of ``diff_argnums``, the pytree
+        of its gradients (``dyn_cts``: one per non-static leaf)."""
         it = iter(dyn_cts)
-        per_leaf = []
-        for x, s, d in zip(self.leaves, self.static, self.diff):
-            ct = None if s else next(it)
-            if d:
-                if ct is None:
-                    per_leaf.append(_zeros_or_float0(x))
-                else:
-                    weak = bool(getattr(compat.typeof(x), "weak_type", False))
-                    per_leaf.append(compat.with_weak_type(ct, weak))
-        it = iter(per_leaf)
-        out = []
-        for i in diff_argnums:
-            arg_leaves, arg_tree = tree_util.tree_flatten(args[i])
-            out.append(tree_util.tree_unflatten(arg_tree, [next(it) for _ in arg_leaves]))
-        return out
+        cts = [None if s else next(it) for s in self.static]
+        return self.grads(cts, diff_argnums)
 
 
-def _run_value_and_grad(closed, dyn, active, holomorphic):
-    outs, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
-    one = jnp.ones((), _dtype_of(outs[0]))
-    cts = reverse.backward(tape, [one] + [None] * (len(outs) - 1))
-    return outs, cts
+def grads_per_argument(diff_avals, arg_index, cts, arg_trees, diff_argnums):
+    """Gradients regrouped by argument: one pytree per entry of ``diff_argnums``,
+    in that order (which need not be ascending).
+
+    ``cts`` holds one cotangent (or ``None`` for a zero) per leaf of ``(args,
+    kwargs)``; each is assigned to the argument its leaf came from, so the
+    output order cannot depend on the order of the leaves.
+    """
+    per_arg: dict = {i: [] for i in diff_argnums}
+    for aval, i, ct in zip(diff_avals, arg_index, cts):
+        if i not in per_arg:
+            continue
+        if ct is None:
+            per_arg[i].append(_zeros_or_float0(aval))
+        else:
+            per_arg[i].append(compat.with_weak_type(ct, bool(aval.weak_type)))
+    return [tree_util.tree_unflatten(arg_trees[i], per_arg[i]) for i in diff_argnums]
 
 
-# Eager calls (no tracers anywhere) of a function fbackprop has already traced
-# for these shapes run the whole forward+backward program compiled (once per
-# traced jaxpr): repeated eager calls neither re-trace nor dispatch op by op.
-# The first call of a traced program is interpreted primitive by primitive, like
-# JAX's own eager mode, so a fresh closure per call never pays a compile.
-# Programs longer than ``eager_compile_max_eqns`` always run op by op (XLA's
-# compiler recurses over very long chains and can overflow the stack near 100k
-# operations).
-eager_compile = True
-eager_compile_after = 2
-eager_compile_max_eqns = 5000
-_eager_calls: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def compile_eagerly(traced, *value_lists) -> bool:
-    """Whether this eager call of ``traced`` should run as one compiled program."""
-    if not eager_compile or traced.num_eqns > eager_compile_max_eqns:
-        return False
-    if any(_any_tracer(values) for values in value_lists) or \
-            _any_tracer(traced.closed.consts):
-        return False
-    calls = _eager_calls.get(traced, 0) + 1
-    _eager_calls[traced] = calls
-    return calls >= eager_compile_after
-
-
-_compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _compiled_value_and_grad(traced, active, holomorphic):
-    key = (tuple(active), holomorphic)
-    per = _compiled.setdefault(traced, {})
-    fn = per.get(key)
-    if fn is None:
-        closed = traced.closed
-
-        def run(dyn):
-            return _run_value_and_grad(closed, dyn, active, holomorphic)
-        fn = per[key] = jax.jit(run)
-    return fn
+def _seed(out):
+    return jnp.ones((), compat.typeof(out).dtype)
 
 
 def _any_tracer(xs) -> bool:
     return any(compat.is_tracer(x) for x in xs)
-
-
-def _compiled_vjp(traced, active):
-    """(forward(dyn) -> outs, vjp(dyn, cts) -> input cts), compiled, per jaxpr."""
-    key = ("vjp", tuple(active))
-    per = _compiled.setdefault(traced, {})
-    fns = per.get(key)
-    if fns is None:
-        closed = traced.closed
-
-        def fwd(dyn):
-            return reverse.forward(closed.jaxpr, closed.consts, dyn, active)[0]
-
-        def vjp(dyn, cts):
-            _, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
-            return reverse.backward(tape, cts)
-        fns = per[key] = (jax.jit(fwd), jax.jit(vjp))
-    return fns
 
 
 # -------------------------------------------------------------------- the API
@@ -286,19 +277,20 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
     @functools.wraps(fun)
     def value_and_grad_f(*args, **kwargs):
         nums = _normalize_argnums(argnums, len(args), api)
-        prog = _Program(fun, args, kwargs, nums, api, holomorphic, allow_int)
-        traced = prog.traced
-        main_tree, aux_tree = split_scalar_output(traced, has_aux, api, holomorphic)
-
-        if compile_eagerly(traced, prog.dyn):
-            outs, cts = _compiled_value_and_grad(traced, prog.active, holomorphic)(prog.dyn)
+        inputs = _Inputs(args, kwargs, nums, api, holomorphic, allow_int)
+        run = define_by_run.record(fun, inputs.in_tree, inputs.leaves, inputs.active())
+        main_tree, aux_tree = split_scalar_output(run.out_tree, run.out_vals, has_aux, api,
+                                                  holomorphic)
+        value = run.out_vals[0]
+        if run.out_active[0]:
+            n_out = len(run.out_vals)
+            cts = reverse.backward(run.tape, [_seed(value)] + [None] * (n_out - 1))
         else:
-            outs, cts = _run_value_and_grad(traced.closed, prog.dyn, prog.active, holomorphic)
-        grads = prog.diff_cts_to_tree(cts, args, nums)
+            cts = [None] * len(inputs.leaves)
+        grads = inputs.grads(cts, nums)
         grads = grads[0] if isinstance(argnums, (int, np.integer)) else tuple(grads)
-        value = outs[0]
         if has_aux:
-            aux = tree_util.tree_unflatten(aux_tree, outs[1:])
+            aux = tree_util.tree_unflatten(aux_tree, run.out_vals[1:])
             return (value, aux), grads
         return value, grads
 
@@ -383,9 +375,10 @@ def vjp(fun: Callable, *primals, has_aux: bool = False, reduce_axes: Sequence = 
     _check_callable(fun, "vjp")
     if reduce_axes:
         raise NotImplementedError("vjp: reduce_axes is not supported.")
-    prog = _Program(fun, primals, {}, tuple(range(len(primals))), "vjp", vjp_mode=True)
-    traced = prog.traced
-    out_tree = traced.out_tree
+    nums = tuple(range(len(primals)))
+    inputs = _Inputs(primals, {}, nums, "vjp", vjp_mode=True)
+    run = define_by_run.record(fun, inputs.in_tree, inputs.leaves, inputs.active())
+    out_tree = run.out_tree
     if has_aux:
         if out_tree.num_nodes == 1 or len(out_tree.children()) != 2:
             raise TypeError(f"vjp with has_aux=True requires `fun` to return a pair "
@@ -394,57 +387,83 @@ def vjp(fun: Callable, *primals, has_aux: bool = False, reduce_axes: Sequence = 
     else:
         main_tree = out_tree
     n_main = main_tree.num_leaves
-    active = [jnp.issubdtype(_dtype_of(x), jnp.inexact) for x in prog.dyn]
-    closed = traced.closed
-    if compile_eagerly(traced, prog.dyn):
-        # Eagerly, the forward runs compiled, and each vjp_fn call runs one
-        # compiled program that recomputes the forward and sweeps backward: no
-        # op-by-op dispatch and no tape kept alive between calls.
-        fwd_fn, bwd_fn = _compiled_vjp(traced, active)
-        dyn = prog.dyn
-        outs = fwd_fn(dyn)
-        backward_fn = functools.partial(bwd_fn, dyn)
-    else:
-        outs, tape = reverse.forward(closed.jaxpr, closed.consts, prog.dyn, active)
-        backward_fn = functools.partial(reverse.backward, tape)
-    main_outs = outs[:n_main]
+    main_outs = run.out_vals[:n_main]
+    main_paths = [tree_util.keystr(p) for p, _ in
+                  tree_util.tree_flatten_with_path(tree_util.tree_unflatten(
+                      main_tree, [0] * n_main))[0]]
+    out_avals = [output_aval(x, "vjp", p) for x, p in zip(main_outs, main_paths)]
+    backward = _VJPBackward(inputs, nums, main_tree, out_avals, len(run.out_vals),
+                            getattr(fun, "__name__", "fun"), run.tape)
+    vjp_fn = tree_util.Partial(backward, backward.residuals(run.tape))
     out = tree_util.tree_unflatten(main_tree, main_outs)
-    fun_name = getattr(fun, "__name__", "fun")
+    if has_aux:
+        return out, vjp_fn, tree_util.tree_unflatten(aux_tree, run.out_vals[n_main:])
+    return out, vjp_fn
 
-    def vjp_fn(ct):
+
+def _is_residual(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray)) or compat.is_tracer(x)
+
+
+class _VJPBackward:
+    """The backward half of ``vjp``: rebuilds the tape from its residual arrays
+    (the arguments of the :class:`jax.tree_util.Partial` that is ``vjp_fn``, so
+    ``vjp_fn`` can be returned from ``jax.jit``) and sweeps it."""
+
+    def __init__(self, inputs, nums, main_tree, out_avals, n_out, fun_name, tape):
+        self.diff_avals, self.arg_index = inputs.diff_avals, inputs.arg_index
+        self.arg_trees, self.nums = inputs.arg_trees, nums
+        self.main_tree, self.out_avals, self.n_out = main_tree, out_avals, n_out
+        self.fun_name = fun_name
+        leaves, self.tape_tree = tree_util.tree_flatten(tape, is_leaf=_is_residual)
+        self.is_residual = [_is_residual(x) for x in leaves]
+        self.static = [None if r else x for x, r in zip(leaves, self.is_residual)]
+
+    def residuals(self, tape) -> list:
+        leaves = tree_util.tree_leaves(tape, is_leaf=_is_residual)
+        return [x for x, r in zip(leaves, self.is_residual) if r]
+
+    def __call__(self, residuals, ct):
+        it = iter(residuals)
+        leaves = [next(it) if r else x for x, r in zip(self.static, self.is_residual)]
+        tape = tree_util.tree_unflatten(self.tape_tree, leaves)
+        cts = self.check_cotangents(ct)
+        in_cts = reverse.backward(tape, cts + [None] * (self.n_out - len(cts)))
+        return tuple(grads_per_argument(self.diff_avals, self.arg_index, in_cts,
+                                        self.arg_trees, self.nums))
+
+    def check_cotangents(self, ct) -> list:
+        """JAX's checks of a cotangent against the outputs; ``None`` for zeros."""
         ct_leaves_with_path, ct_tree = tree_util.tree_flatten_with_path(ct)
-        if ct_tree != main_tree:
+        if ct_tree != self.main_tree:
             raise ValueError(
                 f"unexpected tree structure of the cotangent passed to the VJP function of "
-                f"{fun_name}: it must match the structure of the function's output.\n"
-                f"  expected: {main_tree}\n  got:      {ct_tree}")
+                f"{self.fun_name}: it must match the structure of the function's output.\n"
+                f"  expected: {self.main_tree}\n  got:      {ct_tree}")
         cts = []
-        for (path, c), o in zip(ct_leaves_with_path, main_outs):
-            o_aval = compat.typeof(o)
+        for (path, c), o_aval in zip(ct_leaves_with_path, self.out_avals):
             want = _fmt_aval(o_aval.shape, o_aval.dtype)
-            c_dtype = getattr(c, "dtype", None)
-            if c_dtype is None:
-                c = jnp.asarray(c)
-                c_dtype = c.dtype
+            c_aval = output_aval(c, "vjp_fn", tree_util.keystr(path))
+            # Like JAX: the dtype as JAX would store it (float64 NumPy -> float32
+            # without x64), and a weakly typed cotangent adopts the output's dtype.
+            c_dtype = jax.dtypes.canonicalize_dtype(c_aval.dtype)
             if jnp.issubdtype(o_aval.dtype, jnp.inexact):
-                if np.shape(c) != tuple(o_aval.shape) or (
+                if tuple(c_aval.shape) != tuple(o_aval.shape) or (
                         c_dtype != o_aval.dtype and not
-                        (jnp.issubdtype(c_dtype, jnp.inexact) and
-                         getattr(compat.typeof(c), "weak_type", False))):
+                        (jnp.issubdtype(c_dtype, jnp.inexact) and c_aval.weak_type)):
                     raise _ct_type_error(tree_util.keystr(path),
-                                         _fmt_aval(np.shape(c), c_dtype), want)
-                if c_dtype != o_aval.dtype:
-                    c = c.astype(o_aval.dtype)
+                                         _fmt_aval(c_aval.shape, c_dtype), want)
+                if c_dtype != o_aval.dtype or not (isinstance(c, jax.Array) or
+                                                    compat.is_tracer(c)):
+                    c = jnp.asarray(c, o_aval.dtype)
                 cts.append(c)
             else:
-                if c_dtype != jax_float0 or np.shape(c) != tuple(o_aval.shape):
+                # Integer and boolean outputs carry no cotangent: float0 (or, as
+                # JAX also accepts, a value of the output's own type).
+                if tuple(c_aval.shape) != tuple(o_aval.shape) or \
+                        c_dtype not in (jax_float0, o_aval.dtype):
                     raise _ct_type_error(tree_util.keystr(path),
-                                         _fmt_aval(np.shape(c), c_dtype),
+                                         _fmt_aval(c_aval.shape, c_dtype),
                                          f"float0{list(o_aval.shape)}")
                 cts.append(None)
-        in_cts = backward_fn(cts + [None] * (len(outs) - n_main))
-        return tuple(prog.diff_cts_to_tree(in_cts, primals, tuple(range(len(primals)))))
-
-    if has_aux:
-        return out, vjp_fn, tree_util.tree_unflatten(aux_tree, outs[n_main:])
-    return out, vjp_fn
+        return cts

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from jax._src import ad_util
 from jax._src import core as jcore
 from jax._src import source_info_util
@@ -80,8 +81,12 @@ def is_tracer(x: Any) -> bool:
 
 def source_line(eqn: JaxprEqn) -> str:
     """The user's file:line for an equation, as JAX summarizes it."""
+    return source_line_of(eqn.source_info)
+
+
+def source_line_of(source_info) -> str:
     try:
-        return source_info_util.summarize(eqn.source_info) or "<unknown source>"
+        return source_info_util.summarize(source_info) or "<unknown source>"
     except Exception:  # pragma: no cover - source info is best effort
         return "<unknown source>"
 
@@ -121,6 +126,7 @@ axis_index_p = _parallel.axis_index_p
 # Nested ``jax.jit`` is ``pjit`` in older JAX and ``jit`` in 0.7+; we accept both.
 JIT_NAMES = ("jit", "pjit")
 CUSTOM_JVP_CALL = "custom_jvp_call"
+CLOSED_CALL = "closed_call"
 CUSTOM_VJP_CALL = "custom_vjp_call"
 REMAT_NAMES = ("remat2", "checkpoint")
 
@@ -173,15 +179,34 @@ def custom_vjp_parts(params):
     def fwd(primals, nonzeros):
         consts_nz, in_nz = nonzeros[:num_consts], nonzeros[num_consts:]
         if any(consts_nz):
-            raise jax_ad.CustomVJPException()
+            raise custom_vjp_closure_error()
         fwd_jaxpr, fwd_consts = fwd_jaxpr_thunk.call_wrapped(*in_nz)
         outs = jcore.eval_jaxpr(fwd_jaxpr, fwd_consts, *primals[num_consts:])
-        _, res_tree, input_fwds = out_trees()
-        num_res_out = res_tree.num_leaves - sum(f is not None for f in input_fwds)
-        res_out, primal_outs = outs[:num_res_out], outs[num_res_out:]
-        it = iter(res_out)
-        res = [next(it) if f is None else primals[num_consts + f] for f in input_fwds]
-        return res, list(primal_outs)
+        return split_custom_vjp_fwd_outputs(outs, primals[num_consts:], out_trees)
+
+    return (call_jaxpr, num_consts, fwd, custom_vjp_bwd_runner(bwd, num_consts, symbolic_zeros),
+            symbolic_zeros)
+
+
+def custom_vjp_closure_error():
+    """JAX's error for differentiating a custom_vjp function through a closed-over value."""
+    return jax_ad.CustomVJPException()
+
+
+def split_custom_vjp_fwd_outputs(outs, primals, out_trees):
+    """(residuals, primal outputs) of a custom_vjp fwd's flat outputs; residuals
+    that are just inputs were forwarded by JAX and come from ``primals``."""
+    _, res_tree, input_fwds = out_trees()
+    num_res_out = res_tree.num_leaves - sum(f is not None for f in input_fwds)
+    res_out, primal_outs = list(outs[:num_res_out]), list(outs[num_res_out:])
+    it = iter(res_out)
+    res = [next(it) if f is None else primals[f] for f in input_fwds]
+    return res, primal_outs
+
+
+def custom_vjp_bwd_runner(bwd, num_consts: int, symbolic_zeros: bool):
+    """``run_bwd(residuals, cts, out_avals)``: the user's bwd, one cotangent (or
+    ``None``) per input of the custom_vjp call (``None`` for hoisted consts)."""
 
     def run_bwd(res, cts, out_avals):
         if symbolic_zeros:
@@ -192,7 +217,7 @@ def custom_vjp_parts(params):
         cts_in = bwd.call_wrapped(*res, *cts)
         return [None] * num_consts + [as_none_if_zero(c) for c in cts_in]
 
-    return call_jaxpr, num_consts, fwd, run_bwd, symbolic_zeros
+    return run_bwd
 
 
 def as_none_if_zero(ct):
@@ -208,6 +233,19 @@ def with_weak_type(x, weak: bool):
     if bool(getattr(typeof(x), "weak_type", False)) == weak:
         return x
     return lax_internal._convert_element_type(x, typeof(x).dtype, weak_type=weak)
+
+
+def as_array_like(x, aval):
+    """``x`` (a jaxpr literal's Python scalar or NumPy value, or an array) as a JAX
+    array with exactly ``aval``'s dtype and weak type: what library code that
+    compares structures (equinox's closure conversion) saw at trace time."""
+    from jax._src.lax import lax as lax_internal
+    weak = bool(getattr(aval, "weak_type", False))
+    if not isinstance(x, (jax.Array, jcore.Tracer)):
+        return lax_internal._convert_element_type(np.asarray(x), aval.dtype, weak_type=weak)
+    if typeof(x).dtype != aval.dtype:
+        return x
+    return with_weak_type(x, weak)
 
 
 def eval_jaxpr(jaxpr, consts, *args):
@@ -236,3 +274,183 @@ def dce_jaxpr(jaxpr, used_outputs, instantiate=False):
 def join_effects(eqns):
     """The union of the effects of some equations."""
     return jcore.join_effects(*(e.effects for e in eqns)) if eqns else jcore.no_effects
+
+
+# ------------------------------------------------------------- define-by-run
+# fbackprop's eager sweeps run the user's function on traces of their own
+# (see recording.py): JAX's trace protocol, named here.
+Trace = jcore.Trace
+no_effects = jcore.no_effects
+closed_call_p = jcore.closed_call_p
+take_current_trace = jcore.take_current_trace
+set_current_trace = jcore.set_current_trace
+to_concrete_value = jcore.to_concrete_value
+get_referent = jcore.get_referent
+full_lower = jcore.full_lower
+cur_qdd = jcore.cur_qdd
+
+
+def current_trace():
+    """The trace primitives bind into right now (JAX's eval trace when eager)."""
+    return jcore.trace_ctx.trace
+
+
+def is_eager() -> bool:
+    """No transformation is tracing: primitives run on concrete values."""
+    return isinstance(jcore.trace_ctx.trace, jcore.EvalTrace)
+
+
+def current_source_info():
+    return source_info_util.current()
+
+
+def new_eqn(invars, outvars, prim, params, effects, source_info) -> JaxprEqn:
+    return jcore.new_jaxpr_eqn(invars, outvars, prim, params, effects, source_info)
+
+
+def abstract_eval(prim, avals, params) -> tuple[list, Any]:
+    """(output avals as a list, effects) of binding ``prim`` on ``avals``."""
+    out, effects = prim.abstract_eval(*avals, **params)
+    return (list(out) if prim.multiple_results else [out]), effects
+
+
+def bind_in(trace, prim, args, params):
+    """Binds ``prim`` in ``trace`` (not the current one); always a list."""
+    out = prim.bind_with_trace(trace, args, tuple(typeof(a) for a in args), params)
+    return list(out) if prim.multiple_results else [out]
+
+
+def constvars_to_invars(closed: ClosedJaxpr) -> tuple[Jaxpr, list]:
+    """A closed jaxpr as an open one taking its constants as leading inputs."""
+    from jax._src.interpreters import partial_eval as pe
+    jaxpr = closed.jaxpr
+    if jaxpr.constvars:
+        jaxpr = pe.convert_constvars_jaxpr(jaxpr)
+    return jaxpr, list(closed.consts)
+
+
+def make_jaxpr_of_bind(prim, specs, params) -> ClosedJaxpr:
+    """Stages one ``prim.bind(*args, **params)`` into a closed jaxpr (used for
+    call-like primitives whose bind parameters are functions, e.g. custom_jvp)."""
+    return jax.make_jaxpr(lambda *xs: prim.bind(*xs, **params))(*specs)
+
+
+SymbolicZero = ad_util.SymbolicZero
+Zero = ad_util.Zero
+
+
+def symbolic_zero(aval):
+    return ad_util.SymbolicZero(aval.to_tangent_aval())
+
+
+def _single_eqn_jaxpr(eqn) -> Jaxpr:
+    invars, seen = [], set()
+    for v in eqn.invars:
+        if type(v) is not Literal and v not in seen:
+            seen.add(v)
+            invars.append(v)
+    return new_jaxpr([], invars, list(eqn.outvars), [eqn]), invars
+
+
+def eqn_inputs_used(eqn, used_outputs) -> list:
+    """Per input of ``eqn``: whether the used outputs depend on it (JAX's
+    dead-code elimination rules for loops and branches)."""
+    from jax._src.interpreters import partial_eval as pe
+    if any(type(v) is DropVar for v in eqn.outvars):
+        eqn = eqn.replace(outvars=[Var(v.aval) if type(v) is DropVar else v
+                                   for v in eqn.outvars])
+    jaxpr, invars = _single_eqn_jaxpr(eqn)
+    _, used = pe.dce_jaxpr(jaxpr, list(used_outputs), instantiate=False)
+    by_var = dict(zip(invars, used))
+    return [type(v) is not Literal and by_var[v] for v in eqn.invars]
+
+
+def dce_eqn(eqn, used_outputs) -> list:
+    """``eqn`` pruned to the outputs in ``used_outputs`` (the others are dropped):
+    a list of equations (possibly empty)."""
+    from jax._src.interpreters import partial_eval as pe
+    eqn = eqn.replace(outvars=[v if u else DropVar(v.aval)
+                               for v, u in zip(eqn.outvars, used_outputs)])
+    jaxpr, _ = _single_eqn_jaxpr(eqn)
+    jaxpr = jaxpr.replace(outvars=[v for v in eqn.outvars if type(v) is not DropVar])
+    new, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars), instantiate=True)
+    return list(new.eqns)
+
+
+def reset_stores(wrapped_fun):
+    """Empties the auxiliary-output stores of a ``lu.WrappedFun``."""
+    for store in wrapped_fun.stores:
+        store = getattr(store, "_store", store)      # an EqualStore wraps a Store
+        if store is not None:
+            store.reset()
+
+
+# ------------------------------------------------------------------ hijax
+# ``jax.checkpoint`` and ``jax.custom_vjp`` become one ``call_hi_primitive``
+# equation each under ``jax_remat3`` / ``jax_custom_vjp3`` (announced as JAX's
+# next defaults); its ``_prim`` parameter is an object describing the call.
+CALL_HI = "call_hi_primitive"
+REMAT_OPT = "remat_opt"
+CUSTOM_VMAP_CALL = "custom_vmap_call"
+
+
+def hi_kind(hi) -> str:
+    """What a ``call_hi_primitive``'s ``_prim`` is: ``"remat"``, ``"name"``
+    (checkpoint_name), ``"custom_vjp"``, ``"vjp"`` (another primitive with its
+    own VJP), or ``"other"``."""
+    from jax._src import ad_checkpoint as _ac
+    from jax._src import hijax as _hj
+    if isinstance(hi, _ac.RematTraced):
+        return "remat"
+    if isinstance(hi, _ac.CheckpointName):
+        return "name"
+    if isinstance(hi, _hj.CustomVJPTraced):
+        return "custom_vjp"
+    if type(hi).vjp_bwd_retval is not _hj.VJPHiPrimitive.vjp_bwd_retval:
+        return "vjp"
+    return "other"
+
+
+def hi_flatten_out(hi, out) -> list:
+    return list(hi.out_tree.flatten_up_to(out))
+
+
+def hi_unflatten_in(hi, flat):
+    from jax import tree_util as _tu
+    return _tu.tree_unflatten(hi.in_tree, list(flat))
+
+
+def hi_zero_cotangents(hi, cts) -> Any:
+    """Output cotangents (``None`` = zero) as the primitive's output pytree, with
+    JAX's symbolic zeros."""
+    from jax import tree_util as _tu
+    full = [ad_util.Zero(a.to_ct_aval()) if c is None else c
+            for c, a in zip(cts, hi.out_avals_flat)]
+    return _tu.tree_unflatten(hi.out_tree, full)
+
+
+def hi_flatten_in_cts(hi, in_cts) -> list:
+    flat = hi.in_tree.flatten_up_to(in_cts)
+    return [as_none_if_zero(c) for c in flat]
+
+
+def new_jaxpr(constvars, invars, outvars, eqns, fun_name: str = "fun") -> Jaxpr:
+    """A jaxpr built by fbackprop (e.g. from a define-by-run recording)."""
+    from jax._src import linear_util as lu
+    debug = lu.DebugInfo("fbackprop", fun_name, None, None)
+    return Jaxpr(constvars, invars, outvars, eqns, join_effects(eqns), debug_info=debug)
+
+
+# fbackprop's rules are written with jax.numpy and rely on its broadcasting; a
+# user's ``jax_numpy_rank_promotion='raise'`` governs the user's code, not them.
+from jax._src import config as _config  # noqa: E402
+import contextlib as _contextlib  # noqa: E402
+
+_NO_CONTEXT = _contextlib.nullcontext()
+
+
+def rules_context():
+    """The numerical settings fbackprop's own rules run under."""
+    if _config.numpy_rank_promotion.value == "allow":
+        return _NO_CONTEXT
+    return jax.numpy_rank_promotion("allow")

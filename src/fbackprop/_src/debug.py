@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import linecache
 import re
-import weakref
 from typing import Any, Callable, Sequence
 
 import jax
@@ -124,26 +123,7 @@ def leaf_labels(args, kwargs, static) -> list[str]:
 
 def _split_output(traced, has_aux: bool, api_name: str):
     """(main_tree, aux_tree) of a traced scalar-loss function, checked like fb.grad."""
-    return api.split_scalar_output(traced, has_aux, api_name)
-
-
-def _should_compile(traced, dyn) -> bool:
-    return (api.eager_compile
-            and not api._any_tracer(dyn)
-            and not api._any_tracer(traced.closed.consts)
-            and traced.num_eqns <= api.eager_compile_max_eqns)
-
-
-# Compiled eager programs, per traced function and options (like fb.grad's).
-_compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _compiled_run(traced, key, make_run):
-    per = _compiled.setdefault(traced, {})
-    fn = per.get(key)
-    if fn is None:
-        fn = per[key] = jax.jit(make_run())
-    return fn
+    return api.split_scalar_output(traced.out_tree, traced.out_avals, has_aux, api_name)
 
 
 # ================================================================= 1. tags
@@ -385,11 +365,7 @@ def grad_and_intermediates(fun: Callable, argnums: int | Sequence[int] = 0,
                 return outs, cts, _collect(sites, collector, tape)
             return run
 
-        if _should_compile(traced, prog.dyn):
-            run = _compiled_run(traced, ("intermediates", active, names), make_run)
-        else:
-            run = make_run()
-        outs, cts, inter = run(prog.dyn)
+        outs, cts, inter = make_run()(prog.dyn)
         cts = [ct if d else None for ct, d in zip(cts, prog.dyn_diff)]
         grads = prog.diff_cts_to_tree(cts, args, nums)
         grads = grads[0] if isinstance(argnums, (int, np.integer)) else tuple(grads)
@@ -930,13 +906,8 @@ def _checked(fun, argnums, has_aux, api_name, with_value):
                 return report, outs, cts
             return run
 
-        eager = _should_compile(traced, prog.dyn)
-        if eager:
-            run = _compiled_run(traced, ("finite", active), make_run)
-        else:
-            run = make_run()
-        report, outs, cts = run(prog.dyn)
-        if eager or not api._any_tracer(jax.tree_util.tree_leaves(report)):
+        report, outs, cts = make_run()(prog.dyn)
+        if not api._any_tracer(jax.tree_util.tree_leaves(report)):
             report.throw()
         grads = prog.diff_cts_to_tree(cts, args, nums)
         grads = grads[0] if isinstance(argnums, (int, np.integer)) else tuple(grads)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from . import api, compat, forward, trace
+from . import api, compat, define_by_run, forward, trace
 from .api import _check_callable, _normalize_argnums, grad, vjp
 from .registry import jax_float0
 
@@ -74,68 +74,6 @@ def _split_aux(out_tree, api_name: str, has_aux: bool):
 def _check_primal_leaves(leaves_with_path, api_name: str, what: str = "primals"):
     for path, x in leaves_with_path:
         trace.check_leaf(x, f"{api_name}: {what}{tree_util.keystr(path)}")
-
-
-_compiled_calls: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _compile_when_eager(fn: Callable) -> Callable:
-    """Runs ``fn`` as one compiled program when called on concrete values.
-
-    Jacobians and Hessians map the tangent sweep over a basis with ``vmap``;
-    eagerly that would dispatch (and compile) every batched primitive on its
-    own. Instead the whole call is traced once per input shapes (cached like
-    every fbackprop trace) and run with ``jax.jit``. Under an enclosing trace
-    (``jit``, ``vmap``, another derivative) ``fn`` simply runs in place.
-    Non-array leaves (Python scalars, strings...) stay static, as in ``grad``.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        leaves, in_tree = tree_util.tree_flatten((args, kwargs))
-        if not api.eager_compile or _is_tracer_tree(leaves):
-            return fn(*args, **kwargs)
-        static = [not api._is_array_leaf(x) for x in leaves]
-        traced = trace.trace_flat(fn, in_tree, leaves, static,
-                                  what=getattr(fn, "__name__", "fun"))
-        if not api.compile_eagerly(traced, leaves):
-            closed = traced.closed
-            dyn = [x for x, st in zip(leaves, static) if not st]
-            outs = compat.eval_jaxpr(closed.jaxpr, closed.consts, *dyn)
-            return tree_util.tree_unflatten(traced.out_tree, outs)
-        run = _compiled_calls.get(traced)
-        if run is None:
-            closed = traced.closed
-            run = _compiled_calls[traced] = jax.jit(
-                lambda dyn: compat.eval_jaxpr(closed.jaxpr, closed.consts, *dyn))
-        outs = run([x for x, st in zip(leaves, static) if not st])
-        return tree_util.tree_unflatten(traced.out_tree, outs)
-
-    return wrapper
-
-
-# --------------------------------------------------------------------- jvp
-# Eager calls run the tangent sweep compiled, once per traced jaxpr and pattern
-# of zero tangents (see api.eager_compile).
-_compiled_jvp: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _jvp_runner(traced, tangent_mask, eager: bool):
-    closed = traced.closed
-
-    def run(primals, nz_tangents):
-        it = iter(nz_tangents)
-        tangents = [next(it) if m else None for m in tangent_mask]
-        return forward.jvp_jaxpr(closed.jaxpr, closed.consts, primals, tangents)
-
-    if not eager:
-        return run
-    per = _compiled_jvp.setdefault(traced, {})
-    key = tuple(tangent_mask)
-    fn = per.get(key)
-    if fn is None:
-        fn = per[key] = jax.jit(run)
-    return fn
 
 
 def _param_names(fun) -> list[str]:
@@ -197,17 +135,13 @@ def _jvp(fun, primals, tangents, has_aux=False, api_name="jvp"):
     tangent_vals = _validate_tangents(p_leaves_with_path, t_leaves, api_name, fun)
     leaves = [_as_array(x) for _, x in p_leaves_with_path]
     in_tree = tree_util.tree_structure((tuple(primals), {}))
-    traced = trace.trace_flat(fun, in_tree, leaves, what=getattr(fun, "__name__", "fun"))
-    main_tree, aux_tree = _split_aux(traced.out_tree, api_name, has_aux)
-
-    mask = [t is not None for t in tangent_vals]
-    nz = [t for t in tangent_vals if t is not None]
-    eager = api.compile_eagerly(traced, leaves, nz)
-    outs, touts = _jvp_runner(traced, mask, eager)(leaves, nz)
+    outs, out_tree, touts = define_by_run.push_tangents(fun, in_tree, leaves, tangent_vals)
+    main_tree, aux_tree = _split_aux(out_tree, api_name, has_aux)
 
     n_main = main_tree.num_leaves
     out_tangents = []
-    for aval, o, t in zip(traced.out_avals[:n_main], outs, touts):
+    for i, (o, t) in enumerate(zip(outs[:n_main], touts)):
+        aval = api.output_aval(o, api_name, f"[{i}]")
         if t is None:
             t = _zero_tangent(aval)
         elif jnp.issubdtype(aval.dtype, jnp.inexact):
@@ -273,18 +207,9 @@ def _linearized_program(traced, mask) -> forward.LinearizedProgram:
 class _Lifted:
     """The static part of a ``linearize`` result (everything but the residuals)."""
 
-    def __init__(self, prog, primal_tree, in_avals, out_avals, main_tree, eager):
+    def __init__(self, prog, primal_tree, in_avals, out_avals, main_tree):
         self.prog, self.primal_tree, self.in_avals = prog, primal_tree, in_avals
         self.out_avals, self.main_tree = out_avals, main_tree
-        self.eager = eager
-        self._jitted = None
-
-    def eval_tangent(self, residuals, nz):
-        if self.eager and not _is_tracer_tree(nz) and not _is_tracer_tree(residuals):
-            if self._jitted is None:
-                self._jitted = jax.jit(self.prog.eval_tangent)
-            return self._jitted(residuals, nz)
-        return self.prog.eval_tangent(residuals, nz)
 
     def __call__(self, residuals, *tangents):
         t_leaves_with_path, t_tree = tree_util.tree_flatten_with_path(tangents)
@@ -309,7 +234,7 @@ class _Lifted:
             if m:
                 nz.append(t if isinstance(t, jax.Array) or compat.is_tracer(t)
                           else jnp.asarray(t, aval.dtype))
-        touts = iter(self.eval_tangent(residuals, nz))
+        touts = iter(self.prog.eval_tangent(residuals, nz))
         n_main = self.main_tree.num_leaves
         out = []
         for aval, nonzero in zip(self.out_avals, self.prog.out_tangent_nonzero):
@@ -352,24 +277,24 @@ def linearize(fun: Callable, *primals, has_aux: bool = False):
     _check_primal_leaves(p_leaves_with_path, "linearize")
     leaves = [_as_array(x) for _, x in p_leaves_with_path]
     in_tree = tree_util.tree_structure((tuple(primals), {}))
-    traced = trace.trace_flat(fun, in_tree, leaves, what=getattr(fun, "__name__", "fun"))
-    main_tree, aux_tree = _split_aux(traced.out_tree, "linearize", has_aux)
     in_avals = [_aval(x) for x in leaves]
     mask = [jnp.issubdtype(a.dtype, jnp.inexact) for a in in_avals]
-    prog = _linearized_program(traced, mask)
-
-    eager = api.compile_eagerly(traced, leaves)
+    eager = compat.is_eager() and not _is_tracer_tree(leaves)
     if eager:
-        per = _linearized.setdefault(traced, {})
-        jit_key = ("eval_primal", tuple(mask))
-        fn = per.get(jit_key)
-        if fn is None:
-            fn = per[jit_key] = jax.jit(prog.eval_primal)
-        outs, residuals = fn(leaves)
+        # Run the function on the values (Python control flow on them works, as
+        # in jax.linearize) and linearize the program it ran.
+        run = define_by_run.record(fun, in_tree, leaves, mask)
+        closed, out_tree = define_by_run.recorded_jaxpr(run), run.out_tree
+        prog = forward.LinearizedProgram(closed.jaxpr, closed.consts, in_avals, mask)
     else:
-        outs, residuals = prog.eval_primal(leaves)
+        traced = trace.trace_flat(fun, in_tree, leaves, what=getattr(fun, "__name__", "fun"))
+        closed, out_tree = traced.closed, traced.out_tree
+        prog = _linearized_program(traced, mask)
+    main_tree, aux_tree = _split_aux(out_tree, "linearize", has_aux)
+    out_avals = [v.aval for v in closed.jaxpr.outvars]
+    outs, residuals = prog.eval_primal(leaves)
 
-    lifted = _Lifted(prog, p_tree, in_avals, list(traced.out_avals), main_tree, eager)
+    lifted = _Lifted(prog, p_tree, in_avals, out_avals, main_tree)
     jvp_fn = tree_util.Partial(lifted, list(residuals))
     n_main = main_tree.num_leaves
     primal_out = tree_util.tree_unflatten(main_tree, outs[:n_main])
@@ -555,7 +480,7 @@ def jacfwd(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
         return (jac_tree, aux) if has_aux else jac_tree
 
     jacfun.__doc__ = _jac_docstring(fun, argnums, "forward mode")
-    return _compile_when_eager(jacfun)
+    return jacfun
 
 
 def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
@@ -603,7 +528,7 @@ def jacrev(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
         return (jac_tree, *maybe_aux) if has_aux else jac_tree
 
     jacfun.__doc__ = _jac_docstring(fun, argnums, "reverse mode")
-    return _compile_when_eager(jacfun)
+    return jacfun
 
 
 def jacobian(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,

@@ -49,6 +49,16 @@ nondiff_primitives: set = set()
 # Call-like primitives the engines handle by recursing into a sub-jaxpr.
 call_handlers_reverse: dict[str, Callable] = {}
 call_handlers_forward: dict[str, Callable] = {}
+# While a custom JVP rule is transposed (see reverse.check_linear): primitives
+# that may read a tangent, each ``True`` or a predicate ``(active, **params) ->
+# bool`` (e.g. a product is linear when one factor is a constant), and call
+# primitives handled differently there (a custom_jvp function applied to a
+# tangent is differentiated through its body).
+linear_primitives: dict[str, Any] = {}
+call_handlers_linear: dict[str, Any] = {}
+# Primitives of other libraries (lineax, equinox...), differentiated with the
+# rules those libraries register with JAX: filled by rules/foreign.py.
+foreign_rules: dict[str, Callable] = {}
 
 
 class MissingRuleError(NotImplementedError):

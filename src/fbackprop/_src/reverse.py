@@ -11,16 +11,17 @@ Both sweeps are loops, so graph depth is bounded by memory, not by the stack.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
 import numpy as np
-from jax import lax
+from jax import lax, tree_util
 
 from . import compat
-from .registry import (MissingRuleError, call_handlers_reverse, missing_rule_error,
-                       nondiff_primitives, vjp_rules, is_differentiable_dtype,
-                       with_call_site)
+from .registry import (MissingRuleError, call_handlers_linear, call_handlers_reverse,
+                       foreign_rules, is_differentiable_dtype, linear_primitives,
+                       missing_rule_error, nondiff_primitives, vjp_rules, with_call_site)
 
 
 @dataclasses.dataclass
@@ -31,6 +32,7 @@ class Record:
     outvals: list
     active: list          # per input: does it carry a cotangent?
     sub: Any = None       # call primitives: what their handler kept (e.g. a sub-tape)
+    handler: Any = None   # call primitives: the handler whose backward runs
 
 
 @dataclasses.dataclass
@@ -53,14 +55,88 @@ def _var_differentiable(v) -> bool:
 _NO_RULE = object()   # marks a recorded equation whose primitive has no VJP rule
 
 
+# A tape is a pytree whose leaves are the values it keeps (and a few static
+# Python objects), so ``vjp_fn`` can carry it as a ``jax.tree_util.Partial``.
+tree_util.register_pytree_node(
+    Record,
+    lambda r: ((r.invals, r.outvals, r.sub), (r.eqn, tuple(r.active), r.handler)),
+    lambda aux, ch: Record(aux[0], ch[0], ch[1], list(aux[1]), ch[2], aux[2]))
+tree_util.register_pytree_node(
+    Tape,
+    lambda t: ((t.records,), (t.jaxpr, tuple(t.in_active), tuple(t.out_active))),
+    lambda aux, ch: Tape(aux[0], ch[0], list(aux[1]), list(aux[2])))
+
+
 @dataclasses.dataclass
 class _Residuals:
     """What a rule's own ``fwd`` kept for its backward."""
     values: Any
 
+
+tree_util.register_pytree_node(_Residuals, lambda r: ((r.values,), None),
+                               lambda _, ch: _Residuals(ch[0]))
+
 # Hooks let debugging tools observe the sweeps without a second engine.
 # on_forward(eqn, invals, outvals); on_backward(eqn, cts_out, cts_in, record)
 _observers: list = []
+
+
+def forward_eqn(eqn, invals: list, act: list, late_outvars: bool = False):
+    """One equation of the forward sweep, in the current trace.
+
+    Args:
+      eqn: the equation (its ``outvars`` give the output avals).
+      invals: its input values.
+      act: per input, whether it carries a cotangent.
+      late_outvars: the equation has no ``outvars`` yet (a define-by-run
+        sweep, which learns the output avals from the values); new ones are
+        made, and the record holds the completed equation.
+
+    Returns:
+      ``(outvals, record, out_active)``: ``record`` is ``None`` when nothing
+      downstream can need this equation's backward, ``out_active`` says which
+      outputs carry a cotangent (``None`` when none does).
+    """
+    name = eqn.primitive.name
+    if not any(act):
+        return compat.bind_eqn(eqn, invals), None, None
+    linear = bool(_linear_stack)
+    if linear:
+        check_linear(eqn, act)
+        handler = call_handlers_linear.get(name) or call_handlers_reverse.get(name)
+    else:
+        handler = call_handlers_reverse.get(name)
+    if name in nondiff_primitives:
+        return compat.bind_eqn(eqn, invals), None, None
+    if handler is None and name not in vjp_rules:
+        handler = foreign_rules["reverse_handler"](eqn.primitive, linear)
+    assert not late_outvars or handler is None, name
+    if handler is not None:
+        try:
+            with compat.rules_context():
+                outvals, sub, out_act = handler.forward(eqn, invals, act)
+        except MissingRuleError as err:
+            raise with_call_site(err, eqn) from None
+    else:
+        # A primitive without a rule is only an error if a cotangent reaches it
+        # (e.g. a max whose result goes through stop_gradient needs none).
+        rule = vjp_rules.get(name)
+        if rule is not None and rule.fwd is not None:
+            with compat.user_context(eqn), compat.rules_context():
+                outvals, residuals = rule.fwd(*invals, **eqn.params)
+            outvals = list(outvals) if eqn.primitive.multiple_results else [outvals]
+            sub = _Residuals(residuals)
+        else:
+            outvals = compat.bind_eqn(eqn, invals)
+            sub = None if rule is not None else _NO_RULE
+        if late_outvars:
+            eqn = eqn.replace(outvars=[compat.Var(compat.typeof(x)) for x in outvals])
+        out_act = [True] * len(eqn.outvars)
+    out_act = [a and type(v) is not compat.DropVar and _var_differentiable(v)
+               for v, a in zip(eqn.outvars, out_act)]
+    if not any(out_act):
+        return outvals, None, out_act
+    return outvals, Record(eqn, invals, outvals, act, sub, handler), out_act
 
 
 def forward(jaxpr, consts, args, in_active) -> tuple[list, Tape]:
@@ -92,46 +168,67 @@ def forward(jaxpr, consts, args, in_active) -> tuple[list, Tape]:
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         act = [type(v) is not compat.Literal and v in active for v in eqn.invars]
-        name = eqn.primitive.name
-        if not any(act) or name in nondiff_primitives:
-            outvals = compat.bind_eqn(eqn, invals)
-            sub = None
-            out_act = None
-        elif name in call_handlers_reverse:
-            try:
-                outvals, sub, out_act = call_handlers_reverse[name].forward(eqn, invals, act)
-            except MissingRuleError as err:
-                raise with_call_site(err, eqn) from None
-        else:
-            # A primitive without a rule is only an error if a cotangent reaches it
-            # (e.g. a max whose result goes through stop_gradient needs none).
-            rule = vjp_rules.get(name)
-            if rule is not None and rule.fwd is not None:
-                with compat.user_context(eqn):
-                    outvals, residuals = rule.fwd(*invals, **eqn.params)
-                outvals = list(outvals) if eqn.primitive.multiple_results else [outvals]
-                sub = _Residuals(residuals)
-            else:
-                outvals = compat.bind_eqn(eqn, invals)
-                sub = None if rule is not None else _NO_RULE
-            out_act = [True] * len(eqn.outvars)
+        outvals, rec, out_act = forward_eqn(eqn, invals, act)
         for v, x in zip(eqn.outvars, outvals):
             if type(v) is not compat.DropVar:
                 env[v] = x
-        if out_act is not None:
-            any_out = False
-            for v, a in zip(eqn.outvars, out_act):
-                if a and type(v) is not compat.DropVar and _var_differentiable(v):
-                    active.add(v)
-                    any_out = True
-            if any_out:
-                records.append(Record(eqn, invals, outvals, act, sub))
+        if rec is not None:
+            active.update(v for v, a in zip(eqn.outvars, out_act) if a)
+            records.append(rec)
         for obs in _observers:
             obs.on_forward(eqn, invals, outvals)
 
     outs = [read(v) for v in jaxpr.outvars]
     out_active = [type(v) is not compat.Literal and v in active for v in jaxpr.outvars]
     return outs, Tape(jaxpr, records, list(in_active), out_active)
+
+
+# ------------------------------------------------------------- linear sweeps
+# Reverse mode of a ``custom_jvp`` function transposes the user's JVP rule: our
+# own sweeps run over the rule as a function of its tangents. That is only the
+# transpose if the rule is linear in them, so while such a sweep runs every
+# equation that reads a tangent is checked (``linear_primitives``), and a
+# ``custom_jvp`` function applied to a tangent is differentiated through its
+# own body (it is then part of a linear map, not a point to linearize at).
+_linear_stack: list = []
+
+
+@contextlib.contextmanager
+def outside_linear_sweeps():
+    """For a define-by-run trace's own records: an enclosing linear sweep's check
+    is about the equations of that sweep, not about what an outer trace records
+    when the sweep binds into it."""
+    saved = _linear_stack[:]
+    _linear_stack.clear()
+    try:
+        yield
+    finally:
+        _linear_stack[:] = saved
+
+
+class NonLinearRuleError(ValueError):
+    """A custom JVP rule is not linear in its tangents, so it cannot be transposed."""
+
+
+def check_linear(eqn, act):
+    name = eqn.primitive.name
+    rule = linear_primitives.get(name)
+    if rule is True or (rule is not None and rule(act, **eqn.params)):
+        return
+    if rule is None and name not in vjp_rules and foreign_rules["is_linear"](eqn.primitive):
+        return
+    what = _linear_stack[-1]
+    if rule is None:
+        how = (f"it applies '{name}', which is not linear, to a tangent")
+    else:
+        how = (f"it applies '{name}' to tangent values in a way that is not linear "
+               f"(e.g. a product of two tangents, or a tangent in a denominator)")
+    raise NonLinearRuleError(
+        f"The JVP rule of {what} is not linear in its tangents: {how} at "
+        f"{compat.source_line(eqn)}. Reverse mode (grad, vjp) transposes the JVP rule, "
+        f"which is only correct for a rule whose tangent outputs are linear functions "
+        f"of the input tangents (e.g. `cos(x) * t`). Fix the rule, or use forward mode "
+        f"(fbackprop.jvp), which evaluates the rule as written.")
 
 
 def _check_ct(eqn, i, v, ct):
@@ -155,14 +252,13 @@ def apply_rule(rec: Record, cts_out: list) -> list:
     """Runs one recorded equation's VJP rule; one cotangent (or None) per input."""
     eqn = rec.eqn
     name = eqn.primitive.name
-    if rec.sub is _NO_RULE:
-        raise missing_rule_error(eqn, "reverse")
-    if rec.sub is not None and type(rec.sub) is not _Residuals or \
-            name in call_handlers_reverse:
+    if rec.handler is not None:
         try:
-            return call_handlers_reverse[name].backward(rec, cts_out)
+            return rec.handler.backward(rec, cts_out)
         except MissingRuleError as err:
             raise with_call_site(err, eqn) from None
+    if rec.sub is _NO_RULE:
+        raise missing_rule_error(eqn, "reverse")
     rule = vjp_rules[name]
     if eqn.primitive.multiple_results:
         ct_arg, out_arg = cts_out, rec.outvals
@@ -179,6 +275,11 @@ def apply_rule(rec: Record, cts_out: list) -> list:
 
 def backward(tape: Tape, cts_out: list) -> list:
     """Propagates output cotangents (``None`` = zero) back to the jaxpr's inputs."""
+    with compat.rules_context():
+        return _backward(tape, cts_out)
+
+
+def _backward(tape: Tape, cts_out: list) -> list:
     jaxpr = tape.jaxpr
     ct_env: dict = {}
     for v, ct, a in zip(jaxpr.outvars, cts_out, tape.out_active):

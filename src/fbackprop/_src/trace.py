@@ -129,6 +129,11 @@ def trace_flat(fun: Callable, in_tree, leaves: list, static: list | None = None,
         out_tree_cell.append(out_tree)
         return [leaf for _, leaf in out_leaves_with_path]
 
+    # JAX's error messages ("... while tracing the function f at model.py:3")
+    # then name the user's function, not this wrapper.
+    flat_fun.__wrapped__ = fun
+    flat_fun.__name__ = getattr(fun, "__name__", "fun")
+    flat_fun.__qualname__ = getattr(fun, "__qualname__", flat_fun.__name__)
     specs = [compat.spec_of(x) for x in dyn]
     closed = jax.make_jaxpr(flat_fun)(*specs)
     trace_count += 1

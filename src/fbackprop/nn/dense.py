@@ -60,7 +60,7 @@ def dense(params: dict, x):
                          f"layer with in_features={x.shape[-1]}.")
     y = x @ w.astype(x.dtype)
     if "b" in params:
-        y = y + params["b"].astype(x.dtype)
+        y = y + _along_last_axis(params["b"].astype(x.dtype), y)
     return y
 
 
@@ -103,3 +103,9 @@ def mlp(params: Sequence[dict], x, *, activation: Callable = jax.nn.relu,
         x = activation(dense(layer, x))
     x = dense(params[-1], x)
     return x if final_activation is None else final_activation(x)
+
+
+def _along_last_axis(v, like):
+    """``v`` (shape ``(n,)``) shaped to broadcast over the last axis of ``like``
+    explicitly, so the layers work under ``jax_numpy_rank_promotion='raise'``."""
+    return jnp.reshape(v, (1,) * (jnp.ndim(like) - 1) + (-1,))

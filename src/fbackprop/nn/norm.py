@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from .dense import _along_last_axis
+
 
 def init_layer_norm(features: int, *, dtype=jnp.float32) -> dict:
     """Scale (ones) and offset (zeros) of a layer norm over ``features``."""
@@ -41,5 +43,6 @@ def layer_norm(params: dict, x, *, eps: float = 1e-5):
     centered = x32 - mean
     var = jnp.mean(centered * centered, axis=-1, keepdims=True)
     y = centered * lax.rsqrt(var + eps)
-    y = y * params["scale"].astype(y.dtype) + params["bias"].astype(y.dtype)
+    y = (y * _along_last_axis(params["scale"].astype(y.dtype), y)
+         + _along_last_axis(params["bias"].astype(y.dtype), y))
     return y.astype(dtype)

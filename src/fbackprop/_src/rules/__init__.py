@@ -5,3 +5,6 @@ from . import collectives  # noqa: F401,E402
 from . import control  # noqa: F401,E402
 from . import debug  # noqa: F401,E402
 from . import linalg, special  # noqa: F401,E402
+from . import linear  # noqa: F401,E402
+from . import hijax  # noqa: F401,E402
+from . import foreign  # noqa: F401,E402

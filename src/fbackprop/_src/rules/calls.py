@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import collections
 
+import jax
+import jax.numpy as jnp
+from jax import lax
+
 
 from .. import compat
 from .. import reverse
-from ..registry import call_handlers_reverse
+from ..registry import call_handlers_linear, call_handlers_reverse
 
 
 class CallHandler:
@@ -39,8 +43,93 @@ class InlineCall(CallHandler):
         return reverse.backward(record.sub, cts_out)
 
 
+class _CompiledResiduals:
+    """What a compiled nested call kept: its arrays (pytree leaves) and its program."""
+
+    def __init__(self, sweeps, arrays):
+        self.sweeps, self.arrays = sweeps, arrays
+
+
+jax.tree_util.register_pytree_node(
+    _CompiledResiduals, lambda r: ((r.arrays,), r.sweeps),
+    lambda sweeps, ch: _CompiledResiduals(sweeps, ch[0]))
+
+
+class _CompiledSweeps:
+    """A nested jit's forward sweep and backward sweep, each one jitted program.
+
+    The forward program returns the call's outputs and the array leaves of its
+    tape; everything else on the tape (equations, rules' static data) is kept
+    from the one trace this object makes (it is cached per input types).
+    """
+
+    def __init__(self, closed, active):
+        self.closed, self.active = closed, list(active)
+        self.static = None
+        self.out_active = None
+        self.fwd = jax.jit(self._fwd)
+        self.bwd = jax.jit(self._bwd)
+
+    def _fwd(self, invals):
+        outs, tape = reverse.forward(self.closed.jaxpr, self.closed.consts, invals, self.active)
+        leaves, treedef = jax.tree_util.tree_flatten(tape)
+        mask = [isinstance(x, jax.Array) or compat.is_tracer(x) for x in leaves]
+        self.static = (treedef, mask, [None if m else x for x, m in zip(leaves, mask)])
+        self.out_active = list(tape.out_active)
+        return outs, [x for x, m in zip(leaves, mask) if m]
+
+    def _bwd(self, arrays, cts_out):
+        treedef, mask, static = self.static
+        it = iter(arrays)
+        tape = jax.tree_util.tree_unflatten(
+            treedef, [next(it) if m else x for m, x in zip(mask, static)])
+        return reverse.backward(tape, cts_out)
+
+
+def _compiles_eagerly() -> bool:
+    """Concrete values and no tool watching the sweeps: nested jits run compiled."""
+    return compat.is_eager() and not reverse._observers and not reverse._linear_stack
+
+
+class JitCall(InlineCall):
+    """A nested ``jax.jit``. Under a transformation it is swept in place (the
+    enclosing program is compiled as a whole); eagerly its forward and backward
+    sweeps each run as one compiled program, as eager ``jax.grad`` runs a jitted
+    function (library code such as ``equinox.filter_jit`` relies on it)."""
+
+    def __init__(self, get_closed):
+        super().__init__(get_closed)
+        self._programs: collections.OrderedDict = collections.OrderedDict()
+
+    def _sweeps(self, closed, invals, active):
+        key = (id(closed), tuple(active), tuple(compat.aval_key(x) for x in invals))
+        hit = self._programs.get(key)
+        if hit is None or hit.closed is not closed:
+            hit = self._programs[key] = _CompiledSweeps(closed, active)
+            if len(self._programs) > 256:
+                self._programs.popitem(last=False)
+        else:
+            self._programs.move_to_end(key)
+        return hit
+
+    def forward(self, eqn, invals, active):
+        if not _compiles_eagerly():
+            return super().forward(eqn, invals, active)
+        sweeps = self._sweeps(self.get_closed(eqn.params), invals, active)
+        outs, arrays = sweeps.fwd(invals)
+        return outs, _CompiledResiduals(sweeps, arrays), list(sweeps.out_active)
+
+    def backward(self, record, cts_out):
+        sub = record.sub
+        if not isinstance(sub, _CompiledResiduals):
+            return super().backward(record, cts_out)
+        return sub.sweeps.bwd(sub.arrays, list(cts_out))
+
+
 for _name in compat.JIT_NAMES:
-    call_handlers_reverse[_name] = InlineCall(compat.jit_inner)
+    call_handlers_reverse[_name] = JitCall(compat.jit_inner)
+# ``core.closed_call`` (what define-by-run sweeps record a staged call as).
+call_handlers_reverse[compat.CLOSED_CALL] = InlineCall(lambda params: params["call_jaxpr"])
 
 
 # -------------------------------------------------------------------- custom_jvp
@@ -101,7 +190,13 @@ class CustomJVPCall(CallHandler):
         tangents = [compat.zeros_like_aval(a) for a in tangent_avals]
         tangent_active = [a for a, z in zip(active, zeros) if not z]
         in_active = [False] * n_lead + tangent_active
-        _, tape = reverse.forward(jaxpr, [], consts + list(primals) + tangents, in_active)
+        reverse._linear_stack.append(
+            f"the custom_jvp function '{record.eqn.params.get('name', '?')}' (called at "
+            f"{compat.source_line(record.eqn)})")
+        try:
+            _, tape = reverse.forward(jaxpr, [], consts + list(primals) + tangents, in_active)
+        finally:
+            reverse._linear_stack.pop()
         cts_in = reverse.backward(tape, cts)[n_lead:]
         it = iter(cts_in)
         per_input = [None if z else next(it) for z in zeros]
@@ -109,6 +204,9 @@ class CustomJVPCall(CallHandler):
 
 
 call_handlers_reverse[compat.CUSTOM_JVP_CALL] = CustomJVPCall()
+# Applied to a tangent inside a rule being transposed, a custom_jvp function is
+# part of a linear map: it is differentiated through its body, as JAX does.
+call_handlers_linear[compat.CUSTOM_JVP_CALL] = InlineCall(lambda params: params["call_jaxpr"])
 
 
 # -------------------------------------------------------------------- custom_vjp
@@ -126,7 +224,20 @@ class CustomVJPCall(CallHandler):
         res, bwd, out_avals = record.sub
         with compat.user_context(record.eqn):
             cts = bwd(res, cts_out, out_avals)
-        return [ct if a else None for ct, a in zip(cts, record.active)]
+        return [_as_cotangent(ct, x) if a and ct is not None else None
+                for ct, x, a in zip(cts, record.invals, record.active)]
+
+
+def _as_cotangent(ct, primal):
+    """A user's bwd result as a cotangent of ``primal``, converted the way JAX
+    converts it: a Python scalar becomes an array, a float cotangent of another
+    float dtype (float32 for a bfloat16 input) is cast. Shapes must already agree."""
+    aval = compat.typeof(primal)
+    if not (isinstance(ct, jax.Array) or compat.is_tracer(ct)):
+        ct = jnp.asarray(ct, aval.dtype)
+    elif ct.dtype != aval.dtype and jnp.issubdtype(ct.dtype, jnp.inexact):
+        ct = lax.convert_element_type(ct, aval.dtype)
+    return ct
 
 
 call_handlers_reverse[compat.CUSTOM_VJP_CALL] = CustomVJPCall()
@@ -158,8 +269,29 @@ def _inline_jvp(get_closed):
     return handler
 
 
+def _jit_jvp():
+    """Forward mode of a nested jit: in place under a transformation, one
+    compiled program eagerly (cached per jaxpr; jit caches the input types)."""
+    inline = _inline_jvp(compat.jit_inner)
+    programs: collections.OrderedDict = collections.OrderedDict()
+
+    def handler(eqn, invals, tangents):
+        if not _compiles_eagerly():
+            return inline(eqn, invals, tangents)
+        closed = compat.jit_inner(eqn.params)
+        hit = programs.get(id(closed))
+        if hit is None or hit[0] is not closed:
+            run = jax.jit(lambda xs, ts: _forward.jvp_jaxpr(closed.jaxpr, closed.consts, xs, ts))
+            hit = programs[id(closed)] = (closed, run)
+            if len(programs) > 256:
+                programs.popitem(last=False)
+        return hit[1](list(invals), list(tangents))
+    return handler
+
+
 for _name in compat.JIT_NAMES:
-    call_handlers_forward[_name] = _inline_jvp(compat.jit_inner)
+    call_handlers_forward[_name] = _jit_jvp()
+call_handlers_forward[compat.CLOSED_CALL] = _inline_jvp(lambda params: params["call_jaxpr"])
 for _name in compat.REMAT_NAMES:
     call_handlers_forward[_name] = _inline_jvp(_remat_closed)
 
@@ -176,7 +308,8 @@ def _custom_jvp_forward(eqn, invals, tangents):
     tangents = tangents[num_consts:]
     if not eqn.params.get("symbolic_zeros", False):
         # Without symbolic zeros the user's rule expects every tangent as an array.
-        tangents = [compat.zeros_like_aval(compat.typeof(x)) if t is None else t
+        # (float0 zeros for integer inputs, as JAX passes them).
+        tangents = [_forward.zero_tangent(x) if t is None else t
                     for x, t in zip(primals, tangents)]
     jvp_jaxpr, jvp_consts, out_zeros = jvp_jaxpr_of([t is None for t in tangents])
     nz_tangents = [t for t in tangents if t is not None]
@@ -192,12 +325,8 @@ call_handlers_forward[compat.CUSTOM_JVP_CALL] = _custom_jvp_forward
 
 
 def _custom_vjp_forward(eqn, invals, tangents):
-    raise TypeError(
-        f"can't apply forward-mode autodiff (jvp) to a custom_vjp function "
-        f"('{eqn.params.get('name', '?')}' at {compat.source_line(eqn)}): its custom rule "
-        f"only defines reverse mode, and pushing tangents through its primal code could "
-        f"disagree with that rule (e.g. a straight-through estimator). Use reverse mode "
-        f"(fbackprop.grad / vjp / jacrev), or define the function with jax.custom_jvp.")
+    raise _forward.custom_vjp_forward_error(eqn.params.get("name", "?"),
+                                            compat.source_line(eqn))
 
 
 call_handlers_forward[compat.CUSTOM_VJP_CALL] = _custom_vjp_forward

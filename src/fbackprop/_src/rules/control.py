@@ -472,21 +472,21 @@ class WhileCall:
             if new == carry_active:
                 break
             carry_active = new
-        if any(a and _differentiable(v.aval) for a, v in zip(carry_active, eqn.outvars)):
-            raise ValueError(
-                f"Reverse-mode differentiation does not work for lax.while_loop or "
-                f"lax.fori_loop with dynamic start/stop values (the loop at "
-                f"{compat.source_line(eqn)}): its number of iterations is only known at "
-                f"run time, so the values each iteration needs for the backward sweep "
-                f"cannot be laid out in advance. Use lax.fori_loop with static Python "
-                f"int bounds (it lowers to lax.scan, which fbackprop differentiates), or "
-                f"lax.scan with a fixed length. Forward mode (fbackprop.jvp) does work "
-                f"on while_loop.")
         outvals = compat.bind_eqn(eqn, invals)
-        return outvals, None, [False] * len(outvals)
+        # The error waits for a cotangent to reach the loop (none does through
+        # stop_gradient, or when the loop's outputs are not used).
+        return outvals, eqn, [a and _differentiable(v.aval)
+                              for a, v in zip(carry_active, eqn.outvars)]
 
-    def backward(self, record, cts_out):  # pragma: no cover - never recorded
-        raise AssertionError("a while_loop with no active carry was recorded")
+    def backward(self, record, cts_out):
+        raise ValueError(
+            f"Reverse-mode differentiation does not work for lax.while_loop or "
+            f"lax.fori_loop with dynamic start/stop values (the loop at "
+            f"{compat.source_line(record.eqn)}): its number of iterations is only known "
+            f"at run time, so the values each iteration needs for the backward sweep "
+            f"cannot be laid out in advance. Use lax.fori_loop with static Python int "
+            f"bounds (it lowers to lax.scan, which fbackprop differentiates), or lax.scan "
+            f"with a fixed length. Forward mode (fbackprop.jvp) does work on while_loop.")
 
 
 call_handlers_reverse["while"] = WhileCall()

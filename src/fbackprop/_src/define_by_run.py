@@ -1,0 +1,506 @@
+"""Define-by-run sweeps: the user's function runs on fbackprop's own traces.
+
+``fb.grad``, ``fb.value_and_grad``, ``fb.vjp`` and ``fb.jvp`` do not stage the
+function into a jaxpr first. They call it on tracers of a trace of our own,
+the way ``jax.grad`` calls it on its tracers; every primitive the function
+binds reaches :meth:`RecordingTrace.process_primitive`, which runs that one
+equation's forward step (:func:`reverse.forward_eqn`: bind it in the enclosing
+trace, keep what its VJP rule will need) and appends the record to the tape.
+The backward sweep is the same :func:`reverse.backward` that runs over staged
+jaxprs.
+
+Consequences, all as with ``jax.grad``:
+
+- Eagerly the values are concrete, so ``if x > 0:`` on a differentiated value,
+  ``int(n)`` or NumPy on a non-differentiated argument, lists indexed by
+  concrete ints, a ``fori_loop`` with a concrete trip count, try/except
+  fallbacks all work.
+- Under ``jax.jit`` / ``vmap`` / an outer derivative the enclosing trace simply
+  receives the primitives (no separate staging step, and errors name the
+  user's function, not ours).
+- Only values that depend on a differentiated input are tracers; everything
+  else is what it would be without fbackprop.
+
+Call-like primitives whose parameters are Python functions (``custom_jvp``,
+``custom_vjp`` under forward mode, ``core.call``, ``shard_map``) are staged
+into a small jaxpr with JAX's tracing and swept like any call. ``custom_vjp``
+in reverse mode runs the user's ``fwd`` on the concrete values, as JAX does.
+
+Forward mode uses :class:`TangentTrace`, whose tracers carry a primal and a
+tangent and whose equations go through :func:`forward.jvp_eqn`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from . import compat, forward, reverse
+from .registry import call_handlers_reverse, vjp_rules, is_differentiable_dtype
+
+Var = compat.Var
+
+
+def _differentiable(aval) -> bool:
+    dtype = getattr(aval, "dtype", None)
+    return dtype is not None and is_differentiable_dtype(dtype)
+
+
+# ================================================================ reverse mode
+class RecordingTracer(compat.Tracer):
+    """A value that depends on a differentiated input: its value and its variable."""
+    __slots__ = ["val", "var"]
+
+    def __init__(self, trace, val, var):
+        super().__init__(trace, compat.typeof(val))
+        self.val = val
+        self.var = var
+
+    def to_concrete_value(self):
+        return compat.to_concrete_value(self.val)
+
+    def get_referent(self):
+        return compat.get_referent(self.val)
+
+    def full_lower(self):
+        return self
+
+    def cur_qdd(self):
+        return self.val.cur_qdd()
+
+    def _short_repr(self):
+        return f"RecordingTracer({self.val!r})"
+
+
+def _needs_avals_first(name) -> bool:
+    """Handlers and rules with their own forward read the output avals first."""
+    if name in call_handlers_reverse:
+        return True
+    rule = vjp_rules.get(name)
+    return rule is not None and rule.fwd is not None
+
+
+class RecordingTrace(compat.Trace):
+    """Runs each primitive in the enclosing trace and records its equation."""
+
+    def __init__(self, parent):
+        super().__init__()
+        self.parent = parent
+        self.records: list = []
+        # Hi-level primitives (remat3 checkpoints, custom_vjp3 functions) reach
+        # us as they are, so their own semantics are kept.
+        self.requires_low = False
+
+    # -- helpers
+    def unpack(self, tracers):
+        vals, act, invars = [], [], []
+        for x in tracers:
+            if type(x) is RecordingTracer and x._trace is self:
+                vals.append(x.val)
+                act.append(True)
+                invars.append(x.var)
+            else:
+                vals.append(x)
+                act.append(False)
+                invars.append(None)
+        return vals, act, invars
+
+    def wrap(self, outvals, outvars, out_act):
+        return [RecordingTracer(self, x, v) if a else x
+                for x, v, a in zip(outvals, outvars, out_act)]
+
+    @staticmethod
+    def _vars(vals, invars):
+        return [v if v is not None else Var(compat.typeof(x)) for x, v in zip(vals, invars)]
+
+    # -- the trace protocol
+    def stage_value(self, val):
+        (x,), (a,), (v,) = self.unpack([val])
+        staged = self.parent.stage_value(x)
+        return RecordingTracer(self, staged, v) if a else staged
+
+    def process_primitive(self, prim, tracers, params):
+        vals, act, invars = self.unpack(tracers)
+        if not any(act):
+            return prim.bind_with_trace(self.parent, vals,
+                                        tuple(compat.typeof(x) for x in vals), params)
+        invars = self._vars(vals, invars)
+        source_info = compat.current_source_info()
+        if _needs_avals_first(prim.name):
+            out_avals, effects = compat.abstract_eval(prim, [v.aval for v in invars], params)
+            eqn = compat.new_eqn(invars, [Var(a) for a in out_avals], prim, params,
+                                 effects, source_info)
+            late = False
+        else:
+            eqn = compat.new_eqn(invars, [], prim, params, compat.no_effects, source_info)
+            late = True
+        with compat.set_current_trace(self.parent), reverse.outside_linear_sweeps():
+            outvals, rec, out_act = reverse.forward_eqn(eqn, vals, act, late_outvars=late)
+        if rec is None:
+            outs = outvals
+        else:
+            self.records.append(rec)
+            outs = self.wrap(outvals, rec.eqn.outvars, out_act)
+        return outs if prim.multiple_results else outs[0]
+
+    def _stage(self, tracers, process: Callable, prim_for_parent: Callable):
+        """Stages a call-like bind into a jaxpr and records it as one call.
+
+        ``process(trace, args)`` performs the bind on a staging trace;
+        ``prim_for_parent(args)`` performs it in the enclosing trace when no
+        input is differentiated.
+        """
+        vals, act, invars = self.unpack(tracers)
+        if not any(act):
+            with compat.set_current_trace(self.parent):
+                return prim_for_parent(vals)
+        structure: list = []
+
+        def staged(*xs):
+            out = process(compat.current_trace(), xs)
+            structure.append(out)
+            return list(getattr(out, "vals", out))
+
+        import jax
+        closed = jax.make_jaxpr(staged)(*[compat.spec_of(x) for x in vals])
+        jaxpr, consts = compat.constvars_to_invars(closed)
+        call = compat.ClosedJaxpr(jaxpr, [])
+        c_vals, c_act, c_vars = self.unpack(consts)
+        all_vals, all_act = c_vals + vals, c_act + act
+        all_vars = self._vars(c_vals + vals, c_vars + invars)
+        eqn = compat.new_eqn(all_vars, [Var(v.aval) for v in jaxpr.outvars],
+                             compat.closed_call_p, dict(call_jaxpr=call),
+                             compat.join_effects(jaxpr.eqns), compat.current_source_info())
+        with compat.set_current_trace(self.parent), reverse.outside_linear_sweeps():
+            outvals, rec, out_act = reverse.forward_eqn(eqn, all_vals, all_act)
+        if rec is None:
+            outs = outvals
+        else:
+            self.records.append(rec)
+            outs = self.wrap(outvals, eqn.outvars, out_act)
+        out = structure[0]
+        return out.update(outs) if hasattr(out, "update") and hasattr(out, "vals") else outs
+
+    def process_custom_jvp_call(self, prim, fun, jvp, tracers, *, symbolic_zeros):
+        params = dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
+        out = self._stage(
+            tracers,
+            lambda t, xs: t.process_custom_jvp_call(prim, fun, jvp, xs,
+                                                    symbolic_zeros=symbolic_zeros),
+            lambda xs: compat.bind_in(self.parent, prim, xs, params))
+        # The staged function was traced; if an enclosing forward-mode trace
+        # also ran the rule, custom_jvp expects only one of the two to report
+        # its output structure.
+        compat.reset_stores(jvp)
+        return out
+
+    def process_custom_vjp_call(self, prim, fun, fwd, bwd, tracers, *, out_trees,
+                                symbolic_zeros):
+        vals, act, invars = self.unpack(tracers)
+        if not any(act):
+            return compat.bind_in(self.parent, prim, vals, dict(
+                subfuns=(fun, fwd, bwd), out_trees=out_trees, symbolic_zeros=symbolic_zeros))
+        # The user's fwd runs on the values themselves (Python control flow on
+        # them works, as in jax.grad); bwd runs in the backward sweep.
+        n_records = len(self.records)
+        fwd_in = [y for x, a in zip(vals, act) for y in (x, a)]
+        with compat.set_current_trace(self.parent), reverse.outside_linear_sweeps():
+            res_and_outs = fwd.call_wrapped(*fwd_in)
+        if len(self.records) != n_records:
+            raise compat.custom_vjp_closure_error()
+        res, outs = compat.split_custom_vjp_fwd_outputs(res_and_outs, vals, out_trees)
+        invars = self._vars(vals, invars)
+        outvars = [Var(compat.typeof(x)) for x in outs]
+        name = getattr(fun, "__name__", None) or getattr(
+            getattr(fun, "debug_info", None), "func_name", "?")
+        eqn = compat.new_eqn(invars, outvars, prim, dict(name=name, symbolic_zeros=symbolic_zeros),
+                             compat.no_effects, compat.current_source_info())
+        run_bwd = compat.custom_vjp_bwd_runner(bwd, 0, symbolic_zeros)
+        handler = call_handlers_reverse[compat.CUSTOM_VJP_CALL]
+        rec = reverse.Record(eqn, vals, outs, act, (res, run_bwd, [v.aval for v in outvars]),
+                             handler)
+        out_act = [_differentiable(v.aval) for v in outvars]
+        self.records.append(rec)
+        return self.wrap(outs, outvars, out_act)
+
+    def process_call(self, prim, f, tracers, params):
+        return self._stage(
+            tracers,
+            lambda t, xs: t.process_call(prim, f, xs, params),
+            lambda xs: prim.bind_with_trace(self.parent, xs,
+                                            tuple(compat.typeof(x) for x in xs),
+                                            dict(params, subfuns=(f,))))
+
+    def process_shard_map(self, prim, fun, args, **params):
+        return self._stage(
+            args,
+            lambda t, xs: t.process_shard_map(prim, fun, xs, **params),
+            lambda xs: self.parent.process_shard_map(prim, fun, xs, **params))
+
+    def cur_qdd(self, x):
+        vals, _, _ = self.unpack([x])
+        with compat.set_current_trace(self.parent):
+            return compat.cur_qdd(vals[0])
+
+
+class Recording:
+    """The result of :func:`record`: outputs, their activity, and the tape."""
+
+    def __init__(self, out_vals, out_tree, out_active, tape):
+        self.out_vals, self.out_tree = out_vals, out_tree
+        self.out_active, self.tape = out_active, tape
+
+
+class _Frame:
+    """The top-level 'jaxpr' of a recording: just its input and output variables."""
+    __slots__ = ["invars", "outvars"]
+
+    def __init__(self, invars, outvars):
+        self.invars, self.outvars = invars, outvars
+
+
+def record(fun: Callable, args_tree, leaves: list, active: list) -> Recording:
+    """Runs ``fun`` on ``tree_unflatten(args_tree, leaves)`` with the active leaves
+    as recording tracers; returns the flat outputs and the tape.
+
+    ``args_tree`` flattens ``(args, kwargs)``. Leaves that are not active are
+    passed as they are (Python scalars, NumPy arrays, strings...).
+    """
+    from jax import tree_util
+    with compat.take_current_trace() as parent:
+        trace = RecordingTrace(parent)
+        invars = []
+        in_leaves = []
+        for x, a in zip(leaves, active):
+            if a:
+                v = Var(compat.typeof(x))
+                invars.append(v)
+                in_leaves.append(RecordingTracer(trace, x, v))
+            else:
+                invars.append(Var(compat.typeof(x)) if _is_value(x) else None)
+                in_leaves.append(x)
+        args, kwargs = tree_util.tree_unflatten(args_tree, in_leaves)
+        try:
+            with compat.set_current_trace(trace):
+                out = fun(*args, **kwargs)
+            out_leaves, out_tree = tree_util.tree_flatten(out)
+        finally:
+            trace.invalidate()
+    out_vals, outvars, out_active = [], [], []
+    for x in out_leaves:
+        if type(x) is RecordingTracer and x._trace is trace:
+            out_vals.append(x.val)
+            outvars.append(x.var)
+            out_active.append(True)
+        else:
+            out_vals.append(x)
+            outvars.append(None)
+            out_active.append(False)
+    tape = reverse.Tape(_Frame(invars, outvars), trace.records, list(active), out_active)
+    return Recording(out_vals, out_tree, out_active, tape)
+
+
+def recorded_jaxpr(run: Recording):
+    """The program a recording ran, as a closed jaxpr over all input leaves.
+
+    Its equations are the recorded ones (those that depend on an active input);
+    every other value they read is a constant of the jaxpr.
+    """
+    tape = run.tape
+    defined = {v for v in tape.jaxpr.invars if v is not None}
+    constvars, consts = [], []
+
+    def const(v, x):
+        if v not in defined:
+            defined.add(v)
+            constvars.append(v)
+            consts.append(x)
+
+    eqns = []
+    for rec in tape.records:
+        if rec.eqn.primitive.name == compat.CUSTOM_VJP_CALL and "call_jaxpr" not in rec.eqn.params:
+            raise forward.custom_vjp_forward_error(rec.eqn.params.get("name", "?"),
+                                                   compat.source_line(rec.eqn))
+        for v, x in zip(rec.eqn.invars, rec.invals):
+            const(v, x)
+        eqns.append(rec.eqn)
+        defined.update(rec.eqn.outvars)
+    outvars = []
+    for v, x in zip(tape.jaxpr.outvars, run.out_vals):
+        if v is None:
+            v = Var(compat.typeof(x))
+            const(v, x)
+        outvars.append(v)
+    invars = [v for v in tape.jaxpr.invars]
+    jaxpr = compat.new_jaxpr(constvars, invars, outvars, eqns)
+    return compat.ClosedJaxpr(jaxpr, consts)
+
+
+def _is_value(x) -> bool:
+    try:
+        compat.typeof(x)
+        return True
+    except TypeError:
+        return False
+
+
+# ================================================================ forward mode
+class TangentTracer(compat.Tracer):
+    """A primal value with a nonzero tangent."""
+    __slots__ = ["primal", "tangent"]
+
+    def __init__(self, trace, primal, tangent):
+        super().__init__(trace, compat.typeof(primal))
+        self.primal = primal
+        self.tangent = tangent
+
+    def to_concrete_value(self):
+        return compat.to_concrete_value(self.primal)
+
+    def get_referent(self):
+        return compat.get_referent(self.primal)
+
+    def full_lower(self):
+        return self
+
+    def cur_qdd(self):
+        return self.primal.cur_qdd()
+
+
+class TangentTrace(compat.Trace):
+    """Runs each primitive's JVP rule in the enclosing trace."""
+
+    def __init__(self, parent):
+        super().__init__()
+        self.parent = parent
+        self.requires_low = False
+
+    def unpack(self, tracers):
+        primals, tangents = [], []
+        for x in tracers:
+            if type(x) is TangentTracer and x._trace is self:
+                primals.append(x.primal)
+                tangents.append(x.tangent)
+            else:
+                primals.append(x)
+                tangents.append(None)
+        return primals, tangents
+
+    def wrap(self, outs, touts):
+        return [x if t is None else TangentTracer(self, x, t) for x, t in zip(outs, touts)]
+
+    def stage_value(self, val):
+        (x,), (t,) = self.unpack([val])
+        staged = self.parent.stage_value(x)
+        return staged if t is None else TangentTracer(self, staged,
+                                                      self.parent.stage_value(t))
+
+    def process_primitive(self, prim, tracers, params):
+        primals, tangents = self.unpack(tracers)
+        if all(t is None for t in tangents):
+            return prim.bind_with_trace(self.parent, primals,
+                                        tuple(compat.typeof(x) for x in primals), params)
+        with compat.set_current_trace(self.parent):
+            outs, touts = forward.jvp_eqn(prim, params, primals, tangents,
+                                          compat.current_source_info())
+        out = self.wrap(outs, touts)
+        return out if prim.multiple_results else out[0]
+
+    def process_custom_jvp_call(self, prim, fun, jvp, tracers, *, symbolic_zeros):
+        primals, tangents = self.unpack(tracers)
+        if all(t is None for t in tangents):
+            return compat.bind_in(self.parent, prim, primals,
+                                  dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros))
+        # The user's rule runs on the values themselves, as in jax.jvp.
+        with compat.set_current_trace(self.parent):
+            if symbolic_zeros:
+                ts = [compat.symbolic_zero(compat.typeof(x)) if t is None else t
+                      for x, t in zip(primals, tangents)]
+            else:
+                ts = [forward.zero_tangent(x) if t is None else t
+                      for x, t in zip(primals, tangents)]
+            outs = jvp.call_wrapped(*primals, *ts)
+        n = len(outs) // 2
+        primal_outs = list(outs[:n])
+        touts = [None if isinstance(t, (compat.SymbolicZero, compat.Zero)) else t
+                 for t in outs[n:]]
+        return self.wrap(primal_outs, touts)
+
+    def process_custom_vjp_call(self, prim, fun, fwd, bwd, tracers, *, out_trees,
+                                symbolic_zeros):
+        primals, tangents = self.unpack(tracers)
+        if all(t is None for t in tangents):
+            return compat.bind_in(self.parent, prim, primals, dict(
+                subfuns=(fun, fwd, bwd), out_trees=out_trees, symbolic_zeros=symbolic_zeros))
+        raise forward.custom_vjp_forward_error(
+            getattr(fun, "__name__", "?"), compat.source_line_of(compat.current_source_info()))
+
+    def _stage(self, tracers, process: Callable, prim_for_parent: Callable):
+        primals, tangents = self.unpack(tracers)
+        if all(t is None for t in tangents):
+            with compat.set_current_trace(self.parent):
+                return prim_for_parent(primals)
+        structure: list = []
+
+        def staged(*xs):
+            out = process(compat.current_trace(), xs)
+            structure.append(out)
+            return list(getattr(out, "vals", out))
+
+        import jax
+        closed = jax.make_jaxpr(staged)(*[compat.spec_of(x) for x in primals])
+        jaxpr, consts = compat.constvars_to_invars(closed)
+        c_primals, c_tangents = self.unpack(consts)
+        with compat.set_current_trace(self.parent):
+            outs, touts = forward.jvp_jaxpr(jaxpr, [], c_primals + primals,
+                                            c_tangents + tangents)
+        res = self.wrap(outs, touts)
+        out = structure[0]
+        return out.update(res) if hasattr(out, "update") and hasattr(out, "vals") else res
+
+    def process_call(self, prim, f, tracers, params):
+        return self._stage(
+            tracers,
+            lambda t, xs: t.process_call(prim, f, xs, params),
+            lambda xs: prim.bind_with_trace(self.parent, xs,
+                                            tuple(compat.typeof(x) for x in xs),
+                                            dict(params, subfuns=(f,))))
+
+    def process_shard_map(self, prim, fun, args, **params):
+        return self._stage(
+            args,
+            lambda t, xs: t.process_shard_map(prim, fun, xs, **params),
+            lambda xs: self.parent.process_shard_map(prim, fun, xs, **params))
+
+    def cur_qdd(self, x):
+        primals, _ = self.unpack([x])
+        with compat.set_current_trace(self.parent):
+            return compat.cur_qdd(primals[0])
+
+
+def push_tangents(fun: Callable, args_tree, primals: list, tangents: list) -> tuple:
+    """Runs ``fun`` with tangents attached to the primals that have one.
+
+    Returns ``(out_leaves, out_tree, out_tangents)`` with ``None`` for zero tangents.
+    """
+    from jax import tree_util
+    with compat.take_current_trace() as parent:
+        trace = TangentTrace(parent)
+        in_leaves = [x if t is None else TangentTracer(trace, x, t)
+                     for x, t in zip(primals, tangents)]
+        args, kwargs = tree_util.tree_unflatten(args_tree, in_leaves)
+        try:
+            with compat.set_current_trace(trace):
+                out = fun(*args, **kwargs)
+            out_leaves, out_tree = tree_util.tree_flatten(out)
+        finally:
+            trace.invalidate()
+    outs, touts = [], []
+    for x in out_leaves:
+        if type(x) is TangentTracer and x._trace is trace:
+            outs.append(x.primal)
+            touts.append(x.tangent)
+        else:
+            outs.append(x)
+            touts.append(None)
+    return outs, out_tree, touts
+

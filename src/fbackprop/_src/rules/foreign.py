@@ -1,0 +1,215 @@
+"""Primitives other libraries define: differentiated with those libraries' own rules.
+
+lineax's ``linear_solve``, equinox's ``select_if_vmap`` / ``noinline`` /
+``nondifferentiable_backward``, diffrax's helpers... are primitives whose
+libraries register a JVP rule (and, for the linear ones, a transpose rule)
+with JAX, exactly as a user does with ``jax.custom_jvp``. fbackprop honors
+them the same way it honors a ``custom_jvp`` function:
+
+- forward mode runs the library's JVP rule;
+- reverse mode traces that JVP rule as a function of the tangents and
+  transposes it with fbackprop's own sweep, checked for linearity like a
+  ``custom_jvp`` rule; inside it, the library's own linear primitives (e.g.
+  ``linear_solve`` applied to a tangent right-hand side) are transposed with
+  the library's transpose rule.
+
+Only primitives fbackprop has no rule for take this path, and never JAX's own
+primitives (a rule registered by a ``jax`` module): those keep fbackprop's own
+rules or are a missing-rule error. :func:`rules_for` is the one place that
+decides; the next library needs no change anywhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from .. import compat
+from .. import registry
+from ..registry import MissingRuleError
+
+# The tables JAX keeps of other libraries' rules (read, never written here).
+from jax._src.interpreters import ad as _jax_ad  # noqa: E402
+
+
+class ForeignRules:
+    """A library primitive's own rules, and which library they come from."""
+
+    def __init__(self, prim, jvp, transpose, owner):
+        self.prim, self.jvp, self.transpose, self.owner = prim, jvp, transpose, owner
+
+
+def _module_of(fn) -> str:
+    return getattr(fn, "__module__", None) or ""
+
+
+def _owner(fn) -> str:
+    """The top-level package whose code the rule is: a generic wrapper's module
+    is skipped for the function it wraps (equinox wraps lineax's rules)."""
+    seen, stack, modules = set(), [fn], []
+    while stack and len(seen) < 20:
+        f = stack.pop()
+        if id(f) in seen or not callable(f):
+            continue
+        seen.add(id(f))
+        modules.append(_module_of(f))
+        stack.extend(c.cell_contents for c in (getattr(f, "__closure__", None) or ())
+                     if callable(getattr(c, "cell_contents", None)))
+        wrapped = getattr(f, "__wrapped__", None)
+        if wrapped is not None:
+            stack.append(wrapped)
+    tops = [m.split(".")[0] for m in modules if m]
+    for top in reversed(tops):
+        if top and top != tops[0]:
+            return top
+    return tops[0] if tops else "unknown"
+
+
+def _is_jax_own(fn) -> bool:
+    module = _module_of(fn)
+    return module == "jax" or module.startswith(("jax.", "jaxlib"))
+
+
+@functools.lru_cache(maxsize=None)
+def _rules_for(prim):
+    jvp = _jax_ad.primitive_jvps.get(prim)
+    transpose = _jax_ad.primitive_transposes.get(prim)
+    fn = jvp or transpose
+    if fn is None or _is_jax_own(fn):
+        return None
+    return ForeignRules(prim, jvp, transpose, _owner(fn))
+
+
+def rules_for(prim) -> ForeignRules | None:
+    """Another library's rules for ``prim``, or None (no rules, or JAX's own)."""
+    try:
+        return _rules_for(prim)
+    except TypeError:        # an unhashable primitive object
+        return None
+
+
+def _zero(aval):
+    return _jax_ad.Zero(aval.to_tangent_aval())
+
+
+def _is_zero(t) -> bool:
+    return t is None or isinstance(t, (_jax_ad.Zero, compat.SymbolicZero))
+
+
+def _as_traced(record):
+    """The recorded inputs typed as the jaxpr typed them (literals become arrays):
+    library rules may compare them with what they saw when they were traced."""
+    return [compat.as_array_like(x, v.aval) for x, v in zip(record.invals, record.eqn.invars)]
+
+
+# ---------------------------------------------------------------- forward mode
+def jvp(rules: ForeignRules, eqn_params, primals, tangents):
+    """The library's JVP rule: ``(outs, out_tangents)`` as lists, None for zeros."""
+    prim = rules.prim
+    ts = [_zero(compat.typeof(x)) if t is None else t for x, t in zip(primals, tangents)]
+    outs, touts = rules.jvp(list(primals), ts, **eqn_params)
+    if not prim.multiple_results:
+        outs, touts = [outs], [touts]
+    return list(outs), [None if _is_zero(t) else t for t in touts]
+
+
+# ---------------------------------------------------------------- reverse mode
+def _describe(rules) -> str:
+    return f"primitive '{rules.prim.name}' (rule from {rules.owner})"
+
+
+class ForeignJVPCall:
+    """Reverse mode of a library primitive: its JVP rule, transposed by us."""
+
+    def __init__(self, rules):
+        self.rules = rules
+
+    def forward(self, eqn, invals, active):
+        outvals = compat.bind_eqn(eqn, invals)
+        return outvals, None, [True] * len(outvals)
+
+    def backward(self, record, cts_out):
+        from .. import reverse
+        rules, eqn = self.rules, record.eqn
+        if rules.jvp is None:
+            raise MissingRuleError(
+                f"{_describe(rules)} at {compat.source_line(eqn)} has a transpose rule but "
+                f"no JVP rule, and a cotangent reached it outside a linear map.")
+        primals = _as_traced(record)
+        active = list(record.active)
+        wanted = [ct is not None for ct in cts_out]
+        nonzero_cell: list = []
+
+        def tangent_outputs(*nz_tangents):
+            it = iter(nz_tangents)
+            tangents = [next(it) if a else None for a in active]
+            _, touts = jvp(rules, eqn.params, primals, tangents)
+            nonzero_cell.append([t is not None for t in touts])
+            return [t for t, w in zip(touts, wanted) if w and t is not None]
+
+        specs = [compat.spec_of(x) for x, act in zip(primals, active) if act]
+        with compat.user_context(eqn):
+            closed = jax.make_jaxpr(tangent_outputs)(*specs)
+        nonzero = nonzero_cell[0]
+        cts = [ct for ct, w, nz in zip(cts_out, wanted, nonzero) if w and nz]
+        zeros = [compat.zeros_like_aval(v.aval) for v in closed.jaxpr.invars]
+        reverse._linear_stack.append(
+            f"the {_describe(rules)} (at {compat.source_line(eqn)})")
+        try:
+            _, tape = reverse.forward(closed.jaxpr, closed.consts, zeros,
+                                      [True] * len(zeros))
+        finally:
+            reverse._linear_stack.pop()
+        cts_in = iter(reverse.backward(tape, cts))
+        return [next(cts_in) if a else None for a in active]
+
+
+class ForeignTransposeCall:
+    """Inside a linear map being transposed: the library's own transpose rule."""
+
+    def __init__(self, rules):
+        self.rules = rules
+
+    def forward(self, eqn, invals, active):
+        outvals = compat.bind_eqn(eqn, invals)
+        return outvals, None, [True] * len(outvals)
+
+    def backward(self, record, cts_out):
+        prim = self.rules.prim
+        args = [_jax_ad.UndefinedPrimal(compat.typeof(x)) if a else x
+                for x, a in zip(_as_traced(record), record.active)]
+        out_avals = [v.aval for v in record.eqn.outvars]
+        cts = [_zero(a) if c is None else c for c, a in zip(cts_out, out_avals)]
+        with compat.user_context(record.eqn):
+            cts_in = self.rules.transpose(cts if prim.multiple_results else cts[0], *args,
+                                          **record.eqn.params)
+        return [None if (not a or _is_zero(c)) else c
+                for c, a in zip(cts_in, record.active)]
+
+
+def reverse_handler(prim, linear: bool):
+    """The reverse-mode handler for a library primitive, or None."""
+    rules = rules_for(prim)
+    if rules is None:
+        return None
+    if linear and rules.transpose is not None:
+        return ForeignTransposeCall(rules)
+    return ForeignJVPCall(rules)
+
+
+def is_linear(prim) -> bool:
+    """A library primitive the library itself can transpose."""
+    rules = rules_for(prim)
+    return rules is not None and rules.transpose is not None
+
+
+def forward_rule(prim):
+    rules = rules_for(prim)
+    return rules if rules is not None and rules.jvp is not None else None
+
+
+
+# The engine asks here for primitives none of its tables knows.
+registry.foreign_rules.update(reverse_handler=reverse_handler, is_linear=is_linear,
+                              forward_rule=forward_rule, jvp=jvp)
