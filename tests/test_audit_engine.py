@@ -80,13 +80,10 @@ def test_gradient_sees_a_changed_global():
 
 
 # ------------------------------------------- collectives over a vmap axis name
-# Inside jax.vmap(..., axis_name="i"), lax.psum/pmean/pmax bind their primitive
-# with positional axes (``psum[axes=(0,)]``), which is a plain reduction over
-# that array axis. rules/collectives.py refuses psum over positional axes and has
-# no rule for pmax; JAX differentiates both (the transpose of a positional psum
-# broadcasts the cotangent back over the summed axes).
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
-    "rules/collectives.py: psum over positional axes (collective under vmap axis_name)"))
+# Inside jax.vmap(..., axis_name="i"), lax.psum/pmean bind psum with positional
+# axes (``psum[axes=(0,)]``): a plain sum over that array axis, transposed by
+# broadcasting the cotangent back. tests/test_collectives_vmap.py covers every
+# collective in both modes.
 @pytest.mark.parametrize("collective", [lax.psum, lax.pmean], ids=["psum", "pmean"])
 def test_collective_over_a_vmap_axis_name(collective):
     def loss(x):
@@ -96,10 +93,11 @@ def test_collective_over_a_vmap_axis_name(collective):
     np.testing.assert_allclose(fb.grad(loss)(x), jax.grad(loss)(x), rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
-    "rules/collectives.py: no rule for pmax (collective under vmap axis_name)"))
-def test_pmax_over_a_vmap_axis_name():
+def test_pmax_over_a_vmap_axis_name_is_a_clear_error_as_in_jax():
     def loss(x):
         return jnp.sum(jnp.sin(jax.vmap(lambda v: v * lax.pmax(v, "i"), axis_name="i")(x)))
     x = np.array([0.5, 1.0, 2.0])
-    np.testing.assert_allclose(fb.grad(loss)(x), jax.grad(loss)(x), rtol=1e-6)
+    with pytest.raises(NotImplementedError):
+        jax.grad(loss)(x)
+    with pytest.raises(fb.MissingRuleError, match="'pmax'"):
+        fb.grad(loss)(x)

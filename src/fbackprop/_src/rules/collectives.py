@@ -1,4 +1,5 @@
-"""Collectives inside ``jax.shard_map`` and the ``shard_map`` call itself.
+"""Collectives inside ``jax.shard_map`` or ``jax.vmap(..., axis_name=...)``, and the
+``shard_map`` call itself.
 
 Every collective here is linear, so its VJP is its transpose (another
 collective) and its JVP applies the collective to the tangent:
@@ -12,6 +13,11 @@ collective) and its JVP applies the collective to the tangent:
 * ``ppermute`` transposes to the inverse permutation;
 * ``all_to_all`` transposes to ``all_to_all`` with split and concat axes swapped;
 * ``axis_index`` has no gradient.
+
+Under ``jax.vmap`` with an axis name, ``psum``/``pmean`` over that name become a
+sum over a positional array axis, transposed by broadcasting back along it; the
+other collectives' batching rules already turn them into ordinary array code.
+``pmax``/``pmin`` have no rule (JAX has none either): a missing-rule error.
 
 Differentiating *through* a ``shard_map`` (``fb.grad(jax.shard_map(f, ...))``)
 runs our own sweeps inside a new ``shard_map`` over the same mesh: the backward
@@ -50,16 +56,6 @@ def _varying_axes(x) -> frozenset:
     return frozenset(getattr(mat, "varying", ()) or ())
 
 
-def _named_axes(axes, prim_name: str) -> tuple:
-    axes = tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
-    if any(isinstance(a, int) for a in axes):
-        raise NotImplementedError(
-            f"fbackprop: '{prim_name}' over positional axes {axes} (a collective under "
-            f"jax.vmap/pmap with an integer axis) is not supported; use named mesh axes "
-            f"inside jax.shard_map.")
-    return axes
-
-
 def _pvary(x, axes):
     """``x`` made varying over ``axes`` (only those it does not vary over yet)."""
     missing = tuple(a for a in axes if a not in _varying_axes(x))
@@ -73,19 +69,46 @@ def _psum_invariant(x, axes):
 
 
 # --------------------------------------------------------------- all-reduce sum
+# Under jax.vmap(..., axis_name=...), a psum over the vmapped name becomes a psum
+# over a positional axis: a sum over that array axis. Its transpose broadcasts
+# the cotangent back along it; the named axes keep the collective transposes.
+def _split_axes(axes):
+    axes = tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+    return (tuple(a for a in axes if isinstance(a, int)),
+            tuple(a for a in axes if not isinstance(a, int)))
+
+
+def _unsum_positional(ct, x, positional):
+    """The transpose of summing ``x`` over its array axes ``positional``."""
+    if not positional:
+        return ct
+    shape = compat.typeof(x).shape
+    kept = tuple(d for d in range(len(shape)) if d not in positional)
+    return lax.broadcast_in_dim(ct, shape, kept)
+
+
 # psum (check_vma=False): psum = psum . pbroadcast, so the transpose is a psum.
-def _psum_linear(x, *, axes, axis_index_groups):
-    return psum_p.bind(x, axes=_named_axes(axes, "psum"), axis_index_groups=axis_index_groups)
+def _psum_vjp(ct, out, x, *, axes, axis_index_groups):
+    positional, named = _split_axes(axes)
+    if named:
+        ct = psum_p.bind(ct, axes=named, axis_index_groups=axis_index_groups)
+    return _unsum_positional(ct, x, positional)
 
 
-defvjp(psum_p, lambda ct, out, x, *, axes, axis_index_groups:
-       _psum_linear(ct, axes=axes, axis_index_groups=axis_index_groups))
+defvjp(psum_p, _psum_vjp)
 defjvp(psum_p, lambda t, out, x, *, axes, axis_index_groups:
-       _psum_linear(t, axes=axes, axis_index_groups=axis_index_groups))
+       psum_p.bind(t, axes=axes, axis_index_groups=axis_index_groups))
+
 
 # psum_invariant (check_vma=True): varying -> invariant; its transpose is pvary.
-defvjp(psum_invariant_p, lambda ct, out, x, *, axes: _pvary(ct, _named_axes(axes, "psum")))
-defjvp(psum_invariant_p, lambda t, out, x, *, axes: _psum_invariant(t, axes))
+def _psum_invariant_vjp(ct, out, x, *, axes):
+    positional, named = _split_axes(axes)
+    return _unsum_positional(_pvary(ct, named), x, positional)
+
+
+defvjp(psum_invariant_p, _psum_invariant_vjp)
+defjvp(psum_invariant_p, lambda t, out, x, *, axes: psum_invariant_p.bind(
+    _pvary(t, _split_axes(axes)[1]), axes=axes))
 
 # pvary: invariant -> varying (an implicit broadcast to every device); its
 # transpose sums the per-device cotangents back: psum_invariant.
