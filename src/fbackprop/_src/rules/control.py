@@ -37,13 +37,14 @@ backward part.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .. import compat, residuals
+from .. import compat, memplan, residuals, reverse
 from .. import forward as _forward
 from ..registry import (
     call_handlers_forward,
@@ -84,13 +85,15 @@ def _loop_invariant(joint, num_consts):
     return lambda e: id(e) in ids
 
 
-def _scan_joint(body, consts, in_avals, active, nc, nk):
+def _scan_joint(body, consts, in_avals, active, nc, nk, before_trace=None):
     """The body's joint trace at the fixpoint of carry activity: a carry is
     active when its initial value is, or when the body makes it active."""
     carry_active = [bool(a) and _differentiable(av)
                     for a, av in zip(active[nc:nc + nk], in_avals[nc:nc + nk])]
     while True:
         in_act = list(active[:nc]) + carry_active + list(active[nc + nk:])
+        if before_trace is not None:
+            before_trace()
         joint = residuals.trace_joint(body, consts, in_avals, in_act)
         new = [a or b for a, b in zip(carry_active, joint.out_active[:nk])]
         if new == carry_active:
@@ -101,22 +104,113 @@ def _scan_joint(body, consts, in_avals, active, nc, nk):
 _scan_splits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+class _Segments:
+    """A scan run as consecutive shorter scans (a memory-budget plan keeps
+    different per-step values in different steps): one record per segment."""
+
+    def __init__(self, records, order):
+        self.records = records      # per segment (index order): (Record, offset, length)
+        self.order = order          # the order the segments ran in
+
+
 class ScanCall:
     """Reverse mode of ``lax.scan``: a forward scan that stacks the per-step
     residuals, a backward scan in the opposite direction that consumes them."""
 
     def forward(self, eqn, invals, active):
+        # Inside a region planned for a memory budget the plan decides which
+        # per-step values the loop stacks (see fbackprop._src.memplan).
+        hook = memplan.scan_hook(eqn)
+        if hook is not None and hook.segments:
+            return self._forward_segments(eqn, invals, active, hook.segments)
+        return self._forward(eqn, invals, active, hook)
+
+    def _forward_segments(self, eqn, invals, active, segments):
+        """The scan as consecutive scans of the given lengths (index order),
+        each planned by its own hook; the carry flows from one to the next."""
+        p = eqn.params
+        nc, nk = p["num_consts"], p["num_carry"]
+        consts, carry, xs = list(invals[:nc]), list(invals[nc:nc + nk]), list(invals[nc + nk:])
+        offsets, start = [], 0
+        for n, _ in segments:
+            offsets.append(start)
+            start += n
+        order = list(range(len(segments)))
+        if p["reverse"]:
+            order.reverse()
+        carry_active = list(active[nc:nc + nk])
+        records, ys_parts, ys_active = [None] * len(segments), [None] * len(segments), None
+        for j in order:
+            n, hook = segments[j]
+            sub_eqn = eqn.replace(params=dict(p, length=n))
+            sub_xs = [lax.slice_in_dim(x, offsets[j], offsets[j] + n, axis=0) for x in xs]
+            sub_in = consts + carry + sub_xs
+            sub_active = list(active[:nc]) + carry_active + list(active[nc + nk:])
+            outs, state, out_active = self._forward(sub_eqn, sub_in, sub_active, hook)
+            carry = list(outs[:nk])
+            carry_active = [a or b for a, b in zip(carry_active, out_active[:nk])]
+            ys_parts[j] = list(outs[nk:])
+            ys_active = out_active[nk:] if ys_active is None else [
+                a or b for a, b in zip(ys_active, out_active[nk:])]
+            records[j] = (reverse.Record(sub_eqn, sub_in, list(outs), sub_active, state),
+                          offsets[j], n)
+        ys = [lax.concatenate([part[y] for part in ys_parts], 0)
+              for y in range(len(ys_parts[0]))]
+        return carry + ys, _Segments(records, order), carry_active + list(ys_active)
+
+    def _backward_segments(self, record, cts_out):
+        p = record.eqn.params
+        nc, nk = p["num_consts"], p["num_carry"]
+        segs = record.sub
+        ct_carry = list(cts_out[:nk])
+        ct_ys = list(cts_out[nk:])
+        const_cts = [None] * nc
+        xs_cts = [[None] * len(segs.records) for _ in range(len(record.invals) - nc - nk)]
+        for j in reversed(segs.order):
+            sub, offset, n = segs.records[j]
+            sub_cts = ct_carry + [None if c is None else
+                                  lax.slice_in_dim(c, offset, offset + n, axis=0)
+                                  for c in ct_ys]
+            cts_in = self.backward(sub, sub_cts)
+            for i in range(nc):
+                if cts_in[i] is not None:
+                    const_cts[i] = cts_in[i] if const_cts[i] is None else \
+                        lax.add(const_cts[i], cts_in[i])
+            ct_carry = list(cts_in[nc:nc + nk])
+            for k, c in enumerate(cts_in[nc + nk:]):
+                xs_cts[k][j] = c
+        result = const_cts + ct_carry
+        for k, parts in enumerate(xs_cts):
+            if all(c is None for c in parts):
+                result.append(None)
+                continue
+            x = record.invals[nc + nk + k]
+            full = []
+            for c, (_, offset, n) in zip(parts, segs.records):
+                full.append(c if c is not None else
+                            jnp.zeros((n,) + tuple(x.shape[1:]), x.dtype))
+            result.append(lax.concatenate(full, 0))
+        return [c if a else None for c, a in zip(result, record.active)]
+
+    def _forward(self, eqn, invals, active, hook):
         p = eqn.params
         closed = p["jaxpr"]
         nc, nk = p["num_consts"], p["num_carry"]
         body = closed.jaxpr
         in_avals = [v.aval for v in body.invars]
-        joint, carry_active = _scan_joint(body, closed.consts, in_avals, active, nc, nk)
-        per_joint = _scan_splits.setdefault(joint, {})
-        split = per_joint.get((nc, nk))
-        if split is None:
-            split = per_joint[nc, nk] = residuals.split_joint(
-                joint, recompute=_loop_invariant(joint, nc), costly_inputs=range(nc, nc + nk))
+        if hook is None:
+            joint, carry_active = _scan_joint(body, closed.consts, in_avals, active, nc, nk)
+            per_joint = _scan_splits.setdefault(joint, {})
+            split = per_joint.get((nc, nk))
+            if split is None:
+                split = per_joint[nc, nk] = residuals.split_joint(
+                    joint, recompute=_loop_invariant(joint, nc),
+                    costly_inputs=range(nc, nc + nk))
+        else:
+            with hook.body():
+                joint, carry_active = _scan_joint(body, closed.consts, in_avals, active,
+                                                  nc, nk, before_trace=hook.begin_trace)
+            split = hook.split(joint, _loop_invariant(joint, nc), range(nc, nc + nk))
         n_out = joint.n_out
 
         # Where each residual comes from in the backward scan.
@@ -148,7 +242,8 @@ class ScanCall:
             res = [computed[j] if src == "computed" else carry[j] for src, j in res_src]
             return list(outs[:nk]), (list(outs[nk:n_out]), res)
 
-        with compat.user_context(eqn):
+        with compat.user_context(eqn), (hook.scope() if hook is not None
+                                        else contextlib.nullcontext()):
             carry_out, (ys, res) = lax.scan(fwd_body, init, xs, length=p["length"],
                                             reverse=p["reverse"], unroll=p["unroll"])
         state = {"split": split, "plan": plan, "consts": consts, "xs": xs, "ys": ys,
@@ -157,6 +252,8 @@ class ScanCall:
         return list(carry_out) + list(ys), state, out_active
 
     def backward(self, record, cts_out):
+        if isinstance(record.sub, _Segments):
+            return self._backward_segments(record, cts_out)
         eqn = record.eqn
         p = eqn.params
         st = record.sub
