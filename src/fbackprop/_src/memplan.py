@@ -1107,6 +1107,8 @@ class BudgetPlan:
       kept: the values kept, as :class:`fbackprop.Residual` rows (intermediates
         of the region; values kept per step of a scan have the steps axis).
       seconds: planning time (tracing the region twice and the search).
+      search_seconds: the search alone (building the graphs, the max-flows and
+        the local search), without tracing.
     """
     where: str
     budget: Any
@@ -1119,6 +1121,7 @@ class BudgetPlan:
     recomputed: tuple
     kept: tuple
     seconds: float
+    search_seconds: float = 0.0
 
     def describe(self) -> str:
         """A few lines: the budget, what is kept, what is recomputed and its cost."""
@@ -1133,7 +1136,8 @@ class BudgetPlan:
             f"{self.min_bytes:,})",
             f"  recomputes {len(self.recomputed)} equations, {_fmt_flops(self.recompute_flops)} "
             f"FLOPs ({share:.1%} of the {_fmt_flops(self.recompute_all_flops)} of "
-            f"recomputing everything); planned in {self.seconds * 1e3:.0f} ms"]
+            f"recomputing everything); planned in {self.seconds * 1e3:.0f} ms "
+            f"({self.search_seconds * 1e3:.0f} ms of search, the rest tracing)"]
         for r in sorted(self.kept, key=lambda r: -r.nbytes)[:12]:
             lines.append(f"    kept: {list(r.shape)} {np.dtype(r.dtype).name}, {r.nbytes:,} "
                          f"bytes, {r.describe()}")
@@ -1172,6 +1176,7 @@ class _Probe:
     plain_bytes: int
     model: _Model
     search: _Search
+    search_seconds: float    # building the model (the traces excluded)
 
 
 def _probe(jaxpr, consts, in_avals, active) -> _Probe:
@@ -1181,8 +1186,11 @@ def _probe(jaxpr, consts, in_avals, active) -> _Probe:
         joint = residuals.trace_joint(jaxpr, consts, in_avals, active)
     root.joint = joint
     plain = residuals.split_joint(joint)
+    t0 = time.perf_counter()
     model = _Model(root)
-    return _Probe(root, plain, _computed_bytes(plain), model, _Search(model))
+    search = _Search(model)
+    return _Probe(root, plain, _computed_bytes(plain), model, search,
+                  time.perf_counter() - t0)
 
 
 def _plan_tree(model: _Model, plan: _Plan) -> _Node:
@@ -1290,6 +1298,7 @@ def plan_region(jaxpr, consts, in_avals, active, budget, where: str = "") -> Reg
     probe = _probe(jaxpr, consts, in_avals, active)
     target = budget_bytes(budget, probe.plain_bytes)
     search = probe.search
+    searched = 0.0
     if probe.plain_bytes <= target:
         split, root, nodes = probe.plain, None, []
         kept = probe.plain_bytes
@@ -1297,7 +1306,9 @@ def plan_region(jaxpr, consts, in_avals, active, budget, where: str = "") -> Reg
     else:
         split = None
         tried = set()
+        t_search = time.perf_counter()
         candidates = [search.plan(target)]
+        searched = time.perf_counter() - t_search
         lo, _ = search.bracket(target)
         candidates.append(lo)
         lam = _tie_price(search.none, lo) if lo is not search.least else math.inf
@@ -1336,7 +1347,7 @@ def plan_region(jaxpr, consts, in_avals, active, budget, where: str = "") -> Reg
     report = BudgetPlan(where, budget, target, probe.plain_bytes,
                         int(min(search.least.nbytes, kept)), kept, flops,
                         probe.model.everything().flops, rows, kept_rows,
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, probe.search_seconds + searched)
     marks = recomputed_primal_eqns(jaxpr, split)
     for n in nodes:
         lev, inv = n.level, getattr(n, "invariant", None)
