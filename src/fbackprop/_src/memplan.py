@@ -122,10 +122,11 @@ def check_budget(budget):
         return int(budget)
     budget = float(budget)
     if not (0.0 < budget <= 1.0):
+        example = max(int(budget), 1) if math.isfinite(budget) else 1 << 20
         raise ValueError(
             f"checkpoint: a float `memory_budget` is a fraction of the bytes the region keeps "
             f"without checkpointing and must be in (0, 1], got {budget!r}. For a number of "
-            f"bytes pass an int (e.g. memory_budget={max(int(budget), 1)}).")
+            f"bytes pass an int (e.g. memory_budget={example}).")
     return budget
 
 
@@ -791,8 +792,8 @@ class _Model:
         less than keeping its outputs at price ``lam``."""
         masks = []
         for g in self.graphs:
-            out_bytes = np.array([g.val_bytes[o].sum() if o else 0.0 for o in
-                                  (np.array(x, np.int64) for x in g.eq_outs)])
+            out_bytes = np.array([float(g.val_bytes[outs].sum()) if outs else 0.0
+                                  for outs in g.eq_outs])
             if math.isinf(lam):
                 masks.append(g.eq_recomputable.copy())
             else:

@@ -155,10 +155,13 @@ def loss_of(stack):
 
 
 # ------------------------------------------------------------------ measuring
-def compiled(fun, *args) -> dict:
+def compiled(fun, *args, executable: list | None = None) -> dict:
     """Temp bytes and FLOPs of ``jax.jit(fun)(*args)``, compiled: ``temp``,
-    ``flops`` (every loop trip counted) and ``xla_flops`` (XLA's figure)."""
+    ``flops`` (every loop trip counted) and ``xla_flops`` (XLA's figure).
+    ``executable``: a list to append the compiled program to."""
     c = jax.jit(fun).lower(*args).compile()
+    if executable is not None:
+        executable.append(c)
     cost = c.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
@@ -172,7 +175,7 @@ def _max_abs_diff(a, b) -> float:
 
 
 def measure(name: str, quick: bool = False, budgets=BUDGETS, curve=(), sizes=None,
-            log=None) -> dict:
+            log=None, policies=tuple(JAX_POLICIES), fb_policies: bool = True) -> dict:
     """All figures of one model (see the module docstring).
 
     Args:
@@ -182,6 +185,8 @@ def measure(name: str, quick: bool = False, budgets=BUDGETS, curve=(), sizes=Non
       curve: more budgets, compiled for the curve only.
       sizes: override the model sizes.
       log: a stream for progress lines.
+      policies: the names of :data:`JAX_POLICIES` to compile.
+      fb_policies: also compile the policies under ``fb.grad``.
 
     Returns:
       A dict with ``rows`` (one per case: kind, engine, name, temp bytes,
@@ -201,26 +206,29 @@ def measure(name: str, quick: bool = False, budgets=BUDGETS, curve=(), sizes=Non
 
     rows = []
     t0 = time.perf_counter()
-    reference = jax.jit(jax.grad(plain_loss))(params, x)
     rows.append(dict(kind="plain", engine="fb", name="plain",
                      **compiled(fb.grad(plain_loss), params, x)))
+    exe: list = []
     rows.append(dict(kind="plain", engine="jax", name="plain",
-                     **compiled(jax.grad(plain_loss), params, x)))
+                     **compiled(jax.grad(plain_loss), params, x, executable=exe)))
+    reference = exe[0](params, x)
     say(f"  {name}: plain compiled ({time.perf_counter() - t0:.1f} s)")
-    for pname, policy in JAX_POLICIES.items():
-        loss = loss_of(per_block(block, policy))
-        for engine, grad in (("jax", jax.grad), ("fb", fb.grad)):
+    engines = (("jax", jax.grad), ("fb", fb.grad)) if fb_policies else (("jax", jax.grad),)
+    for pname in policies:
+        loss = loss_of(per_block(block, JAX_POLICIES[pname]))
+        for engine, grad in engines:
             rows.append(dict(kind="policy", engine=engine, name=pname,
                              **compiled(grad(loss), params, x)))
     say(f"  {name}: policies compiled ({time.perf_counter() - t0:.1f} s)")
     curve_info = fb.memory_plan(stack, params, x, budgets=sorted(set(budgets) | set(curve)))
     for b in sorted(set(budgets) | set(curve)):
         loss = loss_of(fb.checkpoint(stack, memory_budget=b))
-        plan = fb.saved_residuals(loss, params, x).plans[0]
-        grad = jax.jit(fb.grad(loss))
-        err = _max_abs_diff(grad(params, x), reference) if b in budgets else None
+        exe = []
+        figures = compiled(fb.grad(loss), params, x, executable=exe)
+        plan = fb.saved_residuals(loss, params, x).plans[0]     # (planned once, cached)
+        err = _max_abs_diff(exe[0](params, x), reference) if b in budgets else None
         rows.append(dict(kind="budget", engine="fb", name=f"{b:.0%}", budget=b,
-                         **compiled(fb.grad(loss), params, x), kept_bytes=plan.kept_bytes,
+                         **figures, kept_bytes=plan.kept_bytes,
                          budget_bytes=plan.budget_bytes, plain_bytes=plan.plain_bytes,
                          recompute_flops=plan.recompute_flops,
                          recompute_all_flops=plan.recompute_all_flops,
