@@ -123,9 +123,9 @@ def transformer_block(x, p, heads=4):
 
 SIZES = {
     "transformer": {"full": dict(blocks=4, seq=256, width=256),
-                    "quick": dict(blocks=4, seq=32, width=32)},
+                    "quick": dict(blocks=4, seq=16, width=16)},
     "mlp": {"full": dict(layers=64, width=64, hidden=256, batch=1024),
-            "quick": dict(layers=64, width=16, hidden=64, batch=32)},
+            "quick": dict(layers=64, width=8, hidden=32, batch=16)},
 }
 MODELS = {"transformer": (transformer_params, transformer_block,
                           "4 pre-norm causal transformer blocks (4 heads), scan over blocks"),
@@ -366,7 +366,7 @@ def plot(results: list[dict], path: str) -> str:
                  label="fbackprop plan")
         hull = sorted(curve["hull"], key=lambda p: p["kept_bytes"])
         ax2.plot([p["kept_bytes"] / mib for p in hull], [p["recompute_flops"] / 1e6 for p in hull],
-                 alpha=0.35, label="convex hull (one plan per step)")
+                 alpha=0.35, label="lower convex hull")
         markers = iter("sD^vP*Xh")
         for pname, p in curve["policies"].items():
             ax2.scatter([p["kept_bytes"] / mib], [p["recompute_flops"] / 1e6], s=70,
@@ -386,13 +386,19 @@ def main(argv=None, prog: str = "python -m fbackprop bench --memplan") -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description="Memory-budget plans against JAX's hand policies: compiled "
         "temp bytes and FLOPs of scan-over-layers models, and the trade-off curve.")
-    parser.add_argument("--quick", action="store_true", help="small sizes")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes, the policies under jax.grad only, and XLA_FLAGS+="
+                             "--xla_backend_optimization_level=0 (LLVM's optimizations off: "
+                             "the same temp bytes and FLOPs, compiled several times faster)")
     parser.add_argument("--only", default="transformer,mlp",
                         help="models, comma-separated (transformer, mlp)")
     parser.add_argument("--out", default="out", help="directory for the PNG and JSON")
     parser.add_argument("--no-curve", action="store_true",
                         help="compile only the table's budgets (no extra curve points)")
     args = parser.parse_args(argv)
+    if args.quick:
+        from .harness import _use_quick_compiler_flags
+        _use_quick_compiler_flags()
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -402,7 +408,7 @@ def main(argv=None, prog: str = "python -m fbackprop bench --memplan") -> int:
     results = []
     for name in names:
         res = measure(name, args.quick, curve=() if args.no_curve else CURVE_BUDGETS,
-                      log=sys.stderr)
+                      log=sys.stderr, fb_policies=not args.quick)
         results.append(res)
         print()
         print(table(res))
