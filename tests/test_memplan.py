@@ -16,7 +16,7 @@ from jax import lax
 from jax._src.ad_checkpoint import saved_residuals as jax_saved_residuals  # the oracle
 
 import fbackprop as fb
-from fbackprop._src import memplan
+from fbackprop._src import memcut, memplan
 from fbackprop.bench.memplan import (mlp_block, mlp_params, stack_of, transformer_block,
                                      transformer_params)
 
@@ -320,7 +320,7 @@ def test_planning_a_1000_layer_network_takes_well_under_a_second():
 
 def test_greedy_fallback_for_huge_graphs(monkeypatch, mlp):
     stack, params, x = mlp
-    monkeypatch.setattr(memplan, "MAX_CUT_NODES", 0)
+    monkeypatch.setattr(memcut, "MAX_CUT_NODES", 0)
 
     def region(params, x):    # a new function: a plan of its own
         return stack(params, x)

@@ -20,7 +20,7 @@ sweep of a sub-jaxpr as a *program* they can place elsewhere: inside a reverse
    forward-part values (and inputs) that the backward part reads: no more is
    kept than the backward sweep actually uses.
 3. **Recompute.** A predicate may mark forward equations whose outputs must not
-   be kept (a checkpoint policy; loop invariants of a scan). Their outputs are
+   be kept (a checkpoint policy, a memory-budget plan; loop invariants of a scan). Their outputs are
    recomputed at the start of the backward part from what is kept, so the
    residuals move to their inputs.
 4. **Fewest bytes.** Two local moves then shrink what is kept without adding

@@ -22,6 +22,10 @@ output cotangents are made inside the backward body, never stacked. (The other
 strategy, keeping only the per-step carries and recomputing the body in the
 backward loop, is what a checkpointed body gives: ``lax.scan(jax.checkpoint(
 body), ...)``.) Compiled memory against ``jax.grad``: tests/test_memory.py.
+Inside a region planned for a memory budget (``fb.checkpoint(...,
+memory_budget=...)``, :mod:`fbackprop._src.memplan`) the plan chooses which
+body values are stacked and which recomputed in every backward step, and may
+run the scan as segments of steps planned differently.
 
 ``cond``/``switch`` - the branch index is a residual; each branch keeps its own
 residuals, laid out in shared slots (one slot per shape/dtype per branch
