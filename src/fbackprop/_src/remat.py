@@ -46,8 +46,7 @@ from jax.ad_checkpoint import (
     checkpoint_name,  # noqa: F401  (re-exported)
 )
 
-from . import compat, memplan, residuals
-from . import reverse
+from . import compat, memplan, residuals, reverse
 
 
 def _saveable(policy, eqn) -> bool:

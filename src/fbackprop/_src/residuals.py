@@ -474,7 +474,8 @@ class SavedResiduals(tuple):
 
     def __new__(cls, rows=(), plans=()):
         self = super().__new__(cls, rows)
-        self.plans = tuple(plans)
+        unique = {id(p): p for p in plans}      # a body traced twice reports its plan twice
+        self.plans = tuple(unique.values())
         return self
 
     @property
