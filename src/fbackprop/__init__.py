@@ -11,6 +11,7 @@ from fbackprop._src.reverse import NonLinearRuleError
 from fbackprop._src.registry import MissingRuleError
 from fbackprop._src.remat import checkpoint, checkpoint_name, checkpoint_policies, remat
 from fbackprop._src.residuals import Residual, SavedResiduals, saved_residuals
+from fbackprop._src.memplan import BudgetPlan, MemoryPlan, PlanPoint, memory_plan
 from fbackprop._src.debug import (NonFiniteError, NonFiniteReport, checked_grad,
                                   checked_value_and_grad, grad_and_intermediates, tag)
 from fbackprop._src.explain import Explanation, explain
@@ -24,6 +25,6 @@ __all__ = ["GradCheckReport", "MissingRuleError", "NonLinearRuleError", "check_g
 __all__ += ["Explanation", "HealthReport", "NonFiniteError", "NonFiniteReport", "checked_grad",
             "checked_value_and_grad", "explain", "grad_and_intermediates", "gradient_health",
             "gradient_stats", "plot_gradient_norms", "tag"]
-__all__ += ["Residual", "SavedResiduals", "checkpoint", "checkpoint_name", "checkpoint_policies",
-            "remat", "saved_residuals"]
+__all__ += ["BudgetPlan", "MemoryPlan", "PlanPoint", "Residual", "SavedResiduals", "checkpoint",
+            "checkpoint_name", "checkpoint_policies", "memory_plan", "remat", "saved_residuals"]
 __all__ += ["nn", "train"]

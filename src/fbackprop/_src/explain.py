@@ -6,6 +6,10 @@ arriving from above (upstream), its local derivatives (for scalars: upstream x
 local = downstream) and the gradients it sends to its inputs (downstream). A
 value used twice receives two downstream gradients, which add up.
 
+Checkpoint regions (``jax.checkpoint``/``fb.checkpoint``, with a policy or a
+memory budget) are swept in place so their equations are rows too; the rows
+whose values the checkpointed backward sweep recomputes are marked (``↻``).
+
 The result renders as a text table, Graphviz DOT, a self-contained SVG (no
 Graphviz needed; Graphviz's ``dot`` is used when installed) and an HTML page.
 """
@@ -29,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from . import api, compat, reverse
+from . import api, compat, memplan, reverse
 from .debug import (_split_output, _trace_state, inlined_jaxpr, observing,
                     short_aval, source_code, source_parts)
 from .rules.debug import NAMED_PRIMITIVES
@@ -124,6 +128,7 @@ class Row:
     local: Any = None             # list of d out / d operand for scalar equations
     is_output: bool = False
     kept: bool = True             # values kept for display
+    recomputed: str = ""          # why the checkpointed backward recomputes it ("" if not)
 
     @property
     def source(self) -> str:
@@ -142,9 +147,19 @@ class InputInfo:
     uses: list = dataclasses.field(default_factory=list)   # (row index, downstream grad)
 
 
+def _swept_in_place(eqn):
+    """The sub-jaxpr explain sweeps in place: nested jit and checkpoint regions."""
+    inner = inlined_jaxpr(eqn)
+    if inner is None and eqn.primitive.name in compat.REMAT_NAMES:
+        inner, _ = compat.remat_inner(eqn.params)
+        inner = getattr(inner, "jaxpr", inner)
+    return inner
+
+
 class _Observer:
-    def __init__(self, expected, keep, input_objs, consts):
+    def __init__(self, expected, keep, input_objs, consts, marks=None):
         self.expected = expected
+        self.marks = marks if marks is not None else {}
         self.keep = keep
         self.state = _trace_state()
         self.rows: list[Row] = []
@@ -158,7 +173,7 @@ class _Observer:
             self.ref[id(c)] = ("const", k)
 
     def _skip(self, eqn) -> bool:
-        return (self.paused or id(eqn) not in self.expected or inlined_jaxpr(eqn) is not None
+        return (self.paused or id(eqn) not in self.expected or _swept_in_place(eqn) is not None
                 or (self.state is not None and _trace_state() != self.state))
 
     def on_forward(self, eqn, invals, outvals):
@@ -179,7 +194,8 @@ class _Observer:
             op = f"{'tag' if name != 'name' else 'checkpoint_name'}['{eqn.params['name']}']"
         row = Row(index=r + 1, primitive=name, op=op, label="", file=file, line=line,
                   code=source_code(eqn) if keep else "",
-                  shapes=[short_aval(x) for x in outvals], inputs=inputs, kept=keep)
+                  shapes=[short_aval(x) for x in outvals], inputs=inputs, kept=keep,
+                  recomputed=self.marks.get(id(eqn), ""))
         if keep:
             row.value = list(outvals)
         self.rows.append(row)
@@ -224,7 +240,7 @@ def _walk_expected(jaxpr):
         j = stack.pop()
         for eqn in j.eqns:
             ids.add(id(eqn))
-            inner = inlined_jaxpr(eqn)
+            inner = _swept_in_place(eqn)
             if inner is not None:
                 stack.append(inner)
             else:
@@ -379,7 +395,8 @@ class Explanation:
             row = self.rows[r]
             src = row.source + (f"  {row.code}" if row.code else "")
             lines_data.append([
-                str(row.index), self._args_text(row), row.label + (" *" if row.is_output else ""),
+                str(row.index), self._args_text(row),
+                row.label + (" *" if row.is_output else "") + (" ↻" if row.recomputed else ""),
                 ", ".join(row.shapes), self._value_text(row), self._up_text(row),
                 self._local_text(row), self._down_text(row), src])
         caps = [5, 32, 12, 16, 24, 16, 30, 34, 60]
@@ -387,8 +404,11 @@ class Explanation:
                  if d is not None else None for d in lines_data]
         widths = [max([len(h)] + [len(c[i]) for c in cells if c is not None])
                   for i, h in enumerate(header)]
+        legend = "'*' marks the output"
+        if any(row.recomputed for row in self.rows):
+            legend += ", '↻' a value the checkpointed backward sweep recomputes"
         out = [f"fbackprop.explain: {self.name}   (upstream x local = downstream; "
-               f"'*' marks the output)", ""]
+               f"{legend})", ""]
         out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
         out.append("  ".join("-" * w for w in widths))
         for c in cells:
@@ -473,8 +493,12 @@ class Explanation:
         local = self._local_text(row, sep="  ", d="∂/∂")
         if local:
             lines.append(f"local {local}")
+        if row.recomputed:
+            lines.append(f"↻ {row.recomputed}")
         lines.append(row.source)
-        return lines, "output" if row.is_output else "op"
+        if row.is_output:
+            return lines, "output"
+        return lines, "recomputed" if row.recomputed else "op"
 
     def to_dot(self) -> str:
         """Graphviz DOT source: forward edges, each labelled with the gradient sent back."""
@@ -488,7 +512,8 @@ class Explanation:
 
         style = {"input": 'style=filled, fillcolor="#e8f0fe"',
                  "output": 'style="filled,bold", fillcolor="#fde8e8"',
-                 "elided": 'style=dashed, color="#999999"', "op": ""}
+                 "elided": 'style=dashed, color="#999999"', "op": "",
+                 "recomputed": 'style="filled,dashed", fillcolor="#fff6e0", color="#b7791f"'}
         out = [f'digraph "{esc(self.name)}" {{', "  rankdir=LR;",
                '  node [shape=box, fontname="monospace", fontsize=10];',
                '  edge [fontname="monospace", fontsize=10, fontcolor="#c0392b"];']
@@ -565,8 +590,10 @@ class Explanation:
                 lanes[(src, dst, k)] = lane_y
                 lane_y += 22
         height = max([info[nd]["y"] + info[nd]["h"] for nd in nodes] + [100, lane_y]) + 30
-        fill = {"input": "#e8f0fe", "output": "#fde8e8", "op": "#ffffff", "elided": "#f4f4f4"}
-        stroke = {"input": "#3b6fd4", "output": "#c0392b", "op": "#555555", "elided": "#999999"}
+        fill = {"input": "#e8f0fe", "output": "#fde8e8", "op": "#ffffff", "elided": "#f4f4f4",
+                "recomputed": "#fff6e0"}
+        stroke = {"input": "#3b6fd4", "output": "#c0392b", "op": "#555555", "elided": "#999999",
+                  "recomputed": "#b7791f"}
         e = html.escape
         out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" '
                f'height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" '
@@ -611,7 +638,7 @@ class Explanation:
         for node in nodes:
             d = info[node]
             kind = d["kind"]
-            dash = ' stroke-dasharray="4 3"' if kind == "elided" else ""
+            dash = ' stroke-dasharray="4 3"' if kind in ("elided", "recomputed") else ""
             width_px = 2.2 if kind == "output" else 1.2
             out.append(f'<rect x="{d["x"]:.1f}" y="{d["y"]:.1f}" width="{d["w"]:.1f}" '
                        f'height="{d["h"]:.1f}" rx="5" fill="{fill[kind]}" '
@@ -737,11 +764,12 @@ def explain(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
         head, tail = max_rows // 2, max_rows - max_rows // 2
         last_drawn = total - (max_nodes if max_nodes is not None else total)
         keep = lambda r: r < head or r >= total - tail or r >= last_drawn  # noqa: E731
-    obs = _Observer(expected, keep, dyn, closed.consts)
-    with observing(obs):
-        outs, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
-        one = jnp.ones((), api._dtype_of(outs[0]))
-        cts = reverse.backward(tape, [one] + [None] * (len(outs) - 1))
+    with memplan.explaining() as marks:
+        obs = _Observer(expected, keep, dyn, closed.consts, marks)
+        with observing(obs):
+            outs, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
+            one = jnp.ones((), api._dtype_of(outs[0]))
+            cts = reverse.backward(tape, [one] + [None] * (len(outs) - 1))
     rows = obs.rows
     out_ref = obs.ref.get(id(outs[0]))
     if out_ref is not None and out_ref[0] == "row":

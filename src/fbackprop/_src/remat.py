@@ -23,6 +23,12 @@ A policy is called like JAX calls it, ``policy(primitive, *input_avals,
 / ``Recompute``. ``Offloadable`` counts as saveable (there is no host memory
 to offload to on CPU; the gradient is the same). A nested ``lax.scan`` is one
 equation to a policy: saved whole or recomputed whole.
+
+``checkpoint(fun, memory_budget=N)`` instead stages the region with a
+:class:`~fbackprop._src.memplan.MemoryBudget` policy: fbackprop plans the whole
+region (scan bodies and nested checkpoints included) to keep at most ``N``
+bytes with the least recomputation (see :mod:`fbackprop._src.memplan`); JAX's
+own autodiff sees a policy that saves nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from jax.ad_checkpoint import (
     checkpoint_name,  # noqa: F401  (re-exported)
 )
 
-from . import compat, residuals
+from . import compat, memplan, residuals, reverse
 
 
 def _saveable(policy, eqn) -> bool:
@@ -77,6 +83,14 @@ def split_for_policy(joint: residuals.Joint, policy) -> residuals.Split:
     return hit
 
 
+class _Inlined:
+    """A checkpoint region swept in place (inside a memory-budget plan, or for
+    ``fb.explain``): the sub-tape of its equations."""
+
+    def __init__(self, tape):
+        self.tape = tape
+
+
 class RematCall:
     """Reverse mode of a ``remat2`` (checkpoint) equation."""
 
@@ -89,15 +103,38 @@ class RematCall:
         in_avals = [v.aval for v in jaxpr.invars]
         consts = list(getattr(jaxpr, "consts", []))
         jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-        joint = residuals.trace_joint(jaxpr, consts, in_avals, active)
-        split = split_for_policy(joint, policy)
+        if memplan.planning():
+            # Inside a region being planned for a memory budget, a nested
+            # checkpoint is part of that region: the outer plan decides.
+            outs, tape = reverse.forward(jaxpr, consts, invals, active)
+            return outs, _Inlined(tape), tape.out_active
+        marks = memplan.explain_marks()
+        if isinstance(policy, memplan.MemoryBudget):
+            planned = memplan.plan_region(jaxpr, consts, in_avals, active, policy.budget,
+                                          compat.source_line(eqn))
+            split, recomputed = planned.split, planned.marks
+        else:
+            joint = residuals.trace_joint(jaxpr, consts, in_avals, active)
+            split = split_for_policy(joint, policy)
+            recomputed = None
+        if marks is not None:
+            # fb.explain: sweep the region in place so its equations are rows,
+            # and mark those the checkpointed backward recomputes.
+            if recomputed is None:
+                recomputed = memplan.recomputed_primal_eqns(jaxpr, split)
+            marks.update(recomputed)
+            outs, tape = reverse.forward(jaxpr, consts, invals, active)
+            return outs, _Inlined(tape), tape.out_active
         with compat.user_context(eqn):
             outs = residuals.eval_jaxpr(split.fwd, split.consts, *invals)
+        joint = split.joint
         computed = outs[joint.n_out:]
         saved = [invals[i] if kind == "input" else computed[i] for kind, i in split.saved]
         return outs[:joint.n_out], (split, saved, prevent_cse), list(joint.out_active)
 
     def backward(self, record, cts_out):
+        if isinstance(record.sub, _Inlined):
+            return reverse.backward(record.sub.tape, cts_out)
         split, saved, prevent_cse = record.sub
         joint = split.joint
         out_avals = [v.aval for v in joint.jaxpr.outvars[:joint.n_out]]
@@ -138,7 +175,7 @@ def _resolve_policy(policy):
 
 
 def checkpoint(fun: Callable, *, policy=None, prevent_cse: bool = True,
-               static_argnums: int | Sequence[int] = ()) -> Callable:
+               static_argnums: int | Sequence[int] = (), memory_budget=None) -> Callable:
     """Marks ``fun`` for gradient checkpointing: its backward sweep recomputes
     instead of keeping.
 
@@ -148,6 +185,19 @@ def checkpoint(fun: Callable, *, policy=None, prevent_cse: bool = True,
     ``prevent_cse``). Same arguments as :func:`jax.checkpoint` (the marked
     function is ``jax.checkpoint``'s; fbackprop's engine does the
     differentiation), and ``policy`` may also be given by name.
+
+    With ``memory_budget`` instead of a policy, fbackprop decides: the values
+    its forward sweep keeps from ``fun``'s intermediates total at most
+    ``memory_budget`` bytes (an ``int``), or at most that fraction of what it
+    keeps without checkpointing (a ``float`` in (0, 1]), and among the plans
+    within the budget it picks one of least recompute cost (FLOPs of the
+    recomputed equations). Arguments of ``fun`` are available anyway and do
+    not count. The plan covers the whole region: values inside ``lax.scan``
+    bodies (per-step residuals times the trip count) and nested checkpoints,
+    whose own policies it overrides. ``fb.saved_residuals`` shows the plan and
+    ``fb.memory_plan`` the trade-off curve. Under JAX's own autodiff
+    (``jax.grad``) the marked function behaves like ``jax.checkpoint`` with
+    ``nothing_saveable``.
 
     Args:
       fun: the function to checkpoint.
@@ -159,6 +209,10 @@ def checkpoint(fun: Callable, *, policy=None, prevent_cse: bool = True,
         ``lax.scan`` the loop structure already prevents CSE and ``False`` can
         be a little faster.
       static_argnums: arguments that are Python values, not arrays.
+      memory_budget: ``None``, an ``int`` number of bytes (> 0) or a ``float``
+        fraction in (0, 1]; not together with ``policy``. A budget below what
+        the smallest plan keeps is an error (raised when the region is
+        differentiated) that names that smallest number of bytes.
 
     Returns:
       A function with ``fun``'s signature.
@@ -168,8 +222,20 @@ def checkpoint(fun: Callable, *, policy=None, prevent_cse: bool = True,
       >>> layer = fb.checkpoint(lambda x: jnp.sin(jnp.sin(x)))
       >>> fb.grad(lambda x: layer(x).sum())(jnp.zeros(2))
       Array([1., 1.], dtype=float32)
+      >>> half = fb.checkpoint(lambda x: jnp.sin(jnp.sin(x)), memory_budget=0.5)
+      >>> fb.grad(lambda x: half(x).sum())(jnp.zeros(2))
+      Array([1., 1.], dtype=float32)
     """
-    return jax.checkpoint(fun, prevent_cse=prevent_cse, policy=_resolve_policy(policy),
+    if memory_budget is not None:
+        if policy is not None:
+            raise ValueError(
+                f"checkpoint: pass either `policy` or `memory_budget`, not both (got "
+                f"policy={policy!r:.60} and memory_budget={memory_budget!r}); with a "
+                f"memory budget fbackprop chooses what to keep itself.")
+        resolved = memplan.MemoryBudget(memory_budget)
+    else:
+        resolved = _resolve_policy(policy)
+    return jax.checkpoint(fun, prevent_cse=prevent_cse, policy=resolved,
                           static_argnums=static_argnums)
 
 

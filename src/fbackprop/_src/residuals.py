@@ -20,7 +20,7 @@ sweep of a sub-jaxpr as a *program* they can place elsewhere: inside a reverse
    forward-part values (and inputs) that the backward part reads: no more is
    kept than the backward sweep actually uses.
 3. **Recompute.** A predicate may mark forward equations whose outputs must not
-   be kept (a checkpoint policy; loop invariants of a scan). Their outputs are
+   be kept (a checkpoint policy, a memory-budget plan; loop invariants of a scan). Their outputs are
    recomputed at the start of the backward part from what is kept, so the
    residuals move to their inputs.
 4. **Fewest bytes.** Two local moves then shrink what is kept without adding
@@ -96,6 +96,11 @@ class Joint:
 
 _joint_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+# While a memory-budget plan is being made (fbackprop._src.memplan), joints are
+# traced afresh and not cached: the same jaxpr then gives different joints (its
+# nested scans split by the plan), which must not leak into ordinary traces.
+cache_bypass = [0]
+
 
 def _aval_key(aval) -> tuple:
     return (tuple(aval.shape), aval.dtype, bool(getattr(aval, "weak_type", False)))
@@ -120,7 +125,8 @@ def trace_joint(jaxpr, consts: Sequence, in_avals: Sequence, in_active: Sequence
     in_active = tuple(bool(a) and _differentiable(av) for a, av in zip(in_active, in_avals))
     key = (tuple(_aval_key(a) for a in in_avals), in_active,
            bool(jax.config.jax_enable_x64))
-    cacheable = trace.cache_enabled and not any(compat.is_tracer(c) for c in consts)
+    cacheable = (trace.cache_enabled and not cache_bypass[0]
+                 and not any(compat.is_tracer(c) for c in consts))
     per = None
     if cacheable:
         per = _joint_cache.get(jaxpr)
@@ -199,10 +205,11 @@ def _effects(eqns):
 
 # Forward equations whose output is as cheap to recompute as to read back: views
 # and casts of a value that is kept anyway. (``name`` is the identity, so keeping
-# both a value and its named alias would keep the same array twice.)
+# both a value and its named alias would keep the same array twice; a static
+# ``slice`` of an argument, e.g. the steps of a scan split in two, is re-taken.)
 _CHEAP = frozenset({"name", "transpose", "reshape", "squeeze", "expand_dims",
                     "broadcast_in_dim", "convert_element_type", "copy", "rev",
-                    "reduce_precision"})
+                    "reduce_precision", "slice"})
 
 
 def _nbytes_of(v) -> int:
@@ -267,28 +274,21 @@ def _hoist_shrinking(eqns, in_fwd, in_bwd, in_rec, need, ct_in, ct_out, free):
             need.update(outs)
 
 
-def split_joint(joint: Joint, recompute: Callable[[Any], bool] | None = None,
-                costly_inputs: Sequence[int] = ()) -> Split:
-    """Cuts a joint jaxpr into forward and backward parts (see the module doc).
-
-    Args:
-      joint: from :func:`trace_joint`.
-      recompute: ``recompute(eqn) -> bool`` for forward equations; when true,
-        the equation's outputs are not kept but recomputed by the backward part
-        (which then keeps the equation's inputs instead, recursively).
-      costly_inputs: primal inputs that cost memory to keep (a scan's carry,
-        which is stacked per step); the others exist anyway and are free.
+def partition(joint: Joint) -> tuple[list, list, set]:
+    """Steps 1-2 of the split: the forward part, the backward part, and what the
+    backward part reads from outside itself.
 
     Returns:
-      A :class:`Split`.
+      ``(in_fwd, in_bwd, need)``: per joint equation, whether it is in the
+      forward part and whether it is in the backward part; and the set of
+      variables the backward part reads that it does not compute (forward
+      values, primal inputs, cotangent inputs, constants).
     """
     jaxpr = joint.jaxpr
     eqns = jaxpr.eqns
-    primal_in = jaxpr.invars[:joint.n_in]
-    ct_in = jaxpr.invars[joint.n_in:]
     primal_out = jaxpr.outvars[:joint.n_out]
     ct_out = jaxpr.outvars[joint.n_out:]
-    ct_in_set = set(ct_in)
+    ct_in_set = set(jaxpr.invars[joint.n_in:])
 
     # Forward part: what the primal outputs need, plus effects (kept in order).
     in_fwd = [False] * len(eqns)
@@ -309,6 +309,33 @@ def split_joint(joint: Joint, recompute: Callable[[Any], bool] | None = None,
             in_bwd[i] = True
             need.difference_update(e.outvars)
             need.update(v for v in e.invars if _is_var(v))
+    return in_fwd, in_bwd, need
+
+
+@dataclasses.dataclass
+class Decision:
+    """Which joint equation goes where, before any jaxpr is built (see
+    :func:`decide`)."""
+    in_fwd: list
+    in_bwd: list
+    in_rec: list
+    need: set
+    recomputed: tuple
+
+
+def decide(joint: Joint, recompute: Callable[[Any], bool] | None = None,
+           costly_inputs: Sequence[int] = (), parts: tuple | None = None) -> Decision:
+    """Steps 1-4 of the split, without building the jaxprs: see :func:`split_joint`.
+
+    ``parts`` may pass a precomputed :func:`partition` (it is not modified).
+    """
+    jaxpr = joint.jaxpr
+    eqns = jaxpr.eqns
+    primal_in = jaxpr.invars[:joint.n_in]
+    ct_in = jaxpr.invars[joint.n_in:]
+    ct_out = jaxpr.outvars[joint.n_out:]
+    in_fwd, in_bwd, need = parts if parts is not None else partition(joint)
+    in_fwd, in_bwd, need = list(in_fwd), list(in_bwd), set(need)
 
     # Recompute what must not be kept: walk the forward part backwards, so a
     # recomputed equation's inputs are themselves considered.
@@ -323,10 +350,40 @@ def split_joint(joint: Joint, recompute: Callable[[Any], bool] | None = None,
                 need.update(v for v in e.invars if _is_var(v))
 
     constvars = set(jaxpr.constvars)
-    free = constvars | {v for i, v in enumerate(primal_in) if i not in set(costly_inputs)}
+    costly = set(costly_inputs)
+    free = constvars | {v for i, v in enumerate(primal_in) if i not in costly}
     recomputed = tuple(e for i, e in enumerate(eqns) if in_rec[i])
     _hoist_shrinking(eqns, in_fwd, in_bwd, in_rec, need, ct_in, ct_out, free)
     _recompute_cheap(eqns, in_fwd, in_rec, need, set(primal_in), free)
+    return Decision(in_fwd, in_bwd, in_rec, need, recomputed)
+
+
+def split_joint(joint: Joint, recompute: Callable[[Any], bool] | None = None,
+                costly_inputs: Sequence[int] = (), parts: tuple | None = None) -> Split:
+    """Cuts a joint jaxpr into forward and backward parts (see the module doc).
+
+    Args:
+      joint: from :func:`trace_joint`.
+      recompute: ``recompute(eqn) -> bool`` for forward equations; when true,
+        the equation's outputs are not kept but recomputed by the backward part
+        (which then keeps the equation's inputs instead, recursively).
+      costly_inputs: primal inputs that cost memory to keep (a scan's carry,
+        which is stacked per step); the others exist anyway and are free.
+      parts: a precomputed :func:`partition` of ``joint`` (optional).
+
+    Returns:
+      A :class:`Split`.
+    """
+    jaxpr = joint.jaxpr
+    eqns = jaxpr.eqns
+    primal_in = jaxpr.invars[:joint.n_in]
+    ct_in = jaxpr.invars[joint.n_in:]
+    primal_out = jaxpr.outvars[:joint.n_out]
+    ct_out = jaxpr.outvars[joint.n_out:]
+    ct_in_set = set(ct_in)
+    constvars = set(jaxpr.constvars)
+    d = decide(joint, recompute, costly_inputs, parts)
+    in_fwd, in_bwd, in_rec, need = d.in_fwd, d.in_bwd, d.in_rec, d.need
 
     saved, saved_vars = [], []
     for i, v in enumerate(primal_in):
@@ -364,7 +421,7 @@ def split_joint(joint: Joint, recompute: Callable[[Any], bool] | None = None,
             out_index.setdefault(v, k)
     computed_as_output = tuple(out_index.get(v) for v in computed_vars)
     return Split(joint, fwd, bwd, tuple(saved), tuple(saved_vars), computed_as_output,
-                 cts_used, recomputed)
+                 cts_used, d.recomputed)
 
 
 def eval_jaxpr(jaxpr, consts, *args) -> list:
@@ -409,8 +466,17 @@ class SavedResiduals(tuple):
 
     ``str()`` gives a table with a total; ``total_bytes`` counts every row and
     ``intermediate_bytes`` leaves out arguments and constants (which exist
-    whether or not a backward sweep follows).
+    whether or not a backward sweep follows). ``plans`` holds one
+    :class:`fbackprop.BudgetPlan` per ``fb.checkpoint(..., memory_budget=...)``
+    region met (what it keeps, what it recomputes, the budget and the
+    recompute FLOPs); ``str()`` prints them below the table.
     """
+
+    def __new__(cls, rows=(), plans=()):
+        self = super().__new__(cls, rows)
+        unique = {id(p): p for p in plans}      # a body traced twice reports its plan twice
+        self.plans = tuple(unique.values())
+        return self
 
     @property
     def total_bytes(self) -> int:
@@ -440,6 +506,9 @@ class SavedResiduals(tuple):
         out.append(f"total: {len(self)} residuals, {self.total_bytes:,} bytes "
                    f"({self.intermediate_bytes:,} bytes of intermediates, the rest "
                    f"arguments/constants)")
+        for plan in self.plans:
+            out.append("")
+            out.append(plan.describe())
         return "\n".join(out)
 
     def __repr__(self) -> str:
@@ -501,7 +570,7 @@ def _describe_var(v, jaxpr, steps: list[str]) -> tuple[str | None, str, list[str
     return name, compat.source_line(e), details
 
 
-def report_split(split: Split, arg_names: Sequence[str]) -> SavedResiduals:
+def report_split(split: Split, arg_names: Sequence[str], plans=()) -> SavedResiduals:
     """The residual rows of a split (``arg_names``: one per primal input)."""
     rows = []
     joint_jaxpr = split.joint.jaxpr
@@ -514,7 +583,7 @@ def report_split(split: Split, arg_names: Sequence[str]) -> SavedResiduals:
         prim, src, details = _describe_var(v, joint_jaxpr, [])
         rows.append(Residual(tuple(aval.shape), np.dtype(aval.dtype), _nbytes(aval),
                              "intermediate", prim, src, "; ".join(details)))
-    return SavedResiduals(rows)
+    return SavedResiduals(rows, plans)
 
 
 def _param_names(fun, nargs: int) -> list:
@@ -550,7 +619,9 @@ def saved_residuals(fun: Callable, *args, **kwargs) -> SavedResiduals:
     Returns:
       A :class:`SavedResiduals`: a tuple of :class:`Residual` rows (shape,
       dtype, nbytes, kind, primitive, source line) whose ``str()`` is a table with
-      the total, and whose ``total_bytes`` / ``intermediate_bytes`` give sums.
+      the total, and whose ``total_bytes`` / ``intermediate_bytes`` give sums;
+      ``plans`` describes each memory-budget checkpoint region (kept and
+      recomputed values, budget, recompute FLOPs).
 
     Example:
       >>> import fbackprop as fb, jax.numpy as jnp
@@ -583,5 +654,7 @@ def saved_residuals(fun: Callable, *args, **kwargs) -> SavedResiduals:
             names.append("kwargs" + tree_util.keystr(path[1:]))
     closed = traced.closed
     in_avals = [v.aval for v in closed.jaxpr.invars]
-    joint = trace_joint(closed.jaxpr, closed.consts, in_avals, [True] * len(in_avals))
-    return report_split(split_joint(joint), names)
+    from . import memplan   # (it imports this module)
+    with memplan.collecting() as plans:
+        joint = trace_joint(closed.jaxpr, closed.consts, in_avals, [True] * len(in_avals))
+    return report_split(split_joint(joint), names, plans)

@@ -525,6 +525,10 @@ def build_parser(prog: str = "python -m fbackprop bench") -> argparse.ArgumentPa
                         help="A/A run: time jax against itself to see the noise floor")
     parser.add_argument("--verbose", action="store_true",
                         help="print full tracebacks of failing workloads")
+    parser.add_argument("--memplan", action="store_true",
+                        help="instead: memory-budget plans against JAX's checkpoint policies "
+                             "(compiled temp bytes and FLOPs, the trade-off curve PNG in out/; "
+                             "see fbackprop/bench/memplan.py)")
     return parser
 
 
@@ -601,6 +605,11 @@ def run(names: list[str] | None = None, quick: bool = False, reps: int | None = 
 def main(argv: list[str] | None = None, prog: str = "python -m fbackprop bench") -> int:
     """Command-line entry point; returns the process exit code."""
     from . import report
+    argv_list = sys.argv[1:] if argv is None else list(argv)
+    if "--memplan" in argv_list:
+        from . import memplan
+        rest = [a for a in argv_list if a != "--memplan"]
+        return memplan.main(rest, prog=f"{prog} --memplan")
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.list:

@@ -22,6 +22,10 @@ output cotangents are made inside the backward body, never stacked. (The other
 strategy, keeping only the per-step carries and recomputing the body in the
 backward loop, is what a checkpointed body gives: ``lax.scan(jax.checkpoint(
 body), ...)``.) Compiled memory against ``jax.grad``: tests/test_memory.py.
+Inside a region planned for a memory budget (``fb.checkpoint(...,
+memory_budget=...)``, :mod:`fbackprop._src.memplan`) the plan chooses which
+body values are stacked and which recomputed in every backward step, and may
+run the scan as segments of steps planned differently.
 
 ``cond``/``switch`` - the branch index is a residual; each branch keeps its own
 residuals, laid out in shared slots (one slot per shape/dtype per branch
@@ -37,13 +41,14 @@ backward part.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .. import compat, residuals
+from .. import compat, memplan, residuals, reverse
 from .. import forward as _forward
 from ..registry import (
     call_handlers_forward,
@@ -84,13 +89,15 @@ def _loop_invariant(joint, num_consts):
     return lambda e: id(e) in ids
 
 
-def _scan_joint(body, consts, in_avals, active, nc, nk):
+def _scan_joint(body, consts, in_avals, active, nc, nk, before_trace=None):
     """The body's joint trace at the fixpoint of carry activity: a carry is
     active when its initial value is, or when the body makes it active."""
     carry_active = [bool(a) and _differentiable(av)
                     for a, av in zip(active[nc:nc + nk], in_avals[nc:nc + nk])]
     while True:
         in_act = list(active[:nc]) + carry_active + list(active[nc + nk:])
+        if before_trace is not None:
+            before_trace()
         joint = residuals.trace_joint(body, consts, in_avals, in_act)
         new = [a or b for a, b in zip(carry_active, joint.out_active[:nk])]
         if new == carry_active:
@@ -101,22 +108,109 @@ def _scan_joint(body, consts, in_avals, active, nc, nk):
 _scan_splits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+class _Segments:
+    """A scan run as consecutive shorter scans (a memory-budget plan keeps
+    different per-step values in different steps): one record per segment."""
+
+    def __init__(self, records, order):
+        self.records = records      # per segment (index order): a Record
+        self.order = order          # the order the segments ran in
+
+
+def _index(x, t):
+    return lax.dynamic_index_in_dim(x, t, 0, keepdims=False)
+
+
+def _update(buf, x, t):
+    return lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), t, 0)
+
+
 class ScanCall:
     """Reverse mode of ``lax.scan``: a forward scan that stacks the per-step
-    residuals, a backward scan in the opposite direction that consumes them."""
+    residuals, a backward scan in the opposite direction that consumes them.
+
+    A memory-budget plan may split the steps into segments planned
+    differently (:mod:`fbackprop._src.memplan`): each segment is then a scan
+    over its step numbers that reads ``xs`` (and ``ys``, and their
+    cotangents) from the full arrays and writes ``ys`` (and the ``xs``
+    cotangents) into full-length buffers carried from segment to segment, so
+    nothing is sliced or concatenated.
+    """
 
     def forward(self, eqn, invals, active):
+        # Inside a region planned for a memory budget the plan decides which
+        # per-step values the loop stacks (see fbackprop._src.memplan).
+        hook = memplan.scan_hook(eqn)
+        if hook is not None and hook.segments:
+            return self._forward_segments(eqn, invals, active, hook.segments)
+        return self._forward(eqn, invals, active, hook)
+
+    def _forward_segments(self, eqn, invals, active, segments):
+        p = eqn.params
+        nc, nk = p["num_consts"], p["num_carry"]
+        consts, carry, xs = list(invals[:nc]), list(invals[nc:nc + nk]), list(invals[nc + nk:])
+        out_avals = [v.aval for v in p["jaxpr"].jaxpr.outvars[nk:]]
+        length = p["length"]
+        ybufs = [jnp.zeros((length,) + tuple(a.shape), a.dtype) for a in out_avals]
+        offsets, start = [], 0
+        for n, _ in segments:
+            offsets.append(start)
+            start += n
+        order = list(range(len(segments)))[::-1 if p["reverse"] else 1]
+        carry_active = list(active[nc:nc + nk])
+        records, ys_active = [None] * len(segments), [False] * len(out_avals)
+        for j in order:
+            n, hook = segments[j]
+            sub_eqn = eqn.replace(params=dict(p, length=n))
+            sub_in = consts + carry + xs
+            sub_active = list(active[:nc]) + carry_active + list(active[nc + nk:])
+            outs, state, out_active = self._forward(sub_eqn, sub_in, sub_active, hook,
+                                                    window=(offsets[j], n, ybufs))
+            carry, ybufs = list(outs[:nk]), list(outs[nk:])
+            carry_active = [a or b for a, b in zip(carry_active, out_active[:nk])]
+            ys_active = [a or b for a, b in zip(ys_active, out_active[nk:])]
+            records[j] = reverse.Record(sub_eqn, sub_in, list(outs), sub_active, state)
+        return carry + ybufs, _Segments(records, order), carry_active + ys_active
+
+    def _backward_segments(self, record, cts_out):
+        p = record.eqn.params
+        nc, nk = p["num_consts"], p["num_carry"]
+        segs = record.sub
+        ct_carry, ct_ys = list(cts_out[:nk]), list(cts_out[nk:])
+        const_cts = [None] * nc
+        bufs: dict = {}
+        for j in reversed(segs.order):
+            cts_in, bufs = self._backward(segs.records[j], ct_carry + ct_ys, bufs)
+            for i in range(nc):
+                if cts_in[i] is not None:
+                    const_cts[i] = cts_in[i] if const_cts[i] is None else \
+                        lax.add(const_cts[i], cts_in[i])
+            ct_carry = list(cts_in[nc:nc + nk])
+        n_xs = len(record.invals) - nc - nk
+        result = const_cts + ct_carry + [bufs.get(j) for j in range(n_xs)]
+        return [c if a else None for c, a in zip(result, record.active)]
+
+    def _forward(self, eqn, invals, active, hook, window=None):
+        """``window = (offset, steps, ys buffers)``: run only those steps (see
+        the class docstring)."""
         p = eqn.params
         closed = p["jaxpr"]
         nc, nk = p["num_consts"], p["num_carry"]
         body = closed.jaxpr
         in_avals = [v.aval for v in body.invars]
-        joint, carry_active = _scan_joint(body, closed.consts, in_avals, active, nc, nk)
-        per_joint = _scan_splits.setdefault(joint, {})
-        split = per_joint.get((nc, nk))
-        if split is None:
-            split = per_joint[nc, nk] = residuals.split_joint(
-                joint, recompute=_loop_invariant(joint, nc), costly_inputs=range(nc, nc + nk))
+        if hook is None:
+            joint, carry_active = _scan_joint(body, closed.consts, in_avals, active, nc, nk)
+            per_joint = _scan_splits.setdefault(joint, {})
+            split = per_joint.get((nc, nk))
+            if split is None:
+                split = per_joint[nc, nk] = residuals.split_joint(
+                    joint, recompute=_loop_invariant(joint, nc),
+                    costly_inputs=range(nc, nc + nk))
+        else:
+            with hook.body():
+                joint, carry_active = _scan_joint(body, closed.consts, in_avals, active,
+                                                  nc, nk, before_trace=hook.begin_trace)
+            split = hook.split(joint, _loop_invariant(joint, nc), range(nc, nc + nk))
         n_out = joint.n_out
 
         # Where each residual comes from in the backward scan.
@@ -142,21 +236,49 @@ class ScanCall:
         init = list(invals[nc:nc + nk])
         xs = list(invals[nc + nk:])
 
-        def fwd_body(carry, x):
+        def step(carry, x):
             outs = residuals.eval_jaxpr(split.fwd, split.consts, *consts, *carry, *x)
             computed = outs[n_out:]
             res = [computed[j] if src == "computed" else carry[j] for src, j in res_src]
-            return list(outs[:nk]), (list(outs[nk:n_out]), res)
+            return list(outs[:nk]), list(outs[nk:n_out]), res
 
-        with compat.user_context(eqn):
-            carry_out, (ys, res) = lax.scan(fwd_body, init, xs, length=p["length"],
-                                            reverse=p["reverse"], unroll=p["unroll"])
+        scope = hook.scope() if hook is not None else contextlib.nullcontext()
+        if window is None:
+            def fwd_body(carry, x):
+                new, ys_t, res = step(carry, x)
+                return new, (ys_t, res)
+
+            with compat.user_context(eqn), scope:
+                carry_out, (ys, res) = lax.scan(fwd_body, init, xs, length=p["length"],
+                                                reverse=p["reverse"], unroll=p["unroll"])
+        else:
+            offset, n, ybufs = window
+
+            def fwd_body(state, t):
+                carry, bufs = state
+                new, ys_t, res = step(carry, [_index(x, t) for x in xs])
+                return (new, [_update(b, y, t) for b, y in zip(bufs, ys_t)]), res
+
+            steps = jnp.arange(offset, offset + n, dtype=jnp.int32)
+            with compat.user_context(eqn), scope:
+                (carry_out, ys), res = lax.scan(fwd_body, (init, list(ybufs)), steps,
+                                                length=n, reverse=p["reverse"],
+                                                unroll=p["unroll"])
         state = {"split": split, "plan": plan, "consts": consts, "xs": xs, "ys": ys,
-                 "res": res, "carry_active": carry_active}
+                 "res": res, "carry_active": carry_active,
+                 "window": None if window is None else window[:2]}
         out_active = list(carry_active) + list(joint.out_active[nk:])
         return list(carry_out) + list(ys), state, out_active
 
     def backward(self, record, cts_out):
+        if isinstance(record.sub, _Segments):
+            return self._backward_segments(record, cts_out)
+        return self._backward(record, cts_out)[0]
+
+    def _backward(self, record, cts_out, ct_bufs=None):
+        """The cotangents of the inputs; with a window, also the full-length
+        buffers of the ``xs`` cotangents (``ct_bufs``: from the segment that
+        ran before, by ``xs`` index)."""
         eqn = record.eqn
         p = eqn.params
         st = record.sub
@@ -167,6 +289,7 @@ class ScanCall:
         in_avals = [v.aval for v in body.invars]
         out_avals = [v.aval for v in body.outvars]
         consts, xs, ys, res = st["consts"], st["xs"], st["ys"], st["res"]
+        window = st["window"]
 
         act_carry = [k for k in range(nk) if st["carry_active"][k]]
         carry_pos = {k: i for i, k in enumerate(act_carry)}
@@ -185,12 +308,10 @@ class ScanCall:
         xs_pos = {x: i for i, x in enumerate(xs_idx)}
         ct_ys_idx = [o - nk for o in split.cts_used if o >= nk and cts_out[o] is not None]
         ct_ys_pos = {y: i for i, y in enumerate(ct_ys_idx)}
-        per_step = (list(res), [ys[y] for y in ys_idx], [xs[x] for x in xs_idx],
-                    [cts_out[nk + y] for y in ct_ys_idx])
+        full = ([ys[y] for y in ys_idx], [xs[x] for x in xs_idx],
+                [cts_out[nk + y] for y in ct_ys_idx])
 
-        def bwd_body(carry, x):
-            ct_carry, accs = carry[:len(act_carry)], carry[len(act_carry):]
-            res_t, ys_t, xs_t, ct_ys_t = x
+        def step(ct_carry, accs, res_t, ys_t, xs_t, ct_ys_t):
             saved = []
             for src, i in plan:
                 if src == "const":
@@ -215,20 +336,50 @@ class ScanCall:
                          else _zeros(in_avals[nc + k]) for k in act_carry]
             new_accs = [lax.add(acc, cts_in[i]) for acc, i in zip(accs, const_nz)]
             ct_xs = [cts_in[nc + nk + j] for j in xs_nz]
-            return new_carry + new_accs, ct_xs
+            return new_carry, new_accs, ct_xs
 
-        with compat.user_context(eqn):
-            final, ct_xs = lax.scan(bwd_body, ct_carry0 + accs0, per_step,
-                                    length=p["length"], reverse=not p["reverse"],
-                                    unroll=p["unroll"])
+        n_c, n_a = len(act_carry), len(const_nz)
+        if window is None:
+            def bwd_body(carry, x):
+                res_t, ys_t, xs_t, ct_ys_t = x
+                new_carry, new_accs, ct_xs = step(carry[:n_c], carry[n_c:], res_t, ys_t,
+                                                  xs_t, ct_ys_t)
+                return new_carry + new_accs, ct_xs
+
+            with compat.user_context(eqn):
+                final, ct_xs = lax.scan(bwd_body, ct_carry0 + accs0, (list(res),) + full,
+                                        length=p["length"], reverse=not p["reverse"],
+                                        unroll=p["unroll"])
+            ct_bufs_out = None
+        else:
+            offset, n = window
+            ct_bufs = dict(ct_bufs or {})
+            bufs0 = [ct_bufs[j] if j in ct_bufs else
+                     jnp.zeros(xs[j].shape, in_avals[nc + nk + j].dtype) for j in xs_nz]
+
+            def bwd_body(carry, x):
+                res_t, t = x
+                ys_t, xs_t, ct_ys_t = ([_index(a, t) for a in group] for group in full)
+                new_carry, new_accs, ct_xs = step(carry[:n_c], carry[n_c:n_c + n_a], res_t,
+                                                  ys_t, xs_t, ct_ys_t)
+                bufs = [_update(b, c, t) for b, c in zip(carry[n_c + n_a:], ct_xs)]
+                return new_carry + new_accs + bufs, None
+
+            steps = jnp.arange(offset, offset + n, dtype=jnp.int32)
+            with compat.user_context(eqn):
+                final, _ = lax.scan(bwd_body, ct_carry0 + accs0 + bufs0, (list(res), steps),
+                                    length=n, reverse=not p["reverse"], unroll=p["unroll"])
+            ct_xs = final[n_c + n_a:]
+            ct_bufs.update(zip(xs_nz, ct_xs))
+            ct_bufs_out = ct_bufs
         result = [None] * len(record.invals)
         for k in act_carry:
             result[nc + k] = final[carry_pos[k]]
-        for i, acc in zip(const_nz, final[len(act_carry):]):
+        for i, acc in zip(const_nz, final[n_c:n_c + n_a]):
             result[i] = acc
         for j, ct in zip(xs_nz, ct_xs):
             result[nc + nk + j] = ct
-        return [c if a else None for c, a in zip(result, record.active)]
+        return [c if a else None for c, a in zip(result, record.active)], ct_bufs_out
 
 
 call_handlers_reverse["scan"] = ScanCall()
