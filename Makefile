@@ -42,8 +42,21 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-examples
 	$(PY) -m fbackprop bench $(ARGS)
 
+# Runs every script (none is skipped when an earlier one fails), prints one line
+# per script with its time, and fails at the end if any failed. Scripts write
+# their files under out/.
 examples: $(VENV)/.installed-examples
-	@set -e; for f in examples/*.py; do echo "== $$f"; $(PY) $$f; done
+	@failed=""; total=0; \
+	for f in examples/*.py; do \
+	  echo "== $$f"; start=$$(date +%s); \
+	  if $(PY) $$f; then status=ok; else status=FAILED; failed="$$failed $$f"; fi; \
+	  secs=$$(( $$(date +%s) - start )); total=$$(( total + 1 )); \
+	  echo "== $$f: $$status ($$secs s)"; summary="$$summary$$status $$f ($$secs s)\n"; \
+	done; \
+	echo; echo "examples:"; printf "$$summary" | sed 's/^/  /'; \
+	if [ -n "$$failed" ]; then \
+	  echo "$$(echo $$failed | wc -w) of $$total examples FAILED:$$failed"; exit 1; \
+	else echo "all $$total examples passed"; fi
 
 clean:
 	rm -rf out build .pytest_cache .hypothesis src/*.egg-info
