@@ -28,8 +28,12 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     if "jax" not in sys.modules:       # must happen before JAX initializes its backends
+        # The simulated devices are threads that meet at every all-reduce; on a busy
+        # machine one can wait longer than XLA's default 40 s, and XLA then aborts the
+        # process. Waiting up to 10 minutes instead costs nothing when all is well.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.devices}")
+                                   f" --xla_force_host_platform_device_count={args.devices}"
+                                   " --xla_cpu_collective_call_terminate_timeout_seconds=600")
     import jax
     import jax.numpy as jnp
     import numpy as np
