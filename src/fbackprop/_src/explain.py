@@ -707,8 +707,9 @@ def explain(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
       ...     loss = w ** 2
       ...     return loss
       >>> ex = fb.explain(f, 2.0, 3.0)
-      >>> [summarize(i.grad) for i in ex.inputs]
-      ['64', '32']
+      >>> float(ex.value), [float(i.grad) for i in ex.inputs]
+      (64.0, [64.0, 32.0])
+      >>> print(ex)               # the table: one row per operation  # doctest: +SKIP
     """
     api._check_callable(fun, "explain")
     for x in tree_util.tree_leaves((args, kwargs)):
