@@ -52,7 +52,13 @@ call_handlers_forward: dict[str, Callable] = {}
 
 
 class MissingRuleError(NotImplementedError):
-    """A primitive reached the engine with no derivative rule registered."""
+    """A primitive reached the engine with no derivative rule registered.
+
+    The message names the primitive, the line of the user's code that used it,
+    and how to register a rule (:func:`fbackprop.extend.register_vjp` and friends).
+    It is raised only when a nonzero cotangent (or tangent) reaches the
+    primitive: a primitive whose output does not influence the result needs no rule.
+    """
 
 
 def missing_rule_error(eqn, mode: str) -> MissingRuleError:
@@ -89,6 +95,16 @@ def register_vjp(prim, fn: Callable, *, needs_active: bool = False,
 
 
 def register_jvp(prim, fn: Callable):
+    """Registers a whole JVP rule for forward mode (``fb.jvp``, ``fb.jacfwd``, ...).
+
+    Args:
+      prim: the primitive (or its name).
+      fn: ``fn(primals, tangents, **params) -> (outs, out_tangents)``; a ``None``
+        tangent means zero, and an output tangent may be ``None`` too.
+
+    Returns:
+      ``fn``, so this can be used as a decorator.
+    """
     jvp_rules[_prim_name(prim)] = fn
     return fn
 
