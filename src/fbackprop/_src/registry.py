@@ -56,7 +56,7 @@ class MissingRuleError(NotImplementedError):
 
     The message names the primitive, the line of the user's code that used it,
     and how to register a rule (:func:`fbackprop.extend.register_vjp` and friends).
-    It is raised only when a nonzero cotangent (or tangent) reaches the
+    It is raised only when a cotangent (or tangent) actually reaches the
     primitive: a primitive whose output does not influence the result needs no rule.
     """
 
