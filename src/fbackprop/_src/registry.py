@@ -85,10 +85,24 @@ def _prim_name(prim) -> str:
 # ----------------------------------------------------------------- registration
 def register_vjp(prim, fn: Callable, *, needs_active: bool = False,
                  fwd: Callable | None = None):
-    """Registers a whole VJP rule (see the module docstring for the signature).
+    """Registers a whole VJP rule: the cotangents of all inputs at once.
 
-    With ``fwd``, the forward sweep runs ``fwd(*primals, **params) -> (outs,
-    residuals)`` in place of the primitive and passes ``residuals=`` to the rule.
+    Args:
+      prim: the primitive (or its name).
+      fn: ``fn(cts, outs, *primals, **params)`` returns one cotangent per input,
+        ``None`` for an input without gradient. For a ``multiple_results``
+        primitive ``cts`` and ``outs`` are lists, and an entry of ``cts`` may be
+        ``None`` (a zero cotangent). Each cotangent must have its primal's shape
+        and dtype (:func:`unbroadcast` helps).
+      needs_active: pass ``active=`` (one bool per input: whether it is
+        differentiated) so the rule can skip work for the others.
+      fwd: ``fwd(*primals, **params) -> (outs, residuals)`` runs in the forward
+        sweep in place of the primitive, and ``fn`` then receives ``residuals=``
+        (for something the forward pass produces cheaply, like a sort's
+        permutation).
+
+    Returns:
+      ``fn``, so this can be used as a decorator.
     """
     vjp_rules[_prim_name(prim)] = VJPRule(fn, needs_active, fwd)
     return fn
@@ -125,7 +139,12 @@ def defvjp(prim, *per_input: Callable | None):
 
 
 def defnondiff(*prims):
-    """Marks primitives whose outputs carry no gradient (and tangent zero)."""
+    """Marks primitives whose outputs carry no gradient (and tangent zero).
+
+    For integer-valued or piecewise-constant operations (``floor``, ``argmax``,
+    comparisons, random bits): fbackprop sends no cotangent through them, and
+    their outputs' tangents are zero.
+    """
     for prim in prims:
         name = _prim_name(prim)
         nondiff_primitives.add(name)
