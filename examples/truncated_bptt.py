@@ -160,7 +160,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer training steps")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args()
-    steps = 60 if args.quick else 200
+    steps = 40 if args.quick else 100
 
     params = init(jax.random.PRNGKey(args.seed), input_scale=1.0)
     data = stream(jax.random.PRNGKey(args.seed + 1), CHUNK)
