@@ -28,6 +28,20 @@ API_PAGES = sorted(glob.glob(os.path.join(DOCS, "api", "*.md")))
 FENCE = re.compile(r"^```(python|pycon)[^\n]*\n(.*?)^```", re.M | re.S)
 
 
+@pytest.fixture(autouse=True)
+def _restore_rule_tables():
+    """Rules that an example registers (its own primitives) are removed after it."""
+    from fbackprop._src import registry
+    saved = (dict(registry.vjp_rules), dict(registry.jvp_rules),
+             set(registry.nondiff_primitives))
+    yield
+    for table, before in zip((registry.vjp_rules, registry.jvp_rules), saved[:2]):
+        table.clear()
+        table.update(before)
+    registry.nondiff_primitives.clear()
+    registry.nondiff_primitives.update(saved[2])
+
+
 def code_blocks(path):
     """(kind, first line number, source) of each python/pycon block of a page."""
     with open(path, encoding="utf-8") as f:

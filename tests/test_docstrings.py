@@ -25,6 +25,20 @@ MODULES = {"fbackprop": fb, "fbackprop.nn": fb.nn, "fbackprop.train": fb.train,
            "fbackprop.precision": fb.precision, "fbackprop.extend": fb.extend}
 
 
+@pytest.fixture(autouse=True)
+def _restore_rule_tables():
+    """Rules that an example registers (its own primitives) are removed after it."""
+    from fbackprop._src import registry
+    saved = (dict(registry.vjp_rules), dict(registry.jvp_rules),
+             set(registry.nondiff_primitives))
+    yield
+    for table, before in zip((registry.vjp_rules, registry.jvp_rules), saved[:2]):
+        table.clear()
+        table.update(before)
+    registry.nondiff_primitives.clear()
+    registry.nondiff_primitives.update(saved[2])
+
+
 def public_objects():
     """(qualified name, object) for every public name, modules themselves included."""
     out = []
