@@ -100,3 +100,17 @@ def test_api_reference_lists_every_public_name():
         r"^\.\. (?:auto)?(?:function|class|data|module|exception):: ([\w.]+)", text, re.M))
     missing = [n for n in public_names() if n not in documented]
     assert not missing, f"not in docs/api/: {missing}"
+
+
+def test_sphinx_build_has_no_warnings(tmp_path):
+    """What ``make docs`` does, when the ``docs`` extra is installed."""
+    for name in ("sphinx", "myst_parser", "sphinx_book_theme"):
+        pytest.importorskip(name, reason="the docs extra is not installed (make docs)")
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b",
+                           "html", DOCS, str(tmp_path / "html")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for page in ("index", "differentiation", "api/fbackprop", "api/nn"):
+        assert (tmp_path / "html" / f"{page}.html").exists()
