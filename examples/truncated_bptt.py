@@ -116,7 +116,7 @@ def check_against_jax(params, data, window):
         _, losses = windowed_losses(params, h0, x, y, mask, window)
         return jnp.sum(losses[last])
 
-    g = jnp.sum(jnp.abs(fb.grad(window_loss)(x)), axis=(0, 2))
+    g = jnp.sum(jnp.abs(jax.jit(fb.grad(window_loss))(x)), axis=(0, 2))
     reached = np.nonzero(np.asarray(g) > 0)[0]
     print(f"           gradient of the loss of window {last} (steps {last * window}.."
           f"{last * window + window - 1}) reaches inputs {reached.min()}..{reached.max()}")
@@ -125,8 +125,8 @@ def check_against_jax(params, data, window):
 
 def input_weight_gradient(params, data, window):
     """|d loss / d wx| at `params`: the credit that teaches the RNN to take in the cue."""
-    g, _ = fb.grad(truncated_loss, has_aux=True)(params, jnp.zeros((BATCH, HIDDEN)), *data,
-                                                 window)
+    grad_fn = jax.jit(fb.grad(truncated_loss, has_aux=True), static_argnums=5)
+    g, _ = grad_fn(params, jnp.zeros((BATCH, HIDDEN)), *data, window)
     return float(jnp.max(jnp.abs(g["wx"])))
 
 
