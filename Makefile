@@ -13,13 +13,14 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help demo test bench examples clean
+.PHONY: help demo test bench examples docs clean
 
 help:
 	@echo "make demo      train an MLP on digits with fbackprop (writes out/)"
 	@echo "make test      run the tests"
 	@echo "make bench     benchmark fbackprop against jax (ARGS=--quick for a smoke run)"
 	@echo "make examples  run every script in examples/"
+	@echo "make docs      build the documentation into docs/_build/html"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,10 @@ $(PY):
 # Reinstall when pyproject.toml changes; the stamp files record what was installed.
 $(VENV)/.installed-examples: pyproject.toml | $(PY)
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[examples]"
+	@touch $@
+
+$(VENV)/.installed-docs: pyproject.toml | $(PY)
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[docs]"
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
@@ -42,8 +47,26 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-examples
 	$(PY) -m fbackprop bench $(ARGS)
 
+# Runs every script (none is skipped when an earlier one fails), prints one line
+# per script with its time, and fails at the end if any failed. Scripts write
+# their files under out/.
 examples: $(VENV)/.installed-examples
-	@set -e; for f in examples/*.py; do echo "== $$f"; $(PY) $$f; done
+	@failed=""; total=0; \
+	for f in examples/*.py; do \
+	  echo "== $$f"; start=$$(date +%s); \
+	  if $(PY) $$f; then status=ok; else status=FAILED; failed="$$failed $$f"; fi; \
+	  secs=$$(( $$(date +%s) - start )); total=$$(( total + 1 )); \
+	  echo "== $$f: $$status ($$secs s)"; summary="$$summary$$status $$f ($$secs s)\n"; \
+	done; \
+	echo; echo "examples:"; printf "$$summary" | sed 's/^/  /'; \
+	if [ -n "$$failed" ]; then \
+	  echo "$$(echo $$failed | wc -w) of $$total examples FAILED:$$failed"; exit 1; \
+	else echo "all $$total examples passed"; fi
+
+# Sphinx, warnings as errors; the pages' code runs in the tests (tests/test_docs.py).
+docs: $(VENV)/.installed-docs
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: $(CURDIR)/docs/_build/html/index.html"
 
 clean:
-	rm -rf out build .pytest_cache .hypothesis src/*.egg-info
+	rm -rf out build dist docs/_build .pytest_cache .hypothesis src/*.egg-info

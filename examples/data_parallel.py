@@ -77,6 +77,10 @@ def main(argv=None):
     for _ in range(steps):
         idx = rng.integers(0, len(x_tr), batch_size)
         params, opt_state, loss = step(params, opt_state, (x_tr[idx], y_tr[idx]))
+        # One step in flight at a time: the simulated devices share the CPU's threads,
+        # and with several steps queued (JAX dispatches asynchronously) XLA:CPU can
+        # deadlock in an all-reduce on a busy machine. Real accelerators do not need it.
+        loss.block_until_ready()
     acc = float(nn.accuracy(nn.mlp(params, x_te), y_te))
     print(f"{steps} data-parallel steps: loss {float(loss):.4f}, test accuracy {acc:.3f}")
     assert acc > (0.9 if args.quick else 0.95)

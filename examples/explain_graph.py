@@ -9,7 +9,7 @@ needed (it is used when installed). Open the .html files in a browser.
    product) + 16 (straight into the sum).
 2. y = (x1*x2 + x3)**2 at x = (2, -3, 0.5): gradients (33, -22, -11).
 
-Run: python examples/explain_graph.py [--outdir .]
+Run: python examples/explain_graph.py [--outdir out]
 """
 
 import argparse
@@ -35,7 +35,8 @@ def three_inputs(x1, x2, x3):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--outdir", default=".", help="where to write the .html/.svg/.dot files")
+    parser.add_argument("--outdir", default="out",
+                        help="where to write the .html/.svg/.dot files (default: out)")
     args = parser.parse_args(argv)
     os.makedirs(args.outdir, exist_ok=True)
 

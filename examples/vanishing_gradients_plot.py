@@ -11,10 +11,11 @@ the gradient through unchanged wherever a unit is active, so its norms stay
 within a few orders of magnitude of each other (with std 1.0 they even grow
 towards the first layers: that is the exploding side of the same problem).
 
-Run: python examples/vanishing_gradients_plot.py [--out vanishing_gradients.png]
+Run: python examples/vanishing_gradients_plot.py [--out out/vanishing_gradients.png]
 """
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +51,9 @@ def weight_grads(grads):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="vanishing_gradients.png",
-                        help="where to save the plot (needs matplotlib)")
+    parser.add_argument("--out", default=os.path.join("out", "vanishing_gradients.png"),
+                        help="where to save the plot (needs matplotlib; default: "
+                             "out/vanishing_gradients.png)")
     args = parser.parse_args(argv)
 
     kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)

@@ -1,20 +1,20 @@
-"""Every script in examples/ runs (in its quick mode when it has one) and its assertions hold.
+"""Every script in examples/ runs at its default length and its assertions hold.
 
-Each runs in a fresh Python process, in a temporary working directory so that
-figures and reports land there; the processes run a few at a time (one per CPU
-core), started together when the first example test runs. ``python -m fbackprop
-demo`` runs too, shortened.
+Each example is one test, marked ``examples`` (``pytest -m examples`` runs only
+them, ``-m "not examples"`` skips them). Each runs once, in a fresh Python
+process, in a temporary working directory, exactly as ``make examples`` runs it
+(no ``--quick``): the claims an example prints are the ones checked here. The
+test also checks that the example wrote files only under ``out/``.
+``python -m fbackprop demo`` runs too, shortened.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import glob
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
+import time
 
 import pytest
 
@@ -45,26 +45,9 @@ def _check(args, result):
     return out
 
 
-def _example_args(path):
-    with open(path) as f:
-        source = f.read()
-    return [path] + (["--quick"] if "--quick" in source else [])
-
-
-@pytest.fixture(scope="module")
-def example_runs():
-    """Starts every example at once on a small process pool; maps path -> future."""
-    workdir = tempfile.mkdtemp(prefix="fbackprop-examples-")
-    workers = max(2, min(4, os.cpu_count() or 2))
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-    futures = {}
-    for path in EXAMPLES:
-        cwd = os.path.join(workdir, os.path.basename(path)[:-3])
-        os.makedirs(cwd)
-        futures[path] = pool.submit(_launch, _example_args(path), cwd)
-    yield futures
-    pool.shutdown(wait=True, cancel_futures=True)
-    shutil.rmtree(workdir, ignore_errors=True)
+def _files_under(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder)
+                  for d, _, files in os.walk(folder) for f in files)
 
 
 def test_examples_exist():
@@ -74,16 +57,22 @@ def test_examples_exist():
                      "custom_swish.py", "straight_through.py", "ema_stop_gradient.py",
                      "residual_vs_plain.py", "numerical_vs_backprop.py",
                      "gradient_accumulation.py", "retain_graph.py", "training_loop.py",
-                     "data_parallel.py"):
+                     "data_parallel.py", "truncated_bptt.py"):
         assert required in names, f"examples/{required} is missing"
 
 
+@pytest.mark.examples
 @pytest.mark.parametrize("path", EXAMPLES, ids=[os.path.basename(p)[:-3] for p in EXAMPLES])
-def test_example_runs(path, example_runs):
-    out = _check(_example_args(path), example_runs[path].result())
+def test_example_runs(path, tmp_path, record_property):
+    start = time.perf_counter()
+    out = _check([path], _launch([path], cwd=str(tmp_path)))
+    record_property("seconds", round(time.perf_counter() - start, 1))
     assert out.strip(), f"{os.path.basename(path)} printed nothing"
+    stray = [f for f in _files_under(str(tmp_path)) if not f.startswith("out" + os.sep)]
+    assert not stray, f"{os.path.basename(path)} wrote files outside out/: {stray}"
 
 
+@pytest.mark.examples
 def test_demo_runs_quickly(tmp_path):
     args = ["-m", "fbackprop", "demo", "--epochs", "3", "--target", "0.9", "--no-progress",
             "--out", str(tmp_path / "out")]

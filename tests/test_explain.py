@@ -114,7 +114,7 @@ def test_bad_inputs():
         fb.explain(3, 2.0)
     ex = fb.explain(seed, 2.0, 3.0)
     with pytest.raises(ValueError, match="unknown format"):
-        ex.save("graph.png")
+        ex.save("graph.pdf")
     with pytest.raises(ValueError, match="engine"):
         ex.to_svg(engine="fancy")
 

@@ -33,11 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatches to a subcommand's ``main(argv)``; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        print(f"fbackprop: unknown subcommand {name!r}.\n\n{usage()}", file=sys.stderr)
+        print(f"python -m fbackprop: error: unknown subcommand {name!r}; choose from "
+              f"{', '.join(SUBCOMMANDS)} (see --help)", file=sys.stderr)
         return 2
     module_name, func_name, _ = SUBCOMMANDS[name]
     try:

@@ -178,10 +178,11 @@ def data_parallel_value_and_grad(loss_fn: Callable, mesh, *, axis_name: str = "d
       ``f(params, batch) -> (loss, grads)`` (replicated results); jit it.
 
     Example:
-      >>> import numpy as np, jax
+      >>> import numpy as np, jax, jax.numpy as jnp
       >>> from jax.sharding import Mesh
+      >>> from fbackprop import train
       >>> mesh = Mesh(np.array(jax.devices()), ("data",))
-      >>> f = data_parallel_value_and_grad(lambda w, b: ((b * w) ** 2).mean(), mesh)
+      >>> f = train.data_parallel_value_and_grad(lambda w, b: ((b * w) ** 2).mean(), mesh)
       >>> loss, g = jax.jit(f)(jnp.float32(2.0), jnp.ones((8,)))
       >>> float(loss), float(g)
       (4.0, 4.0)

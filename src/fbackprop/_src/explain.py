@@ -16,7 +16,6 @@ Graphviz needed; Graphviz's ``dot`` is used when installed) and an HTML page.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import html
@@ -540,8 +539,8 @@ class Explanation:
                              f"got {engine!r}.")
         dot = shutil.which("dot")
         if engine == "graphviz" and dot is None:
-            raise RuntimeError("to_svg(engine='graphviz'): the Graphviz `dot` program is not "
-                               "installed; use engine='builtin'.")
+            raise RuntimeError(f"to_svg(engine='graphviz'): {GRAPHVIZ_MISSING}; use "
+                               f"engine='builtin'.")
         if dot is not None and engine != "builtin":
             done = subprocess.run([dot, "-Tsvg"], input=self.to_dot().encode(),
                                   capture_output=True, timeout=60)
@@ -679,27 +678,58 @@ class Explanation:
     def save(self, path: str, format: str | None = None, engine: str = "auto") -> str:
         """Writes the explanation to ``path`` and returns the path.
 
+        The file's folder is created if it does not exist.
+
         Args:
           path: file name; its suffix picks the format unless ``format`` is given.
-          format: ``"html"``, ``"svg"``, ``"dot"`` or ``"txt"``.
+          format: ``"html"``, ``"svg"``, ``"dot"``, ``"txt"``, or ``"png"`` (a picture
+            of the graph; needs the Graphviz ``dot`` program).
           engine: SVG layout, see :meth:`to_svg`.
         """
-        fmt = (format or os.path.splitext(path)[1].lstrip(".") or "html").lower()
-        fmt = {"htm": "html", "gv": "dot", "text": "txt"}.get(fmt, fmt)
-        if fmt == "html":
-            text = self.to_html(engine)
-        elif fmt == "svg":
-            text = self.to_svg(engine)
-        elif fmt == "dot":
-            text = self.to_dot()
-        elif fmt == "txt":
-            text = self.table() + "\n"
+        fmt = output_format(path, format)
+        if fmt == "png":
+            data = self._graphviz_png()
         else:
-            raise ValueError(f"Explanation.save: unknown format {fmt!r} for {path!r}; use a "
-                             f".html, .svg, .dot or .txt file name (or format=...).")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+            text = {"html": lambda: self.to_html(engine), "svg": lambda: self.to_svg(engine),
+                    "dot": self.to_dot, "txt": lambda: self.table() + "\n"}[fmt]()
+            data = text.encode("utf-8")
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
         return path
+
+    def _graphviz_png(self) -> bytes:
+        dot = shutil.which("dot")
+        if dot is None:
+            raise RuntimeError(PNG_NEEDS_GRAPHVIZ)
+        done = subprocess.run([dot, "-Tpng"], input=self.to_dot().encode(), capture_output=True,
+                              timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"Graphviz failed: {done.stderr.decode()[:500]}")
+        return done.stdout
+
+
+FORMATS = ("html", "svg", "dot", "txt", "png")
+_FORMAT_ALIASES = {"htm": "html", "gv": "dot", "text": "txt"}
+GRAPHVIZ_MISSING = ("the Graphviz `dot` program is not installed "
+                    "(apt-get, brew or conda install graphviz)")
+PNG_NEEDS_GRAPHVIZ = (f"a .png picture needs Graphviz, and {GRAPHVIZ_MISSING}; without it, "
+                      f"write .html, .svg, .dot or .txt")
+
+
+def output_format(path: str, format: str | None = None) -> str:
+    """The format :meth:`Explanation.save` writes for ``path``: html, svg, dot, txt or png.
+
+    Raises:
+      ValueError: for any other suffix or ``format``.
+    """
+    fmt = (format or os.path.splitext(path)[1].lstrip(".") or "html").lower()
+    fmt = _FORMAT_ALIASES.get(fmt, fmt)
+    if fmt not in FORMATS:
+        raise ValueError(f"Explanation.save: unknown format {fmt!r} for {path!r}; use a "
+                         f".html, .svg, .dot, .txt or .png file name (or format=...).")
+    return fmt
 
 
 def explain(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
@@ -734,8 +764,9 @@ def explain(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
       ...     loss = w ** 2
       ...     return loss
       >>> ex = fb.explain(f, 2.0, 3.0)
-      >>> [summarize(i.grad) for i in ex.inputs]
-      ['64', '32']
+      >>> float(ex.value), [float(i.grad) for i in ex.inputs]
+      (64.0, [64.0, 32.0])
+      >>> print(ex)               # the table: one row per operation  # doctest: +SKIP
     """
     api._check_callable(fun, "explain")
     for x in tree_util.tree_leaves((args, kwargs)):
@@ -816,22 +847,40 @@ seed_example = _make_seed_example()
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fbackprop explain``: render the seed example's backward pass."""
+    from .cli import ArgumentParser, check_output_path
     if argv is None:
         argv = sys.argv[1:]
     argv = list(argv)
     if argv and argv[0] == "explain":
         argv = argv[1:]
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m fbackprop explain",
-        description="Explain the backward pass of z = x*y; w = z + x; loss = w**2 at "
-                    "x=2, y=3: prints the table and writes a graph file.")
-    parser.add_argument("--out", default="fbackprop_explain.html",
-                        help="output file; .html (default), .svg, .dot or .txt")
-    parser.add_argument("--x", type=float, default=2.0)
-    parser.add_argument("--y", type=float, default=3.0)
+        description="Explain the backward pass of  z = x*y; w = z + x; loss = w**2  "
+                    "(at x=2, y=3 unless given):\nprints a table of every operation's "
+                    "upstream, local and downstream gradients and writes the graph to a "
+                    "file.")
+    parser.add_argument("--out", default=os.path.join("out", "fbackprop_explain.html"),
+                        metavar="FILE",
+                        help="output file, its folder created if missing; the suffix picks "
+                             "the format: .html (graph and table), .svg, .dot, .txt, or .png "
+                             "(needs Graphviz)")
+    parser.add_argument("--x", type=float, default=2.0, help="value of x")
+    parser.add_argument("--y", type=float, default=3.0, help="value of y")
     parser.add_argument("--engine", choices=("auto", "builtin", "graphviz"), default="auto",
-                        help="SVG layout: Graphviz when installed (auto) or pure Python")
+                        help="graph layout for .html/.svg: Graphviz when installed (auto), "
+                             "pure Python (builtin), or Graphviz only (graphviz)")
     opts = parser.parse_args(argv)
+    try:
+        fmt = output_format(opts.out)
+    except ValueError:
+        parser.error(f"--out {opts.out!r}: unknown format; use a .html, .svg, .dot, .txt or "
+                     f".png file name")
+    has_dot = shutil.which("dot") is not None
+    if fmt == "png" and not has_dot:
+        parser.error(f"--out {opts.out!r}: {PNG_NEEDS_GRAPHVIZ}")
+    if opts.engine == "graphviz" and not has_dot:
+        parser.error(f"--engine graphviz: {GRAPHVIZ_MISSING}; use --engine auto or builtin")
+    check_output_path(parser, "--out", opts.out)
     ex = explain(seed_example, opts.x, opts.y)
     print(ex.table())
     path = ex.save(opts.out, engine=opts.engine)

@@ -10,6 +10,7 @@ an optional matplotlib plot of the per-leaf norms.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Mapping
 
 import jax
@@ -267,7 +268,7 @@ def plot_gradient_norms(reports: Mapping[str, HealthReport] | HealthReport, ax=N
       reports: a :class:`HealthReport`, or a mapping ``label -> HealthReport``
         (e.g. ``{"sigmoid": r1, "relu": r2}``) to compare.
       ax: matplotlib ``Axes`` to draw on; a new figure when omitted.
-      path: save the figure to this file.
+      path: save the figure to this file (its folder is created if missing).
       title: the axes title.
       log: logarithmic y axis.
 
@@ -310,5 +311,6 @@ def plot_gradient_norms(reports: Mapping[str, HealthReport] | HealthReport, ax=N
     figure = fig or ax.figure
     figure.tight_layout()
     if path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         figure.savefig(path, dpi=120)
     return ax

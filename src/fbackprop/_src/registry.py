@@ -62,7 +62,13 @@ foreign_rules: dict[str, Callable] = {}
 
 
 class MissingRuleError(NotImplementedError):
-    """A primitive reached the engine with no derivative rule registered."""
+    """A primitive reached the engine with no derivative rule registered.
+
+    The message names the primitive, the line of the user's code that used it,
+    and how to register a rule (:func:`fbackprop.extend.register_vjp` and friends).
+    It is raised only when a cotangent (or tangent) actually reaches the
+    primitive: a primitive whose output does not influence the result needs no rule.
+    """
 
 
 def missing_rule_error(eqn, mode: str) -> MissingRuleError:
@@ -89,16 +95,40 @@ def _prim_name(prim) -> str:
 # ----------------------------------------------------------------- registration
 def register_vjp(prim, fn: Callable, *, needs_active: bool = False,
                  fwd: Callable | None = None):
-    """Registers a whole VJP rule (see the module docstring for the signature).
+    """Registers a whole VJP rule: the cotangents of all inputs at once.
 
-    With ``fwd``, the forward sweep runs ``fwd(*primals, **params) -> (outs,
-    residuals)`` in place of the primitive and passes ``residuals=`` to the rule.
+    Args:
+      prim: the primitive (or its name).
+      fn: ``fn(cts, outs, *primals, **params)`` returns one cotangent per input,
+        ``None`` for an input without gradient. For a ``multiple_results``
+        primitive ``cts`` and ``outs`` are lists, and an entry of ``cts`` may be
+        ``None`` (a zero cotangent). Each cotangent must have its primal's shape
+        and dtype (:func:`unbroadcast` helps).
+      needs_active: pass ``active=`` (one bool per input: whether it is
+        differentiated) so the rule can skip work for the others.
+      fwd: ``fwd(*primals, **params) -> (outs, residuals)`` runs in the forward
+        sweep in place of the primitive, and ``fn`` then receives ``residuals=``
+        (for something the forward pass produces cheaply, like a sort's
+        permutation).
+
+    Returns:
+      ``fn``, so this can be used as a decorator.
     """
     vjp_rules[_prim_name(prim)] = VJPRule(fn, needs_active, fwd)
     return fn
 
 
 def register_jvp(prim, fn: Callable):
+    """Registers a whole JVP rule for forward mode (``fb.jvp``, ``fb.jacfwd``, ...).
+
+    Args:
+      prim: the primitive (or its name).
+      fn: ``fn(primals, tangents, **params) -> (outs, out_tangents)``; a ``None``
+        tangent means zero, and an output tangent may be ``None`` too.
+
+    Returns:
+      ``fn``, so this can be used as a decorator.
+    """
     jvp_rules[_prim_name(prim)] = fn
     return fn
 
@@ -119,7 +149,12 @@ def defvjp(prim, *per_input: Callable | None):
 
 
 def defnondiff(*prims):
-    """Marks primitives whose outputs carry no gradient (and tangent zero)."""
+    """Marks primitives whose outputs carry no gradient (and tangent zero).
+
+    For integer-valued or piecewise-constant operations (``floor``, ``argmax``,
+    comparisons, random bits): fbackprop sends no cotangent through them, and
+    their outputs' tangents are zero.
+    """
     for prim in prims:
         name = _prim_name(prim)
         nondiff_primitives.add(name)

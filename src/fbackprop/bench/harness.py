@@ -501,26 +501,28 @@ def environment() -> dict:
 
 # --------------------------------------------------------------------------- CLI
 def build_parser(prog: str = "python -m fbackprop bench") -> argparse.ArgumentParser:
+    from fbackprop._src.cli import ArgumentParser
     names = ", ".join(w.name for w in workloads_mod.WORKLOADS)
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Benchmark fbackprop against jax on the same functions: "
-        "jitted step time, compiled FLOPs and temp bytes, trace+lower time, eager step "
-        "time, and gradient/forward time.")
+    parser = ArgumentParser(
+        prog=prog, description="Benchmark fbackprop against jax on the same functions:\n"
+        "jitted step time, compiled FLOPs and temp bytes, trace+lower time, eager step\n"
+        "time, and gradient/forward time, as fb/jax ratios next to their targets.")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, few repetitions and XLA_FLAGS+="
                              f"{QUICK_XLA_FLAG} (about half a minute of CPU)")
     parser.add_argument("--only", action="append", default=[], metavar="NAME[,NAME]",
                         help=f"run only these workloads (repeatable). Known: {names}")
     parser.add_argument("--list", action="store_true", help="list the workloads and exit")
-    parser.add_argument("--reps", type=int, default=None,
+    parser.add_argument("--reps", type=int, default=None, metavar="N",
                         help="interleaved rounds for the jitted step time "
                              "(default 21, quick 3)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="directory for bench.json and bench.png "
                              "(default: benchmarks/results, or ./bench_results)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="JSON output path")
+    parser.add_argument("--json", default=None, metavar="PATH", help="JSON output path (default: DIR/bench.json; bench_quick.json with --quick)")
     parser.add_argument("--plot", default=None, metavar="PATH",
-                        help="PNG output path ('none' to skip the plot)")
+                        help="PNG output path, or 'none' to skip the plot (default: "
+                             "DIR/bench.png; bench_quick.png with --quick)")
     parser.add_argument("--aa", action="store_true",
                         help="A/A run: time jax against itself to see the noise floor")
     parser.add_argument("--verbose", action="store_true",
@@ -621,7 +623,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m fbackprop bench")
         workloads_mod.get(names)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.reps is not None and args.reps < 1:
+        parser.error(f"--reps must be at least 1, got {args.reps}")
     json_path, plot_path = _output_paths(args)
+    from fbackprop._src.cli import check_output_path
+    check_output_path(parser, "--json" if args.json else "--out", json_path)
+    if plot_path:
+        check_output_path(parser, "--plot" if args.plot else "--out", plot_path)
     if args.quick:
         _use_quick_compiler_flags()
     meta = environment()

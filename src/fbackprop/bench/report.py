@@ -31,7 +31,19 @@ def header(meta: dict, quick: bool = False, aa: bool = False) -> str:
         lines.append(f"XLA_FLAGS={meta['xla_flags']}")
     if aa:
         lines.append("A/A run: the 'fb' column is jax itself; ratios show the noise floor.")
+    if quick:
+        lines.append(QUICK_NOTE)
     return "\n".join(lines)
+
+
+QUICK_NOTE = ("quick run: a smoke test (tiny sizes, few repetitions, LLVM optimizations off). "
+              "Its times are smoke-test numbers, not measurements, and get no PASS/MISS; "
+              "FLOPs and temp bytes are exact for its sizes. Run without --quick to measure.")
+
+
+def _judged(doc: dict, fig: dict) -> bool:
+    """Whether a figure gets a PASS/MISS verdict: not the times of a quick run."""
+    return not (doc["meta"].get("quick") and fig.get("unit") == "s")
 
 
 def _fmt_seconds(s):
@@ -113,7 +125,8 @@ def table(doc: dict) -> str:
                              "  " + err[:110])
                 n_err += 1
                 continue
-            verdict = "-" if fig["passed"] is None else ("PASS" if fig["passed"] else "MISS")
+            verdict = "-" if fig["passed"] is None or not _judged(doc, fig) else \
+                ("PASS" if fig["passed"] else "MISS")
             n_pass += verdict == "PASS"
             n_miss += verdict == "MISS"
             extra = ""
@@ -141,8 +154,13 @@ def table(doc: dict) -> str:
         for note in res.get("notes", []):
             lines.append(_row("", "note", "", "", "", "", "") + note)
         lines.append("")
-    lines.append(f"{n_pass} PASS, {n_miss} MISS, {n_err} ERROR   "
-                 f"(total {doc['meta'].get('total_seconds', 0.0):.0f} s)")
+    total = doc['meta'].get('total_seconds', 0.0)
+    if doc["meta"].get("quick"):
+        lines.append(f"{n_pass} PASS, {n_miss} MISS, {n_err} ERROR on FLOPs and temp bytes   "
+                     f"(total {total:.0f} s)")
+        lines.append(QUICK_NOTE)
+    else:
+        lines.append(f"{n_pass} PASS, {n_miss} MISS, {n_err} ERROR   (total {total:.0f} s)")
     return "\n".join(lines)
 
 
@@ -164,7 +182,7 @@ def markdown_table(doc: dict) -> str:
             elif fig is None:
                 cells.append("ERROR")
             else:
-                verdict = "" if fig["passed"] is None else \
+                verdict = "" if fig["passed"] is None or not _judged(doc, fig) else \
                     (" PASS" if fig["passed"] else " **MISS**")
                 cell = fmt_ratio(fig["ratio"]) + verdict
                 if figure == "trace_lower" and res.get("trace_only"):
@@ -220,7 +238,7 @@ def plot(doc: dict, path: str) -> str:
                     and figure not in res.get("errors", {}) else "error")
                 ax.text(0.0, yi, label, va="center", ha="center", fontsize=7, color="gray")
                 continue
-            color = "tab:gray" if f["passed"] is None else \
+            color = "tab:gray" if f["passed"] is None or not _judged(doc, f) else \
                 ("tab:green" if f["passed"] else "tab:red")
             width = max(-limit, min(limit, math.log10(r)))
             ax.barh(yi, width, color=color, alpha=0.85)
