@@ -3,23 +3,33 @@
 #
 #   make demo    train an MLP on scikit-learn's digits with fbackprop gradients
 #   make test    run the test suite
+#   make conformance   JAX's own test files with fbackprop's differentiation (see README)
 #
 # Variables: PYTHON (interpreter for the venv, default python3.11), VENV (default
-# .venv), ARGS (extra arguments for the demo/bench), PYTEST_ARGS (for pytest).
+# .venv), ARGS (extra arguments for the demo/bench), PYTEST_ARGS (for pytest);
+# for `make conformance`: FILES (e.g. api_test,nn_test), WORKERS (pytest-xdist workers,
+# default 2), CONFORMANCE_ARGS (e.g. "-k grad --rerun-baseline"), JAX_GIT or
+# JAX_ARCHIVE (where `make conformance-tests` copies JAX's tests/ from).
 
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
+FILES ?=
+WORKERS ?= 2
+CONFORMANCE_ARGS ?=
+JAX_GIT ?=
+JAX_ARCHIVE ?=
 
-.PHONY: help demo test bench examples clean
+.PHONY: help demo test bench examples clean conformance conformance-record conformance-tests
 
 help:
 	@echo "make demo      train an MLP on digits with fbackprop (writes out/)"
 	@echo "make test      run the tests"
 	@echo "make bench     benchmark fbackprop against jax (ARGS=--quick for a smoke run)"
 	@echo "make examples  run every script in examples/"
+	@echo "make conformance  JAX's tests with fbackprop's differentiation (FILES=api_test,...)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +43,10 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
 	@touch $@
 
+$(VENV)/.installed-conformance: pyproject.toml | $(PY)
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[conformance]"
+	@touch $@
+
 demo: $(VENV)/.installed-examples
 	$(PY) -m fbackprop demo $(ARGS)
 
@@ -44,6 +58,20 @@ bench: $(VENV)/.installed-examples
 
 examples: $(VENV)/.installed-examples
 	@set -e; for f in examples/*.py; do echo "== $$f"; $(PY) $$f; done
+
+# Not part of `make test`. Needs JAX's tests/ in conformance/jax_tests/ (make
+# conformance-tests); writes out/conformance/report.{json,md}.
+CONFORMANCE_RUN = $(PY) -m conformance.run -n $(WORKERS) $(if $(FILES),--files $(FILES))
+
+conformance: $(VENV)/.installed-conformance
+	$(CONFORMANCE_RUN) $(CONFORMANCE_ARGS)
+
+conformance-record: $(VENV)/.installed-conformance
+	$(CONFORMANCE_RUN) --record $(CONFORMANCE_ARGS)
+
+conformance-tests: $(VENV)/.installed-conformance
+	$(PY) -m conformance.get_jax_tests $(if $(JAX_GIT),--git $(JAX_GIT)) \
+		$(if $(JAX_ARCHIVE),--archive $(JAX_ARCHIVE))
 
 clean:
 	rm -rf out build .pytest_cache .hypothesis src/*.egg-info
