@@ -55,6 +55,7 @@ VALUE_ASSERTS = frozenset({
     "assertArraysEqual", "check_close", "_assert_numpy_allclose", "_assert_numpy_close",
     "check_jvp", "check_vjp", "numerical_jvp",
 })
+TEST_HELPERS = frozenset({"jax/_src/test_util.py", "jax/_src/public_test_util.py"})
 DTYPE_ASSERTS = frozenset({"assertDtypesMatch", "_check_dtypes_match", "assertDtypesEqual"})
 VALUE_MESSAGES = re.compile(
     r"Not equal to tolerance|Arrays are not|Mismatched elements|nan location mismatch|"
@@ -62,6 +63,12 @@ VALUE_MESSAGES = re.compile(
 SHAPE_MESSAGE = re.compile(r"\(shapes .*\) mismatch|shape mismatch", re.I)
 TRACING_ERRORS = ("ConcretizationTypeError", "TracerBoolConversionError",
                   "TracerIntegerConversionError", "TracerArrayConversionError")
+# Attributes of JAX's returned functions (``jax.tree_util.Partial`` and VJP objects) that
+# expose JAX's own representation; reading them is inspecting JAX internals.
+INTERNAL_ATTRIBUTES = frozenset({"args", "func", "keywords", "args_res", "opaque_residuals",
+                                 "jaxpr", "eqns", "fun", "in_tree", "out_tree"})
+# JAX attaches the user's stack as a pseudo-exception; it is never the cause.
+STACK_PSEUDO_EXCEPTIONS = ("JaxStackTraceBeforeTransformation",)
 # fbackprop modules whose TypeError/ValueError are argument checks (user errors).
 ARGUMENT_CHECK_FILES = ("fbackprop/_src/api.py", "fbackprop/_src/derivatives.py",
                         "fbackprop/_src/gradcheck.py", "fbackprop/_src/trace.py")
@@ -156,9 +163,10 @@ def heuristic(record: dict) -> Verdict:
                            "skipped under fbackprop")
         return Verdict(CRASH, _first_line(text) or "failed without a traceback",
                        "failure without an exception record")
-    outer, root = excs[0], excs[-1]
+    real = [e for e in excs if _short_type(e["type"]) not in STACK_PSEUDO_EXCEPTIONS] or excs
+    outer, root = real[0], real[-1]
     outer_type, root_type = _short_type(outer["type"]), _short_type(root["type"])
-    fb_frame = _deepest_fb_frame(excs)
+    fb_frame = _deepest_fb_frame(real)
     message = outer.get("message") or ""
 
     # Missing rules: fbackprop's own error, wherever it sits in the chain.
@@ -181,6 +189,18 @@ def heuristic(record: dict) -> Verdict:
         return _assertion_verdict(record, outer, fb_frame, internals)
 
     # Not an assertion: an exception escaped.
+    last = (outer.get("frames") or [None])[-1]
+    if (outer_type == "AttributeError" and last is not None and not _is_fb_frame(last)
+            and str(last[0]).endswith("_test.py")):
+        attr = re.search(r"has no attribute '([^']+)'", message)
+        attr = attr.group(1) if attr else "?"
+        if attr in INTERNAL_ATTRIBUTES or record.get("failing_line_internals"):
+            return Verdict(INTERNALS, f"reads .{attr} of a function JAX returned: "
+                           f"`{record.get('failing_line', '')[:70]}`",
+                           "reads the fields of JAX's returned vjp/linearize function")
+        return Verdict(API_DIFFERENCE, f"fbackprop's result has no .{attr}: "
+                       f"`{record.get('failing_line', '')[:70]}`",
+                       f"result lacks JAX's attribute .{attr}")
     if record.get("failing_line_internals") and fb_frame is None:
         return Verdict(INTERNALS, f"{outer_type} at `{record.get('failing_line', '')[:80]}`",
                        "inspects: " + ", ".join(record["failing_line_internals"]))
@@ -189,7 +209,16 @@ def heuristic(record: dict) -> Verdict:
                        f"raised {root_type} where the test expects another exception: "
                        f"{normalize(root.get('message'), 90)}",
                        "another exception than the test expects")
-    for exc in excs:
+    if re.search(r"of type <class 'function'>,? (which )?is not a valid JAX type",
+                 " ".join(e.get("message") or "" for e in real)):
+        return Verdict(API_DIFFERENCE, _first_line(root.get("message"), 120),
+                       "a function fbackprop returned is not a JAX type (JAX returns a "
+                       "jax.tree_util.Partial, which can cross jit)")
+    if root_type == "RecursionError":
+        return Verdict(CRASH, _first_line(root.get("message"), 120),
+                       "RecursionError (maximum recursion depth exceeded)"
+                       + (f" through {_where(fb_frame)}" if fb_frame else ""))
+    for exc in real:
         short = _short_type(exc["type"])
         if short in TRACING_ERRORS and fb_frame is not None:
             return Verdict(CRASH, f"{short}: {normalize(exc.get('message'), 90)}",
@@ -223,6 +252,11 @@ def _assertion_verdict(record, outer, fb_frame, internals) -> Verdict:
     if last is not None and _is_fb_frame(last):
         return Verdict(CRASH, f"assertion inside fbackprop: {_first_line(message, 100)}",
                        f"internal assertion in {_where(last)}")
+    if (last is not None and str(last[0]).startswith("jax/") and last[0] not in TEST_HELPERS
+            and fb_frame is not None):
+        return Verdict(CRASH, f"JAX's internal assertion: {_first_line(message, 100)}",
+                       f"JAX's internal assertion at {_where(last)} (reached through "
+                       f"{_where(fb_frame)})")
     if re.search(r" not raised\b", message):
         return Verdict(API_DIFFERENCE, _first_line(message, 120),
                        "expected exception not raised")
@@ -235,7 +269,8 @@ def _assertion_verdict(record, outer, fb_frame, internals) -> Verdict:
     if SHAPE_MESSAGE.search(message):
         return Verdict(WRONG_NUMBERS, "shape differs: " + _first_line(message, 100),
                        "result shape differs")
-    if names & VALUE_ASSERTS or VALUE_MESSAGES.search(message):
+    if names & VALUE_ASSERTS or VALUE_MESSAGES.search(message) or re.match(
+            r"assert .* == ", message):
         where = "check_grads" if names & {"check_jvp", "check_vjp"} else "values"
         return Verdict(WRONG_NUMBERS, f"{where} differ: " + _value_summary(message),
                        f"{where} differ")

@@ -39,7 +39,7 @@ LONGREPR_LIMIT = 6000
 # Words in a test's source that mean it looks at JAX's machinery, not only at values.
 INTERNALS_PATTERNS = {
     "make_jaxpr": r"\bmake_jaxpr\b",
-    "jaxpr": r"\bjaxpr\b|\.jaxpr\b|_jaxpr\b",
+    "jaxpr": r"jaxpr",
     "eqns": r"\.eqns\b",
     "count_*": r"\bcount_[a-z_]+\(",
     "cache size": r"_cache_size|cache_info|cache_clear|_cache\b",
@@ -52,6 +52,10 @@ INTERNALS_PATTERNS = {
     "debug info": r"debug_info|source_info|name_stack|traceback_util|tb_info",
     "saved residuals": r"saved_residuals|print_saved_residuals|fwd_bwd_jaxprs",
     "weakref/gc": r"\bweakref\b|\bgc\.|getrefcount",
+    "primitive impl calls": r"_p\.impl\b|\.def_impl\(|impl_rule",
+    "compile logs": r"log_compiles|assertLogs|explain_cache_misses|capture_stderr",
+    "returned function's fields": r"\.func\.args|\.args\[\d\]|\.args_res\b|opaque_residuals|"
+                                  r"\.keywords\b",
 }
 
 
@@ -125,9 +129,13 @@ def _qualified_type(exc: BaseException) -> str:
 
 
 def _frames(tb) -> list[list]:
+    """The frames of a traceback; of a very deep one (a recursion) its two ends."""
     frames = traceback.extract_tb(tb)
+    if len(frames) > FRAME_LIMIT:
+        head = FRAME_LIMIT // 4
+        frames = frames[:head] + frames[-(FRAME_LIMIT - head):]
     return [[_short_path(f.filename), f.lineno, f.name, (f.line or "").strip()[:200]]
-            for f in frames[-FRAME_LIMIT:]]
+            for f in frames]
 
 
 def _in_assert_raises(lines: list[str], lineno: int) -> bool:
