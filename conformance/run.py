@@ -277,8 +277,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rerun-baseline", action="store_true",
                         help="run JAX's baseline again even if a cached one matches")
     parser.add_argument("--reclassify", action="store_true",
-                        help="reuse the last fbackprop run's results (out/conformance/"
-                             "<file>.fbackprop.json) and only classify and report again")
+                        help="reuse the last JAX and fbackprop runs' results (out/conformance/"
+                             "<file>.fbackprop.json, baseline/) and only classify and report "
+                             "again")
     parser.add_argument("--all", action="store_true",
                         help="also run the JAX-passing tests that never differentiate")
     parser.add_argument("--record", action="store_true",
@@ -323,7 +324,12 @@ def main(argv=None) -> int:
         key = _baseline_key(test_file, args.k)
         base_path = os.path.join(args.out, "baseline", name + ".json")
         baseline = _load(base_path) if os.path.exists(base_path) else None
-        if baseline is None or baseline.get("key") != key or args.rerun_baseline:
+        reuse = args.reclassify and baseline is not None and not args.rerun_baseline
+        if reuse and baseline.get("key") != key:
+            print(f"[{name}] reusing a JAX baseline made with other settings: "
+                  f"{baseline.get('key')}", flush=True)
+        if not reuse and (baseline is None or baseline.get("key") != key
+                          or args.rerun_baseline):
             print(f"[{name}] running with JAX ...", flush=True)
             secs = run_pytest(test_file, "jax", base_path,
                               os.path.join(args.out, "logs", name + ".jax.log"),
@@ -361,7 +367,7 @@ def main(argv=None) -> int:
         summary = summarize_file(name, baseline, fb, rules, args.all)
         summaries[name] = summary
         rec_path = os.path.join(RECORDED_DIR, name + ".tsv")
-        if args.k is None:
+        if args.k is None and os.path.exists(rec_path):
             changes[name] = C.compare_recorded(C.read_recorded(rec_path), summary["verdicts"],
                                                summary["fb_passed"])
         if args.record:
@@ -397,6 +403,10 @@ def main(argv=None) -> int:
             for t, v in s["verdicts"].items():
                 if v.cls == C.WRONG_NUMBERS:
                     print(f"!!!   {t}: {v.reason}")
+    unrecorded = [n for n in names if n not in changes]
+    if unrecorded and args.k is None and not args.record:
+        print(f"\nNo recorded verdicts for {', '.join(unrecorded)} "
+              f"(`make conformance-record` writes conformance/recorded/).")
     changed = {n: ch for n, ch in changes.items() if any(ch.values())}
     if changed:
         print("\nChanges against conformance/recorded/ (`make conformance-record` to accept):")
