@@ -209,7 +209,7 @@ def heuristic(record: dict) -> Verdict:
                        f"raised {root_type} where the test expects another exception: "
                        f"{normalize(root.get('message'), 90)}",
                        "another exception than the test expects")
-    if re.search(r"of type <class 'function'>,? (which )?is not a valid JAX type",
+    if re.search(r"of type '?<class 'function'>'?[^.]*is not a valid JAX type",
                  " ".join(e.get("message") or "" for e in real)):
         return Verdict(API_DIFFERENCE, _first_line(root.get("message"), 120),
                        "a function fbackprop returned is not a JAX type (JAX returns a "
