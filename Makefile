@@ -3,17 +3,26 @@
 #
 #   make demo    train an MLP on scikit-learn's digits with fbackprop gradients
 #   make test    run the test suite
+#   make conformance   JAX's own test files with fbackprop's differentiation (see README)
 #
 # Variables: PYTHON (interpreter for the venv, default python3.11), VENV (default
-# .venv), ARGS (extra arguments for the demo/bench), PYTEST_ARGS (for pytest).
+# .venv), ARGS (extra arguments for the demo/bench), PYTEST_ARGS (for pytest);
+# for `make conformance`: FILES (e.g. api_test,nn_test), WORKERS (pytest-xdist workers,
+# default 2), CONFORMANCE_ARGS (e.g. "-k grad --rerun-baseline"), JAX_GIT or
+# JAX_ARCHIVE (where `make conformance-tests` copies JAX's tests/ from).
 
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
+FILES ?=
+WORKERS ?= 2
+CONFORMANCE_ARGS ?=
+JAX_GIT ?=
+JAX_ARCHIVE ?=
 
-.PHONY: help demo test bench examples docs clean
+.PHONY: help demo test bench examples docs clean conformance conformance-record conformance-tests
 
 help:
 	@echo "make demo      train an MLP on digits with fbackprop (writes out/)"
@@ -21,6 +30,7 @@ help:
 	@echo "make bench     benchmark fbackprop against jax (ARGS=--quick for a smoke run)"
 	@echo "make examples  run every script in examples/"
 	@echo "make docs      build the documentation into docs/_build/html"
+	@echo "make conformance  JAX's tests with fbackprop's differentiation (FILES=api_test,...)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +46,10 @@ $(VENV)/.installed-docs: pyproject.toml | $(PY)
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
+	@touch $@
+
+$(VENV)/.installed-conformance: pyproject.toml | $(PY)
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[conformance]"
 	@touch $@
 
 demo: $(VENV)/.installed-examples
@@ -67,6 +81,20 @@ examples: $(VENV)/.installed-examples
 docs: $(VENV)/.installed-docs
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 	@echo "docs: $(CURDIR)/docs/_build/html/index.html"
+
+# Not part of `make test`. Needs JAX's tests/ in conformance/jax_tests/ (make
+# conformance-tests); writes out/conformance/report.{json,md}.
+CONFORMANCE_RUN = $(PY) -m conformance.run -n $(WORKERS) $(if $(FILES),--files $(FILES))
+
+conformance: $(VENV)/.installed-conformance
+	$(CONFORMANCE_RUN) $(CONFORMANCE_ARGS)
+
+conformance-record: $(VENV)/.installed-conformance
+	$(CONFORMANCE_RUN) --record $(CONFORMANCE_ARGS)
+
+conformance-tests: $(VENV)/.installed-conformance
+	$(PY) -m conformance.get_jax_tests $(if $(JAX_GIT),--git $(JAX_GIT)) \
+		$(if $(JAX_ARCHIVE),--archive $(JAX_ARCHIVE))
 
 clean:
 	rm -rf out build dist docs/_build .pytest_cache .hypothesis src/*.egg-info
