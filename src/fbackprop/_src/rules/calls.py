@@ -86,16 +86,19 @@ class _CompiledSweeps:
         return reverse.backward(tape, cts_out)
 
 
-def _compiles_eagerly() -> bool:
-    """Concrete values and no tool watching the sweeps: nested jits run compiled."""
-    return compat.is_eager() and not reverse._observers and not reverse._linear_stack
+def _compiles_eagerly(eqn) -> bool:
+    """Concrete values, no tool watching the sweeps, and a jit not marked
+    ``inline`` (jax.numpy's small helpers are): the nested jit runs compiled."""
+    return (not eqn.params.get("inline", False) and compat.is_eager()
+            and not reverse._observers and not reverse._linear_stack)
 
 
 class JitCall(InlineCall):
     """A nested ``jax.jit``. Under a transformation it is swept in place (the
     enclosing program is compiled as a whole); eagerly its forward and backward
     sweeps each run as one compiled program, as eager ``jax.grad`` runs a jitted
-    function (library code such as ``equinox.filter_jit`` relies on it)."""
+    function (library code such as ``equinox.filter_jit`` relies on it). Jits
+    marked ``inline`` (jax.numpy's helpers) are swept in place."""
 
     def __init__(self, get_closed):
         super().__init__(get_closed)
@@ -113,7 +116,7 @@ class JitCall(InlineCall):
         return hit
 
     def forward(self, eqn, invals, active):
-        if not _compiles_eagerly():
+        if not _compiles_eagerly(eqn):
             return super().forward(eqn, invals, active)
         sweeps = self._sweeps(self.get_closed(eqn.params), invals, active)
         outs, arrays = sweeps.fwd(invals)
@@ -276,7 +279,7 @@ def _jit_jvp():
     programs: collections.OrderedDict = collections.OrderedDict()
 
     def handler(eqn, invals, tangents):
-        if not _compiles_eagerly():
+        if not _compiles_eagerly(eqn):
             return inline(eqn, invals, tangents)
         closed = compat.jit_inner(eqn.params)
         hit = programs.get(id(closed))
