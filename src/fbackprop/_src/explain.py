@@ -35,6 +35,7 @@ from jax import tree_util
 from . import api, compat, memplan, reverse
 from .debug import (_split_output, _trace_state, inlined_jaxpr, observing,
                     short_aval, source_code, source_parts)
+from .rules import foreign
 from .rules.debug import NAMED_PRIMITIVES
 
 
@@ -191,6 +192,9 @@ class _Observer:
         op = name + _short_params(eqn)
         if name in NAMED_PRIMITIVES:
             op = f"{'tag' if name != 'name' else 'checkpoint_name'}['{eqn.params['name']}']"
+        owner = foreign.rule_owner(eqn.primitive)
+        if owner is not None:
+            op = f"{name}<{owner}>"         # the rule is that library's
         row = Row(index=r + 1, primitive=name, op=op, label="", file=file, line=line,
                   code=source_code(eqn) if keep else "",
                   shapes=[short_aval(x) for x in outvals], inputs=inputs, kept=keep,

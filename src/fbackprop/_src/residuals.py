@@ -567,6 +567,10 @@ def _describe_var(v, jaxpr, steps: list[str]) -> tuple[str | None, str, list[str
         details.append(f"named {e.params['name']!r}")
     elif name in compat.JIT_NAMES:
         details.append(f"output of jitted function {e.params.get('name', '?')!r}")
+    from .rules import foreign
+    owner = foreign.rule_owner(e.primitive)
+    if owner is not None:
+        details.append(f"rule from {owner}")
     return name, compat.source_line(e), details
 
 

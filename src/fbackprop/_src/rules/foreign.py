@@ -89,6 +89,17 @@ def rules_for(prim) -> ForeignRules | None:
         return None
 
 
+def rule_owner(prim) -> str | None:
+    """The library whose rules fbackprop uses for ``prim`` (None: fbackprop's own
+    rule, or no rule). What ``fb.explain`` and ``fb.saved_residuals`` show."""
+    name = getattr(prim, "name", None)
+    if (name in registry.vjp_rules or name in registry.call_handlers_reverse
+            or name in registry.jvp_rules):
+        return None
+    rules = rules_for(prim)
+    return rules.owner if rules is not None else None
+
+
 def _zero(aval):
     return _jax_ad.Zero(aval.to_tangent_aval())
 
