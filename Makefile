@@ -40,12 +40,17 @@ $(VENV)/.installed-examples: pyproject.toml | $(PY)
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[examples]"
 	@touch $@
 
+# examples/neural_ode.py needs diffrax and optimistix.
+$(VENV)/.installed-ecosystem: pyproject.toml | $(PY)
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[examples,ecosystem]"
+	@touch $@
+
 $(VENV)/.installed-docs: pyproject.toml | $(PY)
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[docs]"
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,ecosystem]"
 	@touch $@
 
 $(VENV)/.installed-conformance: pyproject.toml | $(PY)
@@ -64,7 +69,7 @@ bench: $(VENV)/.installed-examples
 # Runs every script (none is skipped when an earlier one fails), prints one line
 # per script with its time, and fails at the end if any failed. Scripts write
 # their files under out/.
-examples: $(VENV)/.installed-examples
+examples: $(VENV)/.installed-ecosystem
 	@failed=""; total=0; \
 	for f in examples/*.py; do \
 	  echo "== $$f"; start=$$(date +%s); \
