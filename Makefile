@@ -22,11 +22,12 @@ CONFORMANCE_ARGS ?=
 JAX_GIT ?=
 JAX_ARCHIVE ?=
 
-.PHONY: help demo test bench examples docs clean conformance conformance-record conformance-tests
+.PHONY: help demo test test-full bench examples docs clean conformance conformance-record conformance-tests
 
 help:
 	@echo "make demo      train an MLP on digits with fbackprop (writes out/)"
 	@echo "make test      run the tests"
+	@echo "make test-full the tests with wider matrices (every dtype eagerly, more examples)"
 	@echo "make bench     benchmark fbackprop against jax (ARGS=--quick for a smoke run)"
 	@echo "make examples  run every script in examples/"
 	@echo "make docs      build the documentation into docs/_build/html"
@@ -62,6 +63,10 @@ demo: $(VENV)/.installed-examples
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+# The wider matrix: every spec eagerly in every dtype, and more hypothesis examples.
+test-full: $(VENV)/.installed-test
+	FBACKPROP_TEST_FULL=1 $(PY) -m pytest -q -n 2 --hypothesis-profile=full $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-examples
 	$(PY) -m fbackprop bench $(ARGS)

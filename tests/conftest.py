@@ -12,6 +12,7 @@ jax.config.update("jax_enable_x64", True)
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
                           print_blob=True)
 settings.register_profile("dev", max_examples=25, deadline=None)
+settings.register_profile("full", max_examples=200, deadline=None)    # make test-full
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 

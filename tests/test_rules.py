@@ -1,5 +1,7 @@
 """Every spec in the table: fbackprop's VJP/JVP against JAX's, eager and jitted."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +10,6 @@ import pytest
 import fbackprop as fb
 from fbackprop._src.testing import assert_allclose
 from specs import ALL_SPECS
-
-CASES = [pytest.param(s, d, id=f"{s.name}-{d}") for s in ALL_SPECS for d in s.dtypes]
 
 
 def _is_float(x):
@@ -36,13 +36,30 @@ def _random_like(tree, seed):
         if _is_float(x) else np.zeros(np.shape(x), jax.dtypes.float0), tree)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("spec,dtype", CASES)
+def _widest(spec):
+    """The most precise dtype a spec lists (eager and second order are checked there)."""
+    for d in ("float64", "complex128", "float32", "complex64"):
+        if d in spec.dtypes:
+            return d
+    return spec.dtypes[0]
+
+
+# Every dtype under jit; eagerly (the same rules, reached through the define-by-run
+# trace on concrete values) once per spec, in its widest dtype -- in every dtype with
+# FBACKPROP_TEST_FULL=1 (make test-full).
+_FULL = os.environ.get("FBACKPROP_TEST_FULL") == "1"
+RUNS = [pytest.param(s, d, True, id=f"{s.name}-{d}-jit") for s in ALL_SPECS for d in s.dtypes]
+RUNS += [pytest.param(s, d, False, id=f"{s.name}-{d}-eager") for s in ALL_SPECS
+         for d in (s.dtypes if _FULL else [_widest(s)])]
+
+
+@pytest.mark.parametrize("spec,dtype,jit", RUNS)
 def test_vjp_and_jvp_match_jax(spec, dtype, jit):
     """fb.vjp with a random cotangent and fb.jvp with a random tangent, against JAX.
 
     Eagerly the function runs primitive by primitive on fbackprop's traces; under jit both
-    directions of one implementation are compiled as one program.
+    directions of one implementation are compiled as one program. JAX's reference is
+    computed the same way.
     """
     f, floats = _split(spec, spec.args(dtype))
     tangents = _random_like(floats, 2)
@@ -64,14 +81,6 @@ def test_vjp_and_jvp_match_jax(spec, dtype, jit):
         if _is_float(b):
             assert np.shape(a) == np.shape(b) and a.dtype == b.dtype, spec.name
             assert_allclose(a, b, dtype, spec.tol, err_msg=spec.name)
-
-
-def _widest(spec):
-    """The most precise dtype a spec lists (second order is checked once, there)."""
-    for d in ("float64", "complex128", "float32", "complex64"):
-        if d in spec.dtypes:
-            return d
-    return spec.dtypes[0]
 
 
 SECOND_ORDER = [pytest.param(s, _widest(s), id=f"{s.name}-{_widest(s)}")

@@ -46,7 +46,51 @@ def _differentiable(aval) -> bool:
 
 
 # ================================================================ reverse mode
-class RecordingTracer(compat.Tracer):
+class _ValueTracer(compat.Tracer):
+    """A tracer of ours standing for a value of the enclosing trace (``_value()``):
+    concrete eagerly, so Python control flow on it works."""
+    __slots__ = ()
+
+    def _value(self):
+        raise NotImplementedError
+
+    def to_concrete_value(self):
+        return compat.to_concrete_value(self._value())
+
+    def get_referent(self):
+        return compat.get_referent(self._value())
+
+    def full_lower(self):
+        return self
+
+    def cur_qdd(self):
+        return self._value().cur_qdd()
+
+
+class _StagingCalls:
+    """``core.call`` and ``shard_map`` binds, staged by the trace's ``_stage``."""
+
+    def process_call(self, prim, f, tracers, params):
+        return self._stage(
+            tracers,
+            lambda t, xs: t.process_call(prim, f, xs, params),
+            lambda xs: prim.bind_with_trace(self.parent, xs,
+                                            tuple(compat.typeof(x) for x in xs),
+                                            dict(params, subfuns=(f,))))
+
+    def process_shard_map(self, prim, fun, args, **params):
+        return self._stage(
+            args,
+            lambda t, xs: t.process_shard_map(prim, fun, xs, **params),
+            lambda xs: self.parent.process_shard_map(prim, fun, xs, **params))
+
+    def cur_qdd(self, x):
+        value = self.unpack([x])[0][0]
+        with compat.set_current_trace(self.parent):
+            return compat.cur_qdd(value)
+
+
+class RecordingTracer(_ValueTracer):
     """A value that depends on a differentiated input: its value and its variable."""
     __slots__ = ["val", "var"]
 
@@ -55,17 +99,8 @@ class RecordingTracer(compat.Tracer):
         self.val = val
         self.var = var
 
-    def to_concrete_value(self):
-        return compat.to_concrete_value(self.val)
-
-    def get_referent(self):
-        return compat.get_referent(self.val)
-
-    def full_lower(self):
-        return self
-
-    def cur_qdd(self):
-        return self.val.cur_qdd()
+    def _value(self):
+        return self.val
 
     def _short_repr(self):
         return f"RecordingTracer({self.val!r})"
@@ -79,7 +114,7 @@ def _needs_avals_first(name) -> bool:
     return rule is not None and rule.fwd is not None
 
 
-class RecordingTrace(compat.Trace):
+class RecordingTrace(_StagingCalls, compat.Trace):
     """Runs each primitive in the enclosing trace and records its equation."""
 
     def __init__(self, parent):
@@ -222,24 +257,6 @@ class RecordingTrace(compat.Trace):
         self.records.append(rec)
         return self.wrap(outs, outvars, out_act)
 
-    def process_call(self, prim, f, tracers, params):
-        return self._stage(
-            tracers,
-            lambda t, xs: t.process_call(prim, f, xs, params),
-            lambda xs: prim.bind_with_trace(self.parent, xs,
-                                            tuple(compat.typeof(x) for x in xs),
-                                            dict(params, subfuns=(f,))))
-
-    def process_shard_map(self, prim, fun, args, **params):
-        return self._stage(
-            args,
-            lambda t, xs: t.process_shard_map(prim, fun, xs, **params),
-            lambda xs: self.parent.process_shard_map(prim, fun, xs, **params))
-
-    def cur_qdd(self, x):
-        vals, _, _ = self.unpack([x])
-        with compat.set_current_trace(self.parent):
-            return compat.cur_qdd(vals[0])
 
 
 class Recording:
@@ -344,7 +361,7 @@ def _is_value(x) -> bool:
 
 
 # ================================================================ forward mode
-class TangentTracer(compat.Tracer):
+class TangentTracer(_ValueTracer):
     """A primal value with a nonzero tangent."""
     __slots__ = ["primal", "tangent"]
 
@@ -353,20 +370,11 @@ class TangentTracer(compat.Tracer):
         self.primal = primal
         self.tangent = tangent
 
-    def to_concrete_value(self):
-        return compat.to_concrete_value(self.primal)
-
-    def get_referent(self):
-        return compat.get_referent(self.primal)
-
-    def full_lower(self):
-        return self
-
-    def cur_qdd(self):
-        return self.primal.cur_qdd()
+    def _value(self):
+        return self.primal
 
 
-class TangentTrace(compat.Trace):
+class TangentTrace(_StagingCalls, compat.Trace):
     """Runs each primitive's JVP rule in the enclosing trace."""
 
     def __init__(self, parent):
@@ -457,24 +465,6 @@ class TangentTrace(compat.Trace):
         out = structure[0]
         return out.update(res) if hasattr(out, "update") and hasattr(out, "vals") else res
 
-    def process_call(self, prim, f, tracers, params):
-        return self._stage(
-            tracers,
-            lambda t, xs: t.process_call(prim, f, xs, params),
-            lambda xs: prim.bind_with_trace(self.parent, xs,
-                                            tuple(compat.typeof(x) for x in xs),
-                                            dict(params, subfuns=(f,))))
-
-    def process_shard_map(self, prim, fun, args, **params):
-        return self._stage(
-            args,
-            lambda t, xs: t.process_shard_map(prim, fun, xs, **params),
-            lambda xs: self.parent.process_shard_map(prim, fun, xs, **params))
-
-    def cur_qdd(self, x):
-        primals, _ = self.unpack([x])
-        with compat.set_current_trace(self.parent):
-            return compat.cur_qdd(primals[0])
 
 
 def push_tangents(fun: Callable, args_tree, primals: list, tangents: list) -> tuple:

@@ -130,8 +130,8 @@ def _describe(rules) -> str:
     return f"primitive '{rules.prim.name}' (rule from {rules.owner})"
 
 
-class ForeignJVPCall:
-    """Reverse mode of a library primitive: its JVP rule, transposed by us."""
+class _ForeignCall:
+    """A library primitive in a reverse sweep: bound as it is, nothing extra kept."""
 
     def __init__(self, rules):
         self.rules = rules
@@ -139,6 +139,10 @@ class ForeignJVPCall:
     def forward(self, eqn, invals, active):
         outvals = compat.bind_eqn(eqn, invals)
         return outvals, None, [True] * len(outvals)
+
+
+class ForeignJVPCall(_ForeignCall):
+    """Reverse mode of a library primitive: its JVP rule, transposed by us."""
 
     def backward(self, record, cts_out):
         from .. import reverse
@@ -176,15 +180,8 @@ class ForeignJVPCall:
         return [next(cts_in) if a else None for a in active]
 
 
-class ForeignTransposeCall:
+class ForeignTransposeCall(_ForeignCall):
     """Inside a linear map being transposed: the library's own transpose rule."""
-
-    def __init__(self, rules):
-        self.rules = rules
-
-    def forward(self, eqn, invals, active):
-        outvals = compat.bind_eqn(eqn, invals)
-        return outvals, None, [True] * len(outvals)
 
     def backward(self, record, cts_out):
         prim = self.rules.prim
