@@ -336,6 +336,28 @@ def test_custom_vmap_call():
     close(fb.jvp(f, (0.3,), (2.0,)), (jnp.sin(0.3), 2 * jnp.cos(0.3)))
 
 
+def test_custom_vmap_under_vmap_or_jit_is_an_error_not_a_wrong_number():
+    from jax.custom_batching import custom_vmap
+
+    @custom_vmap
+    def f(x):
+        return jnp.sin(x)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, xs):        # deliberately another function
+        return jnp.cos(xs), in_batched[0]
+
+    xs = jnp.arange(3.0)
+    # JAX: a vmap of the derivative is the derivative of the rule (-sin), not cos.
+    expected = jax.vmap(lambda x: jax.jvp(f, (x,), (1.0,)))(xs)
+    np.testing.assert_allclose(expected[1], -jnp.sin(xs), rtol=1e-6)
+    for run in (lambda: jax.vmap(lambda x: fb.jvp(f, (x,), (1.0,)))(xs),
+                lambda: jax.vmap(fb.grad(f))(xs),
+                lambda: jax.jit(fb.grad(f))(0.3)):
+        with pytest.raises(NotImplementedError, match="custom_vmap"):
+            run()
+
+
 def test_custom_vjp_with_optimize_remat_in_forward_mode():
     @jax.custom_vjp
     def f(x):

@@ -13,9 +13,11 @@ what the call is:
 - anything else has no rule (differentiating its expansion could silently
   ignore a custom gradient).
 
-``remat_opt`` (a ``custom_vjp`` fwd with ``optimize_remat=True``) computes its
-``fwd_jaxpr``, and ``custom_vmap_call`` its ``call`` jaxpr (the custom rule only
-changes batching): both are differentiated through that jaxpr.
+``remat_opt`` (a ``custom_vjp`` fwd with ``optimize_remat=True``) is
+differentiated through its ``fwd_jaxpr``. ``custom_vmap_call`` is differentiated
+through its ``call`` jaxpr only eagerly: under jit or vmap a vmap of the
+derivative would need the derivative of the custom batching rule, so it is an
+error there.
 """
 
 from __future__ import annotations
@@ -155,8 +157,39 @@ def _custom_vmap_jaxpr(params):
     return params["call"]
 
 
-for _name, _get in [(compat.REMAT_OPT, _remat_opt_jaxpr),
-                    (compat.CUSTOM_VMAP_CALL, _custom_vmap_jaxpr)]:
-    call_handlers_reverse[_name] = InlineCall(_get)
-    call_handlers_forward[_name] = _inline_jvp(_get)
-    linear_primitives[_name] = True
+call_handlers_reverse[compat.REMAT_OPT] = InlineCall(_remat_opt_jaxpr)
+call_handlers_forward[compat.REMAT_OPT] = _inline_jvp(_remat_opt_jaxpr)
+linear_primitives[compat.REMAT_OPT] = True
+
+
+def _custom_vmap_not_batched(eqn):
+    """Through its ``call`` jaxpr is right only where nothing can batch the result
+    with the custom rule: on concrete values. Under jit or vmap, JAX differentiates
+    the custom batching rule as well; fbackprop does not, so it refuses."""
+    if not compat.is_eager():
+        raise NotImplementedError(
+            f"fbackprop cannot differentiate the jax.custom_batching.custom_vmap function "
+            f"at {compat.source_line(eqn)} under jax.jit or jax.vmap: a vmap of the "
+            f"derivative must use the derivative of its custom batching rule, which "
+            f"fbackprop does not build. Differentiate it eagerly (no enclosing "
+            f"transformation), or with jax.grad/jax.jvp.")
+
+
+class _CustomVmapCall(InlineCall):
+    def forward(self, eqn, invals, active):
+        _custom_vmap_not_batched(eqn)
+        return super().forward(eqn, invals, active)
+
+
+def _custom_vmap_jvp():
+    inline = _inline_jvp(_custom_vmap_jaxpr)
+
+    def handler(eqn, invals, tangents):
+        _custom_vmap_not_batched(eqn)
+        return inline(eqn, invals, tangents)
+    return handler
+
+
+call_handlers_reverse[compat.CUSTOM_VMAP_CALL] = _CustomVmapCall(_custom_vmap_jaxpr)
+call_handlers_forward[compat.CUSTOM_VMAP_CALL] = _custom_vmap_jvp()
+linear_primitives[compat.CUSTOM_VMAP_CALL] = True
