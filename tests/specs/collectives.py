@@ -1,4 +1,5 @@
-"""Collectives inside ``jax.shard_map`` (and the shard_map call itself).
+"""Collectives inside ``jax.shard_map`` (and the shard_map call itself), and psum/pmean
+over a ``jax.vmap`` axis name.
 
 Each spec wraps its collective in a ``shard_map`` over a 1-D mesh of every
 available device, so the parametrized tests differentiate the whole mapped
@@ -69,4 +70,10 @@ SPECS = [
     Spec("shard_map_axis_index",
          smap(lambda x: x * x * (1.0 + lax.axis_index(AXIS)).astype(x.dtype), P(AXIS),
               P(AXIS)), shapes=((8, 3),)),
+    # Under jax.vmap(..., axis_name=...), psum/pmean over the vmapped name are a psum
+    # over a positional axis (no devices involved); its transpose broadcasts back.
+    Spec("vmap_axis_name_psum",
+         jax.vmap(lambda v: jnp.sin(lax.psum(v, "b")) * v, axis_name="b"), shapes=((4, 3),)),
+    Spec("vmap_axis_name_pmean",
+         jax.vmap(lambda v: v / lax.pmean(v * v + 1.0, "b"), axis_name="b"), shapes=((4, 3),)),
 ]

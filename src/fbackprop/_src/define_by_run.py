@@ -90,6 +90,28 @@ class _StagingCalls:
             return compat.cur_qdd(value)
 
 
+def _stage_call(process: Callable, vals: list):
+    """Stages a call-like bind (``process(trace, args)``) into a jaxpr over ``vals``'
+    types. Returns ``(jaxpr, consts, restructure)``: the jaxpr takes the consts
+    first; ``restructure(outs)`` gives the call's outputs the structure the bind
+    returned (a plain list, or JAX's object with ``vals``/``update``)."""
+    import jax
+    structure: list = []
+
+    def staged(*xs):
+        out = process(compat.current_trace(), xs)
+        structure.append(out)
+        return list(getattr(out, "vals", out))
+
+    closed = jax.make_jaxpr(staged)(*[compat.spec_of(x) for x in vals])
+    jaxpr, consts = compat.constvars_to_invars(closed)
+
+    def restructure(outs):
+        out = structure[0]
+        return out.update(outs) if hasattr(out, "update") and hasattr(out, "vals") else outs
+    return jaxpr, consts, restructure
+
+
 class RecordingTracer(_ValueTracer):
     """A value that depends on a differentiated input: its value and its variable."""
     __slots__ = ["val", "var"]
@@ -188,16 +210,7 @@ class RecordingTrace(_StagingCalls, compat.Trace):
         if not any(act):
             with compat.set_current_trace(self.parent):
                 return prim_for_parent(vals)
-        structure: list = []
-
-        def staged(*xs):
-            out = process(compat.current_trace(), xs)
-            structure.append(out)
-            return list(getattr(out, "vals", out))
-
-        import jax
-        closed = jax.make_jaxpr(staged)(*[compat.spec_of(x) for x in vals])
-        jaxpr, consts = compat.constvars_to_invars(closed)
+        jaxpr, consts, restructure = _stage_call(process, vals)
         call = compat.ClosedJaxpr(jaxpr, [])
         c_vals, c_act, c_vars = self.unpack(consts)
         all_vals, all_act = c_vals + vals, c_act + act
@@ -212,8 +225,7 @@ class RecordingTrace(_StagingCalls, compat.Trace):
         else:
             self.records.append(rec)
             outs = self.wrap(outvals, eqn.outvars, out_act)
-        out = structure[0]
-        return out.update(outs) if hasattr(out, "update") and hasattr(out, "vals") else outs
+        return restructure(outs)
 
     def process_custom_jvp_call(self, prim, fun, jvp, tracers, *, symbolic_zeros):
         params = dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
@@ -447,23 +459,12 @@ class TangentTrace(_StagingCalls, compat.Trace):
         if all(t is None for t in tangents):
             with compat.set_current_trace(self.parent):
                 return prim_for_parent(primals)
-        structure: list = []
-
-        def staged(*xs):
-            out = process(compat.current_trace(), xs)
-            structure.append(out)
-            return list(getattr(out, "vals", out))
-
-        import jax
-        closed = jax.make_jaxpr(staged)(*[compat.spec_of(x) for x in primals])
-        jaxpr, consts = compat.constvars_to_invars(closed)
+        jaxpr, consts, restructure = _stage_call(process, primals)
         c_primals, c_tangents = self.unpack(consts)
         with compat.set_current_trace(self.parent):
             outs, touts = forward.jvp_jaxpr(jaxpr, [], c_primals + primals,
                                             c_tangents + tangents)
-        res = self.wrap(outs, touts)
-        out = structure[0]
-        return out.update(res) if hasattr(out, "update") and hasattr(out, "vals") else res
+        return restructure(self.wrap(outs, touts))
 
 
 
