@@ -159,7 +159,16 @@ LOOPS = {
                                           lambda c: (c[0] + 1, jnp.sin(c[1])), (0, x))[1],
     "fori": lambda x: jax.lax.fori_loop(0, 3, lambda i, c: c * x, x),
     "fori_dynamic": lambda x: jax.lax.fori_loop(0, jnp.array(3), lambda i, c: c * x, x),
+    # Loops with no reverse mode inside calls whose reverse rules build a backward
+    # program: linearize records the program only, so these work as in JAX.
+    "remat_while": jax.checkpoint(lambda x: jax.lax.while_loop(
+        lambda c: c[0] < 3, lambda c: (c[0] + 1, jnp.sin(c[1])), (0, x))[1]),
+    "fori_traced_bounds_in_cond": lambda x: jax.lax.cond(
+        True, lambda x: jax.lax.fori_loop(x[0] - x[0], x[0] - x[0] + 2.0,
+                                          lambda i, c: c * 2.0 + jnp.sin(c), x),
+        lambda x: x, x),
 }
+
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])

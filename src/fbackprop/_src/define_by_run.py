@@ -35,7 +35,8 @@ from __future__ import annotations
 from typing import Callable
 
 from . import compat, forward, reverse
-from .registry import call_handlers_reverse, vjp_rules, is_differentiable_dtype
+from .registry import (call_handlers_reverse, vjp_rules, is_differentiable_dtype,
+                       nondiff_primitives)
 
 Var = compat.Var
 
@@ -139,10 +140,14 @@ def _needs_avals_first(name) -> bool:
 class RecordingTrace(_StagingCalls, compat.Trace):
     """Runs each primitive in the enclosing trace and records its equation."""
 
-    def __init__(self, parent):
+    def __init__(self, parent, tape_only: bool = False):
         super().__init__()
         self.parent = parent
         self.records: list = []
+        # tape_only: record the program only (fbackprop.linearize differentiates
+        # the recorded jaxpr in forward mode), without the reverse rules'
+        # forward halves, which would build backward programs nothing runs.
+        self.tape_only = tape_only
         # Hi-level primitives (remat3 checkpoints, custom_vjp3 functions) reach
         # us as they are, so their own semantics are kept.
         self.requires_low = False
@@ -169,6 +174,19 @@ class RecordingTrace(_StagingCalls, compat.Trace):
     def _vars(vals, invars):
         return [v if v is not None else Var(compat.typeof(x)) for x, v in zip(vals, invars)]
 
+    def _forward_eqn(self, eqn, vals, act, late):
+        if not self.tape_only:
+            return reverse.forward_eqn(eqn, vals, act, late_outvars=late)
+        outvals = compat.bind_eqn(eqn, vals)
+        if late:
+            eqn = eqn.replace(outvars=[Var(compat.typeof(x)) for x in outvals])
+        if eqn.primitive.name in nondiff_primitives:
+            return outvals, None, None
+        out_act = [_differentiable(v.aval) for v in eqn.outvars]
+        if not any(out_act):
+            return outvals, None, out_act
+        return outvals, reverse.Record(eqn, vals, outvals, act, None, None), out_act
+
     # -- the trace protocol
     def stage_value(self, val):
         (x,), (a,), (v,) = self.unpack([val])
@@ -191,7 +209,7 @@ class RecordingTrace(_StagingCalls, compat.Trace):
             eqn = compat.new_eqn(invars, [], prim, params, compat.no_effects, source_info)
             late = True
         with compat.set_current_trace(self.parent), reverse.outside_linear_sweeps():
-            outvals, rec, out_act = reverse.forward_eqn(eqn, vals, act, late_outvars=late)
+            outvals, rec, out_act = self._forward_eqn(eqn, vals, act, late)
         if rec is None:
             outs = outvals
         else:
@@ -219,7 +237,7 @@ class RecordingTrace(_StagingCalls, compat.Trace):
                              compat.closed_call_p, dict(call_jaxpr=call),
                              compat.join_effects(jaxpr.eqns), compat.current_source_info())
         with compat.set_current_trace(self.parent), reverse.outside_linear_sweeps():
-            outvals, rec, out_act = reverse.forward_eqn(eqn, all_vals, all_act)
+            outvals, rec, out_act = self._forward_eqn(eqn, all_vals, all_act, False)
         if rec is None:
             outs = outvals
         else:
@@ -243,9 +261,10 @@ class RecordingTrace(_StagingCalls, compat.Trace):
     def process_custom_vjp_call(self, prim, fun, fwd, bwd, tracers, *, out_trees,
                                 symbolic_zeros):
         vals, act, invars = self.unpack(tracers)
+        params = dict(subfuns=(fun, fwd, bwd), out_trees=out_trees,
+                      symbolic_zeros=symbolic_zeros)
         if not any(act):
-            return compat.bind_in(self.parent, prim, vals, dict(
-                subfuns=(fun, fwd, bwd), out_trees=out_trees, symbolic_zeros=symbolic_zeros))
+            return compat.bind_in(self.parent, prim, vals, params)
         # The user's fwd runs on the values themselves (Python control flow on
         # them works, as in jax.grad); bwd runs in the backward sweep.
         n_records = len(self.records)
@@ -287,7 +306,8 @@ class _Frame:
         self.invars, self.outvars = invars, outvars
 
 
-def record(fun: Callable, args_tree, leaves: list, active: list) -> Recording:
+def record(fun: Callable, args_tree, leaves: list, active: list,
+           tape_only: bool = False) -> Recording:
     """Runs ``fun`` on ``tree_unflatten(args_tree, leaves)`` with the active leaves
     as recording tracers; returns the flat outputs and the tape.
 
@@ -296,7 +316,7 @@ def record(fun: Callable, args_tree, leaves: list, active: list) -> Recording:
     """
     from jax import tree_util
     with compat.take_current_trace() as parent:
-        trace = RecordingTrace(parent)
+        trace = RecordingTrace(parent, tape_only)
         invars = []
         in_leaves = []
         for x, a in zip(leaves, active):

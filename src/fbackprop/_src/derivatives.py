@@ -283,7 +283,7 @@ def linearize(fun: Callable, *primals, has_aux: bool = False):
     if eager:
         # Run the function on the values (Python control flow on them works, as
         # in jax.linearize) and linearize the program it ran.
-        run = define_by_run.record(fun, in_tree, leaves, mask)
+        run = define_by_run.record(fun, in_tree, leaves, mask, tape_only=True)
         closed, out_tree = define_by_run.recorded_jaxpr(run), run.out_tree
         prog = forward.LinearizedProgram(closed.jaxpr, closed.consts, in_avals, mask)
     else:
