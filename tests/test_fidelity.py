@@ -330,6 +330,61 @@ def test_closed_call():
     close(jax.jit(fb.grad(f))(0.7), jax.grad(f)(0.7))
 
 
+def test_eval_jaxpr_and_core_call():
+    from jax._src import core
+    from jax._src import linear_util as lu
+    from jax._src.lax.eval_jaxpr import eval_jaxpr_p
+    closed = jax.make_jaxpr(lambda x: [x ** 3 * jnp.sin(x)])(1.0)
+
+    def via_eval_jaxpr(x):
+        return eval_jaxpr_p.bind(x, jaxpr=closed)[0]
+
+    def via_call(x):
+        sub = lu.wrap_init(lambda x: [jnp.cos(x) * x],
+                           debug_info=jax.api_util.debug_info("call", via_call, (x,), {}))
+        return core.call(x, name="inner", subfuns=(sub,))[0]
+
+    for f in (via_eval_jaxpr, via_call, jax.checkpoint(via_call)):
+        close(fb.grad(f)(0.7), jax.grad(f)(0.7))
+        close(jax.jit(fb.grad(f))(0.7), jax.grad(f)(0.7))
+        close(fb.jvp(f, (0.7,), (1.0,)), jax.jvp(f, (0.7,), (1.0,)))
+
+
+def test_library_primitive_with_a_token_operand():
+    from jax._src import core, dispatch
+    from jax._src.interpreters import ad, mlir
+    p = core.Primitive("fbackprop_test_tokens")
+    p.def_impl(lambda *a: dispatch.apply_primitive(p, *a))
+    p.def_abstract_eval(lambda x, token: x)
+    mlir.register_lowering(p, lambda ctx, x, token: [x])
+    ad.defjvp(p, lambda g, x, token: 2.0 * g, None)
+    token = jax.lax.create_token(0)
+    out, vjp_fn = fb.vjp(lambda x: p.bind(x, token), jnp.ones(3))
+    close(vjp_fn(jnp.ones(3)), (2.0 * jnp.ones(3),))
+
+
+def test_vjp_fn_returned_from_jit_keeps_no_trace_alive():
+    def apply_fn(x):
+        return fb.vjp(jax.checkpoint(lambda x: jax.nn.relu(2.0 * x)), x)
+    with jax.check_tracer_leaks():
+        out, vjp_fn = jax.jit(apply_fn)(1.0)
+    close(vjp_fn(1.0), (2.0,))
+
+
+def test_vjp_fn_called_with_several_arguments_is_a_clear_error():
+    def foo(x, y):
+        return x * y, y
+    _, vjp_fn = fb.vjp(foo, 1.0, 2.0)
+    with pytest.raises(TypeError, match="applied to foo was called with 2 arguments"):
+        vjp_fn(1.0, 1.0)
+    close(vjp_fn((1.0, 1.0)), jax.vjp(foo, 1.0, 2.0)[1]((1.0, 1.0)))
+
+
+def test_object_array_is_a_clear_error():
+    with pytest.raises(TypeError, match="dtype object .* is not a valid JAX type"):
+        fb.grad(lambda x: x)(np.zeros(3, dtype=object))
+
+
 def test_custom_vmap_call():
     from jax.custom_batching import custom_vmap
 

@@ -62,7 +62,7 @@ def _check_diff_input(x, path: str, api: str, holomorphic: bool, allow_int: bool
     if holomorphic:
         if not jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(f"{api} with holomorphic=True requires inputs with complex dtype, "
-                            f"but argument {path} has dtype {dtype}.")
+                            f"but got {dtype} for argument {path}.")
     elif jnp.issubdtype(dtype, jnp.inexact):
         return
     elif jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_) \
@@ -70,7 +70,7 @@ def _check_diff_input(x, path: str, api: str, holomorphic: bool, allow_int: bool
         if not allow_int:
             raise TypeError(
                 f"{api} requires real- or complex-valued inputs (input dtype that is a "
-                f"sub-dtype of np.inexact), but argument {path} has dtype {dtype}. If you "
+                f"sub-dtype of np.inexact), but got {dtype} for argument {path}. If you "
                 f"want to use Boolean- or integer-valued inputs, use vjp or set allow_int "
                 f"to True.")
     else:
@@ -100,20 +100,26 @@ def _check_scalar_output(out, api: str, holomorphic: bool):
                         f"sub-dtype of np.floating), but got {dtype}. {extra}")
 
 
+def split_aux(out_tree, api: str, has_aux: bool):
+    """``(main_tree, aux_tree)`` of a function's output; ``aux_tree`` is None
+    without ``has_aux``."""
+    if not has_aux:
+        return out_tree, None
+    if out_tree.num_nodes == 1 or len(out_tree.children()) != 2 or \
+            out_tree.node_data()[0] not in (tuple, list):
+        raise TypeError(
+            f"{api} with has_aux=True requires `fun` to return a two-element tuple "
+            f"(output, aux), but it returned a pytree with structure {out_tree}. Return "
+            f"`(output, aux)` or call {api} with has_aux=False.")
+    main_tree, aux_tree = out_tree.children()
+    return main_tree, aux_tree
+
+
 def split_scalar_output(out_tree, out_leaves, has_aux: bool, api: str,
                         holomorphic: bool = False):
     """(main_tree, aux_tree) of a function whose main output must be a scalar;
     ``out_leaves`` are its flat output values (or avals)."""
-    aux_tree = None
-    if has_aux:
-        if out_tree.num_nodes == 1 or len(out_tree.children()) != 2 \
-                or out_tree.node_data()[0] not in (tuple, list):
-            raise TypeError(
-                f"{api} with has_aux=True requires `fun` to return a pair (output, aux), "
-                f"but it returned a pytree with structure {out_tree}.")
-        main_tree, aux_tree = out_tree.children()
-    else:
-        main_tree = out_tree
+    main_tree, aux_tree = split_aux(out_tree, api, has_aux)
     if main_tree.num_leaves != 1 or main_tree.num_nodes != 1:
         raise TypeError(
             f"Gradient only defined for scalar-output functions. Output was a pytree "
@@ -379,13 +385,7 @@ def vjp(fun: Callable, *primals, has_aux: bool = False, reduce_axes: Sequence = 
     inputs = _Inputs(primals, {}, nums, "vjp", vjp_mode=True)
     run = define_by_run.record(fun, inputs.in_tree, inputs.leaves, inputs.active())
     out_tree = run.out_tree
-    if has_aux:
-        if out_tree.num_nodes == 1 or len(out_tree.children()) != 2:
-            raise TypeError(f"vjp with has_aux=True requires `fun` to return a pair "
-                            f"(output, aux), but it returned structure {out_tree}.")
-        main_tree, aux_tree = out_tree.children()
-    else:
-        main_tree = out_tree
+    main_tree, aux_tree = split_aux(out_tree, "vjp", has_aux)
     n_main = main_tree.num_leaves
     main_outs = run.out_vals[:n_main]
     main_paths = [tree_util.keystr(p) for p, _ in
@@ -423,7 +423,15 @@ class _VJPBackward:
         leaves = tree_util.tree_leaves(tape, is_leaf=_is_residual)
         return [x for x, r in zip(leaves, self.is_residual) if r]
 
-    def __call__(self, residuals, ct):
+    def __call__(self, residuals, *cts):
+        if len(cts) != 1:
+            raise TypeError(
+                f"The function returned by fbackprop.vjp applied to {self.fun_name} was "
+                f"called with {len(cts)} arguments, but it takes exactly one: the "
+                f"cotangent of the single value {self.fun_name} returned, with that value's "
+                f"structure (even if it is a tuple or another container). Pass several "
+                f"output cotangents as one tuple: vjp_fn((ct_a, ct_b)).")
+        ct, = cts
         it = iter(residuals)
         leaves = [next(it) if r else x for x, r in zip(self.static, self.is_residual)]
         tape = tree_util.tree_unflatten(self.tape_tree, leaves)

@@ -127,6 +127,13 @@ axis_index_p = _parallel.axis_index_p
 JIT_NAMES = ("jit", "pjit")
 CUSTOM_JVP_CALL = "custom_jvp_call"
 CLOSED_CALL = "closed_call"
+# Other call primitives whose body is a jaxpr param: core.call (an open
+# ``call_jaxpr``) and eval_jaxpr (a closed ``jaxpr``; staged as closed_call).
+CALL_BODIES = {
+    "closed_call": lambda params: params["call_jaxpr"],
+    "call": lambda params: ClosedJaxpr(params["call_jaxpr"], ()),
+    "eval_jaxpr": lambda params: params["jaxpr"],
+}
 CUSTOM_VJP_CALL = "custom_vjp_call"
 REMAT_NAMES = ("remat2", "checkpoint")
 
@@ -240,6 +247,8 @@ def as_array_like(x, aval):
     array with exactly ``aval``'s dtype and weak type: what library code that
     compares structures (equinox's closure conversion) saw at trace time."""
     from jax._src.lax import lax as lax_internal
+    if not hasattr(aval, "dtype"):
+        return x  # a token or another non-array value
     weak = bool(getattr(aval, "weak_type", False))
     if not isinstance(x, (jax.Array, jcore.Tracer)):
         return lax_internal._convert_element_type(np.asarray(x), aval.dtype, weak_type=weak)

@@ -36,7 +36,7 @@ from typing import Callable
 
 from . import compat, forward, reverse
 from .registry import (call_handlers_reverse, vjp_rules, is_differentiable_dtype,
-                       nondiff_primitives)
+                       nondiff_primitives, foreign_rules)
 
 Var = compat.Var
 
@@ -129,12 +129,17 @@ class RecordingTracer(_ValueTracer):
         return f"RecordingTracer({self.val!r})"
 
 
-def _needs_avals_first(name) -> bool:
+def _needs_avals_first(prim) -> bool:
     """Handlers and rules with their own forward read the output avals first."""
+    name = prim.name
     if name in call_handlers_reverse:
         return True
     rule = vjp_rules.get(name)
-    return rule is not None and rule.fwd is not None
+    if rule is not None:
+        return rule.fwd is not None
+    # A library primitive differentiated with the library's own rules.
+    return (name not in nondiff_primitives
+            and foreign_rules["reverse_handler"](prim, False) is not None)
 
 
 class RecordingTrace(_StagingCalls, compat.Trace):
@@ -151,6 +156,14 @@ class RecordingTrace(_StagingCalls, compat.Trace):
         # Hi-level primitives (remat3 checkpoints, custom_vjp3 functions) reach
         # us as they are, so their own semantics are kept.
         self.requires_low = False
+
+    def invalidate(self):
+        # Recorded equations can refer back to this trace (a custom_jvp rule's
+        # thunk closes over the trace it was staged in, whose parent this is);
+        # dropping the records and the enclosing trace here keeps a returned
+        # vjp_fn from keeping an enclosing jit's trace alive.
+        super().invalidate()
+        self.parent, self.records = None, []
 
     # -- helpers
     def unpack(self, tracers):
@@ -200,7 +213,7 @@ class RecordingTrace(_StagingCalls, compat.Trace):
                                         tuple(compat.typeof(x) for x in vals), params)
         invars = self._vars(vals, invars)
         source_info = compat.current_source_info()
-        if _needs_avals_first(prim.name):
+        if _needs_avals_first(prim):
             out_avals, effects = compat.abstract_eval(prim, [v.aval for v in invars], params)
             eqn = compat.new_eqn(invars, [Var(a) for a in out_avals], prim, params,
                                  effects, source_info)
@@ -328,6 +341,7 @@ def record(fun: Callable, args_tree, leaves: list, active: list,
                 invars.append(Var(compat.typeof(x)) if _is_value(x) else None)
                 in_leaves.append(x)
         args, kwargs = tree_util.tree_unflatten(args_tree, in_leaves)
+        records = trace.records
         try:
             with compat.set_current_trace(trace):
                 out = fun(*args, **kwargs)
@@ -344,7 +358,7 @@ def record(fun: Callable, args_tree, leaves: list, active: list,
             out_vals.append(x)
             outvars.append(None)
             out_active.append(False)
-    tape = reverse.Tape(_Frame(invars, outvars), trace.records, list(active), out_active)
+    tape = reverse.Tape(_Frame(invars, outvars), records, list(active), out_active)
     return Recording(out_vals, out_tree, out_active, tape)
 
 

@@ -58,19 +58,6 @@ def _zero_tangent(aval):
     return np.zeros(aval.shape, jax_float0)
 
 
-def _split_aux(out_tree, api_name: str, has_aux: bool):
-    if not has_aux:
-        return out_tree, None
-    if out_tree.num_nodes == 1 or len(out_tree.children()) != 2 or \
-            out_tree.node_data()[0] not in (tuple, list):
-        raise TypeError(
-            f"{api_name} with has_aux=True requires `fun` to return a pair (output, aux), "
-            f"but it returned a pytree with structure {out_tree}. Return a tuple "
-            f"`(output, aux)` or call {api_name} with has_aux=False.")
-    main_tree, aux_tree = out_tree.children()
-    return main_tree, aux_tree
-
-
 def _check_primal_leaves(leaves_with_path, api_name: str, what: str = "primals"):
     for path, x in leaves_with_path:
         trace.check_leaf(x, f"{api_name}: {what}{tree_util.keystr(path)}")
@@ -136,7 +123,7 @@ def _jvp(fun, primals, tangents, has_aux=False, api_name="jvp"):
     leaves = [_as_array(x) for _, x in p_leaves_with_path]
     in_tree = tree_util.tree_structure((tuple(primals), {}))
     outs, out_tree, touts = define_by_run.push_tangents(fun, in_tree, leaves, tangent_vals)
-    main_tree, aux_tree = _split_aux(out_tree, api_name, has_aux)
+    main_tree, aux_tree = api.split_aux(out_tree, api_name, has_aux)
 
     n_main = main_tree.num_leaves
     out_tangents = []
@@ -290,7 +277,7 @@ def linearize(fun: Callable, *primals, has_aux: bool = False):
         traced = trace.trace_flat(fun, in_tree, leaves, what=getattr(fun, "__name__", "fun"))
         closed, out_tree = traced.closed, traced.out_tree
         prog = _linearized_program(traced, mask)
-    main_tree, aux_tree = _split_aux(out_tree, "linearize", has_aux)
+    main_tree, aux_tree = api.split_aux(out_tree, "linearize", has_aux)
     out_avals = [v.aval for v in closed.jaxpr.outvars]
     outs, residuals = prog.eval_primal(leaves)
 

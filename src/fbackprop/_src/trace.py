@@ -60,11 +60,15 @@ aval_key = compat.aval_key
 
 def check_leaf(x, where: str):
     """Raises TypeError (like JAX) for leaves that are not arrays or numbers."""
+    if isinstance(x, (np.ndarray, np.generic)) and x.dtype == np.dtype(object):
+        raise TypeError(
+            f"{where}: a NumPy array of dtype object ({x!r:.60}) is not a valid JAX type. "
+            f"Convert it to a numeric dtype (np.asarray(x, np.float32)) first.")
     if isinstance(x, (bool, int, float, complex, np.ndarray, np.generic, jax.Array)) \
             or compat.is_tracer(x):
         return
     raise TypeError(
-        f"{where} is a {type(x).__name__} ({x!r:.60}), which is not a valid JAX type. "
+        f"{where} {x!r:.60} of type {type(x)} is not a valid JAX type. "
         f"fbackprop differentiates functions of arrays: pass arrays or numbers, or make "
         f"this value a non-differentiated argument (not in `argnums`) or a closure.")
 

@@ -131,8 +131,10 @@ class JitCall(InlineCall):
 
 for _name in compat.JIT_NAMES:
     call_handlers_reverse[_name] = JitCall(compat.jit_inner)
-# ``core.closed_call`` (what define-by-run sweeps record a staged call as).
-call_handlers_reverse[compat.CLOSED_CALL] = InlineCall(lambda params: params["call_jaxpr"])
+# ``core.closed_call`` (what define-by-run sweeps record a staged call as),
+# ``core.call`` and ``eval_jaxpr``: swept in place.
+for _name, _body in compat.CALL_BODIES.items():
+    call_handlers_reverse[_name] = InlineCall(_body)
 
 
 # -------------------------------------------------------------------- custom_jvp
@@ -157,10 +159,6 @@ class CustomJVPCall(CallHandler):
         out_active = [True] * len(outvals)
         return outvals, (call_jaxpr, num_consts, jvp_jaxpr_of), out_active
 
-    def __init__(self):
-        # (jvp rule, zero pattern, used outputs) -> DCE'd transposable jaxpr.
-        self._cache = collections.OrderedDict()
-
     def _tangent_jaxpr(self, jvp_jaxpr_of, zeros, cts_out):
         jvp_jaxpr, jvp_consts, out_zeros = jvp_jaxpr_of(list(zeros))
         n_out = len(out_zeros)
@@ -177,16 +175,10 @@ class CustomJVPCall(CallHandler):
         # Without symbolic zeros the user's rule expects every tangent as an array.
         symbolic = record.eqn.params.get("symbolic_zeros", False)
         zeros = tuple(not a for a in active) if symbolic else (False,) * len(active)
-        key = (record.eqn.params["jvp_jaxpr_fun"], zeros,
-               tuple(c is None for c in cts_out))
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = self._tangent_jaxpr(jvp_jaxpr_of, zeros, cts_out)
-            if not any(compat.is_tracer(c) for c in hit[1]):
-                self._cache[key] = hit
-                if len(self._cache) > 256:
-                    self._cache.popitem(last=False)
-        jaxpr, consts, out_zeros = hit
+        # Not cached: the rule's traced function is new per call and refers to the
+        # trace it was staged in (a cache would keep those traces and their values
+        # alive without ever hitting).
+        jaxpr, consts, out_zeros = self._tangent_jaxpr(jvp_jaxpr_of, zeros, cts_out)
         cts = [ct for ct, z in zip(cts_out, out_zeros) if not z and ct is not None]
         n_lead = len(consts) + len(primals)
         tangent_avals = [v.aval for v in jaxpr.invars[n_lead:]]
@@ -294,7 +286,8 @@ def _jit_jvp():
 
 for _name in compat.JIT_NAMES:
     call_handlers_forward[_name] = _jit_jvp()
-call_handlers_forward[compat.CLOSED_CALL] = _inline_jvp(lambda params: params["call_jaxpr"])
+for _name, _body in compat.CALL_BODIES.items():
+    call_handlers_forward[_name] = _inline_jvp(_body)
 for _name in compat.REMAT_NAMES:
     call_handlers_forward[_name] = _inline_jvp(_remat_closed)
 

@@ -45,7 +45,7 @@ for _name in [
         "all_to_all", "sharding_constraint", "device_put", "optimization_barrier",
         "fbackprop_tag", "name",
         # Call primitives: their bodies are checked equation by equation.
-        *compat.JIT_NAMES, *compat.REMAT_NAMES, compat.CLOSED_CALL, "scan", "cond", "while",
+        *compat.JIT_NAMES, *compat.REMAT_NAMES, *compat.CALL_BODIES, "scan", "cond", "while",
         compat.CUSTOM_JVP_CALL, compat.CUSTOM_VJP_CALL, "shard_map"]:
     linear_primitives[_name] = True
 
