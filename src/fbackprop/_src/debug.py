@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax, tree_util
 
-from . import api, compat, reverse, trace
+from . import api, compat, perturb, reverse, trace
 from .registry import vjp_rules
 from .rules.debug import NAMED_PRIMITIVES, tag_p
 
@@ -138,7 +138,11 @@ def tag(x, name: str, *, hook: Callable | None = None):
     the value and may replace it (what ``register_hook`` does), e.g. to clip it.
     Tags work under ``jax.jit`` and ``jax.vmap`` (a hook then sees one example's
     cotangent) and in nested differentiation; JAX's own ``jax.grad`` treats a
-    tag as the identity and ignores its hook.
+    tag as the identity and ignores its hook. A tag may sit inside a
+    ``lax.scan`` / ``fori_loop`` body (its cotangent is reported per step and
+    its hook runs at every step), a ``lax.cond`` / ``switch`` branch (the same
+    name in several branches is one tag, reported by the branch taken) or a
+    checkpoint region (the cotangent of the recomputing backward).
 
     Args:
       x: an array, or a pytree of arrays; each leaf of a pytree is tagged as
@@ -186,31 +190,44 @@ class TagSite:
     name: str
     eqn: Any
     blocked_by: str | None   # enclosing primitive the engine does not sweep in place
+    path: tuple = ()         # enclosing equations: (id(eqn), branch index or None)
 
     @property
     def where(self) -> str:
         return compat.source_line(self.eqn)
 
 
+def _alternatives(a: TagSite, b: TagSite) -> bool:
+    """Whether two sites sit in different branches of one cond (one tag, one report)."""
+    for x, y in zip(a.path, b.path):
+        if x != y:
+            return x[0] == y[0] and x[1] is not None and y[1] is not None
+    return False
+
+
 def find_tags(jaxpr, names: Sequence[str] | None = None) -> list[TagSite]:
     """Every ``tag``/``checkpoint_name`` in ``jaxpr`` (and its sub-jaxprs), in order.
 
-    Raises ValueError when a selected name occurs more than once.
+    The same name in different branches of one ``cond``/``switch`` is one tag.
+    Raises ValueError when a selected name occurs more than once otherwise.
     """
     sites: list[TagSite] = []
 
-    def walk(j, blocked_by):
+    def walk(j, blocked_by, path):
         for eqn in j.eqns:
             if eqn.primitive.name in NAMED_PRIMITIVES:
-                sites.append(TagSite(str(eqn.params["name"]), eqn, blocked_by))
+                sites.append(TagSite(str(eqn.params["name"]), eqn, blocked_by, path))
             inner = inlined_jaxpr(eqn)
             if inner is not None:
-                walk(inner, blocked_by)
+                walk(inner, blocked_by, path)
+            elif eqn.primitive.name == "cond":
+                for k, b in enumerate(eqn.params["branches"]):
+                    walk(b.jaxpr, blocked_by or "cond", path + ((id(eqn), k),))
             else:
                 for sub in _sub_jaxprs(eqn):
-                    walk(sub, blocked_by or eqn.primitive.name)
+                    walk(sub, blocked_by or eqn.primitive.name, path + ((id(eqn), None),))
 
-    walk(jaxpr, None)
+    walk(jaxpr, None, ())
     if names is not None:
         wanted = set(names)
         missing = sorted(wanted - {s.name for s in sites})
@@ -224,16 +241,24 @@ def find_tags(jaxpr, names: Sequence[str] | None = None) -> list[TagSite]:
     by_name = collections.defaultdict(list)
     for s in sites:
         by_name[s.name].append(s)
-    dups = {n: ss for n, ss in by_name.items() if len(ss) > 1}
+    dups = {n: ss for n, ss in by_name.items()
+            if any(not _alternatives(a, b) for i, a in enumerate(ss) for b in ss[i + 1:])}
     if dups:
         n, ss = next(iter(dups.items()))
         places = "\n".join(f"    {s.where}" for s in ss[:5])
         raise ValueError(
             f"Tag name '{n}' is used {len(ss)} times in the differentiated function:\n"
             f"{places}\nEach tagged value needs its own name so its gradient can be "
-            f"reported. If the tag is in a layer or jitted function called several times, "
+            f"reported (only the branches of one lax.cond/switch may share a name). If the "
+            f"tag is in a layer or jitted function called several times, "
             f"put the call's index in the name, e.g. fb.tag(h, f'{n}{{i}}').")
-    return sites
+    # One site per name: the first branch's stands for the others.
+    seen, unique = set(), []
+    for s in sites:
+        if s.name not in seen:
+            seen.add(s.name)
+            unique.append(s)
+    return unique
 
 
 class _TagCollector:
@@ -280,14 +305,10 @@ def _collect(sites, collector, tape) -> dict:
         if s.name in collector.cts:
             out[s.name] = collector.cts[s.name]
             continue
-        if s.blocked_by is not None or s.name not in collector.seen:
+        if s.name not in collector.seen:
             raise NotImplementedError(
-                f"grad_and_intermediates: tag '{s.name}' (at {s.where}) is inside a "
-                f"'{s.blocked_by or 'nested'}' computation whose body fbackprop "
-                f"differentiates as a whole, so its intermediate cotangent is not "
-                f"available. Tag values in straight-line code or inside jax.jit "
-                f"functions (not inside jax.checkpoint regions, loop/branch bodies or "
-                f"custom_jvp/custom_vjp functions), or return the value from the body.")
+                f"grad_and_intermediates: tag '{s.name}' (at {s.where}) was not reached by "
+                f"fbackprop's forward sweep, so its cotangent is not available.")
         if recorded is None:
             recorded = _recorded_eqns(tape)
         if id(s.eqn) not in recorded:
@@ -325,6 +346,9 @@ def grad_and_intermediates(fun: Callable, argnums: int | Sequence[int] = 0,
       A function returning ``(grads, intermediates)`` — or ``(grads,
       intermediates, aux)`` with ``has_aux`` — where ``intermediates`` maps each
       tag name to its cotangent (zeros if the value does not reach the loss).
+      A tag inside ``lax.scan`` bodies gets one leading axis per enclosing
+      scan, outermost first, indexed like the scan's ``xs`` (also with
+      ``reverse=True``); a tag in an untaken branch reports zeros.
 
     Example:
       >>> import fbackprop as fb, jax.numpy as jnp
@@ -351,18 +375,34 @@ def grad_and_intermediates(fun: Callable, argnums: int | Sequence[int] = 0,
         main_tree, aux_tree = _split_output(traced, has_aux, api_name)
         closed = traced.closed
         sites = find_tags(closed.jaxpr, names)
+        # Tags inside loop, branch and checkpoint bodies are read off the
+        # gradients of perturbation inputs (see fbackprop._src.perturb); the
+        # others straight off the sweep.
+        nested = [s.name for s in sites if s.blocked_by is not None]
+        closed_p, eps = perturb.perturbed(closed, nested) if nested else (closed, [])
+        top_names = [s.name for s in sites if s.blocked_by is None]
+        top_sites = [s for s in find_tags(closed_p.jaxpr, top_names) if s.blocked_by is None] \
+            if top_names else []
         # Every float input is active, so a tagged value that depends only on a
         # non-differentiated argument is on the tape too.
         active = tuple(jnp.issubdtype(api._dtype_of(x), jnp.inexact) for x in prog.dyn)
+        n_dyn = len(prog.dyn)
 
         def make_run():
             def run(dyn):
-                collector = _TagCollector(sites)
+                collector = _TagCollector(top_sites)
+                zeros = [jnp.zeros(e.aval.shape, e.aval.dtype) for e in eps]
                 with observing(collector):
-                    outs, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
+                    outs, tape = reverse.forward(closed_p.jaxpr, closed_p.consts,
+                                                 list(dyn) + zeros,
+                                                 active + (True,) * len(eps))
                     one = jnp.ones((), api._dtype_of(outs[0]))
                     cts = reverse.backward(tape, [one] + [None] * (len(outs) - 1))
-                return outs, cts, _collect(sites, collector, tape)
+                found = _collect(top_sites, collector, tape)
+                for e, ct in zip(eps, cts[n_dyn:]):
+                    found[e.name] = ct if ct is not None else zeros[eps.index(e)]
+                inter = {s.name: found[s.name] for s in sites if s.name in found}
+                return outs, cts[:n_dyn], inter
             return run
 
         outs, cts, inter = make_run()(prog.dyn)
