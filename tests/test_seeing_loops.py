@@ -245,3 +245,93 @@ def test_unsupported_bodies_are_clear_errors():
 
     with pytest.raises(NotImplementedError, match="while_loop"):
         fb.grad_and_intermediates(looped)(2.0)
+
+
+# ------------------------------------------------- NaN/Inf provenance in loops
+def _line_of(fn, text):
+    import inspect
+    lines, start = inspect.getsourcelines(fn)
+    return start + next(i for i, line in enumerate(lines) if text in line)
+
+
+def norm_rnn(w, xs):
+    def body(h, x):
+        h = w * h + x
+        n = jnp.sqrt(h ** 2)
+        return h, n
+    h, ns = lax.scan(body, 0.0, xs)
+    return jnp.sum(ns)
+
+
+SQRT_LINE = _line_of(norm_rnn, "jnp.sqrt")
+SCAN_LINE = _line_of(norm_rnn, "lax.scan")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_checked_grad_names_the_equation_and_step_inside_a_scan(mode):
+    xs = jnp.array([1.0, 2.0, -3.0, 0.5])        # h = 1, 3, 0, 0.5: sqrt'(0) at step 2
+    checked = fb.checked_grad(norm_rnn)
+    if mode == "eager":
+        with pytest.raises(fb.NonFiniteError) as info:
+            checked(1.0, xs)
+        site, message = info.value.site, str(info.value)
+    elif mode == "jit":
+        report, _ = jax.jit(checked)(1.0, xs)
+        site, message = report.first(), report.get()
+    else:
+        report, _ = jax.vmap(checked, (None, 0))(1.0, jnp.stack([xs + 10.0, xs]))
+        site, message = report.first(), report.get()
+        assert site.batch_index == (1,)
+    assert (site.primitive, site.phase) == ("sqrt", "backward")
+    assert f"test_seeing_loops.py:{SQRT_LINE}" in site.source
+    assert site.steps == ((2, site.steps[0][1]),)
+    assert site.steps[0][1].startswith(f"test_seeing_loops.py:{SCAN_LINE}")
+    assert f"in step 2 of the scan at test_seeing_loops.py:{SCAN_LINE}" in message
+    assert "checked only as a whole" not in message
+
+
+def test_checked_grad_in_nested_checkpointed_and_reversed_scans():
+    def nested(w, xs):
+        @jax.checkpoint
+        def inner(h, x):
+            return jnp.log(h * x + 1.0), None
+
+        def outer(h, row):
+            return lax.scan(inner, h, row, reverse=True)[0], None
+        return lax.scan(outer, w, xs)[0]
+
+    xs = jnp.array([[1.0, 1.0], [-2.0, 1.0], [1.0, 1.0]])
+    report, _ = jax.jit(fb.checked_grad(nested))(1.0, xs)
+    site = report.first()
+    # Outer step 2, and its inner scan runs backwards: xs[2, 1] first.
+    assert (site.primitive, site.phase) == ("log", "forward")
+    assert [t for t, _ in site.steps] == [2, 1]
+    assert "in step 1 of the scan at" in report.get()
+
+
+def test_checked_grad_through_stepped_scans_matches_jax():
+    def model(p, xs):
+        w, b = p
+
+        def body(carry, x):
+            i, h, acc = carry
+            h = jnp.tanh(w @ h + x * b + 0.1 * i)
+            return (i + 1, h, acc + jnp.sum(h)), (h ** 2, jnp.sin(h[0]))
+        (_, h, acc), (ys, zs) = lax.scan(body, (0, jnp.ones(2), 0.0), xs)
+        h2 = lax.fori_loop(0, 3, lambda k, h: jnp.cos(h) * b, h)
+        return jnp.sum(ys) + jnp.sum(zs) * acc + jnp.sum(h2)
+
+    p = (jnp.array([[0.5, -0.3], [0.2, 0.8]]), jnp.array([0.1, -0.2]))
+    xs = jnp.linspace(-1.0, 1.0, 8).reshape(4, 2)
+    report, g = jax.jit(fb.checked_grad(model, argnums=(0, 1)))(p, xs)
+    assert report.ok
+    g_ref = jax.grad(model, argnums=(0, 1))(p, xs)
+    jax.tree_util.tree_map(lambda a, b: assert_allclose(a, b), g, g_ref)
+
+
+def test_checked_grad_checks_a_large_scan_as_a_whole(monkeypatch):
+    from fbackprop._src import debug
+    monkeypatch.setattr(debug, "UNROLL_LIMIT", 3)
+    report, _ = jax.jit(fb.checked_grad(norm_rnn))(1.0, jnp.array([1.0, 2.0, -3.0, 0.5]))
+    assert report.first().primitive == "scan" and report.first().steps == ()
+    assert "checked only as a whole" in report.get()

@@ -472,6 +472,9 @@ class NonFiniteSite:
         n_nan, n_inf)`` (min/max over finite elements).
       results: the affected results, e.g. ``("gradient args[0]",)``.
       batch_index: which example of a ``vmap`` batch this is (None otherwise).
+      steps: inside ``lax.scan`` bodies, per enclosing scan from the outermost,
+        ``(step, "file:line")``: the step index (the step reading ``xs[step]``)
+        and where the scan is; ``()`` outside loops.
     """
     primitive: str
     phase: str
@@ -481,6 +484,13 @@ class NonFiniteSite:
     inputs: tuple
     results: tuple
     batch_index: tuple | None = None
+    steps: tuple = ()
+
+    @property
+    def where(self) -> str:
+        """``source`` with the loop steps, e.g. ``"m.py:12 (f) in step 37 of the scan at m.py:30"``."""
+        return self.source + "".join(f" in step {t} of the scan at {w}"
+                                     for t, w in reversed(self.steps))
 
 
 def _fmt_num(v) -> str:
@@ -591,7 +601,7 @@ class NonFiniteReport:
                        for label, i in node["inputs"])
         site = NonFiniteSite(node["primitive"], node["phase"], node["source"], node["code"],
                              produced, tuple(x[:6] for x in inputs), tuple(bad_finals),
-                             batch_index)
+                             batch_index, node.get("steps", ()))
         return site, inputs
 
     def first(self) -> NonFiniteSite | None:
@@ -633,7 +643,7 @@ class NonFiniteReport:
         lines.append(f"The first operation producing a non-finite value that reaches "
                      f"{'it' if len(site.results) == 1 else 'them'}:")
         lines.append(f"  {site.primitive}  ({what})")
-        lines.append(f"  at {site.source}")
+        lines.append(f"  at {site.where}")
         if site.code:
             lines.append(f"      {site.code}")
         for label, aval, n_nan, n_inf in site.produced:
@@ -770,6 +780,7 @@ class _FiniteWatch:
 
     def __init__(self, leaf_labels, dyn, consts):
         self.state = _trace_state()
+        self.context: list = []      # enclosing loop steps, outermost first
         self.values: list = []
         self.value_meta: list = []
         self.index: dict = {}
@@ -812,6 +823,7 @@ class _FiniteWatch:
         self.nodes.append({
             "primitive": eqn.primitive.name, "phase": phase,
             "source": compat.source_line(eqn), "code": source_code(eqn),
+            "steps": tuple(self.context),
             "inputs": tuple(inputs), "outputs": tuple(owned),
             "deps": tuple(i for _, i in inputs) if deps is None else tuple(deps)})
         self.events.append(("node", n))
@@ -822,6 +834,48 @@ class _FiniteWatch:
         if parts:
             self.produced.add(total)
             self.events.append(("sum", total, tuple(parts)))
+
+    # -- called by the stepped scan (_SteppedScan) around each step's sweeps
+    def enter(self, step, where):
+        if self._here():
+            self.context.append((step, where))
+
+    def exit(self):
+        if self._here():
+            self.context.pop()
+
+    def link(self, total, parts):
+        """``total`` is computed from ``parts`` outside any equation (a step's
+        slice of ``xs``, the stacked ``ys``, summed cotangents)."""
+        if not self._here():
+            return
+        t = self._value(total)
+        ps = tuple(self._value(x) for x in parts)
+        if t not in self.produced:
+            self.produced.add(t)
+            self.events.append(("sum", t, ps))
+
+    def seed(self, outvars, cts):
+        """The cotangents a body's backward sweep starts from, per output variable."""
+        if not self._here():
+            return
+        for v, ct in zip(outvars, cts):
+            if ct is not None and type(v) is not compat.Literal:
+                self.pending[v].append(self._value(ct))
+
+    def end_sweep(self, jaxpr, cts_in):
+        """A body's backward sweep is over: its input cotangents are complete,
+        and its variables start afresh in the next step."""
+        if not self._here():
+            return
+        for v, ct in zip(jaxpr.invars, cts_in):
+            if ct is not None:
+                o = self._value(ct)
+                if o not in self.produced and not self.value_meta[o]["label"]:
+                    self._sum(o, v)
+        for v in list(jaxpr.invars) + list(jaxpr.outvars) + [
+                w for e in jaxpr.eqns for w in e.outvars]:
+            self.pending.pop(v, None)
 
     def on_forward(self, eqn, invals, outvals):
         if not self._here():
@@ -857,7 +911,7 @@ class _FiniteWatch:
         if used is not None:
             inputs = [(label if u else f"{label} (unused by the rule)", i)
                       for (label, i), u in zip(inputs, used)]
-        inner = inlined_jaxpr(eqn)
+        inner = _swept_in_place(eqn)
         outputs = []
         for k, (v, ct, a) in enumerate(zip(eqn.invars, cts_in, record.active)):
             if ct is None or not a:
@@ -904,6 +958,169 @@ class _FiniteWatch:
         return NonFiniteReport(stats, meta)
 
 
+# ------------------------------------------------ looking inside loop bodies
+# checked_grad sweeps each step of a lax.scan in place (and a checkpoint region
+# like a jit), so every equation of a body is watched at every step, forward and
+# backward, with the step it ran in. Unrolling costs compile time in proportion
+# to steps x body size, so larger scans are checked as a whole.
+UNROLL_LIMIT = 20_000          # equations (body size x steps) a checked scan may unroll to
+
+
+def _unrolled_size(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        if eqn.primitive.name == "scan":
+            n += eqn.params["length"] * _unrolled_size(eqn.params["jaxpr"].jaxpr)
+        else:
+            n += sum(_unrolled_size(sub) for sub in _sub_jaxprs(eqn))
+    return n
+
+
+def _notify(method, *args):
+    for obs in reverse._observers:
+        fn = getattr(obs, method, None)
+        if fn is not None:
+            fn(*args)
+
+
+def _short_where(eqn) -> str:
+    return compat.source_line(eqn).split(" (")[0].rsplit("/", 1)[-1]
+
+
+class _SteppedScan:
+    """Reverse mode of ``lax.scan`` as one in-place sweep of the body per step
+    (same numbers as the scan rule; for watching each step)."""
+
+    def __init__(self, whole):
+        self.whole = whole
+
+    def forward(self, eqn, invals, active):
+        p = eqn.params
+        body = p["jaxpr"]
+        nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
+        if length == 0 or length * _unrolled_size(body.jaxpr) > UNROLL_LIMIT:
+            outs, sub, out_act = self.whole.forward(eqn, invals, active)
+            return outs, ("whole", sub), out_act
+        consts, carry, xs = list(invals[:nc]), list(invals[nc:nc + nk]), list(invals[nc + nk:])
+        c_act, k_act, x_act = list(active[:nc]), list(active[nc:nc + nk]), \
+            list(active[nc + nk:])
+        n_ys = len(eqn.outvars) - nk
+        where = _short_where(eqn)
+        order = range(length - 1, -1, -1) if p["reverse"] else range(length)
+        steps, ys_at, y_act = [], {}, [False] * n_ys
+        for t in order:
+            with compat.user_context(eqn):
+                x_t = [lax.index_in_dim(x, t, keepdims=False) for x in xs]
+            for x, xt in zip(xs, x_t):
+                _notify("link", xt, [x])
+            _notify("enter", t, where)
+            try:
+                outs, tape = reverse.forward(body.jaxpr, body.consts, consts + carry + x_t,
+                                             c_act + k_act + x_act)
+            finally:
+                _notify("exit")
+            carry = list(outs[:nk])
+            k_act = list(tape.out_active[:nk])
+            y_act = [a or b for a, b in zip(y_act, tape.out_active[nk:])]
+            ys_at[t] = list(outs[nk:])
+            steps.append((t, tape))
+        ys = []
+        for j in range(n_ys):
+            parts = [ys_at[t][j] for t in range(length)]
+            with compat.user_context(eqn):
+                y = jnp.stack(parts)
+            _notify("link", y, parts)
+            ys.append(y)
+        return carry + ys, ("steps", (steps, where)), k_act + y_act
+
+    def backward(self, record, cts_out):
+        kind, sub = record.sub
+        if kind == "whole":
+            return self.whole.backward(dataclasses.replace(record, sub=sub), cts_out)
+        steps, where = sub
+        p = record.eqn.params
+        body = p["jaxpr"].jaxpr
+        nc, nk = p["num_consts"], p["num_carry"]
+        n_xs = len(record.invals) - nc - nk
+        ct_carry, ct_ys = list(cts_out[:nk]), list(cts_out[nk:])
+        const_parts = [[] for _ in range(nc)]
+        xs_ct: dict = {}
+        for t, tape in reversed(steps):
+            cts_y = []
+            for y in ct_ys:
+                if y is None:
+                    cts_y.append(None)
+                    continue
+                with compat.user_context(record.eqn):
+                    yt = lax.index_in_dim(y, t, keepdims=False)
+                _notify("link", yt, [y])
+                cts_y.append(yt)
+            _notify("enter", t, where)
+            try:
+                cts = ct_carry + cts_y
+                _notify("seed", body.outvars, cts)
+                cts_in = reverse.backward(tape, cts)
+                _notify("end_sweep", body, cts_in)
+            finally:
+                _notify("exit")
+            for i in range(nc):
+                if cts_in[i] is not None:
+                    const_parts[i].append(cts_in[i])
+            ct_carry = list(cts_in[nc:nc + nk])
+            xs_ct[t] = cts_in[nc + nk:]
+        result = []
+        for parts in const_parts:
+            total = None
+            for c in parts:
+                total = c if total is None else lax.add(total, c)
+            if len(parts) > 1:
+                _notify("link", total, parts)
+            result.append(total)
+        result += ct_carry
+        in_avals = [v.aval for v in body.invars]
+        for j in range(n_xs):
+            per = [xs_ct[t][j] for t in range(len(steps))]
+            if all(c is None for c in per):
+                result.append(None)
+                continue
+            aval = in_avals[nc + nk + j]
+            parts = [c if c is not None else jnp.zeros(aval.shape, aval.dtype) for c in per]
+            stacked = jnp.stack(parts)
+            _notify("link", stacked, parts)
+            result.append(stacked)
+        return [c if a else None for c, a in zip(result, record.active)]
+
+
+def _remat_closed(params):
+    return compat.ClosedJaxpr(compat.remat_inner(params)[0], ())
+
+
+def _swept_in_place(eqn):
+    """The sub-jaxpr swept in place for a call equation while checking, or None."""
+    inner = inlined_jaxpr(eqn)
+    if inner is None and eqn.primitive.name in compat.REMAT_NAMES \
+            and eqn.primitive.name in reverse.handler_overrides:
+        return compat.remat_inner(eqn.params)[0]
+    return inner
+
+
+@contextlib.contextmanager
+def _stepping():
+    """Scans swept step by step, checkpoint regions swept in place."""
+    from .registry import call_handlers_reverse
+    from .rules.calls import InlineCall
+    saved = dict(reverse.handler_overrides)
+    reverse.handler_overrides["scan"] = _SteppedScan(call_handlers_reverse["scan"])
+    for name in compat.REMAT_NAMES:
+        reverse.handler_overrides[name] = InlineCall(_remat_closed)
+    try:
+        yield
+    finally:
+        reverse.handler_overrides.clear()
+        reverse.handler_overrides.update(saved)
+
+
 class _Meta(dict):
     """Static description of a checked program (hashable, for pytree aux data)."""
 
@@ -936,7 +1153,7 @@ def _checked(fun, argnums, has_aux, api_name, with_value):
         def make_run():
             def run(dyn):
                 watch = _FiniteWatch(labels, dyn, closed.consts)
-                with observing(watch):
+                with observing(watch), _stepping():
                     outs, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
                     one = jnp.ones((), api._dtype_of(outs[0]))
                     watch._value(one, "the seed cotangent 1.0")
@@ -975,6 +1192,13 @@ def checked_value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0,
     ranges of its inputs and the user's source line. Non-finite values that
     do not reach the results (e.g. the masked branch of
     ``jnp.where(x > 0, jnp.log(x), 0.)``) are not reported.
+
+    The check looks inside ``lax.scan`` / ``fori_loop`` bodies (each step is
+    swept in place, and the report names the step: ``site.steps``, "in step
+    37 of the scan at model.py:30") and checkpoint regions. A scan whose
+    unrolled size exceeds ``UNROLL_LIMIT`` equations (20 000), ``cond``
+    branches, ``while_loop`` bodies and custom-rule functions are checked as
+    a whole (the report then names the enclosing operation).
 
     Called eagerly, the function raises :class:`NonFiniteError`. Under
     ``jax.jit`` / ``jax.vmap`` it returns the report as a value, like

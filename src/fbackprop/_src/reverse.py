@@ -80,6 +80,10 @@ tree_util.register_pytree_node(_Residuals, lambda r: ((r.values,), None),
 # on_forward(eqn, invals, outvals); on_backward(eqn, cts_out, cts_in, record)
 _observers: list = []
 
+# A debugging tool may replace a call primitive's reverse handler while it runs
+# (fb.checked_grad sweeps each step of a scan in place so it can watch it).
+handler_overrides: dict = {}
+
 
 def forward_eqn(eqn, invals: list, act: list, late_outvars: bool = False):
     """One equation of the forward sweep, in the current trace.
@@ -105,7 +109,7 @@ def forward_eqn(eqn, invals: list, act: list, late_outvars: bool = False):
         check_linear(eqn, act)
         handler = call_handlers_linear.get(name) or call_handlers_reverse.get(name)
     else:
-        handler = call_handlers_reverse.get(name)
+        handler = handler_overrides.get(name) or call_handlers_reverse.get(name)
     if name in nondiff_primitives:
         return compat.bind_eqn(eqn, invals), None, None
     if handler is None and name not in vjp_rules:
