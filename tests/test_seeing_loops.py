@@ -335,3 +335,44 @@ def test_checked_grad_checks_a_large_scan_as_a_whole(monkeypatch):
     report, _ = jax.jit(fb.checked_grad(norm_rnn))(1.0, jnp.array([1.0, 2.0, -3.0, 0.5]))
     assert report.first().primitive == "scan" and report.first().steps == ()
     assert "checked only as a whole" in report.get()
+
+
+# ------------------------------------------------------ gradient flow through time
+def test_gradient_flow_norms_equal_the_perturbation_trick():
+    w = jnp.array([[0.9, -0.4], [0.3, 0.7]], jnp.float32)
+    xs = jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float32).reshape(6, 2)
+
+    def model(w, eps, mark):
+        def body(h, a):
+            x, e = a
+            h = mark(jnp.tanh(h @ w + x), "h", e)
+            return h, None
+        h, _ = lax.scan(body, jnp.ones(2, jnp.float32), (xs, eps["h"]))
+        return jnp.sum(h ** 2)
+
+    eps = {"h": jnp.zeros((6, 2), jnp.float32)}
+    flow = fb.gradient_flow(lambda w: model(w, eps, fb_mark), w)
+    ref = jax.grad(lambda e: model(w, e, jax_mark))(eps)["h"]
+    assert list(flow) == ["h"] and flow["h"].shape == (6,)
+    assert_allclose(flow["h"].astype(np.float32), jnp.linalg.norm(ref, axis=1))
+    assert "test_seeing_loops.py" in flow.loops["h"]
+    assert "6 steps" in repr(flow)
+
+
+def test_gradient_flow_plot_one_line_per_tag_log_scale(tmp_path):
+    pytest.importorskip("matplotlib")
+    flow = fb.GradientFlow({"a": np.array([1e-6, 1e-3, 1.0]), "b": np.array([0.0, 0.5, 1.0])})
+    path = tmp_path / "flow.png"
+    ax = flow.plot(path=str(path), labels={"a": "tanh RNN"})
+    assert path.stat().st_size > 0 and ax.get_yscale() == "log"
+    assert [line.get_label() for line in ax.get_lines()] == ["tanh RNN", "b"]
+    assert np.isnan(ax.get_lines()[1].get_ydata()[0])      # a zero leaves a gap
+
+
+def test_gradient_flow_rejects_tags_outside_scans():
+    with pytest.raises(ValueError, match="not inside a lax.scan"):
+        fb.gradient_flow(lambda x: fb.tag(x * 2.0, "a") ** 2, 1.0, names="a")
+    with pytest.raises(ValueError, match="no tagged value inside"):
+        fb.gradient_flow(lambda x: fb.tag(x * 2.0, "a") ** 2, 1.0)
+    with pytest.raises(TypeError, match="`names`"):
+        fb.gradient_flow(lambda x: x ** 2, 1.0, names=[3])
