@@ -376,3 +376,48 @@ def test_gradient_flow_rejects_tags_outside_scans():
         fb.gradient_flow(lambda x: fb.tag(x * 2.0, "a") ** 2, 1.0)
     with pytest.raises(TypeError, match="`names`"):
         fb.gradient_flow(lambda x: x ** 2, 1.0, names=[3])
+
+
+# ------------------------------------------------------------- explain of a scan
+def explained_rnn(w, xs):
+    def step(h, x):
+        a = w * h + x
+        h = jnp.tanh(a)
+        return h, h
+    h, hs = lax.scan(step, 0.5, xs)
+    return jnp.sum(hs) + h
+
+
+def test_explain_shows_scan_body_rows_once_with_per_step_values():
+    w, xs = 0.9, jnp.array([0.1, -0.2, 0.3, 0.4])
+    ex = fb.explain(explained_rnn, w, xs)
+    body = [row for row in ex.rows if row.loop]
+    tanh_rows = [row for row in body if row.primitive == "tanh"]
+    assert len(tanh_rows) == 1 and tanh_rows[0].label == "h"
+    row = tanh_rows[0]
+    assert sorted(row.steps) == [(0,), (1,), (2,), (3,)]
+    _, hs = lax.scan(lambda h, x: (jnp.tanh(w * h + x),) * 2, 0.5, xs)
+    assert_allclose(jnp.stack([row.steps[(t,)]["value"][0] for t in range(4)]), hs)
+
+    def perturbed(e):
+        def step(h, a):
+            x, e_t = a
+            h = jnp.tanh(w * h + x) + e_t
+            return h, h
+        h, hs = lax.scan(step, 0.5, (xs, e))
+        return jnp.sum(hs) + h
+    ct_ref = jax.grad(perturbed)(jnp.zeros(4, jnp.float32))
+    assert_allclose(jnp.stack([row.steps[(t,)]["up"][0] for t in range(4)]), ct_ref)
+    g_ref = jax.grad(explained_rnn, argnums=(0, 1))(w, xs)
+    assert_allclose(ex.inputs[0].grad, g_ref[0])
+    assert_allclose(ex.inputs[1].grad, g_ref[1])
+    text = ex.table()
+    assert "rows of loop bodies" in text and "⟳" in text
+    line = next(t for t in text.splitlines() if t.startswith(f"  #{row.index} h in the scan"))
+    assert f"first {float(hs[0]):.4g}, last {float(hs[-1]):.4g}" in line
+    assert f"max {float(jnp.max(hs)):.4g}" in line
+    assert any(r.primitive == "scan" and r.whole for r in ex.rows)
+    # The input w is used in every step and counted once per body row, not again
+    # by the scan row as a whole.
+    uses = ex.inputs[0].uses
+    assert_allclose(sum(g for _, g in uses), g_ref[0])

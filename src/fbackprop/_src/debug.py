@@ -1106,14 +1106,15 @@ def _swept_in_place(eqn):
 
 
 @contextlib.contextmanager
-def _stepping():
-    """Scans swept step by step, checkpoint regions swept in place."""
+def stepping(checkpoints: bool = True):
+    """Scans swept step by step (and checkpoint regions swept in place)."""
     from .registry import call_handlers_reverse
     from .rules.calls import InlineCall
     saved = dict(reverse.handler_overrides)
     reverse.handler_overrides["scan"] = _SteppedScan(call_handlers_reverse["scan"])
-    for name in compat.REMAT_NAMES:
-        reverse.handler_overrides[name] = InlineCall(_remat_closed)
+    if checkpoints:
+        for name in compat.REMAT_NAMES:
+            reverse.handler_overrides[name] = InlineCall(_remat_closed)
     try:
         yield
     finally:
@@ -1153,7 +1154,7 @@ def _checked(fun, argnums, has_aux, api_name, with_value):
         def make_run():
             def run(dyn):
                 watch = _FiniteWatch(labels, dyn, closed.consts)
-                with observing(watch), _stepping():
+                with observing(watch), stepping():
                     outs, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
                     one = jnp.ones((), api._dtype_of(outs[0]))
                     watch._value(one, "the seed cotangent 1.0")
