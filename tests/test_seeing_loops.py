@@ -421,3 +421,31 @@ def test_explain_shows_scan_body_rows_once_with_per_step_values():
     # by the scan row as a whole.
     uses = ex.inputs[0].uses
     assert_allclose(sum(g for _, g in uses), g_ref[0])
+
+
+def cond_model(x):
+    def pos(v):
+        return jnp.sqrt(v)
+    def neg(v):
+        return jnp.log(v + 10.0)
+    return jnp.sum(lax.cond(x[0] > 0, pos, neg, x))
+
+
+COND_SQRT_LINE = _line_of(cond_model, "jnp.sqrt")
+COND_LINE = _line_of(cond_model, "lax.cond")
+
+
+def test_checked_grad_reports_only_the_branch_taken():
+    # sqrt of negative numbers in the branch not taken: not reported.
+    x = jnp.array([-1.0, -2.0])
+    report, g = jax.jit(fb.checked_grad(cond_model))(x)
+    assert report.ok
+    assert_allclose(g, jax.grad(cond_model)(x))
+    # sqrt'(0) in the branch taken, for the second example of a batch.
+    report, _ = jax.vmap(fb.checked_grad(cond_model))(jnp.array([[-1.0, -2.0], [1.0, 0.0]]))
+    site = report.first()
+    assert (site.primitive, site.phase, site.batch_index) == ("sqrt", "backward", (1,))
+    assert f"test_seeing_loops.py:{COND_SQRT_LINE}" in site.source
+    assert site.context[0][:2] == ("cond", 1)
+    assert f"in the true branch of the cond at test_seeing_loops.py:{COND_LINE}" \
+        in report.get()

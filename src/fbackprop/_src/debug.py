@@ -472,9 +472,10 @@ class NonFiniteSite:
         n_nan, n_inf)`` (min/max over finite elements).
       results: the affected results, e.g. ``("gradient args[0]",)``.
       batch_index: which example of a ``vmap`` batch this is (None otherwise).
-      steps: inside ``lax.scan`` bodies, per enclosing scan from the outermost,
-        ``(step, "file:line")``: the step index (the step reading ``xs[step]``)
-        and where the scan is; ``()`` outside loops.
+      context: the enclosing loop steps and branches, outermost first, as
+        ``("scan", step, "file:line")`` (the step reading ``xs[step]``),
+        ``("cond", 1 or 0, "file:line")`` (``lax.cond``'s true or false branch)
+        or ``("switch", branch, "file:line")``; ``()`` outside loops and branches.
     """
     primitive: str
     phase: str
@@ -484,13 +485,24 @@ class NonFiniteSite:
     inputs: tuple
     results: tuple
     batch_index: tuple | None = None
-    steps: tuple = ()
+    context: tuple = ()
+
+    @property
+    def steps(self) -> tuple:
+        """Per enclosing scan, outermost first: ``(step, "file:line")``."""
+        return tuple((i, w) for kind, i, w in self.context if kind == "scan")
 
     @property
     def where(self) -> str:
-        """``source`` with the loop steps, e.g. ``"m.py:12 (f) in step 37 of the scan at m.py:30"``."""
-        return self.source + "".join(f" in step {t} of the scan at {w}"
-                                     for t, w in reversed(self.steps))
+        """``source`` with its loop steps and branches, e.g.
+        ``"m.py:12 (f) in step 37 of the scan at m.py:30"``."""
+        def part(kind, i, w):
+            if kind == "scan":
+                return f" in step {i} of the scan at {w}"
+            if kind == "cond":
+                return f" in the {'true' if i else 'false'} branch of the cond at {w}"
+            return f" in branch {i} of the switch at {w}"
+        return self.source + "".join(part(*c) for c in reversed(self.context))
 
 
 def _fmt_num(v) -> str:
@@ -575,6 +587,12 @@ class NonFiniteReport:
                     reach[n] = True
                     for i in nodes[n]["deps"]:
                         acc[i] = True
+            elif ev[0] == "pick":
+                # A cond's result: only the branch taken (its index's value) counts.
+                _, total, parts, index = ev
+                if bad[total] and acc[total]:
+                    b = int(np.clip(s[index, 0], 0, len(parts) - 1))
+                    acc[parts[b]] = True
             else:
                 _, total, parts = ev
                 if bad[total] and acc[total]:
@@ -601,7 +619,7 @@ class NonFiniteReport:
                        for label, i in node["inputs"])
         site = NonFiniteSite(node["primitive"], node["phase"], node["source"], node["code"],
                              produced, tuple(x[:6] for x in inputs), tuple(bad_finals),
-                             batch_index, node.get("steps", ()))
+                             batch_index, node.get("context", ()))
         return site, inputs
 
     def first(self) -> NonFiniteSite | None:
@@ -823,7 +841,7 @@ class _FiniteWatch:
         self.nodes.append({
             "primitive": eqn.primitive.name, "phase": phase,
             "source": compat.source_line(eqn), "code": source_code(eqn),
-            "steps": tuple(self.context),
+            "context": tuple(self.context),
             "inputs": tuple(inputs), "outputs": tuple(owned),
             "deps": tuple(i for _, i in inputs) if deps is None else tuple(deps)})
         self.events.append(("node", n))
@@ -836,9 +854,9 @@ class _FiniteWatch:
             self.events.append(("sum", total, tuple(parts)))
 
     # -- called by the stepped scan (_SteppedScan) around each step's sweeps
-    def enter(self, step, where):
+    def enter(self, kind, index, where):
         if self._here():
-            self.context.append((step, where))
+            self.context.append((kind, index, where))
 
     def exit(self):
         if self._here():
@@ -854,6 +872,18 @@ class _FiniteWatch:
         if t not in self.produced:
             self.produced.add(t)
             self.events.append(("sum", t, ps))
+
+    def pick(self, total, parts, index):
+        """``total`` is ``parts[index]``: a cond's output (or input cotangent) from
+        the branch the runtime value ``index`` chose."""
+        if not self._here():
+            return
+        t = self._value(total)
+        ps = tuple(self._value(x) for x in parts)
+        i = self._value(index)
+        if t not in self.produced:
+            self.produced.add(t)
+            self.events.append(("pick", t, ps, i))
 
     def seed(self, outvars, cts):
         """The cotangents a body's backward sweep starts from, per output variable."""
@@ -1014,7 +1044,7 @@ class _SteppedScan:
                 x_t = [lax.index_in_dim(x, t, keepdims=False) for x in xs]
             for x, xt in zip(xs, x_t):
                 _notify("link", xt, [x])
-            _notify("enter", t, where)
+            _notify("enter", "scan", t, where)
             try:
                 outs, tape = reverse.forward(body.jaxpr, body.consts, consts + carry + x_t,
                                              c_act + k_act + x_act)
@@ -1056,7 +1086,7 @@ class _SteppedScan:
                     yt = lax.index_in_dim(y, t, keepdims=False)
                 _notify("link", yt, [y])
                 cts_y.append(yt)
-            _notify("enter", t, where)
+            _notify("enter", "scan", t, where)
             try:
                 cts = ct_carry + cts_y
                 _notify("seed", body.outvars, cts)
@@ -1092,6 +1122,77 @@ class _SteppedScan:
         return [c if a else None for c, a in zip(result, record.active)]
 
 
+class _AllBranchesCond:
+    """Reverse mode of ``lax.cond``/``switch`` with every branch swept in place and
+    the taken branch's results selected (same numbers as the cond rule; for
+    watching the branch taken: a non-finite value in a branch not taken is
+    never reported)."""
+
+    def __init__(self, whole):
+        self.whole = whole
+
+    def forward(self, eqn, invals, active):
+        branches = eqn.params["branches"]
+        if any(b.jaxpr.effects for b in branches) or \
+                sum(_unrolled_size(b.jaxpr) for b in branches) > UNROLL_LIMIT:
+            outs, sub, out_act = self.whole.forward(eqn, invals, active)
+            return outs, ("whole", sub), out_act
+        index, ops, act = invals[0], list(invals[1:]), list(active[1:])
+        where = _short_where(eqn)
+        kind = "cond" if len(branches) == 2 else "switch"
+        per, tapes = [], []
+        for b, branch in enumerate(branches):
+            _notify("enter", kind, b, where)
+            try:
+                outs_b, tape = reverse.forward(branch.jaxpr, branch.consts, ops, act)
+            finally:
+                _notify("exit")
+            per.append(outs_b)
+            tapes.append(tape)
+        outs = []
+        for k in range(len(eqn.outvars)):
+            parts = [o[k] for o in per]
+            with compat.user_context(eqn):
+                out = lax.select_n(index, *[jnp.asarray(x) for x in parts]) \
+                    if len(parts) > 1 else parts[0]
+            _notify("pick", out, parts, index)
+            outs.append(out)
+        out_act = [any(t.out_active[k] for t in tapes) for k in range(len(eqn.outvars))]
+        return outs, ("branches", (tapes, where)), out_act
+
+    def backward(self, record, cts_out):
+        kind, sub = record.sub
+        if kind == "whole":
+            return self.whole.backward(dataclasses.replace(record, sub=sub), cts_out)
+        tapes, where = sub
+        branches = record.eqn.params["branches"]
+        kind = "cond" if len(branches) == 2 else "switch"
+        index = record.invals[0]
+        per = []
+        for b, (branch, tape) in enumerate(zip(branches, tapes)):
+            _notify("enter", kind, b, where)
+            try:
+                _notify("seed", branch.jaxpr.outvars, cts_out)
+                cts_in = reverse.backward(tape, list(cts_out))
+                _notify("end_sweep", branch.jaxpr, cts_in)
+            finally:
+                _notify("exit")
+            per.append(cts_in)
+        in_avals = [v.aval for v in branches[0].jaxpr.invars]
+        result = [None]
+        for i, aval in enumerate(in_avals):
+            parts = [c[i] for c in per]
+            if all(c is None for c in parts):
+                result.append(None)
+                continue
+            parts = [c if c is not None else jnp.zeros(aval.shape, aval.dtype) for c in parts]
+            with compat.user_context(record.eqn):
+                total = lax.select_n(index, *parts) if len(parts) > 1 else parts[0]
+            _notify("pick", total, parts, index)
+            result.append(total)
+        return [c if a else None for c, a in zip(result, record.active)]
+
+
 def _remat_closed(params):
     return compat.ClosedJaxpr(compat.remat_inner(params)[0], ())
 
@@ -1107,12 +1208,14 @@ def _swept_in_place(eqn):
 
 @contextlib.contextmanager
 def stepping(checkpoints: bool = True):
-    """Scans swept step by step (and checkpoint regions swept in place)."""
+    """Scans swept step by step (and, for checking, checkpoint regions swept in
+    place and every branch of a cond)."""
     from .registry import call_handlers_reverse
     from .rules.calls import InlineCall
     saved = dict(reverse.handler_overrides)
     reverse.handler_overrides["scan"] = _SteppedScan(call_handlers_reverse["scan"])
     if checkpoints:
+        reverse.handler_overrides["cond"] = _AllBranchesCond(call_handlers_reverse["cond"])
         for name in compat.REMAT_NAMES:
             reverse.handler_overrides[name] = InlineCall(_remat_closed)
     try:
@@ -1196,10 +1299,12 @@ def checked_value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0,
 
     The check looks inside ``lax.scan`` / ``fori_loop`` bodies (each step is
     swept in place, and the report names the step: ``site.steps``, "in step
-    37 of the scan at model.py:30") and checkpoint regions. A scan whose
-    unrolled size exceeds ``UNROLL_LIMIT`` equations (20 000), ``cond``
-    branches, ``while_loop`` bodies and custom-rule functions are checked as
-    a whole (the report then names the enclosing operation).
+    37 of the scan at model.py:30"), ``lax.cond`` / ``switch`` branches (each
+    branch is swept, the taken one's results are kept and only it is
+    reported) and checkpoint regions. A scan or cond whose unrolled size
+    exceeds ``UNROLL_LIMIT`` equations (20 000), branches with side effects,
+    ``while_loop`` bodies and custom-rule functions are checked as a whole
+    (the report then names the enclosing operation).
 
     Called eagerly, the function raises :class:`NonFiniteError`. Under
     ``jax.jit`` / ``jax.vmap`` it returns the report as a value, like

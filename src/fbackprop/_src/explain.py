@@ -214,7 +214,7 @@ class _Observer:
                 or (self.state is not None and _trace_state() != self.state))
 
     # -- called by the stepped scan around each step's sweeps
-    def enter(self, step, where):
+    def enter(self, kind, step, where):
         self.context.append((step, where))
 
     def exit(self):
