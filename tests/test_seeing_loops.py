@@ -449,3 +449,51 @@ def test_checked_grad_reports_only_the_branch_taken():
     assert site.context[0][:2] == ("cond", 1)
     assert f"in the true branch of the cond at test_seeing_loops.py:{COND_LINE}" \
         in report.get()
+
+
+def test_checked_grad_looks_inside_custom_rules():
+    @jax.custom_jvp
+    def f(x):
+        y = jnp.log(x)
+        return y * 2.0
+
+    f.defjvp(lambda p, t: (f(p[0]), 2.0 * t[0] / p[0]))
+
+    @jax.custom_vjp
+    def g(x):
+        return jnp.sin(x) * 2.0
+
+    def g_bwd(x, ct):
+        return (ct * 2.0 * jnp.cos(x) / jnp.abs(x),)
+
+    g.defvjp(lambda x: (g(x), x), g_bwd)
+
+    def both(x):
+        return jnp.sum(f(x + 2.0)) + jnp.sum(g(x))
+
+    x = jnp.array([0.5, 1.5])
+    report, grads = jax.jit(fb.checked_grad(both))(x)
+    assert report.ok
+    assert_allclose(grads, jax.grad(both)(x))
+    report, _ = jax.jit(fb.checked_grad(both))(jnp.array([-3.0, 1.0]))    # log(-1)
+    site = report.first()
+    assert (site.primitive, site.phase) == ("log", "forward")
+    assert site.context[0][0] == "custom_jvp" and "in the custom_jvp function" in report.get()
+    report, _ = jax.jit(fb.checked_grad(both))(jnp.array([0.0, 1.0]))     # ct / |0|
+    site = report.first()
+    assert site.primitive == "div" and site.context[0][0] == "custom_vjp bwd"
+    assert f"test_seeing_loops.py:{_line_of(g_bwd, 'jnp.abs')}" in site.source
+    assert "x / 0 is inf" in report.get()
+
+
+def test_checked_grad_looks_inside_scans_nothing_differentiates():
+    def model(w, xs):
+        def body(c, x):
+            return c + jnp.log(x), None
+        total, _ = lax.scan(body, 0.0, xs)           # xs is not differentiated
+        return w * total
+
+    report, _ = jax.jit(fb.checked_grad(model))(1.0, jnp.array([1.0, 2.0, -1.0]))
+    site = report.first()
+    assert (site.primitive, site.phase) == ("log", "forward")
+    assert [t for t, _ in site.steps] == [2]

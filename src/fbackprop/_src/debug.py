@@ -463,8 +463,9 @@ class NonFiniteSite:
     Attributes:
       primitive: the primitive's name (e.g. ``"sqrt"``).
       phase: ``"forward"``, ``"backward"`` (a VJP rule), ``"backward (re-running a
-        custom rule)"`` (a custom_jvp rule evaluated for the backward pass) or
-        ``"input"`` (the value came in through an argument).
+        custom rule)"`` (an operation of a custom_jvp rule or a custom_vjp bwd,
+        evaluated for the backward pass) or ``"input"`` (the value came in
+        through an argument).
       source: the user's ``file:line (function)`` that created the equation.
       code: that line's source text.
       produced: per output, ``(label, aval, n_nan, n_inf)`` of the non-finite ones.
@@ -501,7 +502,13 @@ class NonFiniteSite:
                 return f" in step {i} of the scan at {w}"
             if kind == "cond":
                 return f" in the {'true' if i else 'false'} branch of the cond at {w}"
-            return f" in branch {i} of the switch at {w}"
+            if kind == "switch":
+                return f" in branch {i} of the switch at {w}"
+            if kind == "custom_jvp rule":
+                return f" in the JVP rule of the custom_jvp function called at {w}"
+            if kind == "custom_vjp bwd":
+                return f" in the bwd rule of the custom_vjp function called at {w}"
+            return f" in the {kind} function called at {w}"
         return self.source + "".join(part(*c) for c in reversed(self.context))
 
 
@@ -656,7 +663,9 @@ class NonFiniteReport:
                          f"the inputs: {', '.join(dict.fromkeys(extra))}{where}. Check the "
                          f"data passed in.")
             return "\n".join(lines)
-        what = ("its VJP rule, in the backward pass" if site.phase.startswith("backward")
+        in_rule = site.phase == "backward (re-running a custom rule)"
+        what = ("evaluated in the backward pass, by a custom rule" if in_rule
+                else "its VJP rule, in the backward pass" if site.phase.startswith("backward")
                 else "the forward pass")
         lines.append(f"The first operation producing a non-finite value that reaches "
                      f"{'it' if len(site.results) == 1 else 'them'}:")
@@ -668,14 +677,15 @@ class NonFiniteReport:
             counts = ", ".join(c for c in (f"{n_nan} NaN" if n_nan else "",
                                            f"{n_inf} inf" if n_inf else "") if c)
             lines.append(f"  produced: {label} {aval}: {counts}")
-        title = "inputs of the VJP rule" if site.phase.startswith("backward") else "inputs"
+        rule_phase = site.phase.startswith("backward") and not in_rule
+        title = "inputs of the VJP rule" if rule_phase else "inputs"
         lines.append(f"  {title}:")
         for label, aval, mn, mx, n_nan, n_inf, origin in extra:
             note = f"  ({origin})" if origin else ""
             if n_nan or n_inf:
                 note = "  <- already non-finite" + note
             lines.append(f"    {label:<32} {aval:<12} {_fmt_range(mn, mx, n_nan, n_inf)}{note}")
-        hints = _BACKWARD_HINTS if site.phase.startswith("backward") else _FORWARD_HINTS
+        hints = _BACKWARD_HINTS if rule_phase else _FORWARD_HINTS
         if site.primitive in hints:
             lines.append(f"  hint: {hints[site.primitive]}")
         if self.meta.get("skipped"):
@@ -1007,11 +1017,7 @@ def _unrolled_size(jaxpr) -> int:
     return n
 
 
-def _notify(method, *args):
-    for obs in reverse._observers:
-        fn = getattr(obs, method, None)
-        if fn is not None:
-            fn(*args)
+_notify = reverse.notify
 
 
 def _short_where(eqn) -> str:
@@ -1025,11 +1031,21 @@ class _SteppedScan:
     def __init__(self, whole):
         self.whole = whole
 
+    @staticmethod
+    def _small(eqn) -> bool:
+        p = eqn.params
+        return p["length"] > 0 and p["length"] * _unrolled_size(p["jaxpr"].jaxpr) <= UNROLL_LIMIT
+
+    def evaluate(self, eqn, invals):
+        if not self._small(eqn):
+            return compat.bind_eqn(eqn, invals)
+        return self.forward(eqn, invals, [False] * len(invals))[0]
+
     def forward(self, eqn, invals, active):
         p = eqn.params
         body = p["jaxpr"]
         nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
-        if length == 0 or length * _unrolled_size(body.jaxpr) > UNROLL_LIMIT:
+        if not self._small(eqn):
             outs, sub, out_act = self.whole.forward(eqn, invals, active)
             return outs, ("whole", sub), out_act
         consts, carry, xs = list(invals[:nc]), list(invals[nc:nc + nk]), list(invals[nc + nk:])
@@ -1131,10 +1147,20 @@ class _AllBranchesCond:
     def __init__(self, whole):
         self.whole = whole
 
+    @staticmethod
+    def _small(eqn) -> bool:
+        branches = eqn.params["branches"]
+        return not any(b.jaxpr.effects for b in branches) and \
+            sum(_unrolled_size(b.jaxpr) for b in branches) <= UNROLL_LIMIT
+
+    def evaluate(self, eqn, invals):
+        if not self._small(eqn):
+            return compat.bind_eqn(eqn, invals)
+        return self.forward(eqn, invals, [False] * len(invals))[0]
+
     def forward(self, eqn, invals, active):
         branches = eqn.params["branches"]
-        if any(b.jaxpr.effects for b in branches) or \
-                sum(_unrolled_size(b.jaxpr) for b in branches) > UNROLL_LIMIT:
+        if not self._small(eqn):
             outs, sub, out_act = self.whole.forward(eqn, invals, active)
             return outs, ("whole", sub), out_act
         index, ops, act = invals[0], list(invals[1:]), list(active[1:])
@@ -1197,6 +1223,104 @@ def _remat_closed(params):
     return compat.ClosedJaxpr(compat.remat_inner(params)[0], ())
 
 
+def _inline(get_closed):
+    """A handler sweeping a call's jaxpr in place, also when nothing is differentiated."""
+    from .rules.calls import InlineCall
+
+    class Inline(InlineCall):
+        def evaluate(self, eqn, invals):
+            closed = self.get_closed(eqn.params)
+            return reverse.forward(closed.jaxpr, closed.consts, invals,
+                                   [False] * len(invals))[0]
+    return Inline(get_closed)
+
+
+class _WatchedCustomJVP:
+    """``custom_jvp``: the function's own code swept in place on the way forward
+    (its values are the call's), the JVP rule transposed as usual on the way back."""
+
+    def __init__(self, whole):
+        self.whole = whole
+
+    def evaluate(self, eqn, invals):
+        call = eqn.params["call_jaxpr"]
+        _notify("enter", "custom_jvp", 0, _short_where(eqn))
+        try:
+            return reverse.forward(call.jaxpr, call.consts, invals, [False] * len(invals))[0]
+        finally:
+            _notify("exit")
+
+    def forward(self, eqn, invals, active):
+        _, sub, out_active = self.whole.forward(eqn, invals, active)
+        return self.evaluate(eqn, invals), sub, out_active
+
+    def backward(self, record, cts_out):
+        _notify("enter", "custom_jvp rule", 0, _short_where(record.eqn))
+        try:
+            return self.whole.backward(record, cts_out)
+        finally:
+            _notify("exit")
+
+
+class _WatchedCustomVJP:
+    """``custom_vjp``: the user's fwd and bwd swept in place (bwd staged first)."""
+
+    def __init__(self, whole):
+        self.whole = whole
+
+    def evaluate(self, eqn, invals):
+        call = eqn.params["call_jaxpr"]
+        _notify("enter", "custom_vjp", 0, _short_where(eqn))
+        try:
+            return reverse.forward(call.jaxpr, call.consts, invals, [False] * len(invals))[0]
+        finally:
+            _notify("exit")
+
+    def forward(self, eqn, invals, active):
+        p = eqn.params
+        nc = p["num_consts"]
+        if any(active[:nc]):
+            return self.whole.forward(eqn, invals, active)
+        fwd_jaxpr, fwd_consts = p["fwd_jaxpr_thunk"].call_wrapped(*active[nc:])
+        primals = list(invals[nc:])
+        _notify("enter", "custom_vjp", 0, _short_where(eqn))
+        try:
+            outs = reverse.forward(fwd_jaxpr, fwd_consts, primals, [False] * len(primals))[0]
+        finally:
+            _notify("exit")
+        res, outs = compat.split_custom_vjp_fwd_outputs(outs, primals, p["out_trees"])
+        _, _, _, bwd, _ = compat.custom_vjp_parts(p)
+        return outs, (res, bwd, [v.aval for v in eqn.outvars]), [True] * len(outs)
+
+    def backward(self, record, cts_out):
+        from .rules.calls import _as_cotangent
+        res, bwd, out_avals = record.sub
+        present = [k for k, c in enumerate(cts_out) if c is not None]
+        cell = {}
+
+        def staged(res, cts):
+            full = [None] * len(cts_out)
+            for k, c in zip(present, cts):
+                full[k] = c
+            out = bwd(list(res), full, out_avals)
+            cell["where"] = [k for k, c in enumerate(out) if c is not None]
+            return [out[k] for k in cell["where"]]
+
+        present_cts = [cts_out[k] for k in present]
+        closed = jax.make_jaxpr(staged)(res, present_cts)
+        _notify("enter", "custom_vjp bwd", 0, _short_where(record.eqn))
+        try:
+            flat = list(res) + present_cts
+            outs = reverse.forward(closed.jaxpr, closed.consts, flat, [False] * len(flat))[0]
+        finally:
+            _notify("exit")
+        cts = [None] * len(record.invals)
+        for k, c in zip(cell["where"], outs):
+            cts[k] = c
+        return [_as_cotangent(ct, x) if a and ct is not None else None
+                for ct, x, a in zip(cts, record.invals, record.active)]
+
+
 def _swept_in_place(eqn):
     """The sub-jaxpr swept in place for a call equation while checking, or None."""
     inner = inlined_jaxpr(eqn)
@@ -1211,13 +1335,16 @@ def stepping(checkpoints: bool = True):
     """Scans swept step by step (and, for checking, checkpoint regions swept in
     place and every branch of a cond)."""
     from .registry import call_handlers_reverse
-    from .rules.calls import InlineCall
     saved = dict(reverse.handler_overrides)
     reverse.handler_overrides["scan"] = _SteppedScan(call_handlers_reverse["scan"])
     if checkpoints:
         reverse.handler_overrides["cond"] = _AllBranchesCond(call_handlers_reverse["cond"])
         for name in compat.REMAT_NAMES:
-            reverse.handler_overrides[name] = InlineCall(_remat_closed)
+            reverse.handler_overrides[name] = _inline(_remat_closed)
+        reverse.handler_overrides[compat.CUSTOM_JVP_CALL] = _WatchedCustomJVP(
+            call_handlers_reverse[compat.CUSTOM_JVP_CALL])
+        reverse.handler_overrides[compat.CUSTOM_VJP_CALL] = _WatchedCustomVJP(
+            call_handlers_reverse[compat.CUSTOM_VJP_CALL])
     try:
         yield
     finally:

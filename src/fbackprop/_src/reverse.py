@@ -80,8 +80,19 @@ tree_util.register_pytree_node(_Residuals, lambda r: ((r.values,), None),
 # on_forward(eqn, invals, outvals); on_backward(eqn, cts_out, cts_in, record)
 _observers: list = []
 
+def notify(method: str, *args):
+    """Tells the observers that have ``method`` about a sweep they cannot see as
+    equations (a step of a loop beginning, values sliced or stacked between steps)."""
+    for obs in _observers:
+        fn = getattr(obs, method, None)
+        if fn is not None:
+            fn(*args)
+
+
 # A debugging tool may replace a call primitive's reverse handler while it runs
-# (fb.checked_grad sweeps each step of a scan in place so it can watch it).
+# (fb.checked_grad sweeps each step of a scan in place so it can watch it); the
+# replacement's ``evaluate(eqn, invals)`` also runs the equations nothing
+# differentiates.
 handler_overrides: dict = {}
 
 
@@ -103,6 +114,9 @@ def forward_eqn(eqn, invals: list, act: list, late_outvars: bool = False):
     """
     name = eqn.primitive.name
     if not any(act):
+        override = handler_overrides.get(name) if handler_overrides else None
+        if override is not None:
+            return override.evaluate(eqn, invals), None, None
         return compat.bind_eqn(eqn, invals), None, None
     linear = bool(_linear_stack)
     if linear:
