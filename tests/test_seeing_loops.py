@@ -497,3 +497,27 @@ def test_checked_grad_looks_inside_scans_nothing_differentiates():
     site = report.first()
     assert (site.primitive, site.phase) == ("log", "forward")
     assert [t for t, _ in site.steps] == [2]
+
+
+def newton_like(w, x0):
+    def body(c):
+        i, x = c
+        x = x - jnp.log(x) * 3.0
+        return i + 1, x
+    _, x = lax.while_loop(lambda c: c[0] < 10, body, (0, x0))
+    return w * jnp.sum(x)
+
+
+def test_checked_grad_names_the_iteration_of_a_while_loop():
+    # x: 3 -> -0.296 -> log(-0.296) = NaN in iteration 1.
+    for run in (jax.jit(fb.checked_grad(newton_like)),
+                lambda w, x: jax.vmap(fb.checked_grad(newton_like), (None, 0))(
+                    w, jnp.stack([jnp.ones(2), x]))):
+        report, _ = run(1.0, jnp.array([0.3, 3.0]))
+        site = report.first()
+        assert (site.primitive, site.phase) == ("log", "forward")
+        assert f"test_seeing_loops.py:{_line_of(newton_like, 'jnp.log')}" in site.source
+        assert site.context[-1][:2] == ("while", 1)
+        assert "in iteration 1 of the while_loop at test_seeing_loops.py" in report.get()
+    report, g = jax.jit(fb.checked_grad(newton_like))(1.0, jnp.ones(2))
+    assert report.ok and float(g) == 2.0

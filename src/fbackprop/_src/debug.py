@@ -504,12 +504,52 @@ class NonFiniteSite:
                 return f" in the {'true' if i else 'false'} branch of the cond at {w}"
             if kind == "switch":
                 return f" in branch {i} of the switch at {w}"
+            if kind == "while":
+                return f" in iteration {i} of the while_loop at {w}"
             if kind == "custom_jvp rule":
                 return f" in the JVP rule of the custom_jvp function called at {w}"
             if kind == "custom_vjp bwd":
                 return f" in the bwd rule of the custom_vjp function called at {w}"
             return f" in the {kind} function called at {w}"
         return self.source + "".join(part(*c) for c in reversed(self.context))
+
+
+def _inner_origin(node, s, bad_finals, batch_index):
+    """The operation of a ``while_loop`` body that first made its carry non-finite,
+    from the body's statistics at that iteration (or None when no iteration did)."""
+    inner = node["inner"]
+    off, n = inner["offset"], len(inner["avals"])
+    rows = s[off:off + n]
+    iteration, found = s[off + n, 0], s[off + n, 1]
+    if not found:
+        return None
+    bad = (rows[:, 2] + rows[:, 3]) > 0
+    acc = np.zeros(n, bool)
+    for o in inner["outvars"]:
+        if o is not None and bad[o]:
+            acc[o] = True
+    hit = None
+    for e in reversed(inner["eqns"]):
+        if any(bad[o] and acc[o] for o in e["outs"]):
+            hit = e
+            for i in e["ins"]:
+                if i is not None:
+                    acc[i] = True
+    if hit is None:
+        return None
+    produced = tuple((f"output {k}", inner["avals"][o], int(rows[o, 2]), int(rows[o, 3]))
+                     for k, o in enumerate(hit["outs"]) if bad[o])
+    inputs = tuple((f"input {k}", inner["avals"][i] if i is not None else "literal",
+                    float(rows[i, 0]) if i is not None else np.nan,
+                    float(rows[i, 1]) if i is not None else np.nan,
+                    int(rows[i, 2]) if i is not None else 0,
+                    int(rows[i, 3]) if i is not None else 0,
+                    inner["labels"][i] if i is not None else "")
+                   for k, i in enumerate(hit["ins"]))
+    context = tuple(node.get("context", ())) + (("while", int(iteration), inner["where"]),)
+    site = NonFiniteSite(hit["primitive"], "forward", hit["source"], hit["code"], produced,
+                         tuple(x[:6] for x in inputs), tuple(bad_finals), batch_index, context)
+    return site, inputs
 
 
 def _fmt_num(v) -> str:
@@ -565,12 +605,13 @@ class NonFiniteReport:
     def _analyze(self):
         stats = self._concrete()
         n_values = len(self.meta["values"])
-        flat = stats.reshape(-1, n_values, 4) if n_values else stats.reshape(-1, 0, 4)
+        n_rows = self.meta.get("rows", n_values)
+        flat = stats.reshape(-1, n_rows, 4) if n_rows else stats.reshape(-1, 0, 4)
         batch_shape = stats.shape[:-2]
         finals = self.meta["finals"]
         for b in range(flat.shape[0]):
             s = flat[b]
-            bad = (s[:, 2] + s[:, 3]) > 0
+            bad = (s[:n_values, 2] + s[:n_values, 3]) > 0
             bad_finals = [label for label, i in finals if bad[i]]
             if bad_finals:
                 index = tuple(int(i) for i in np.unravel_index(b, batch_shape)) \
@@ -619,6 +660,10 @@ class NonFiniteReport:
             # The first operation that matters was handed a non-finite input.
             return NonFiniteSite("(input)", "input", node["source"], node["code"], (), (),
                                  tuple(bad_finals), batch_index), from_inputs
+        if node.get("inner") is not None:
+            found = _inner_origin(node, s, bad_finals, batch_index)
+            if found is not None:
+                return found
         produced = tuple((label, values[o]["aval"], int(s[o, 2]), int(s[o, 3]))
                          for label, o, _ in node["outputs"] if bad[o])
         inputs = tuple((label, values[i]["aval"], float(s[i, 0]), float(s[i, 1]),
@@ -809,6 +854,9 @@ class _FiniteWatch:
     def __init__(self, leaf_labels, dyn, consts):
         self.state = _trace_state()
         self.context: list = []      # enclosing loop steps, outermost first
+        self.extra: list = []        # [k, 4] rows of statistics kept by loop bodies
+        self.n_extra = 0
+        self.inner: dict = {}        # id(eqn) -> a while body's static description
         self.values: list = []
         self.value_meta: list = []
         self.index: dict = {}
@@ -852,6 +900,7 @@ class _FiniteWatch:
             "primitive": eqn.primitive.name, "phase": phase,
             "source": compat.source_line(eqn), "code": source_code(eqn),
             "context": tuple(self.context),
+            "inner": self.inner.pop(id(eqn), None) if phase == "forward" else None,
             "inputs": tuple(inputs), "outputs": tuple(owned),
             "deps": tuple(i for _, i in inputs) if deps is None else tuple(deps)})
         self.events.append(("node", n))
@@ -882,6 +931,14 @@ class _FiniteWatch:
         if t not in self.produced:
             self.produced.add(t)
             self.events.append(("sum", t, ps))
+
+    def while_body(self, eqn, described, stats, tail):
+        """A ``while_loop``'s body statistics at its first non-finite iteration."""
+        if not self._here():
+            return
+        self.inner[id(eqn)] = dict(described, offset=None, where=_short_where(eqn),
+                                   extra=len(self.extra))
+        self.extra.append(jnp.concatenate([stats, tail[None]]))
 
     def pick(self, total, parts, index):
         """``total`` is ``parts[index]``: a cond's output (or input cotangent) from
@@ -991,10 +1048,22 @@ class _FiniteWatch:
         values = tuple({"label": m["label"] or origin.get(i, ""), "aval": m["aval"],
                         "leaf": bool(m["label"])}
                        for i, m in enumerate(self.value_meta))
-        meta = _Meta(function=fun_name, values=values, nodes=tuple(self.nodes),
-                     events=tuple(self.events), finals=tuple(finals), skipped=self.skipped)
         stats = _all_stats(self.values) if self.values \
             else jnp.zeros((0, 4), jnp.result_type(float))
+        # Loop bodies' own rows follow the values' rows.
+        offsets, row = [], len(self.values)
+        for block in self.extra:
+            offsets.append(row)
+            row += block.shape[0]
+        for node in self.nodes:
+            if node.get("inner") is not None:
+                node["inner"]["offset"] = offsets[node["inner"]["extra"]]
+        if self.extra:
+            ft = stats.dtype
+            stats = jnp.concatenate([stats] + [b.astype(ft) for b in self.extra])
+        meta = _Meta(function=fun_name, values=values, nodes=tuple(self.nodes),
+                     events=tuple(self.events), finals=tuple(finals), skipped=self.skipped,
+                     rows=row)
         return NonFiniteReport(stats, meta)
 
 
@@ -1219,6 +1288,93 @@ class _AllBranchesCond:
         return [c if a else None for c, a in zip(result, record.active)]
 
 
+class _WatchedWhile:
+    """``lax.while_loop`` that nothing differentiates, run with the statistics of
+    every body value kept at the first iteration whose carry turns non-finite."""
+
+    def __init__(self, whole):
+        self.whole = whole
+
+    def forward(self, eqn, invals, active):
+        return self.whole.forward(eqn, invals, active)
+
+    def backward(self, record, cts_out):
+        return self.whole.backward(record, cts_out)
+
+    @staticmethod
+    def _describe(body):
+        index, avals, labels = {}, [], []
+
+        def add(v, label):
+            index[v] = len(avals)
+            avals.append(f"{_short_dtype(v.aval.dtype)}[{','.join(map(str, v.aval.shape))}]")
+            labels.append(label)
+
+        for k, v in enumerate(body.invars):
+            add(v, f"loop input {k}")
+        eqns = []
+        for e in body.eqns:
+            ins = [index.get(v) if type(v) is not compat.Literal else None for v in e.invars]
+            where = _short_where(e)
+            for v in e.outvars:
+                if type(v) is not compat.DropVar:
+                    add(v, f"output of {e.primitive.name} at {where}")
+            eqns.append({"primitive": e.primitive.name, "source": compat.source_line(e),
+                         "code": source_code(e), "ins": ins,
+                         "outs": [index[v] for v in e.outvars if type(v) is not compat.DropVar]})
+        outvars = [index.get(v) if type(v) is not compat.Literal else None
+                   for v in body.outvars]
+        order = list(index)
+        return {"eqns": tuple(eqns), "outvars": tuple(outvars), "avals": tuple(avals),
+                "labels": tuple(labels)}, order
+
+    def evaluate(self, eqn, invals):
+        p = eqn.params
+        body_closed, cond_closed = p["body_jaxpr"], p["cond_jaxpr"]
+        body = body_closed.jaxpr
+        if body.effects or cond_closed.jaxpr.effects or _unrolled_size(body) > UNROLL_LIMIT:
+            return compat.bind_eqn(eqn, invals)
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        cconsts, bconsts = list(invals[:cn]), list(invals[cn:cn + bn])
+        described, order = self._describe(body)
+        n = len(order)
+        out_idx = [i for i in described["outvars"] if i is not None]
+
+        def body_fn(state):
+            carry, i, found, first, stats = state
+            env = dict(zip(body.constvars, body_closed.consts))
+            env.update(zip(body.invars, bconsts + list(carry)))
+            for e in body.eqns:
+                ins = [v.val if type(v) is compat.Literal else env[v] for v in e.invars]
+                for v, x in zip(e.outvars, compat.bind_eqn(e, ins)):
+                    if type(v) is not compat.DropVar:
+                        env[v] = x
+            new = [v.val if type(v) is compat.Literal else env[v] for v in body.outvars]
+            st = _all_stats([env[v] for v in order])
+            bad_out = jnp.any(st[jnp.array(out_idx, jnp.int32), 2:] > 0) if out_idx \
+                else jnp.array(False)
+            take = jnp.logical_and(jnp.logical_not(found), bad_out)
+            stats = jnp.where(take, st, stats)
+            first = jnp.where(take, i, first)
+            new = [compat.with_weak_type(x, bool(getattr(v.aval, "weak_type", False)))
+                   if hasattr(x, "dtype") else x for x, v in zip(new, body.outvars)]
+            return new, i + 1, jnp.logical_or(found, bad_out), first, stats
+
+        def cond_fn(state):
+            return compat.eval_jaxpr(cond_closed.jaxpr, cond_closed.consts, *cconsts,
+                                     *state[0])[0]
+
+        ft = jnp.result_type(float)
+        init = (list(invals[cn + bn:]), jnp.int32(0), jnp.array(False), jnp.int32(-1),
+                jnp.zeros((n, 4), ft))
+        with compat.user_context(eqn):
+            carry, _, found, first, stats = lax.while_loop(cond_fn, body_fn, init)
+        tail = jnp.stack([first.astype(ft), found.astype(ft), jnp.zeros((), ft),
+                          jnp.zeros((), ft)])
+        _notify("while_body", eqn, described, stats, tail)
+        return list(carry)
+
+
 def _remat_closed(params):
     return compat.ClosedJaxpr(compat.remat_inner(params)[0], ())
 
@@ -1345,6 +1501,7 @@ def stepping(checkpoints: bool = True):
             call_handlers_reverse[compat.CUSTOM_JVP_CALL])
         reverse.handler_overrides[compat.CUSTOM_VJP_CALL] = _WatchedCustomVJP(
             call_handlers_reverse[compat.CUSTOM_VJP_CALL])
+        reverse.handler_overrides["while"] = _WatchedWhile(call_handlers_reverse["while"])
     try:
         yield
     finally:
@@ -1428,10 +1585,14 @@ def checked_value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0,
     swept in place, and the report names the step: ``site.steps``, "in step
     37 of the scan at model.py:30"), ``lax.cond`` / ``switch`` branches (each
     branch is swept, the taken one's results are kept and only it is
-    reported) and checkpoint regions. A scan or cond whose unrolled size
-    exceeds ``UNROLL_LIMIT`` equations (20 000), branches with side effects,
-    ``while_loop`` bodies and custom-rule functions are checked as a whole
-    (the report then names the enclosing operation).
+    reported), checkpoint regions and custom_jvp / custom_vjp functions (their
+    code on the way forward; the JVP rule or the bwd on the way back). In a
+    ``while_loop`` (forward only: reverse mode does not differentiate it) the
+    report names the body's operation and the iteration that first made the
+    loop's carry non-finite. A loop or cond whose size exceeds
+    ``UNROLL_LIMIT`` equations (20 000; for a scan, steps x body size) and
+    bodies with side effects are checked as a whole (the report then names
+    the enclosing operation).
 
     Called eagerly, the function raises :class:`NonFiniteError`. Under
     ``jax.jit`` / ``jax.vmap`` it returns the report as a value, like
