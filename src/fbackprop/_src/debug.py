@@ -399,8 +399,8 @@ def grad_and_intermediates(fun: Callable, argnums: int | Sequence[int] = 0,
                     one = jnp.ones((), api._dtype_of(outs[0]))
                     cts = reverse.backward(tape, [one] + [None] * (len(outs) - 1))
                 found = _collect(top_sites, collector, tape)
-                for e, ct in zip(eps, cts[n_dyn:]):
-                    found[e.name] = ct if ct is not None else zeros[eps.index(e)]
+                for e, zero, ct in zip(eps, zeros, cts[n_dyn:]):
+                    found[e.name] = ct if ct is not None else zero
                 inter = {s.name: found[s.name] for s in sites if s.name in found}
                 return outs, cts[:n_dyn], inter
             return run

@@ -20,6 +20,7 @@ Equations without a selected tag inside them are bound unchanged.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import jax
@@ -279,18 +280,35 @@ def _rewritten(eqn, kind, data, invals, eps):
     raise AssertionError(kind)
 
 
+_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def perturbed(closed, wanted):
     """``(closed_jaxpr, eps)``: ``closed`` with one extra trailing input per
     perturbation (``eps``: a list of :class:`Eps`), or ``(closed, [])`` when no
-    selected tag is inside a body."""
+    selected tag is inside a body.
+
+    Cached per traced function (its jaxpr and the selected names) when its
+    constants are concrete, so repeated eager calls rewrite it once.
+    """
+    key = (frozenset(wanted), bool(jax.config.jax_enable_x64))
+    cacheable = trace.cache_enabled and not any(compat.is_tracer(c) for c in closed.consts)
+    per = _cache.setdefault(closed.jaxpr, {}) if cacheable else {}
+    hit = per.get(key)
+    if hit is not None and hit[0] is closed:
+        return hit[1], hit[2]
     plan = make_plan(closed.jaxpr, set(wanted), True)
     if not plan.eps:
-        return closed, []
-    n = len(closed.jaxpr.invars)
+        result = closed, []
+    else:
+        n = len(closed.jaxpr.invars)
 
-    def run(*args):
-        return evaluate(closed.jaxpr, closed.consts, args[:n], args[n:], plan)
+        def run(*args):
+            return evaluate(closed.jaxpr, closed.consts, args[:n], args[n:], plan)
 
-    specs = [residuals.spec_of(v.aval) for v in closed.jaxpr.invars] + \
-        [residuals.spec_of(e.aval, False) for e in plan.eps]
-    return jax.make_jaxpr(run)(*specs), plan.eps
+        specs = [residuals.spec_of(v.aval) for v in closed.jaxpr.invars] + \
+            [residuals.spec_of(e.aval, False) for e in plan.eps]
+        result = jax.make_jaxpr(run)(*specs), plan.eps
+    if cacheable and not any(compat.is_tracer(c) for c in result[0].consts):
+        per[key] = (closed,) + result
+    return result
