@@ -380,6 +380,8 @@ def test_gradient_flow_rejects_tags_outside_scans():
         fb.gradient_flow(lambda x: fb.tag(x * 2.0, "a") ** 2, 1.0)
     with pytest.raises(TypeError, match="`names`"):
         fb.gradient_flow(lambda x: x ** 2, 1.0, names=[3])
+    with pytest.raises(TypeError, match="traced value"):
+        jax.jit(lambda x: fb.gradient_flow(lambda x: x ** 2, x)["h"])(1.0)
 
 
 # ------------------------------------------------------------- explain of a scan

@@ -10,6 +10,13 @@ equation with its values on the way forward and its cotangents on the way back.
 * :func:`checked_grad` / :func:`checked_value_and_grad` find the first equation,
   forward or backward, that produced a non-finite value which reaches the loss
   or the gradient, and report where it is in the user's code.
+
+Inside loop, branch and checkpoint bodies: tags get perturbation inputs
+(:mod:`fbackprop._src.perturb`), so their cotangents come out of the ordinary
+control-flow rules, one per step; the checker swaps those rules, while it runs,
+for sweeps that run each scan step, each cond branch, each checkpoint region
+and custom-rule function in place (``stepping``), so the observer sees every
+equation of a body with the step it ran in.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ value used twice receives two downstream gradients, which add up.
 Checkpoint regions (``jax.checkpoint``/``fb.checkpoint``, with a policy or a
 memory budget) are swept in place so their equations are rows too; the rows
 whose values the checkpointed backward sweep recomputes are marked (``↻``).
+A ``lax.scan`` is swept step by step: its body's equations are rows once
+(marked ``⟳``), holding their values and gradients at every step, shown as
+first, last, min and max over the steps; the scan itself stays a row too.
 
 The result renders as a text table, Graphviz DOT, a self-contained SVG (no
 Graphviz needed; Graphviz's ``dot`` is used when installed) and an HTML page.

@@ -132,6 +132,13 @@ def gradient_flow(fun: Callable, *args, names: str | Sequence[str] | None = None
       [0.002, 0.0179, 0.178, 1.7902]
     """
     api._check_callable(fun, "gradient_flow")
+    from . import compat
+    if any(compat.is_tracer(x) for x in jax.tree_util.tree_leaves((args, kwargs))):
+        raise TypeError(
+            "gradient_flow returns concrete per-step norms (NumPy arrays, for plotting), but "
+            "it was called with a traced value (inside jax.jit, jax.vmap or a gradient). "
+            "Call it outside the transformation (it compiles its own run), or use "
+            "fb.grad_and_intermediates under the transformation.")
     if names is not None:
         names = (names,) if isinstance(names, str) else tuple(names)
         if not all(isinstance(n, str) for n in names):
