@@ -1372,8 +1372,9 @@ class _WatchedWhile:
                                      *state[0])[0]
 
         ft = jnp.result_type(float)
-        init = (list(invals[cn + bn:]), jnp.int32(0), jnp.array(False), jnp.int32(-1),
-                jnp.zeros((n, 4), ft))
+        carry0 = [compat.with_weak_type(jnp.asarray(x), bool(getattr(v.aval, "weak_type", False)))
+                  for x, v in zip(invals[cn + bn:], body.invars[bn:])]
+        init = (carry0, jnp.int32(0), jnp.array(False), jnp.int32(-1), jnp.zeros((n, 4), ft))
         with compat.user_context(eqn):
             carry, _, found, first, stats = lax.while_loop(cond_fn, body_fn, init)
         tail = jnp.stack([first.astype(ft), found.astype(ft), jnp.zeros((), ft),
