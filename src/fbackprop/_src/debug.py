@@ -1602,9 +1602,9 @@ def checked_value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0,
     bodies with side effects are checked as a whole (the report then names
     the enclosing operation). The values and gradients are the same as
     :func:`fbackprop.value_and_grad`'s, but the compiled program differs (loop
-    steps in sequence), so XLA may simplify it differently: in rare cases a
-    NaN that only XLA's handling of the rolled loop produces (e.g. ``inf * 0``
-    where a product with a 0/1 mask becomes a select) is absent here.
+    steps in sequence), so XLA may simplify it differently: in rare cases its
+    rewrites of the unrolled steps remove a NaN that the plain program has
+    (e.g. ``inf * mask`` with a 0/1 mask, rewritten as a select).
 
     Called eagerly, the function raises :class:`NonFiniteError`. Under
     ``jax.jit`` / ``jax.vmap`` it returns the report as a value, like
