@@ -527,3 +527,20 @@ def test_checked_grad_names_the_iteration_of_a_while_loop():
         assert "in iteration 1 of the while_loop at test_seeing_loops.py" in report.get()
     report, g = jax.jit(fb.checked_grad(newton_like))(1.0, jnp.ones(2))
     assert report.ok and float(g) == 2.0
+
+
+def test_tag_in_equinox_scan_over_layers():
+    eqx = pytest.importorskip("equinox")
+    keys = jax.random.split(jax.random.key(0), 4)
+    layers = eqx.filter_vmap(lambda k: eqx.nn.Linear(3, 3, key=k))(keys)
+    params, static = eqx.partition(layers, eqx.is_array)
+
+    def model(params, eps, mark):
+        def step(x, a):
+            p, e = a
+            return mark(jnp.tanh(eqx.combine(p, static)(x)), "act", e), None
+        x, _ = lax.scan(step, jnp.ones(3), (params, eps["act"]))
+        return jnp.sum(x ** 2)
+
+    inter = _check(model, params, {"act": jnp.zeros((4, 3), jnp.float32)}, modes=["jit"])
+    assert inter["act"].shape == (4, 3)
