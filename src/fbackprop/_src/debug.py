@@ -1598,7 +1598,7 @@ def checked_value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0,
     ``while_loop`` (forward only: reverse mode does not differentiate it) the
     report names the body's operation and the iteration that first made the
     loop's carry non-finite. A loop or cond whose size exceeds
-    ``UNROLL_LIMIT`` equations (20 000; for a scan, steps x body size) and
+    20 000 equations (for a scan, steps x body size) and
     bodies with side effects are checked as a whole (the report then names
     the enclosing operation). The values and gradients are the same as
     :func:`fbackprop.value_and_grad`'s, but the compiled program differs (loop
