@@ -266,7 +266,7 @@ def test_bad_tag_arguments():
         fb.tag({"a": "text"}, "h")
 
 
-def test_tag_of_constant_or_in_loop_body_is_a_clear_error():
+def test_tag_of_constant_is_a_clear_error_and_loop_body_tags_work():
     def const(x):
         return jnp.sum(x * fb.tag(jnp.ones(3), "c"))
 
@@ -278,8 +278,9 @@ def test_tag_of_constant_or_in_loop_body_is_a_clear_error():
             return c + fb.tag(xi * 2.0, "b"), None
         return lax.scan(body, 0.0, x)[0]
 
-    with pytest.raises(NotImplementedError, match="inside a 'scan'"):
-        fb.grad_and_intermediates(scanned)(jnp.ones(3))
+    # Inside a loop body: one cotangent per step (tests/test_seeing_loops.py).
+    _, inter = fb.grad_and_intermediates(scanned)(jnp.ones(3))
+    assert_allclose(inter["b"], jnp.ones(3))
     # Hooks inside the body still apply.
     g = fb.grad(lambda x: lax.scan(lambda c, xi: (c + fb.tag(
         xi ** 2, "b", hook=lambda ct: ct * 0.5), None), 0.0, x)[0])(jnp.ones(3))

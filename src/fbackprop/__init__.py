@@ -15,6 +15,7 @@ from fbackprop._src.memplan import BudgetPlan, MemoryPlan, PlanPoint, memory_pla
 from fbackprop._src.debug import (NonFiniteError, NonFiniteReport, checked_grad,
                                   checked_value_and_grad, grad_and_intermediates, tag)
 from fbackprop._src.explain import Explanation, explain
+from fbackprop._src.flow import GradientFlow, gradient_flow
 from fbackprop._src.health import (HealthReport, gradient_health, gradient_stats,
                                    plot_gradient_norms)
 
@@ -22,9 +23,9 @@ __version__ = "0.1.0"
 
 __all__ = ["GradCheckReport", "MissingRuleError", "NonLinearRuleError", "check_grads", "clear_cache", "extend", "grad", "hessian", "hvp",
            "jacfwd", "jacobian", "jacrev", "jvp", "linearize", "precision", "value_and_grad", "vjp"]
-__all__ += ["Explanation", "HealthReport", "NonFiniteError", "NonFiniteReport", "checked_grad",
-            "checked_value_and_grad", "explain", "grad_and_intermediates", "gradient_health",
-            "gradient_stats", "plot_gradient_norms", "tag"]
+__all__ += ["Explanation", "GradientFlow", "HealthReport", "NonFiniteError", "NonFiniteReport",
+            "checked_grad", "checked_value_and_grad", "explain", "grad_and_intermediates",
+            "gradient_flow", "gradient_health", "gradient_stats", "plot_gradient_norms", "tag"]
 __all__ += ["BudgetPlan", "MemoryPlan", "PlanPoint", "Residual", "SavedResiduals", "checkpoint",
             "checkpoint_name", "checkpoint_policies", "memory_plan", "remat", "saved_residuals"]
 __all__ += ["nn", "train"]

@@ -10,6 +10,13 @@ equation with its values on the way forward and its cotangents on the way back.
 * :func:`checked_grad` / :func:`checked_value_and_grad` find the first equation,
   forward or backward, that produced a non-finite value which reaches the loss
   or the gradient, and report where it is in the user's code.
+
+Inside loop, branch and checkpoint bodies: tags get perturbation inputs
+(:mod:`fbackprop._src.perturb`), so their cotangents come out of the ordinary
+control-flow rules, one per step; the checker swaps those rules, while it runs,
+for sweeps that run each scan step, each cond branch, each checkpoint region
+and custom-rule function in place (``stepping``), so the observer sees every
+equation of a body with the step it ran in.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax, tree_util
 
-from . import api, compat, reverse, trace
+from . import api, compat, perturb, reverse, trace
 from .registry import vjp_rules
 from .rules.debug import NAMED_PRIMITIVES, tag_p
 
@@ -138,7 +145,11 @@ def tag(x, name: str, *, hook: Callable | None = None):
     the value and may replace it (what ``register_hook`` does), e.g. to clip it.
     Tags work under ``jax.jit`` and ``jax.vmap`` (a hook then sees one example's
     cotangent) and in nested differentiation; JAX's own ``jax.grad`` treats a
-    tag as the identity and ignores its hook.
+    tag as the identity and ignores its hook. A tag may sit inside a
+    ``lax.scan`` / ``fori_loop`` body (its cotangent is reported per step and
+    its hook runs at every step), a ``lax.cond`` / ``switch`` branch (the same
+    name in several branches is one tag, reported by the branch taken) or a
+    checkpoint region (the cotangent of the recomputing backward).
 
     Args:
       x: an array, or a pytree of arrays; each leaf of a pytree is tagged as
@@ -186,31 +197,44 @@ class TagSite:
     name: str
     eqn: Any
     blocked_by: str | None   # enclosing primitive the engine does not sweep in place
+    path: tuple = ()         # enclosing equations: (id(eqn), branch index or None)
 
     @property
     def where(self) -> str:
         return compat.source_line(self.eqn)
 
 
+def _alternatives(a: TagSite, b: TagSite) -> bool:
+    """Whether two sites sit in different branches of one cond (one tag, one report)."""
+    for x, y in zip(a.path, b.path):
+        if x != y:
+            return x[0] == y[0] and x[1] is not None and y[1] is not None
+    return False
+
+
 def find_tags(jaxpr, names: Sequence[str] | None = None) -> list[TagSite]:
     """Every ``tag``/``checkpoint_name`` in ``jaxpr`` (and its sub-jaxprs), in order.
 
-    Raises ValueError when a selected name occurs more than once.
+    The same name in different branches of one ``cond``/``switch`` is one tag.
+    Raises ValueError when a selected name occurs more than once otherwise.
     """
     sites: list[TagSite] = []
 
-    def walk(j, blocked_by):
+    def walk(j, blocked_by, path):
         for eqn in j.eqns:
             if eqn.primitive.name in NAMED_PRIMITIVES:
-                sites.append(TagSite(str(eqn.params["name"]), eqn, blocked_by))
+                sites.append(TagSite(str(eqn.params["name"]), eqn, blocked_by, path))
             inner = inlined_jaxpr(eqn)
             if inner is not None:
-                walk(inner, blocked_by)
+                walk(inner, blocked_by, path)
+            elif eqn.primitive.name == "cond":
+                for k, b in enumerate(eqn.params["branches"]):
+                    walk(b.jaxpr, blocked_by or "cond", path + ((id(eqn), k),))
             else:
                 for sub in _sub_jaxprs(eqn):
-                    walk(sub, blocked_by or eqn.primitive.name)
+                    walk(sub, blocked_by or eqn.primitive.name, path + ((id(eqn), None),))
 
-    walk(jaxpr, None)
+    walk(jaxpr, None, ())
     if names is not None:
         wanted = set(names)
         missing = sorted(wanted - {s.name for s in sites})
@@ -224,16 +248,24 @@ def find_tags(jaxpr, names: Sequence[str] | None = None) -> list[TagSite]:
     by_name = collections.defaultdict(list)
     for s in sites:
         by_name[s.name].append(s)
-    dups = {n: ss for n, ss in by_name.items() if len(ss) > 1}
+    dups = {n: ss for n, ss in by_name.items()
+            if any(not _alternatives(a, b) for i, a in enumerate(ss) for b in ss[i + 1:])}
     if dups:
         n, ss = next(iter(dups.items()))
         places = "\n".join(f"    {s.where}" for s in ss[:5])
         raise ValueError(
             f"Tag name '{n}' is used {len(ss)} times in the differentiated function:\n"
             f"{places}\nEach tagged value needs its own name so its gradient can be "
-            f"reported. If the tag is in a layer or jitted function called several times, "
+            f"reported (only the branches of one lax.cond/switch may share a name). If the "
+            f"tag is in a layer or jitted function called several times, "
             f"put the call's index in the name, e.g. fb.tag(h, f'{n}{{i}}').")
-    return sites
+    # One site per name: the first branch's stands for the others.
+    seen, unique = set(), []
+    for s in sites:
+        if s.name not in seen:
+            seen.add(s.name)
+            unique.append(s)
+    return unique
 
 
 class _TagCollector:
@@ -280,14 +312,10 @@ def _collect(sites, collector, tape) -> dict:
         if s.name in collector.cts:
             out[s.name] = collector.cts[s.name]
             continue
-        if s.blocked_by is not None or s.name not in collector.seen:
+        if s.name not in collector.seen:
             raise NotImplementedError(
-                f"grad_and_intermediates: tag '{s.name}' (at {s.where}) is inside a "
-                f"'{s.blocked_by or 'nested'}' computation whose body fbackprop "
-                f"differentiates as a whole, so its intermediate cotangent is not "
-                f"available. Tag values in straight-line code or inside jax.jit "
-                f"functions (not inside jax.checkpoint regions, loop/branch bodies or "
-                f"custom_jvp/custom_vjp functions), or return the value from the body.")
+                f"grad_and_intermediates: tag '{s.name}' (at {s.where}) was not reached by "
+                f"fbackprop's forward sweep, so its cotangent is not available.")
         if recorded is None:
             recorded = _recorded_eqns(tape)
         if id(s.eqn) not in recorded:
@@ -325,6 +353,9 @@ def grad_and_intermediates(fun: Callable, argnums: int | Sequence[int] = 0,
       A function returning ``(grads, intermediates)`` — or ``(grads,
       intermediates, aux)`` with ``has_aux`` — where ``intermediates`` maps each
       tag name to its cotangent (zeros if the value does not reach the loss).
+      A tag inside ``lax.scan`` bodies gets one leading axis per enclosing
+      scan, outermost first, indexed like the scan's ``xs`` (also with
+      ``reverse=True``); a tag in an untaken branch reports zeros.
 
     Example:
       >>> import fbackprop as fb, jax.numpy as jnp
@@ -351,18 +382,34 @@ def grad_and_intermediates(fun: Callable, argnums: int | Sequence[int] = 0,
         main_tree, aux_tree = _split_output(traced, has_aux, api_name)
         closed = traced.closed
         sites = find_tags(closed.jaxpr, names)
+        # Tags inside loop, branch and checkpoint bodies are read off the
+        # gradients of perturbation inputs (see fbackprop._src.perturb); the
+        # others straight off the sweep.
+        nested = [s.name for s in sites if s.blocked_by is not None]
+        closed_p, eps = perturb.perturbed(closed, nested) if nested else (closed, [])
+        top_names = [s.name for s in sites if s.blocked_by is None]
+        top_sites = [s for s in find_tags(closed_p.jaxpr, top_names) if s.blocked_by is None] \
+            if top_names else []
         # Every float input is active, so a tagged value that depends only on a
         # non-differentiated argument is on the tape too.
         active = tuple(jnp.issubdtype(api._dtype_of(x), jnp.inexact) for x in prog.dyn)
+        n_dyn = len(prog.dyn)
 
         def make_run():
             def run(dyn):
-                collector = _TagCollector(sites)
+                collector = _TagCollector(top_sites)
+                zeros = [jnp.zeros(e.aval.shape, e.aval.dtype) for e in eps]
                 with observing(collector):
-                    outs, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
+                    outs, tape = reverse.forward(closed_p.jaxpr, closed_p.consts,
+                                                 list(dyn) + zeros,
+                                                 active + (True,) * len(eps))
                     one = jnp.ones((), api._dtype_of(outs[0]))
                     cts = reverse.backward(tape, [one] + [None] * (len(outs) - 1))
-                return outs, cts, _collect(sites, collector, tape)
+                found = _collect(top_sites, collector, tape)
+                for e, zero, ct in zip(eps, zeros, cts[n_dyn:]):
+                    found[e.name] = ct if ct is not None else zero
+                inter = {s.name: found[s.name] for s in sites if s.name in found}
+                return outs, cts[:n_dyn], inter
             return run
 
         outs, cts, inter = make_run()(prog.dyn)
@@ -423,8 +470,9 @@ class NonFiniteSite:
     Attributes:
       primitive: the primitive's name (e.g. ``"sqrt"``).
       phase: ``"forward"``, ``"backward"`` (a VJP rule), ``"backward (re-running a
-        custom rule)"`` (a custom_jvp rule evaluated for the backward pass) or
-        ``"input"`` (the value came in through an argument).
+        custom rule)"`` (an operation of a custom_jvp rule or a custom_vjp bwd,
+        evaluated for the backward pass) or ``"input"`` (the value came in
+        through an argument).
       source: the user's ``file:line (function)`` that created the equation.
       code: that line's source text.
       produced: per output, ``(label, aval, n_nan, n_inf)`` of the non-finite ones.
@@ -432,6 +480,10 @@ class NonFiniteSite:
         n_nan, n_inf)`` (min/max over finite elements).
       results: the affected results, e.g. ``("gradient args[0]",)``.
       batch_index: which example of a ``vmap`` batch this is (None otherwise).
+      context: the enclosing loop steps and branches, outermost first, as
+        ``("scan", step, "file:line")`` (the step reading ``xs[step]``),
+        ``("cond", 1 or 0, "file:line")`` (``lax.cond``'s true or false branch)
+        or ``("switch", branch, "file:line")``; ``()`` outside loops and branches.
     """
     primitive: str
     phase: str
@@ -441,6 +493,70 @@ class NonFiniteSite:
     inputs: tuple
     results: tuple
     batch_index: tuple | None = None
+    context: tuple = ()
+
+    @property
+    def steps(self) -> tuple:
+        """Per enclosing scan, outermost first: ``(step, "file:line")``."""
+        return tuple((i, w) for kind, i, w in self.context if kind == "scan")
+
+    @property
+    def where(self) -> str:
+        """``source`` with its loop steps and branches, e.g.
+        ``"m.py:12 (f) in step 37 of the scan at m.py:30"``."""
+        def part(kind, i, w):
+            if kind == "scan":
+                return f" in step {i} of the scan at {w}"
+            if kind == "cond":
+                return f" in the {'true' if i else 'false'} branch of the cond at {w}"
+            if kind == "switch":
+                return f" in branch {i} of the switch at {w}"
+            if kind == "while":
+                return f" in iteration {i} of the while_loop at {w}"
+            if kind == "custom_jvp rule":
+                return f" in the JVP rule of the custom_jvp function called at {w}"
+            if kind == "custom_vjp bwd":
+                return f" in the bwd rule of the custom_vjp function called at {w}"
+            return f" in the {kind} function called at {w}"
+        return self.source + "".join(part(*c) for c in reversed(self.context))
+
+
+def _inner_origin(node, s, bad_finals, batch_index):
+    """The operation of a ``while_loop`` body that first made its carry non-finite,
+    from the body's statistics at that iteration (or None when no iteration did)."""
+    inner = node["inner"]
+    off, n = inner["offset"], len(inner["avals"])
+    rows = s[off:off + n]
+    iteration, found = s[off + n, 0], s[off + n, 1]
+    if not found:
+        return None
+    bad = (rows[:, 2] + rows[:, 3]) > 0
+    acc = np.zeros(n, bool)
+    for o in inner["outvars"]:
+        if o is not None and bad[o]:
+            acc[o] = True
+    hit = None
+    for e in reversed(inner["eqns"]):
+        if any(bad[o] and acc[o] for o in e["outs"]):
+            hit = e
+            for i in e["ins"]:
+                if i is not None:
+                    acc[i] = True
+    if hit is None:
+        return None
+    produced = tuple((f"output {k}", inner["avals"][o], int(rows[o, 2]), int(rows[o, 3]))
+                     for k, o in enumerate(hit["outs"]) if bad[o])
+    inputs = tuple((f"input {k}", inner["avals"][i] if i is not None else "literal",
+                    float(rows[i, 0]) if i is not None else np.nan,
+                    float(rows[i, 1]) if i is not None else np.nan,
+                    int(rows[i, 2]) if i is not None else 0,
+                    int(rows[i, 3]) if i is not None else 0,
+                    inner["labels"][i] if i is not None else "")
+                   for k, i in enumerate(hit["ins"]))
+    context = tuple(node.get("context", ())) + (("while", int(iteration), inner["where"]),)
+    site = NonFiniteSite(hit["primitive"], "forward", hit["source"], hit["code"], produced,
+                         tuple(x[:6] for x in inputs), tuple(bad_finals), batch_index, context)
+    return site, inputs
 
 
 def _fmt_num(v) -> str:
@@ -496,12 +612,13 @@ class NonFiniteReport:
     def _analyze(self):
         stats = self._concrete()
         n_values = len(self.meta["values"])
-        flat = stats.reshape(-1, n_values, 4) if n_values else stats.reshape(-1, 0, 4)
+        n_rows = self.meta.get("rows", n_values)
+        flat = stats.reshape(-1, n_rows, 4) if n_rows else stats.reshape(-1, 0, 4)
         batch_shape = stats.shape[:-2]
         finals = self.meta["finals"]
         for b in range(flat.shape[0]):
             s = flat[b]
-            bad = (s[:, 2] + s[:, 3]) > 0
+            bad = (s[:n_values, 2] + s[:n_values, 3]) > 0
             bad_finals = [label for label, i in finals if bad[i]]
             if bad_finals:
                 index = tuple(int(i) for i in np.unravel_index(b, batch_shape)) \
@@ -525,6 +642,12 @@ class NonFiniteReport:
                     reach[n] = True
                     for i in nodes[n]["deps"]:
                         acc[i] = True
+            elif ev[0] == "pick":
+                # A cond's result: only the branch taken (its index's value) counts.
+                _, total, parts, index = ev
+                if bad[total] and acc[total]:
+                    b = int(np.clip(s[index, 0], 0, len(parts) - 1))
+                    acc[parts[b]] = True
             else:
                 _, total, parts = ev
                 if bad[total] and acc[total]:
@@ -544,6 +667,10 @@ class NonFiniteReport:
             # The first operation that matters was handed a non-finite input.
             return NonFiniteSite("(input)", "input", node["source"], node["code"], (), (),
                                  tuple(bad_finals), batch_index), from_inputs
+        if node.get("inner") is not None:
+            found = _inner_origin(node, s, bad_finals, batch_index)
+            if found is not None:
+                return found
         produced = tuple((label, values[o]["aval"], int(s[o, 2]), int(s[o, 3]))
                          for label, o, _ in node["outputs"] if bad[o])
         inputs = tuple((label, values[i]["aval"], float(s[i, 0]), float(s[i, 1]),
@@ -551,7 +678,7 @@ class NonFiniteReport:
                        for label, i in node["inputs"])
         site = NonFiniteSite(node["primitive"], node["phase"], node["source"], node["code"],
                              produced, tuple(x[:6] for x in inputs), tuple(bad_finals),
-                             batch_index)
+                             batch_index, node.get("context", ()))
         return site, inputs
 
     def first(self) -> NonFiniteSite | None:
@@ -588,26 +715,29 @@ class NonFiniteReport:
                          f"the inputs: {', '.join(dict.fromkeys(extra))}{where}. Check the "
                          f"data passed in.")
             return "\n".join(lines)
-        what = ("its VJP rule, in the backward pass" if site.phase.startswith("backward")
+        in_rule = site.phase == "backward (re-running a custom rule)"
+        what = ("evaluated in the backward pass, by a custom rule" if in_rule
+                else "its VJP rule, in the backward pass" if site.phase.startswith("backward")
                 else "the forward pass")
         lines.append(f"The first operation producing a non-finite value that reaches "
                      f"{'it' if len(site.results) == 1 else 'them'}:")
         lines.append(f"  {site.primitive}  ({what})")
-        lines.append(f"  at {site.source}")
+        lines.append(f"  at {site.where}")
         if site.code:
             lines.append(f"      {site.code}")
         for label, aval, n_nan, n_inf in site.produced:
             counts = ", ".join(c for c in (f"{n_nan} NaN" if n_nan else "",
                                            f"{n_inf} inf" if n_inf else "") if c)
             lines.append(f"  produced: {label} {aval}: {counts}")
-        title = "inputs of the VJP rule" if site.phase.startswith("backward") else "inputs"
+        rule_phase = site.phase.startswith("backward") and not in_rule
+        title = "inputs of the VJP rule" if rule_phase else "inputs"
         lines.append(f"  {title}:")
         for label, aval, mn, mx, n_nan, n_inf, origin in extra:
             note = f"  ({origin})" if origin else ""
             if n_nan or n_inf:
                 note = "  <- already non-finite" + note
             lines.append(f"    {label:<32} {aval:<12} {_fmt_range(mn, mx, n_nan, n_inf)}{note}")
-        hints = _BACKWARD_HINTS if site.phase.startswith("backward") else _FORWARD_HINTS
+        hints = _BACKWARD_HINTS if rule_phase else _FORWARD_HINTS
         if site.primitive in hints:
             lines.append(f"  hint: {hints[site.primitive]}")
         if self.meta.get("skipped"):
@@ -730,6 +860,10 @@ class _FiniteWatch:
 
     def __init__(self, leaf_labels, dyn, consts):
         self.state = _trace_state()
+        self.context: list = []      # enclosing loop steps, outermost first
+        self.extra: list = []        # [k, 4] rows of statistics kept by loop bodies
+        self.n_extra = 0
+        self.inner: dict = {}        # id(eqn) -> a while body's static description
         self.values: list = []
         self.value_meta: list = []
         self.index: dict = {}
@@ -772,6 +906,8 @@ class _FiniteWatch:
         self.nodes.append({
             "primitive": eqn.primitive.name, "phase": phase,
             "source": compat.source_line(eqn), "code": source_code(eqn),
+            "context": tuple(self.context),
+            "inner": self.inner.pop(id(eqn), None) if phase == "forward" else None,
             "inputs": tuple(inputs), "outputs": tuple(owned),
             "deps": tuple(i for _, i in inputs) if deps is None else tuple(deps)})
         self.events.append(("node", n))
@@ -782,6 +918,68 @@ class _FiniteWatch:
         if parts:
             self.produced.add(total)
             self.events.append(("sum", total, tuple(parts)))
+
+    # -- called by the stepped scan (_SteppedScan) around each step's sweeps
+    def enter(self, kind, index, where):
+        if self._here():
+            self.context.append((kind, index, where))
+
+    def exit(self):
+        if self._here():
+            self.context.pop()
+
+    def link(self, total, parts):
+        """``total`` is computed from ``parts`` outside any equation (a step's
+        slice of ``xs``, the stacked ``ys``, summed cotangents)."""
+        if not self._here():
+            return
+        t = self._value(total)
+        ps = tuple(self._value(x) for x in parts)
+        if t not in self.produced:
+            self.produced.add(t)
+            self.events.append(("sum", t, ps))
+
+    def while_body(self, eqn, described, stats, tail):
+        """A ``while_loop``'s body statistics at its first non-finite iteration."""
+        if not self._here():
+            return
+        self.inner[id(eqn)] = dict(described, offset=None, where=_short_where(eqn),
+                                   extra=len(self.extra))
+        self.extra.append(jnp.concatenate([stats, tail[None]]))
+
+    def pick(self, total, parts, index):
+        """``total`` is ``parts[index]``: a cond's output (or input cotangent) from
+        the branch the runtime value ``index`` chose."""
+        if not self._here():
+            return
+        t = self._value(total)
+        ps = tuple(self._value(x) for x in parts)
+        i = self._value(index)
+        if t not in self.produced:
+            self.produced.add(t)
+            self.events.append(("pick", t, ps, i))
+
+    def seed(self, outvars, cts):
+        """The cotangents a body's backward sweep starts from, per output variable."""
+        if not self._here():
+            return
+        for v, ct in zip(outvars, cts):
+            if ct is not None and type(v) is not compat.Literal:
+                self.pending[v].append(self._value(ct))
+
+    def end_sweep(self, jaxpr, cts_in):
+        """A body's backward sweep is over: its input cotangents are complete,
+        and its variables start afresh in the next step."""
+        if not self._here():
+            return
+        for v, ct in zip(jaxpr.invars, cts_in):
+            if ct is not None:
+                o = self._value(ct)
+                if o not in self.produced and not self.value_meta[o]["label"]:
+                    self._sum(o, v)
+        for v in list(jaxpr.invars) + list(jaxpr.outvars) + [
+                w for e in jaxpr.eqns for w in e.outvars]:
+            self.pending.pop(v, None)
 
     def on_forward(self, eqn, invals, outvals):
         if not self._here():
@@ -817,7 +1015,7 @@ class _FiniteWatch:
         if used is not None:
             inputs = [(label if u else f"{label} (unused by the rule)", i)
                       for (label, i), u in zip(inputs, used)]
-        inner = inlined_jaxpr(eqn)
+        inner = _swept_in_place(eqn)
         outputs = []
         for k, (v, ct, a) in enumerate(zip(eqn.invars, cts_in, record.active)):
             if ct is None or not a:
@@ -857,11 +1055,466 @@ class _FiniteWatch:
         values = tuple({"label": m["label"] or origin.get(i, ""), "aval": m["aval"],
                         "leaf": bool(m["label"])}
                        for i, m in enumerate(self.value_meta))
-        meta = _Meta(function=fun_name, values=values, nodes=tuple(self.nodes),
-                     events=tuple(self.events), finals=tuple(finals), skipped=self.skipped)
         stats = _all_stats(self.values) if self.values \
             else jnp.zeros((0, 4), jnp.result_type(float))
+        # Loop bodies' own rows follow the values' rows.
+        offsets, row = [], len(self.values)
+        for block in self.extra:
+            offsets.append(row)
+            row += block.shape[0]
+        for node in self.nodes:
+            if node.get("inner") is not None:
+                node["inner"]["offset"] = offsets[node["inner"]["extra"]]
+        if self.extra:
+            ft = stats.dtype
+            stats = jnp.concatenate([stats] + [b.astype(ft) for b in self.extra])
+        meta = _Meta(function=fun_name, values=values, nodes=tuple(self.nodes),
+                     events=tuple(self.events), finals=tuple(finals), skipped=self.skipped,
+                     rows=row)
         return NonFiniteReport(stats, meta)
+
+
+# ------------------------------------------------ looking inside loop bodies
+# checked_grad sweeps each step of a lax.scan in place (and a checkpoint region
+# like a jit), so every equation of a body is watched at every step, forward and
+# backward, with the step it ran in. Unrolling costs compile time in proportion
+# to steps x body size, so larger scans are checked as a whole.
+UNROLL_LIMIT = 20_000          # equations (body size x steps) a checked scan may unroll to
+
+
+def _unrolled_size(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        if eqn.primitive.name == "scan":
+            n += eqn.params["length"] * _unrolled_size(eqn.params["jaxpr"].jaxpr)
+        else:
+            n += sum(_unrolled_size(sub) for sub in _sub_jaxprs(eqn))
+    return n
+
+
+_notify = reverse.notify
+
+
+def _short_where(eqn) -> str:
+    return compat.source_line(eqn).split(" (")[0].rsplit("/", 1)[-1]
+
+
+class _SteppedScan:
+    """Reverse mode of ``lax.scan`` as one in-place sweep of the body per step
+    (same numbers as the scan rule; for watching each step)."""
+
+    def __init__(self, whole):
+        self.whole = whole
+
+    @staticmethod
+    def _small(eqn) -> bool:
+        p = eqn.params
+        return p["length"] > 0 and p["length"] * _unrolled_size(p["jaxpr"].jaxpr) <= UNROLL_LIMIT
+
+    def evaluate(self, eqn, invals):
+        if not self._small(eqn):
+            return compat.bind_eqn(eqn, invals)
+        return self.forward(eqn, invals, [False] * len(invals))[0]
+
+    def forward(self, eqn, invals, active):
+        p = eqn.params
+        body = p["jaxpr"]
+        nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
+        if not self._small(eqn):
+            outs, sub, out_act = self.whole.forward(eqn, invals, active)
+            return outs, ("whole", sub), out_act
+        consts, carry, xs = list(invals[:nc]), list(invals[nc:nc + nk]), list(invals[nc + nk:])
+        c_act, k_act, x_act = list(active[:nc]), list(active[nc:nc + nk]), \
+            list(active[nc + nk:])
+        n_ys = len(eqn.outvars) - nk
+        where = _short_where(eqn)
+        order = range(length - 1, -1, -1) if p["reverse"] else range(length)
+        steps, ys_at, y_act = [], {}, [False] * n_ys
+        for t in order:
+            with compat.user_context(eqn):
+                x_t = [lax.index_in_dim(x, t, keepdims=False) for x in xs]
+            for x, xt in zip(xs, x_t):
+                _notify("link", xt, [x])
+            _notify("enter", "scan", t, where)
+            try:
+                outs, tape = reverse.forward(body.jaxpr, body.consts, consts + carry + x_t,
+                                             c_act + k_act + x_act)
+            finally:
+                _notify("exit")
+            carry = list(outs[:nk])
+            k_act = list(tape.out_active[:nk])
+            y_act = [a or b for a, b in zip(y_act, tape.out_active[nk:])]
+            ys_at[t] = list(outs[nk:])
+            steps.append((t, tape))
+        ys = []
+        for j in range(n_ys):
+            parts = [ys_at[t][j] for t in range(length)]
+            with compat.user_context(eqn):
+                y = jnp.stack(parts)
+            _notify("link", y, parts)
+            ys.append(y)
+        return carry + ys, ("steps", (steps, where)), k_act + y_act
+
+    def backward(self, record, cts_out):
+        kind, sub = record.sub
+        if kind == "whole":
+            return self.whole.backward(dataclasses.replace(record, sub=sub), cts_out)
+        steps, where = sub
+        p = record.eqn.params
+        body = p["jaxpr"].jaxpr
+        nc, nk = p["num_consts"], p["num_carry"]
+        n_xs = len(record.invals) - nc - nk
+        ct_carry, ct_ys = list(cts_out[:nk]), list(cts_out[nk:])
+        const_parts = [[] for _ in range(nc)]
+        xs_ct: dict = {}
+        for t, tape in reversed(steps):
+            cts_y = []
+            for y in ct_ys:
+                if y is None:
+                    cts_y.append(None)
+                    continue
+                with compat.user_context(record.eqn):
+                    yt = lax.index_in_dim(y, t, keepdims=False)
+                _notify("link", yt, [y])
+                cts_y.append(yt)
+            _notify("enter", "scan", t, where)
+            try:
+                cts = ct_carry + cts_y
+                _notify("seed", body.outvars, cts)
+                cts_in = reverse.backward(tape, cts)
+                _notify("end_sweep", body, cts_in)
+            finally:
+                _notify("exit")
+            for i in range(nc):
+                if cts_in[i] is not None:
+                    const_parts[i].append(cts_in[i])
+            ct_carry = list(cts_in[nc:nc + nk])
+            xs_ct[t] = cts_in[nc + nk:]
+        result = []
+        for parts in const_parts:
+            total = None
+            for c in parts:
+                total = c if total is None else lax.add(total, c)
+            if len(parts) > 1:
+                _notify("link", total, parts)
+            result.append(total)
+        result += ct_carry
+        in_avals = [v.aval for v in body.invars]
+        for j in range(n_xs):
+            per = [xs_ct[t][j] for t in range(len(steps))]
+            if all(c is None for c in per):
+                result.append(None)
+                continue
+            aval = in_avals[nc + nk + j]
+            parts = [c if c is not None else jnp.zeros(aval.shape, aval.dtype) for c in per]
+            stacked = jnp.stack(parts)
+            _notify("link", stacked, parts)
+            result.append(stacked)
+        return [c if a else None for c, a in zip(result, record.active)]
+
+
+class _AllBranchesCond:
+    """Reverse mode of ``lax.cond``/``switch`` with every branch swept in place and
+    the taken branch's results selected (same numbers as the cond rule; for
+    watching the branch taken: a non-finite value in a branch not taken is
+    never reported)."""
+
+    def __init__(self, whole):
+        self.whole = whole
+
+    @staticmethod
+    def _small(eqn) -> bool:
+        branches = eqn.params["branches"]
+        return not any(b.jaxpr.effects for b in branches) and \
+            sum(_unrolled_size(b.jaxpr) for b in branches) <= UNROLL_LIMIT
+
+    def evaluate(self, eqn, invals):
+        if not self._small(eqn):
+            return compat.bind_eqn(eqn, invals)
+        return self.forward(eqn, invals, [False] * len(invals))[0]
+
+    def forward(self, eqn, invals, active):
+        branches = eqn.params["branches"]
+        if not self._small(eqn):
+            outs, sub, out_act = self.whole.forward(eqn, invals, active)
+            return outs, ("whole", sub), out_act
+        index, ops, act = invals[0], list(invals[1:]), list(active[1:])
+        where = _short_where(eqn)
+        kind = "cond" if len(branches) == 2 else "switch"
+        per, tapes = [], []
+        for b, branch in enumerate(branches):
+            _notify("enter", kind, b, where)
+            try:
+                outs_b, tape = reverse.forward(branch.jaxpr, branch.consts, ops, act)
+            finally:
+                _notify("exit")
+            per.append(outs_b)
+            tapes.append(tape)
+        outs = []
+        for k in range(len(eqn.outvars)):
+            parts = [o[k] for o in per]
+            with compat.user_context(eqn):
+                out = lax.select_n(index, *[jnp.asarray(x) for x in parts]) \
+                    if len(parts) > 1 else parts[0]
+            _notify("pick", out, parts, index)
+            outs.append(out)
+        out_act = [any(t.out_active[k] for t in tapes) for k in range(len(eqn.outvars))]
+        return outs, ("branches", (tapes, where)), out_act
+
+    def backward(self, record, cts_out):
+        kind, sub = record.sub
+        if kind == "whole":
+            return self.whole.backward(dataclasses.replace(record, sub=sub), cts_out)
+        tapes, where = sub
+        branches = record.eqn.params["branches"]
+        kind = "cond" if len(branches) == 2 else "switch"
+        index = record.invals[0]
+        per = []
+        for b, (branch, tape) in enumerate(zip(branches, tapes)):
+            _notify("enter", kind, b, where)
+            try:
+                _notify("seed", branch.jaxpr.outvars, cts_out)
+                cts_in = reverse.backward(tape, list(cts_out))
+                _notify("end_sweep", branch.jaxpr, cts_in)
+            finally:
+                _notify("exit")
+            per.append(cts_in)
+        in_avals = [v.aval for v in branches[0].jaxpr.invars]
+        result = [None]
+        for i, aval in enumerate(in_avals):
+            parts = [c[i] for c in per]
+            if all(c is None for c in parts):
+                result.append(None)
+                continue
+            parts = [c if c is not None else jnp.zeros(aval.shape, aval.dtype) for c in parts]
+            with compat.user_context(record.eqn):
+                total = lax.select_n(index, *parts) if len(parts) > 1 else parts[0]
+            _notify("pick", total, parts, index)
+            result.append(total)
+        return [c if a else None for c, a in zip(result, record.active)]
+
+
+class _WatchedWhile:
+    """``lax.while_loop`` that nothing differentiates, run with the statistics of
+    every body value kept at the first iteration whose carry turns non-finite."""
+
+    def __init__(self, whole):
+        self.whole = whole
+
+    def forward(self, eqn, invals, active):
+        return self.whole.forward(eqn, invals, active)
+
+    def backward(self, record, cts_out):
+        return self.whole.backward(record, cts_out)
+
+    @staticmethod
+    def _describe(body):
+        index, avals, labels = {}, [], []
+
+        def add(v, label):
+            index[v] = len(avals)
+            avals.append(f"{_short_dtype(v.aval.dtype)}[{','.join(map(str, v.aval.shape))}]")
+            labels.append(label)
+
+        for k, v in enumerate(body.invars):
+            add(v, f"loop input {k}")
+        eqns = []
+        for e in body.eqns:
+            ins = [index.get(v) if type(v) is not compat.Literal else None for v in e.invars]
+            where = _short_where(e)
+            for v in e.outvars:
+                if type(v) is not compat.DropVar:
+                    add(v, f"output of {e.primitive.name} at {where}")
+            eqns.append({"primitive": e.primitive.name, "source": compat.source_line(e),
+                         "code": source_code(e), "ins": ins,
+                         "outs": [index[v] for v in e.outvars if type(v) is not compat.DropVar]})
+        outvars = [index.get(v) if type(v) is not compat.Literal else None
+                   for v in body.outvars]
+        order = list(index)
+        return {"eqns": tuple(eqns), "outvars": tuple(outvars), "avals": tuple(avals),
+                "labels": tuple(labels)}, order
+
+    def evaluate(self, eqn, invals):
+        p = eqn.params
+        body_closed, cond_closed = p["body_jaxpr"], p["cond_jaxpr"]
+        body = body_closed.jaxpr
+        if body.effects or cond_closed.jaxpr.effects or _unrolled_size(body) > UNROLL_LIMIT:
+            return compat.bind_eqn(eqn, invals)
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        cconsts, bconsts = list(invals[:cn]), list(invals[cn:cn + bn])
+        described, order = self._describe(body)
+        n = len(order)
+        out_idx = [i for i in described["outvars"] if i is not None]
+
+        def body_fn(state):
+            carry, i, found, first, stats = state
+            env = dict(zip(body.constvars, body_closed.consts))
+            env.update(zip(body.invars, bconsts + list(carry)))
+            for e in body.eqns:
+                ins = [v.val if type(v) is compat.Literal else env[v] for v in e.invars]
+                for v, x in zip(e.outvars, compat.bind_eqn(e, ins)):
+                    if type(v) is not compat.DropVar:
+                        env[v] = x
+            new = [v.val if type(v) is compat.Literal else env[v] for v in body.outvars]
+            st = _all_stats([env[v] for v in order])
+            bad_out = jnp.any(st[jnp.array(out_idx, jnp.int32), 2:] > 0) if out_idx \
+                else jnp.array(False)
+            take = jnp.logical_and(jnp.logical_not(found), bad_out)
+            stats = jnp.where(take, st, stats)
+            first = jnp.where(take, i, first)
+            new = [compat.with_weak_type(x, bool(getattr(v.aval, "weak_type", False)))
+                   if hasattr(x, "dtype") else x for x, v in zip(new, body.outvars)]
+            return new, i + 1, jnp.logical_or(found, bad_out), first, stats
+
+        def cond_fn(state):
+            return compat.eval_jaxpr(cond_closed.jaxpr, cond_closed.consts, *cconsts,
+                                     *state[0])[0]
+
+        ft = jnp.result_type(float)
+        carry0 = [compat.with_weak_type(jnp.asarray(x), bool(getattr(v.aval, "weak_type", False)))
+                  for x, v in zip(invals[cn + bn:], body.invars[bn:])]
+        init = (carry0, jnp.int32(0), jnp.array(False), jnp.int32(-1), jnp.zeros((n, 4), ft))
+        with compat.user_context(eqn):
+            carry, _, found, first, stats = lax.while_loop(cond_fn, body_fn, init)
+        tail = jnp.stack([first.astype(ft), found.astype(ft), jnp.zeros((), ft),
+                          jnp.zeros((), ft)])
+        _notify("while_body", eqn, described, stats, tail)
+        return list(carry)
+
+
+def _remat_closed(params):
+    return compat.ClosedJaxpr(compat.remat_inner(params)[0], ())
+
+
+def _inline(get_closed):
+    """A handler sweeping a call's jaxpr in place, also when nothing is differentiated."""
+    from .rules.calls import InlineCall
+
+    class Inline(InlineCall):
+        def evaluate(self, eqn, invals):
+            closed = self.get_closed(eqn.params)
+            return reverse.forward(closed.jaxpr, closed.consts, invals,
+                                   [False] * len(invals))[0]
+    return Inline(get_closed)
+
+
+class _WatchedCustomJVP:
+    """``custom_jvp``: the function's own code swept in place on the way forward
+    (its values are the call's), the JVP rule transposed as usual on the way back."""
+
+    def __init__(self, whole):
+        self.whole = whole
+
+    def evaluate(self, eqn, invals):
+        call = eqn.params["call_jaxpr"]
+        _notify("enter", "custom_jvp", 0, _short_where(eqn))
+        try:
+            return reverse.forward(call.jaxpr, call.consts, invals, [False] * len(invals))[0]
+        finally:
+            _notify("exit")
+
+    def forward(self, eqn, invals, active):
+        _, sub, out_active = self.whole.forward(eqn, invals, active)
+        return self.evaluate(eqn, invals), sub, out_active
+
+    def backward(self, record, cts_out):
+        _notify("enter", "custom_jvp rule", 0, _short_where(record.eqn))
+        try:
+            return self.whole.backward(record, cts_out)
+        finally:
+            _notify("exit")
+
+
+class _WatchedCustomVJP:
+    """``custom_vjp``: the user's fwd and bwd swept in place (bwd staged first)."""
+
+    def __init__(self, whole):
+        self.whole = whole
+
+    def evaluate(self, eqn, invals):
+        call = eqn.params["call_jaxpr"]
+        _notify("enter", "custom_vjp", 0, _short_where(eqn))
+        try:
+            return reverse.forward(call.jaxpr, call.consts, invals, [False] * len(invals))[0]
+        finally:
+            _notify("exit")
+
+    def forward(self, eqn, invals, active):
+        p = eqn.params
+        nc = p["num_consts"]
+        if any(active[:nc]):
+            return self.whole.forward(eqn, invals, active)
+        fwd_jaxpr, fwd_consts = p["fwd_jaxpr_thunk"].call_wrapped(*active[nc:])
+        primals = list(invals[nc:])
+        _notify("enter", "custom_vjp", 0, _short_where(eqn))
+        try:
+            outs = reverse.forward(fwd_jaxpr, fwd_consts, primals, [False] * len(primals))[0]
+        finally:
+            _notify("exit")
+        res, outs = compat.split_custom_vjp_fwd_outputs(outs, primals, p["out_trees"])
+        _, _, _, bwd, _ = compat.custom_vjp_parts(p)
+        return outs, (res, bwd, [v.aval for v in eqn.outvars]), [True] * len(outs)
+
+    def backward(self, record, cts_out):
+        from .rules.calls import _as_cotangent
+        res, bwd, out_avals = record.sub
+        present = [k for k, c in enumerate(cts_out) if c is not None]
+        cell = {}
+
+        def staged(res, cts):
+            full = [None] * len(cts_out)
+            for k, c in zip(present, cts):
+                full[k] = c
+            out = bwd(list(res), full, out_avals)
+            cell["where"] = [k for k, c in enumerate(out) if c is not None]
+            return [out[k] for k in cell["where"]]
+
+        present_cts = [cts_out[k] for k in present]
+        closed = jax.make_jaxpr(staged)(res, present_cts)
+        _notify("enter", "custom_vjp bwd", 0, _short_where(record.eqn))
+        try:
+            flat = list(res) + present_cts
+            outs = reverse.forward(closed.jaxpr, closed.consts, flat, [False] * len(flat))[0]
+        finally:
+            _notify("exit")
+        cts = [None] * len(record.invals)
+        for k, c in zip(cell["where"], outs):
+            cts[k] = c
+        return [_as_cotangent(ct, x) if a and ct is not None else None
+                for ct, x, a in zip(cts, record.invals, record.active)]
+
+
+def _swept_in_place(eqn):
+    """The sub-jaxpr swept in place for a call equation while checking, or None."""
+    inner = inlined_jaxpr(eqn)
+    if inner is None and eqn.primitive.name in compat.REMAT_NAMES \
+            and eqn.primitive.name in reverse.handler_overrides:
+        return compat.remat_inner(eqn.params)[0]
+    return inner
+
+
+@contextlib.contextmanager
+def stepping(checkpoints: bool = True):
+    """Scans swept step by step (and, for checking, checkpoint regions swept in
+    place and every branch of a cond)."""
+    from .registry import call_handlers_reverse
+    saved = dict(reverse.handler_overrides)
+    reverse.handler_overrides["scan"] = _SteppedScan(call_handlers_reverse["scan"])
+    if checkpoints:
+        reverse.handler_overrides["cond"] = _AllBranchesCond(call_handlers_reverse["cond"])
+        for name in compat.REMAT_NAMES:
+            reverse.handler_overrides[name] = _inline(_remat_closed)
+        reverse.handler_overrides[compat.CUSTOM_JVP_CALL] = _WatchedCustomJVP(
+            call_handlers_reverse[compat.CUSTOM_JVP_CALL])
+        reverse.handler_overrides[compat.CUSTOM_VJP_CALL] = _WatchedCustomVJP(
+            call_handlers_reverse[compat.CUSTOM_VJP_CALL])
+        reverse.handler_overrides["while"] = _WatchedWhile(call_handlers_reverse["while"])
+    try:
+        yield
+    finally:
+        reverse.handler_overrides.clear()
+        reverse.handler_overrides.update(saved)
 
 
 class _Meta(dict):
@@ -896,7 +1549,7 @@ def _checked(fun, argnums, has_aux, api_name, with_value):
         def make_run():
             def run(dyn):
                 watch = _FiniteWatch(labels, dyn, closed.consts)
-                with observing(watch):
+                with observing(watch), stepping():
                     outs, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
                     one = jnp.ones((), api._dtype_of(outs[0]))
                     watch._value(one, "the seed cotangent 1.0")
@@ -935,6 +1588,23 @@ def checked_value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0,
     ranges of its inputs and the user's source line. Non-finite values that
     do not reach the results (e.g. the masked branch of
     ``jnp.where(x > 0, jnp.log(x), 0.)``) are not reported.
+
+    The check looks inside ``lax.scan`` / ``fori_loop`` bodies (each step is
+    swept in place, and the report names the step: ``site.steps``, "in step
+    37 of the scan at model.py:30"), ``lax.cond`` / ``switch`` branches (each
+    branch is swept, the taken one's results are kept and only it is
+    reported), checkpoint regions and custom_jvp / custom_vjp functions (their
+    code on the way forward; the JVP rule or the bwd on the way back). In a
+    ``while_loop`` (forward only: reverse mode does not differentiate it) the
+    report names the body's operation and the iteration that first made the
+    loop's carry non-finite. A loop or cond whose size exceeds
+    20 000 equations (for a scan, steps x body size) and
+    bodies with side effects are checked as a whole (the report then names
+    the enclosing operation). The values and gradients are the same as
+    :func:`fbackprop.value_and_grad`'s, but the compiled program differs (loop
+    steps in sequence), so XLA may simplify it differently: in rare cases its
+    rewrites of the unrolled steps remove a NaN that the plain program has
+    (e.g. ``inf * mask`` with a 0/1 mask, rewritten as a select).
 
     Called eagerly, the function raises :class:`NonFiniteError`. Under
     ``jax.jit`` / ``jax.vmap`` it returns the report as a value, like

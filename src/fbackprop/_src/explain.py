@@ -9,6 +9,9 @@ value used twice receives two downstream gradients, which add up.
 Checkpoint regions (``jax.checkpoint``/``fb.checkpoint``, with a policy or a
 memory budget) are swept in place so their equations are rows too; the rows
 whose values the checkpointed backward sweep recomputes are marked (``↻``).
+A ``lax.scan`` is swept step by step: its body's equations are rows once
+(marked ``⟳``), holding their values and gradients at every step, shown as
+first, last, min and max over the steps; the scan itself stays a row too.
 
 The result renders as a text table, Graphviz DOT, a self-contained SVG (no
 Graphviz needed; Graphviz's ``dot`` is used when installed) and an HTML page.
@@ -34,7 +37,7 @@ from jax import tree_util
 
 from . import api, compat, memplan, reverse
 from .debug import (_split_output, _trace_state, inlined_jaxpr, observing,
-                    short_aval, source_code, source_parts)
+                    short_aval, source_code, source_parts, stepping)
 from .rules import foreign
 from .rules.debug import NAMED_PRIMITIVES
 
@@ -129,6 +132,9 @@ class Row:
     is_output: bool = False
     kept: bool = True             # values kept for display
     recomputed: str = ""          # why the checkpointed backward recomputes it ("" if not)
+    loop: str = ""                # inside a scan body: "the scan at f.py:12" ("" if not)
+    steps: Any = None             # inside a scan body: step -> {"value", "up", "down"}
+    whole: bool = False           # a scan whose body has rows of its own
 
     @property
     def source(self) -> str:
@@ -145,6 +151,38 @@ class InputInfo:
     grad: Any
     differentiated: bool
     uses: list = dataclasses.field(default_factory=list)   # (row index, downstream grad)
+
+
+def _steps_summary(values, short=False) -> str:
+    """Per-step values of one output (None = zero) as first/last/min/max over the steps
+    (norms for arrays)."""
+    nums, scalar = [], True
+    for v in values:
+        if v is None:
+            nums.append(0.0)
+            continue
+        a = np.asarray(v)
+        if a.size == 1:
+            nums.append(float(np.real(a.reshape(()))))
+        else:
+            scalar = False
+            nums.append(float(np.linalg.norm(a.astype(
+                np.complex128 if np.iscomplexobj(a) else np.float64).reshape(-1))))
+    if not nums:
+        return ""
+    kind = "" if scalar else "norm "
+    if short:
+        return f"{kind}{_fmt_scalar(nums[0])}..{_fmt_scalar(nums[-1])}"
+    return (f"{kind}first {_fmt_scalar(nums[0])}, last {_fmt_scalar(nums[-1])}, "
+            f"min {_fmt_scalar(min(nums))}, max {_fmt_scalar(max(nums))}")
+
+
+def _stepped(eqn) -> bool:
+    """Whether explain sweeps this scan step by step (its body gets rows)."""
+    from . import debug
+    return (eqn.primitive.name == "scan" and eqn.params["length"] > 0
+            and eqn.params["length"] * debug._unrolled_size(eqn.params["jaxpr"].jaxpr)
+            <= debug.UNROLL_LIMIT)
 
 
 def _swept_in_place(eqn):
@@ -167,6 +205,8 @@ class _Observer:
         self.ref: dict = {}
         self.alive: list = []
         self.paused = False
+        self.context: list = []      # enclosing scan steps, outermost first
+        self.row_of_eqn: dict = {}   # equations of scan bodies -> their one row
         for j, x in enumerate(input_objs):
             self.ref[id(x)] = ("input", j)
         for k, c in enumerate(consts):
@@ -176,8 +216,44 @@ class _Observer:
         return (self.paused or id(eqn) not in self.expected or _swept_in_place(eqn) is not None
                 or (self.state is not None and _trace_state() != self.state))
 
+    # -- called by the stepped scan around each step's sweeps
+    def enter(self, kind, step, where):
+        self.context.append((step, where))
+
+    def exit(self):
+        self.context.pop()
+
+    def link(self, total, parts):
+        """``total`` is computed from ``parts`` outside any equation: a step's slice
+        of ``xs`` reads as ``xs[t]``, the stacked ``ys`` as the body's output."""
+        if id(total) in self.ref or not parts:
+            return
+        ref = self.ref.get(id(parts[0]))
+        if ref is None:
+            return
+        self.ref[id(total)] = ("step", ref) if len(parts) == 1 and ref[0] != "step" else ref
+        self.alive.append(total)
+
+    def _step_key(self):
+        return tuple(t for t, _ in self.context)
+
     def on_forward(self, eqn, invals, outvals):
         if self._skip(eqn):
+            return
+        if self.context and id(eqn) in self.row_of_eqn:
+            r = self.row_of_eqn[id(eqn)]
+            row = self.rows[r]
+            for k, (v, x) in enumerate(zip(eqn.invars, invals)):
+                # A carry that came in as a literal reads as the body value it is later.
+                if row.inputs[k] == ("unknown",) and type(v) is not compat.Literal:
+                    row.inputs[k] = self.ref.get(id(x), ("unknown",))
+            if row.kept:
+                row.steps.setdefault(self._step_key(), {})["value"] = list(outvals)
+            for k, x in enumerate(outvals):
+                self.ref[id(x)] = ("row", r, k)
+                self.alive.append(x)
+            if outvals:
+                self.by_key[(id(eqn), id(outvals[0]))] = r
             return
         r = len(self.rows)
         keep = self.keep(r)
@@ -199,8 +275,14 @@ class _Observer:
                   code=source_code(eqn) if keep else "",
                   shapes=[short_aval(x) for x in outvals], inputs=inputs, kept=keep,
                   recomputed=self.marks.get(id(eqn), ""))
-        if keep:
+        if self.context:
+            row.loop = f"the scan at {self.context[-1][1]}"
+            row.steps = {self._step_key(): {"value": list(outvals)} if keep else {}}
+            self.row_of_eqn[id(eqn)] = r
+        elif keep:
             row.value = list(outvals)
+        if name == "scan" and _stepped(eqn):
+            row.whole = True
         self.rows.append(row)
         for k, x in enumerate(outvals):
             self.ref[id(x)] = ("row", r, k)
@@ -216,6 +298,15 @@ class _Observer:
             return
         row = self.rows[r]
         down = [ct if a else None for ct, a in zip(cts_in, record.active)]
+        if row.steps is not None:
+            if row.kept:
+                step = row.steps.setdefault(self._step_key(), {})
+                step["up"], step["down"] = list(cts_out), down
+            # Summed over the steps: what the row sends to each operand in all.
+            total = row.downstream or [None] * len(down)
+            row.downstream = [t if d is None else d if t is None else t + d
+                              for t, d in zip(total, down)]
+            return
         # Only gradients sent to the function's inputs are needed for hidden rows.
         row.downstream = down if row.kept else [
             d if ref[0] == "input" else None for d, ref in zip(down, row.inputs)]
@@ -248,6 +339,8 @@ def _walk_expected(jaxpr):
                 stack.append(inner)
             else:
                 rows += 1
+                if _stepped(eqn):
+                    stack.append(eqn.params["jaxpr"].jaxpr)
     return ids, rows
 
 
@@ -330,6 +423,8 @@ class Explanation:
             return _fmt_scalar(ref[1]) if np.size(ref[1]) == 1 else "const"
         if kind == "const":
             return f"const{ref[1]}"
+        if kind == "step":
+            return f"{self._ref_name(ref[1])}[t]"
         return "?"
 
     def _args_text(self, row) -> str:
@@ -345,7 +440,21 @@ class Explanation:
                 parts.append(f"{d}{self._ref_name(ref)}={summarize(l)}")
         return sep.join(parts)
 
-    def _down_text(self, row, sep=", ") -> str:
+    def _per_step(self, row, what):
+        """Per step (in step order), the list kept under ``what`` ('value', 'up', 'down')."""
+        return [row.steps[k].get(what) for k in sorted(row.steps)]
+
+    def _steps_text(self, row, what, position, short):
+        vals = [v[position] if v is not None else None for v in self._per_step(row, what)]
+        return _steps_summary(vals, short)
+
+    def _down_text(self, row, sep=", ", short=True) -> str:
+        if row.steps is not None and row.kept:
+            parts = [f"{self._ref_name(ref)}:{self._steps_text(row, 'down', k, short)}"
+                     for k, ref in enumerate(row.inputs)
+                     if row.downstream is not None and row.downstream[k] is not None
+                     and ref[0] in ("input", "row", "step")]
+            return sep.join(parts)
         if row.downstream is None:
             return ""
         parts = [f"{self._ref_name(ref)}:{summarize(g)}"
@@ -353,13 +462,21 @@ class Explanation:
                  if g is not None and ref[0] in ("input", "row")]
         return sep.join(parts)
 
-    def _up_text(self, row) -> str:
+    def _up_text(self, row, short=True) -> str:
+        if row.steps is not None and row.kept:
+            if not any(v is not None for v in self._per_step(row, "up")):
+                return "-"
+            ups = [self._steps_text(row, "up", k, short) for k in range(len(row.shapes))]
+            return ups[0] if len(ups) == 1 else "(" + ", ".join(ups) + ")"
         if row.upstream is None:
             return "-"
         ups = [summarize(u) if u is not None else "0" for u in row.upstream]
         return ups[0] if len(ups) == 1 else "(" + ", ".join(ups) + ")"
 
-    def _value_text(self, row) -> str:
+    def _value_text(self, row, short=True) -> str:
+        if row.steps is not None and row.kept:
+            vals = [self._steps_text(row, "value", k, short) for k in range(len(row.shapes))]
+            return vals[0] if len(vals) == 1 else "(" + ", ".join(vals) + ")"
         if row.value is None:
             return ""
         vals = [summarize(v) for v in row.value]
@@ -399,7 +516,8 @@ class Explanation:
             src = row.source + (f"  {row.code}" if row.code else "")
             lines_data.append([
                 str(row.index), self._args_text(row),
-                row.label + (" *" if row.is_output else "") + (" ↻" if row.recomputed else ""),
+                row.label + (" *" if row.is_output else "") + (" ↻" if row.recomputed else "")
+                + (" ⟳" if row.loop else ""),
                 ", ".join(row.shapes), self._value_text(row), self._up_text(row),
                 self._local_text(row), self._down_text(row), src])
         caps = [5, 32, 12, 16, 24, 16, 30, 34, 60]
@@ -410,6 +528,8 @@ class Explanation:
         legend = "'*' marks the output"
         if any(row.recomputed for row in self.rows):
             legend += ", '↻' a value the checkpointed backward sweep recomputes"
+        if any(row.loop for row in self.rows):
+            legend += ", '⟳' a row of a loop body (first..last step; details below)"
         out = [f"fbackprop.explain: {self.name}   (upstream x local = downstream; "
                f"{legend})", ""]
         out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
@@ -426,6 +546,18 @@ class Explanation:
                            f"pass max_rows=None to see all")
                 continue
             out.append("  ".join(x.ljust(w) for x, w in zip(c, widths)).rstrip())
+        looped = [r for r in self._shown_rows() if r is not None and self.rows[r].loop
+                  and self.rows[r].kept]
+        if looped:
+            out.append("")
+            out.append("rows of loop bodies, over the steps (first, last, min, max; norms for "
+                       "arrays):")
+            for r in looped:
+                row = self.rows[r]
+                out.append(f"  #{row.index} {row.label} in {row.loop}, {len(row.steps)} steps: "
+                           f"value {self._value_text(row, short=False)}; upstream "
+                           f"{self._up_text(row, short=False)}; downstream "
+                           f"{self._down_text(row, short=False) or '-'}")
         out.append("")
         out.append("inputs (a value used several times adds the gradients of all its uses):")
         w = max([len(i.name) for i in self.inputs] + [4])
@@ -799,7 +931,7 @@ def explain(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
         head, tail = max_rows // 2, max_rows - max_rows // 2
         last_drawn = total - (max_nodes if max_nodes is not None else total)
         keep = lambda r: r < head or r >= total - tail or r >= last_drawn  # noqa: E731
-    with memplan.explaining() as marks:
+    with memplan.explaining() as marks, stepping(checkpoints=False):
         obs = _Observer(expected, keep, dyn, closed.consts, marks)
         with observing(obs):
             outs, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
@@ -812,8 +944,8 @@ def explain(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
     inputs = [InputInfo(name, short_aval(x), x, ct, a)
               for name, x, ct, a in zip(names, dyn, cts, active)]
     for r, row in enumerate(rows):
-        if row.downstream is None:
-            continue
+        if row.downstream is None or row.whole:
+            continue                 # a stepped scan's body rows count its uses
         for ref, g in zip(row.inputs, row.downstream):
             if ref[0] == "input":
                 inputs[ref[1]].uses.append((r, g))

@@ -80,6 +80,21 @@ tree_util.register_pytree_node(_Residuals, lambda r: ((r.values,), None),
 # on_forward(eqn, invals, outvals); on_backward(eqn, cts_out, cts_in, record)
 _observers: list = []
 
+def notify(method: str, *args):
+    """Tells the observers that have ``method`` about a sweep they cannot see as
+    equations (a step of a loop beginning, values sliced or stacked between steps)."""
+    for obs in _observers:
+        fn = getattr(obs, method, None)
+        if fn is not None:
+            fn(*args)
+
+
+# A debugging tool may replace a call primitive's reverse handler while it runs
+# (fb.checked_grad sweeps each step of a scan in place so it can watch it); the
+# replacement's ``evaluate(eqn, invals)`` also runs the equations nothing
+# differentiates.
+handler_overrides: dict = {}
+
 
 def forward_eqn(eqn, invals: list, act: list, late_outvars: bool = False):
     """One equation of the forward sweep, in the current trace.
@@ -99,13 +114,16 @@ def forward_eqn(eqn, invals: list, act: list, late_outvars: bool = False):
     """
     name = eqn.primitive.name
     if not any(act):
+        override = handler_overrides.get(name) if handler_overrides else None
+        if override is not None:
+            return override.evaluate(eqn, invals), None, None
         return compat.bind_eqn(eqn, invals), None, None
     linear = bool(_linear_stack)
     if linear:
         check_linear(eqn, act)
         handler = call_handlers_linear.get(name) or call_handlers_reverse.get(name)
     else:
-        handler = call_handlers_reverse.get(name)
+        handler = handler_overrides.get(name) or call_handlers_reverse.get(name)
     if name in nondiff_primitives:
         return compat.bind_eqn(eqn, invals), None, None
     if handler is None and name not in vjp_rules:

@@ -192,7 +192,9 @@ class CustomJVPCall(CallHandler):
             _, tape = reverse.forward(jaxpr, [], consts + list(primals) + tangents, in_active)
         finally:
             reverse._linear_stack.pop()
-        cts_in = reverse.backward(tape, cts)[n_lead:]
+        cts_all = reverse.backward(tape, cts)
+        reverse.notify("end_sweep", jaxpr, cts_all)
+        cts_in = cts_all[n_lead:]
         it = iter(cts_in)
         per_input = [None if z else next(it) for z in zeros]
         return [None] * num_consts + [ct if a else None for ct, a in zip(per_input, active)]
