@@ -385,6 +385,21 @@ def test_object_array_is_a_clear_error():
         fb.grad(lambda x: x)(np.zeros(3, dtype=object))
 
 
+def test_custom_vjp_with_consts_and_forwarded_residuals():
+    """jax.experimental.ode.odeint: a custom_vjp over a closure-converted function, whose
+    fwd forwards some inputs as residuals (their indices count the call's consts)."""
+    from jax.experimental.ode import odeint
+
+    def loss(y0, k, w):
+        ys = odeint(lambda y, t, k: -k * y + jnp.sin(w * t), y0, jnp.array([0.0, 0.5, 1.0]), k)
+        return jnp.sum(ys[-1] ** 2)
+
+    args = (jnp.array([1.0, 2.0]), 0.5, 1.5)
+    want = jax.grad(loss, (0, 1, 2))(*args)
+    close(fb.grad(loss, (0, 1, 2))(*args), want, tol=1e-5)
+    close(jax.jit(fb.grad(loss, (0, 1, 2)))(*args), want, tol=1e-5)
+
+
 def test_custom_vmap_call():
     from jax.custom_batching import custom_vmap
 

@@ -189,10 +189,31 @@ def custom_vjp_parts(params):
             raise custom_vjp_closure_error()
         fwd_jaxpr, fwd_consts = fwd_jaxpr_thunk.call_wrapped(*in_nz)
         outs = jcore.eval_jaxpr(fwd_jaxpr, fwd_consts, *primals[num_consts:])
-        return split_custom_vjp_fwd_outputs(outs, primals[num_consts:], out_trees)
+        # input_fwds index the call's inputs, consts included (as in JAX's jvp).
+        return split_custom_vjp_fwd_outputs(outs, primals, out_trees)
 
     return (call_jaxpr, num_consts, fwd, custom_vjp_bwd_runner(bwd, num_consts, symbolic_zeros),
             symbolic_zeros)
+
+
+class _Differentiated(jax_ad.JVPTracer):
+    """What fbackprop's eager tracers list among their contents so that
+    ``jax.closure_convert``'s heuristic (``custom_derivatives._maybe_perturbed``,
+    which recognizes only JAX's own JVP and staging tracers) takes them as
+    differentiated values and hoists them out of the closure, as it does under
+    ``jax.grad``. It is never used as a value."""
+    __slots__ = ()
+
+    @property
+    def aval(self):
+        return jcore.ShapedArray((), np.float32)
+
+    def _short_repr(self):
+        return "differentiated"
+
+
+DIFFERENTIATED = object.__new__(_Differentiated)
+DIFFERENTIATED.tangent = None   # not a symbolic zero: "perturbed"
 
 
 def custom_vjp_closure_error():
@@ -207,8 +228,14 @@ def split_custom_vjp_fwd_outputs(outs, primals, out_trees):
     num_res_out = res_tree.num_leaves - sum(f is not None for f in input_fwds)
     res_out, primal_outs = list(outs[:num_res_out]), list(outs[num_res_out:])
     it = iter(res_out)
-    res = [next(it) if f is None else primals[f] for f in input_fwds]
+    # A forwarded input may be a jaxpr's NumPy constant; the bwd rule gets what fwd
+    # returned, a JAX array (it may index it with a traced value).
+    res = [next(it) if f is None else _as_jax(primals[f]) for f in input_fwds]
     return res, primal_outs
+
+
+def _as_jax(x):
+    return jax.numpy.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x
 
 
 def custom_vjp_bwd_runner(bwd, num_consts: int, symbolic_zeros: bool):

@@ -34,6 +34,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax.numpy as jnp
+import numpy as np
+
 from . import compat, forward, reverse
 from .registry import (call_handlers_reverse, vjp_rules, is_differentiable_dtype,
                        nondiff_primitives, foreign_rules)
@@ -127,6 +130,10 @@ class RecordingTracer(_ValueTracer):
 
     def _short_repr(self):
         return f"RecordingTracer({self.val!r})"
+
+    def _contents(self):
+        # Marks this value as differentiated for jax.closure_convert (see compat).
+        return [("val", self.val), ("differentiated", compat.DIFFERENTIATED)]
 
 
 def _needs_avals_first(prim) -> bool:
@@ -334,6 +341,10 @@ def record(fun: Callable, args_tree, leaves: list, active: list,
         in_leaves = []
         for x, a in zip(leaves, active):
             if a:
+                if isinstance(x, (np.ndarray, np.generic)):
+                    # As JAX does for a differentiated argument: a JAX array of the
+                    # canonical dtype (library code may index it with a traced value).
+                    x = jnp.asarray(x)
                 v = Var(compat.typeof(x))
                 invars.append(v)
                 in_leaves.append(RecordingTracer(trace, x, v))
@@ -418,6 +429,10 @@ class TangentTracer(_ValueTracer):
 
     def _value(self):
         return self.primal
+
+    def _contents(self):
+        # Marks this value as differentiated for jax.closure_convert (see compat).
+        return [("primal", self.primal), ("differentiated", compat.DIFFERENTIATED)]
 
 
 class TangentTrace(_StagingCalls, compat.Trace):
