@@ -62,11 +62,11 @@ demo: $(VENV)/.installed-examples
 	$(PY) -m fbackprop demo $(ARGS)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # The wider matrix: every spec eagerly in every dtype, and more hypothesis examples.
 test-full: $(VENV)/.installed-test
-	FBACKPROP_TEST_FULL=1 $(PY) -m pytest -q -n 2 --hypothesis-profile=full $(PYTEST_ARGS)
+	FBACKPROP_TEST_FULL=1 $(PY) -m pytest -q -n 2 --dist loadgroup --hypothesis-profile=full $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-examples
 	$(PY) -m fbackprop bench $(ARGS)

@@ -1,8 +1,7 @@
 """Forward mode and Jacobians: fb.jvp / linearize / jacfwd / jacrev / jacobian against JAX.
 
-Also the spec table driving the inner-product identity <u, J v> == <J^T u, v>
-between our own JVP and our own VJP for every primitive (orders 1 and 2), and
-derivatives of order 3 by nesting.
+Also derivatives of order 3 by nesting. The inner-product identity between our own
+JVP and VJP for every spec is in test_rules.py.
 """
 
 import jax
@@ -12,8 +11,6 @@ import pytest
 from jax import tree_util
 
 import fbackprop as fb
-from fbackprop._src.testing import assert_allclose
-from specs import ALL_SPECS
 
 float0 = jax.dtypes.float0
 
@@ -229,102 +226,24 @@ def _scalar_fn(x):
 
 
 def test_third_order_by_nesting():
+    """fbackprop nested eagerly (its define-by-run traces inside one another), against
+    JAX's same nesting compiled once."""
     x = np.array([0.3, -0.7, 1.1])
-    assert_trees_match(fb.grad(fb.grad(fb.grad(lambda s: _scalar_fn(s))))(0.4),
-                       jax.grad(jax.grad(jax.grad(lambda s: _scalar_fn(s))))(0.4), 1e-9)
     v = np.array([1.0, 0.5, -2.0])
-    assert_trees_match(fb.jvp(fb.grad(_scalar_fn), (x,), (v,)),
-                       jax.jvp(jax.grad(_scalar_fn), (x,), (v,)), 1e-9)
-    assert_trees_match(fb.jacfwd(fb.jacrev(_scalar_fn))(x),
-                       jax.jacfwd(jax.jacrev(_scalar_fn))(x), 1e-9)
-    assert_trees_match(fb.jacfwd(fb.jacfwd(fb.jacrev(_scalar_fn)))(x),
-                       jax.jacfwd(jax.jacfwd(jax.jacrev(_scalar_fn)))(x), 1e-8)
-    assert_trees_match(fb.jacrev(fb.jacrev(fb.grad(_scalar_fn)))(x),
-                       jax.jacrev(jax.jacrev(jax.grad(_scalar_fn)))(x), 1e-8)
-    # Reverse over forward as well.
-    assert_trees_match(fb.grad(lambda x: fb.jvp(_scalar_fn, (x,), (v,))[1])(x),
-                       jax.grad(lambda x: jax.jvp(_scalar_fn, (x,), (v,))[1])(x), 1e-9)
 
+    def cases(grad, jvp, jacfwd, jacrev):
+        return [
+            (grad(grad(grad(_scalar_fn)))(0.4), 1e-9),
+            (jvp(grad(_scalar_fn), (x,), (v,)), 1e-9),
+            (jacfwd(jacrev(_scalar_fn))(x), 1e-9),
+            (jacfwd(jacfwd(jacrev(_scalar_fn)))(x), 1e-8),
+            (jacrev(jacrev(grad(_scalar_fn)))(x), 1e-8),
+            # Reverse over forward as well.
+            (grad(lambda x: jvp(_scalar_fn, (x,), (v,))[1])(x), 1e-9),
+        ]
 
-# ------------------------------------- the spec table: our JVP against our VJP
-def _float_split(spec, args):
-    idx = [i for i, a in enumerate(args) if jnp.issubdtype(np.asarray(a).dtype, jnp.inexact)]
-
-    def f(*floats):
-        full = list(args)
-        for i, x in zip(idx, floats):
-            full[i] = x
-        return spec.fn(*full)
-
-    return f, tuple(args[i] for i in idx)
-
-
-def _like(rng, tree):
-    def one(x):
-        x = x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.inexact):
-            return np.zeros(x.shape, float0)
-        r = rng.standard_normal(x.shape)
-        if jnp.issubdtype(x.dtype, jnp.complexfloating):
-            r = r + 1j * rng.standard_normal(x.shape)
-        return jnp.asarray(r, x.dtype)
-    return tree_util.tree_map(one, tree)
-
-
-def _inner(xs, ys):
-    total = 0.0
-    for x, y in zip(tree_util.tree_leaves(xs), tree_util.tree_leaves(ys)):
-        if jnp.asarray(x).dtype == float0:
-            continue
-        total = total + jnp.real(jnp.sum(jnp.conj(x) * y))
-    return total
-
-
-def _identity_sides(f, xs, seed):
-    """(<u, J v>, <J^T u, v>) with our own JVP and VJP, JAX's complex convention."""
-    rng = np.random.default_rng(seed)
-    v = _like(rng, xs)
-    out, jv = fb.jvp(f, xs, v)
-    u = _like(rng, out)
-    _, vjp_fn = fb.vjp(f, *xs)
-    jtu = vjp_fn(tree_util.tree_map(lambda c: c if c.dtype == float0 else jnp.conj(c), u))
-    jtu = tree_util.tree_map(lambda c: c if c.dtype == float0 else jnp.conj(c), jtu)
-    return _inner(u, jv), _inner(jtu, v)
-
-
-# reduce_precision rounds the tangent (JVP) and the cotangent (VJP) to its
-# reduced precision separately, so the identity holds only to that precision.
-IDENTITY_TOL = {"reduce_precision": {"float64": (1e-2, 1e-2), "float32": (1e-2, 1e-2)}}
-
-SPEC_CASES = [pytest.param(s, id=s.name) for s in ALL_SPECS
-              if "fwd" in s.modes and "rev" in s.modes]
-
-
-# Under jit only: test_rules.py runs every spec eagerly as well.
-@pytest.mark.parametrize("spec", SPEC_CASES)
-def test_jvp_vjp_inner_product_identity(spec, jit=True):
-    dtype = "float64" if "float64" in spec.dtypes else spec.dtypes[0]
-    f, floats = _float_split(spec, spec.args(dtype))
-    if not floats:
-        pytest.skip("no float inputs")
-
-    def sides(*xs):
-        first = _identity_sides(f, xs, 0)
-        if spec.order < 2 or not jit:
-            return first, first
-        # Order 2: the same identity for the function x -> J(x)^T u (our VJP),
-        # i.e. forward-over-reverse against reverse-over-reverse.
-        u = _like(np.random.default_rng(5), jax.eval_shape(f, *xs))
-
-        def pullback(*ys):
-            return fb.vjp(f, *ys)[1](u)
-
-        return first, _identity_sides(pullback, xs, 1)
-
-    (a1, b1), (a2, b2) = (jax.jit(sides) if jit else sides)(*floats)
-    tol = IDENTITY_TOL.get(spec.name) or spec.tol or \
-        ({"float64": (1e-9, 1e-9)} if dtype == "float64" else None)
-    for a, b in ((a1, b1), (a2, b2)):
-        scale = 1.0 + abs(float(a)) + abs(float(b))
-        assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, dtype, tol,
-                        err_msg=spec.name)
+    ours = cases(fb.grad, fb.jvp, fb.jacfwd, fb.jacrev)
+    theirs = jax.jit(lambda: [c for c, _ in cases(jax.grad, jax.jvp, jax.jacfwd,
+                                                   jax.jacrev)])()
+    for (a, tol), b in zip(ours, theirs):
+        assert_trees_match(a, b, tol)
