@@ -400,6 +400,25 @@ def test_custom_vjp_with_consts_and_forwarded_residuals():
     close(jax.jit(fb.grad(loss, (0, 1, 2)))(*args), want, tol=1e-5)
 
 
+def test_custom_linear_solve_aux_outputs_have_zero_derivative():
+    """As in JAX: the diagnostics a solve returns with has_aux=True are constants."""
+    def solve(matvec, b):
+        x = jax.lax.stop_gradient(jnp.linalg.solve(jax.jacfwd(matvec)(b), b))
+        return x, {"residual": jnp.sum(matvec(x) - b) ** 2 + jnp.sum(b)}
+
+    def f(a, b):
+        x, aux = jax.lax.custom_linear_solve(lambda v: a @ v, b, solve, solve,
+                                             symmetric=True, has_aux=True)
+        return jnp.sum(jnp.sin(x)) + aux["residual"]
+
+    a = jnp.array([[3.0, 1.0], [1.0, 2.0]])
+    b = jnp.array([1.0, -1.0])
+    want = jax.grad(f, (0, 1))(a, b)
+    close(fb.grad(f, (0, 1))(a, b), want, tol=1e-5)
+    close(jax.jit(fb.grad(f, (0, 1)))(a, b), want, tol=1e-5)
+    close(fb.jvp(f, (a, b), (a, b)), jax.jvp(f, (a, b), (a, b)), tol=1e-5)
+
+
 def test_custom_vmap_call():
     from jax.custom_batching import custom_vmap
 

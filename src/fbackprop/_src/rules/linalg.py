@@ -806,15 +806,15 @@ def _flatten_groups(groups):
 def _linear_solve_vjp(cts, outs, *primals, const_lengths, jaxprs, active):
     params, b = _solve_parts(primals, const_lengths)
     n_b = len(b)
-    ct_x, ct_aux = cts[:n_b], cts[n_b:]
-    if any(c is not None for c in ct_aux):
-        raise NotImplementedError(
-            "fbackprop: 'custom_linear_solve' has no derivative with respect to the "
-            "auxiliary outputs of its solve (has_aux=True); stop_gradient them.")
+    # The auxiliary outputs of a solve with has_aux=True (solver diagnostics) have a
+    # zero derivative by custom_linear_solve's definition (its JVP, JAX's and ours
+    # below, gives them zero tangents): their cotangents contribute nothing.
+    ct_x = cts[:n_b]
     if jaxprs.transpose_solve is None:
         raise TypeError(
-            "fbackprop: reverse mode through custom_linear_solve needs transpose_solve "
-            "(or symmetric=True) to solve the transposed system.")
+            "fbackprop: transpose_solve required for reverse mode through "
+            "custom_linear_solve: pass transpose_solve (or symmetric=True) so the "
+            "transposed system can be solved.")
     n_consts = sum(const_lengths)
     if all(c is None for c in ct_x):
         return [None] * len(primals)
