@@ -1399,20 +1399,26 @@ def _inline(get_closed):
     return Inline(get_closed)
 
 
-class _WatchedCustomJVP:
-    """``custom_jvp``: the function's own code swept in place on the way forward
-    (its values are the call's), the JVP rule transposed as usual on the way back."""
+class _WatchedCustom:
+    """A custom-rule call whose own code is swept in place on the way forward."""
+    kind = ""
 
     def __init__(self, whole):
         self.whole = whole
 
     def evaluate(self, eqn, invals):
         call = eqn.params["call_jaxpr"]
-        _notify("enter", "custom_jvp", 0, _short_where(eqn))
+        _notify("enter", self.kind, 0, _short_where(eqn))
         try:
             return reverse.forward(call.jaxpr, call.consts, invals, [False] * len(invals))[0]
         finally:
             _notify("exit")
+
+
+class _WatchedCustomJVP(_WatchedCustom):
+    """``custom_jvp``: the function's own code swept in place on the way forward
+    (its values are the call's), the JVP rule transposed as usual on the way back."""
+    kind = "custom_jvp"
 
     def forward(self, eqn, invals, active):
         _, sub, out_active = self.whole.forward(eqn, invals, active)
@@ -1426,19 +1432,9 @@ class _WatchedCustomJVP:
             _notify("exit")
 
 
-class _WatchedCustomVJP:
+class _WatchedCustomVJP(_WatchedCustom):
     """``custom_vjp``: the user's fwd and bwd swept in place (bwd staged first)."""
-
-    def __init__(self, whole):
-        self.whole = whole
-
-    def evaluate(self, eqn, invals):
-        call = eqn.params["call_jaxpr"]
-        _notify("enter", "custom_vjp", 0, _short_where(eqn))
-        try:
-            return reverse.forward(call.jaxpr, call.consts, invals, [False] * len(invals))[0]
-        finally:
-            _notify("exit")
+    kind = "custom_vjp"
 
     def forward(self, eqn, invals, active):
         p = eqn.params

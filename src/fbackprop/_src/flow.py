@@ -8,13 +8,12 @@ exploding ones; exactly zero before a window boundary: truncated BPTT).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
-from . import api, perturb
+from . import api, perturb, plotting
 from .debug import find_tags, grad_and_intermediates
 
 
@@ -65,15 +64,7 @@ class GradientFlow(Mapping):
         Returns:
           The ``Axes``.
         """
-        try:
-            from matplotlib.figure import Figure
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("Plotting the gradient flow needs matplotlib, an optional "
-                              "dependency: pip install matplotlib") from err
-        fig = None
-        if ax is None:
-            fig = Figure(figsize=(7.0, 4.2))
-            ax = fig.add_subplot(1, 1, 1)
+        fig, ax = plotting.axes(ax, "the gradient flow", (7.0, 4.2))
         labels = labels or {}
         for name, norms in self._norms.items():
             ys = np.where(norms > 0, norms, np.nan) if log else norms
@@ -86,12 +77,7 @@ class GradientFlow(Mapping):
             ax.set_title(title or "gradient flow through time")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        figure = fig or ax.figure
-        figure.tight_layout()
-        if path is not None:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            figure.savefig(path, dpi=120)
-        return ax
+        return plotting.finish(ax, fig, path)
 
 
 def gradient_flow(fun: Callable, *args, names: str | Sequence[str] | None = None,

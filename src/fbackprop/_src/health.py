@@ -10,7 +10,6 @@ an optional matplotlib plot of the per-leaf norms.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Mapping
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from . import compat
+from . import compat, plotting
 
 _STAT_NAMES = ("norm", "mean", "std", "max_abs", "zero_fraction", "nonfinite")
 
@@ -281,16 +280,8 @@ def plot_gradient_norms(reports: Mapping[str, HealthReport] | HealthReport, ax=N
             not all(isinstance(r, HealthReport) for r in reports.values()):
         raise TypeError("plot_gradient_norms: pass a HealthReport or a mapping of labels to "
                         "HealthReports (from fb.gradient_health).")
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("Plotting gradient norms needs matplotlib, an optional dependency: "
-                          "pip install matplotlib") from err
-    fig = None
-    if ax is None:
-        longest = max(len(r.leaves) for r in reports.values())
-        fig = Figure(figsize=(max(6.0, 0.45 * longest + 2), 4.2))
-        ax = fig.add_subplot(1, 1, 1)
+    longest = max(len(r.leaves) for r in reports.values())
+    fig, ax = plotting.axes(ax, "gradient norms", (max(6.0, 0.45 * longest + 2), 4.2))
     for label, report in reports.items():
         norms = [leaf.norm if leaf.norm > 0 else np.nan for leaf in report.leaves]
         ax.plot(range(len(norms)), norms, marker="o", label=label)
@@ -308,9 +299,4 @@ def plot_gradient_norms(reports: Mapping[str, HealthReport] | HealthReport, ax=N
     ax.set_title(title or "per-leaf gradient norms (red rings: flagged)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    figure = fig or ax.figure
-    figure.tight_layout()
-    if path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        figure.savefig(path, dpi=120)
-    return ax
+    return plotting.finish(ax, fig, path)

@@ -104,7 +104,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import compat, memcut, residuals, trace
+from . import compat, memcut, plotting, residuals, trace
 from .memcut import eqn_flops, nbytes
 
 
@@ -815,15 +815,7 @@ class MemoryPlan:
         Returns:
           The ``Axes``.
         """
-        try:
-            from matplotlib.figure import Figure
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("Plotting a memory plan needs matplotlib, an optional "
-                              "dependency: pip install matplotlib") from err
-        fig = None
-        if ax is None:
-            fig = Figure(figsize=(7.0, 4.6))
-            ax = fig.add_subplot(1, 1, 1)
+        fig, ax = plotting.axes(ax, "a memory plan", (7.0, 4.6))
         mib = 2.0 ** 20
         hull = sorted(self.hull, key=lambda p: p.kept_bytes)
         ax.plot([p.kept_bytes / mib for p in hull], [p.recompute_flops / 1e6 for p in hull],
@@ -842,11 +834,7 @@ class MemoryPlan:
         ax.set_title(title or f"memory plan of {self.name}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-        figure = fig or ax.figure
-        figure.tight_layout()
-        if path is not None:
-            figure.savefig(path, dpi=120)
-        return ax
+        return plotting.finish(ax, fig, path)
 
 
 _DEFAULT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
