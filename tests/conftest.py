@@ -1,6 +1,8 @@
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+from xla_flags import xla_flags
+
+os.environ.setdefault("XLA_FLAGS", xla_flags())   # before JAX creates its backend
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -14,6 +16,22 @@ settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=25, deadline=None)
 settings.register_profile("full", max_examples=200, deadline=None)    # make test-full
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def pytest_configure(config):
+    """``--dist loadgroup`` must really group: the rule specs compile one program per
+    group and the memory-plan tests share one benchmark run, so a pytest-xdist that
+    ignores the groups silently does that work twice. pytest 9.2 makes pytest-xdist
+    3.8 ignore them (its node-id suffix no longer takes effect)."""
+    if getattr(config.option, "dist", None) != "loadgroup":
+        return
+    import xdist
+    if pytest.version_tuple[:2] >= (9, 2) and \
+            tuple(int(p) for p in xdist.__version__.split(".")[:2]) <= (3, 8):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__} ignores "
+            f"--dist loadgroup's groups; install the versions pyproject.toml pins "
+            f"(pip install -e '.[test]', which gives pytest<9.2).")
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from xla_flags import xla_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -22,8 +23,7 @@ ROOT = os.path.dirname(HERE)
 
 def _env(devices: int) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                        "--xla_cpu_multi_thread_eigen=false")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {xla_flags()}"
     env["JAX_PLATFORMS"] = "cpu"
     return env
 

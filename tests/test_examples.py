@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+from xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.py")))
@@ -26,7 +27,7 @@ def _env():
     env = dict(os.environ)
     env.setdefault("MPLBACKEND", "Agg")
     env["JAX_PLATFORMS"] = "cpu"
-    env.pop("XLA_FLAGS", None)      # examples choose their own device count
+    env["XLA_FLAGS"] = xla_flags()   # examples add their own device count
     src = os.path.join(ROOT, "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     return env

@@ -505,21 +505,22 @@ class _flag:
 # ---------------------------------- the user's rank-promotion setting (JAX's tests')
 def test_rules_and_layers_work_under_rank_promotion_raise():
     """fbackprop's rules and nn layers never rely on implicit rank promotion, so
-    they work under jax_numpy_rank_promotion='raise' (JAX's own test setting)."""
+    they work under jax_numpy_rank_promotion='raise' (JAX's own test setting).
+    The check happens while a function is traced, so both sides run under jit."""
     from fbackprop import nn
     a = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 4)), jnp.float32)
     with jax.numpy_rank_promotion("raise"):
         eigvals = lambda a: jnp.sum(jnp.linalg.eigvals(a).real)  # noqa: E731
-        close(fb.grad(eigvals)(a), jax.grad(eigvals)(a), tol=1e-4)
+        close(jax.jit(fb.grad(eigvals))(a), jax.jit(jax.grad(eigvals))(a), tol=1e-4)
         for f in (jnp.linalg.det, lambda a: jax.lax.linalg.lu(a)[0]):
             second = lambda a: fb.vjp(lambda a: jnp.sum(f(a)), a)[1](jnp.float32(1))[0]  # noqa
-            close(fb.jvp(second, (a,), (a,)),
-                  jax.jvp(lambda a: jax.vjp(lambda a: jnp.sum(f(a)), a)[1](
-                      jnp.float32(1))[0], (a,), (a,)), tol=2e-3)
+            close(jax.jit(lambda a: fb.jvp(second, (a,), (a,)))(a),
+                  jax.jit(lambda a: jax.jvp(lambda a: jax.vjp(lambda a: jnp.sum(f(a)), a)[1](
+                      jnp.float32(1))[0], (a,), (a,)))(a), tol=2e-3)
         params = nn.init_mlp(jax.random.key(0), [3, 8, 2])
         block = nn.init_transformer_block(jax.random.key(1), 8, 2)
         x = jnp.ones((5, 3))
         loss = lambda p: jnp.sum(nn.mlp(p, x) ** 2)  # noqa: E731
-        close(fb.grad(loss)(params), jax.grad(loss)(params))
+        close(jax.jit(fb.grad(loss))(params), jax.jit(jax.grad(loss))(params))
         loss2 = lambda p: jnp.sum(nn.transformer_block(p, jnp.ones((1, 4, 8)), num_heads=2))  # noqa
-        close(fb.grad(loss2)(block), jax.grad(loss2)(block), tol=1e-5)
+        close(jax.jit(fb.grad(loss2))(block), jax.jit(jax.grad(loss2))(block), tol=1e-5)
