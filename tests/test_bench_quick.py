@@ -88,3 +88,22 @@ def test_main_dispatch_lists_subcommands(capsys):
     for name in ("bench", "demo", "explain"):
         assert name in out
     assert main(["frobnicate"]) == 2
+
+
+def test_depth_scaling_reports_cost_per_layer(tmp_path, capsys):
+    from fbackprop.bench import depth
+    path = tmp_path / "depth.json"
+    assert harness.main(["--depth", "--depths", "20,60", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(path.read_text())
+    rows = doc["rows"]
+    assert [r["depth"] for r in rows] == [20, 60]
+    for r in rows:
+        assert r["fb_seconds"] > 0 and r["jax_seconds"] > 0
+        assert r["fb_us_per_layer"] == pytest.approx(r["fb_seconds"] / r["depth"] * 1e6)
+        assert r["ratio"] == pytest.approx(r["fb_seconds"] / r["jax_seconds"])
+    assert "us/layer" in out and "1.00 = linear in depth" in out
+    assert doc["meta"]["jax_version"]
+    with pytest.raises(SystemExit) as exc:
+        depth.main(["--depths", "10,x"])
+    assert exc.value.code == 2

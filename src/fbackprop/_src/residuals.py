@@ -158,7 +158,8 @@ def trace_joint(jaxpr, consts: Sequence, in_avals: Sequence, in_active: Sequence
 
     specs = [spec_of(a) for a in in_avals] + [spec_of(out_avals[i], False)
                                                for i in ct_outputs]
-    closed = jax.make_jaxpr(joint)(*specs)
+    with reverse.sweeping_calls_in_place():
+        closed = jax.make_jaxpr(joint)(*specs)
     result = Joint(closed.jaxpr, list(closed.consts), n_in, n_out, in_active,
                    cell["out_active"], ct_outputs, cell["nonzero"])
     if per is not None and not any(compat.is_tracer(c) for c in closed.consts):
@@ -424,9 +425,33 @@ def split_joint(joint: Joint, recompute: Callable[[Any], bool] | None = None,
                  cts_used, d.recomputed)
 
 
+_staged: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _staged_call(jaxpr):
+    """``jaxpr`` as an inlined jitted function, traced once per input types."""
+    fn = _staged.get(jaxpr)
+    if fn is None:
+        ref = weakref.ref(jaxpr)
+
+        def run(consts, args):
+            return compat.eval_jaxpr(ref(), consts, *args)
+        fn = _staged[jaxpr] = jax.jit(run, inline=True)
+    return fn
+
+
 def eval_jaxpr(jaxpr, consts, *args) -> list:
-    """Evaluates a jaxpr from a split in the current trace."""
-    return list(compat.eval_jaxpr(jaxpr, consts, *args))
+    """Evaluates a jaxpr from a split in the current trace.
+
+    Under a transformation, with no tool watching the sweeps, the jaxpr is bound as
+    one inlined ``jit`` call traced once per jaxpr and input types, so the identical
+    checkpointed blocks of a model (one cached split) cost one trace, and each
+    occurrence only a copy into the enclosing program. Eagerly it runs op by op.
+    """
+    if compat.is_eager() or not reverse.sweeps_unwatched() or \
+            any(compat.is_tracer(c) for c in consts):
+        return list(compat.eval_jaxpr(jaxpr, consts, *args))
+    return list(_staged_call(jaxpr)(list(consts), list(args)))
 
 
 # ---------------------------------------------------------- the residual report

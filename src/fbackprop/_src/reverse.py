@@ -89,6 +89,29 @@ def notify(method: str, *args):
             fn(*args)
 
 
+# Analyses that read the traced forward+backward program equation by equation
+# (checkpoint policies, residual reports, memory plans) need nested jit calls
+# swept in place rather than bound as one memoized call each.
+_in_place: list = []
+
+
+@contextlib.contextmanager
+def sweeping_calls_in_place():
+    """Nested ``jit`` calls are swept equation by equation while this is active."""
+    _in_place.append(True)
+    try:
+        yield
+    finally:
+        _in_place.pop()
+
+
+def sweeps_unwatched() -> bool:
+    """No tool watches or replaces the sweeps or reads the program they trace (they
+    must then see every equation of a sub-jaxpr), and no linear sweep checks them:
+    a sub-jaxpr's sweeps may then be traced once and bound as one call."""
+    return not (_observers or _linear_stack or handler_overrides or _in_place)
+
+
 # A debugging tool may replace a call primitive's reverse handler while it runs
 # (fb.checked_grad sweeps each step of a scan in place so it can watch it); the
 # replacement's ``evaluate(eqn, invals)`` also runs the equations nothing

@@ -531,6 +531,9 @@ def build_parser(prog: str = "python -m fbackprop bench") -> argparse.ArgumentPa
                         help="instead: memory-budget plans against JAX's checkpoint policies "
                              "(compiled temp bytes and FLOPs, the trade-off curve PNG in out/; "
                              "see fbackprop/bench/memplan.py)")
+    parser.add_argument("--depth", action="store_true",
+                        help="instead: tracing time against depth (1k/10k/100k layers of "
+                             "deep_narrow, cost per layer; see fbackprop/bench/depth.py)")
     return parser
 
 
@@ -612,6 +615,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m fbackprop bench")
         from . import memplan
         rest = [a for a in argv_list if a != "--memplan"]
         return memplan.main(rest, prog=f"{prog} --memplan")
+    if "--depth" in argv_list:
+        from . import depth
+        rest = [a for a in argv_list if a != "--depth"]
+        return depth.main(rest, prog=f"{prog} --depth")
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.list:

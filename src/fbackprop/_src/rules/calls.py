@@ -63,12 +63,12 @@ class _CompiledSweeps:
     from the one trace this object makes (it is cached per input types).
     """
 
-    def __init__(self, closed, active):
+    def __init__(self, closed, active, inline=False):
         self.closed, self.active = closed, list(active)
         self.static = None
         self.out_active = None
-        self.fwd = jax.jit(self._fwd)
-        self.bwd = jax.jit(self._bwd)
+        self.fwd = jax.jit(self._fwd, inline=inline)
+        self.bwd = jax.jit(self._bwd, inline=inline)
 
     def _fwd(self, invals):
         outs, tape = reverse.forward(self.closed.jaxpr, self.closed.consts, invals, self.active)
@@ -87,38 +87,50 @@ class _CompiledSweeps:
 
 
 def _compiles_eagerly(eqn) -> bool:
-    """Concrete values, no tool watching the sweeps, and a jit not marked
-    ``inline`` (jax.numpy's small helpers are): the nested jit runs compiled."""
+    """Concrete values, unwatched sweeps, and a jit not marked ``inline``
+    (jax.numpy's small helpers are): the nested jit runs compiled."""
     return (not eqn.params.get("inline", False) and compat.is_eager()
-            and not reverse._observers and not reverse._linear_stack)
+            and reverse.sweeps_unwatched())
 
 
 class JitCall(InlineCall):
-    """A nested ``jax.jit``. Under a transformation it is swept in place (the
-    enclosing program is compiled as a whole); eagerly its forward and backward
-    sweeps each run as one compiled program, as eager ``jax.grad`` runs a jitted
-    function (library code such as ``equinox.filter_jit`` relies on it). Jits
-    marked ``inline`` (jax.numpy's helpers) are swept in place."""
+    """A nested ``jax.jit``: its forward sweep and its backward sweep are each
+    traced once per sub-jaxpr, active inputs and input types, as two jitted
+    functions, and every call binds those (as JAX's own transpose does): the
+    thousand identical ``jnp.tanh`` calls of a deep net are swept once, not a
+    thousand times. Under a transformation they keep the call's ``inline`` flag, so
+    jax.numpy's helpers still end up inlined in the enclosing program; eagerly they
+    run as compiled programs, as eager ``jax.grad`` runs a jitted function (library
+    code such as ``equinox.filter_jit`` relies on it), except the ``inline`` helpers,
+    which are swept in place op by op. While a tool watches the sweeps, every call
+    is swept in place."""
 
     def __init__(self, get_closed):
         super().__init__(get_closed)
         self._programs: collections.OrderedDict = collections.OrderedDict()
 
-    def _sweeps(self, closed, invals, active):
-        key = (id(closed), tuple(active), tuple(compat.aval_key(x) for x in invals))
+    def _sweeps(self, closed, invals, active, inline=False):
+        key = (id(closed), tuple(active), tuple(compat.aval_key(x) for x in invals),
+               inline)
         hit = self._programs.get(key)
         if hit is None or hit.closed is not closed:
-            hit = self._programs[key] = _CompiledSweeps(closed, active)
-            if len(self._programs) > 256:
+            hit = self._programs[key] = _CompiledSweeps(closed, active, inline)
+            if len(self._programs) > 4096:
                 self._programs.popitem(last=False)
         else:
             self._programs.move_to_end(key)
         return hit
 
     def forward(self, eqn, invals, active):
-        if not _compiles_eagerly(eqn):
+        if compat.is_eager():
+            if not _compiles_eagerly(eqn):
+                return super().forward(eqn, invals, active)
+            inline = False
+        elif reverse.sweeps_unwatched():
+            inline = bool(eqn.params.get("inline", False))
+        else:
             return super().forward(eqn, invals, active)
-        sweeps = self._sweeps(self.get_closed(eqn.params), invals, active)
+        sweeps = self._sweeps(self.get_closed(eqn.params), invals, active, inline)
         outs, arrays = sweeps.fwd(invals)
         return outs, _CompiledResiduals(sweeps, arrays), list(sweeps.out_active)
 
