@@ -26,12 +26,7 @@ QUICK_DEPTHS = (50, 200)
 
 def _problem(depth: int):
     from . import workloads
-    width, batch = 16, 32
-    keys = workloads._keys(5, depth + 2)
-    params = [workloads._dense_init(k, width, width) for k in keys[:depth]]
-    data = (workloads._normal(keys[-2], (batch, width)),
-            workloads._normal(keys[-1], (batch, width)))
-    return params, data
+    return workloads.deep_args(depth, width=16, batch=32)
 
 
 def trace_seconds(engine: str, params, data) -> float:
@@ -133,7 +128,6 @@ def main(argv=None, prog: str = "python -m fbackprop bench --depth") -> int:
           f"{meta.get('device_kind', '?')}, jax {meta.get('jax_version', '?')}", flush=True)
     rows = measure(depths)
     print(table(rows))
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     with open(json_path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"wrote {json_path}")

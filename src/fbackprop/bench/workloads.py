@@ -330,12 +330,17 @@ def make_deep_loss():
     return deep_loss
 
 
-def _build_deep(quick):
-    depth, width, batch = _deep_sizes(quick)
+def deep_args(depth, width, batch):
+    """``(params, batch)`` of the deep narrow net (also ``bench --depth``'s)."""
     keys = _keys(5, depth + 2)
     params = [_dense_init(k, width, width) for k in keys[:depth]]
     data = (_normal(keys[-2], (batch, width)), _normal(keys[-1], (batch, width)))
-    return Problem(make_deep_loss, (params, data),
+    return params, data
+
+
+def _build_deep(quick):
+    depth, width, batch = _deep_sizes(quick)
+    return Problem(make_deep_loss, deep_args(depth, width, batch),
                    f"{depth} tanh layers of width {width}, batch {batch}")
 
 

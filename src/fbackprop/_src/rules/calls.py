@@ -122,13 +122,8 @@ class JitCall(InlineCall):
         return hit
 
     def forward(self, eqn, invals, active):
-        if compat.is_eager():
-            if not _compiles_eagerly(eqn):
-                return super().forward(eqn, invals, active)
-            inline = False
-        elif reverse.sweeps_unwatched():
-            inline = bool(eqn.params.get("inline", False))
-        else:
+        inline = bool(eqn.params.get("inline", False))
+        if not reverse.sweeps_unwatched() or (inline and compat.is_eager()):
             return super().forward(eqn, invals, active)
         sweeps = self._sweeps(self.get_closed(eqn.params), invals, active, inline)
         outs, arrays = sweeps.fwd(invals)
