@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from . import compat, define_by_run, reverse, trace
+from . import compat, define_by_run, eager, reverse, trace
 from .registry import jax_float0
 
 # Importing the rule modules fills the tables.
@@ -284,13 +284,20 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
     def value_and_grad_f(*args, **kwargs):
         nums = _normalize_argnums(argnums, len(args), api)
         inputs = _Inputs(args, kwargs, nums, api, holomorphic, allow_int)
-        run = define_by_run.record(fun, inputs.in_tree, inputs.leaves, inputs.active())
+        compiled_ok = eager.eligible()
+        tape_only = compiled_ok and eager.records_tape_only(fun)
+        run = define_by_run.record(fun, inputs.in_tree, inputs.leaves, inputs.active(),
+                                   tape_only=tape_only)
         main_tree, aux_tree = split_scalar_output(run.out_tree, run.out_vals, has_aux, api,
                                                   holomorphic)
         value = run.out_vals[0]
         if run.out_active[0]:
             n_out = len(run.out_vals)
-            cts = reverse.backward(run.tape, [_seed(value)] + [None] * (n_out - 1))
+            seeds = [_seed(value)] + [None] * (n_out - 1)
+            if compiled_ok:
+                cts = eager.backward(fun, run.tape, seeds, tape_only)
+            else:
+                cts = reverse.backward(run.tape, seeds)
         else:
             cts = [None] * len(inputs.leaves)
         grads = inputs.grads(cts, nums)

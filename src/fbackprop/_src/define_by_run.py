@@ -37,7 +37,7 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from . import compat, forward, reverse
+from . import compat, eager, forward, reverse
 from .registry import (call_handlers_reverse, vjp_rules, is_differentiable_dtype,
                        nondiff_primitives, foreign_rules)
 
@@ -120,8 +120,8 @@ class RecordingTracer(_ValueTracer):
     """A value that depends on a differentiated input: its value and its variable."""
     __slots__ = ["val", "var"]
 
-    def __init__(self, trace, val, var):
-        super().__init__(trace, compat.typeof(val))
+    def __init__(self, trace, val, var, aval=None):
+        super().__init__(trace, compat.typeof(val) if aval is None else aval)
         self.val = val
         self.var = var
 
@@ -163,6 +163,9 @@ class RecordingTrace(_StagingCalls, compat.Trace):
         # Hi-level primitives (remat3 checkpoints, custom_vjp3 functions) reach
         # us as they are, so their own semantics are kept.
         self.requires_low = False
+        # An eager program-only recording (see eager.py): equations learn their
+        # output types from the values, and calls run as cached jitted calls.
+        self.eager = tape_only and compat.is_eager()
 
     def invalidate(self):
         # Recorded equations can refer back to this trace (a custom_jvp rule's
@@ -187,7 +190,7 @@ class RecordingTrace(_StagingCalls, compat.Trace):
         return vals, act, invars
 
     def wrap(self, outvals, outvars, out_act):
-        return [RecordingTracer(self, x, v) if a else x
+        return [RecordingTracer(self, x, v, v.aval) if a else x
                 for x, v, a in zip(outvals, outvars, out_act)]
 
     @staticmethod
@@ -197,7 +200,7 @@ class RecordingTrace(_StagingCalls, compat.Trace):
     def _forward_eqn(self, eqn, vals, act, late):
         if not self.tape_only:
             return reverse.forward_eqn(eqn, vals, act, late_outvars=late)
-        outvals = compat.bind_eqn(eqn, vals)
+        outvals = eager.bind(eqn, vals) if self.eager else compat.bind_eqn(eqn, vals)
         if late:
             eqn = eqn.replace(outvars=[Var(compat.typeof(x)) for x in outvals])
         if eqn.primitive.name in nondiff_primitives:
@@ -220,7 +223,7 @@ class RecordingTrace(_StagingCalls, compat.Trace):
                                         tuple(compat.typeof(x) for x in vals), params)
         invars = self._vars(vals, invars)
         source_info = compat.current_source_info()
-        if _needs_avals_first(prim):
+        if not self.eager and _needs_avals_first(prim):
             out_avals, effects = compat.abstract_eval(prim, [v.aval for v in invars], params)
             eqn = compat.new_eqn(invars, [Var(a) for a in out_avals], prim, params,
                                  effects, source_info)
