@@ -228,3 +228,29 @@ def test_second_order_and_jit_outside_do_not_use_eager_programs():
               jax.grad(lambda y: jnp.sum(jax.grad(f)(y)))(x))
         close(jax.jit(fb.grad(f))(x), jax.grad(f)(x))
         close(jax.vmap(fb.grad(f))(x[:, None]), jax.vmap(jax.grad(f))(x[:, None]))
+
+
+def test_eager_hvp_compiled_matches_jax_on_new_values():
+    def f(p):
+        h = jnp.tanh(p["w"] @ p["x"])
+        return jnp.sum(jax.nn.softplus(h) * p["b"]) + jnp.sum(p["b"] ** 3)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        p = {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+             "x": jnp.asarray(rng.standard_normal(4), jnp.float32),
+             "b": jnp.asarray(rng.standard_normal(3), jnp.float32)}
+        v = jax.tree_util.tree_map(lambda a: jnp.ones_like(a) * (i + 1), p)
+        want = jax.jvp(jax.grad(f), (p,), (v,))[1]
+        close(fb.hvp(f, (p,), (v,)), (want,), tol=1e-4)
+    assert eager.stats["hvp_compiles"] == 1 and eager.stats["hvp_hits"] == 3
+
+
+def test_eager_hvp_with_changing_branches_and_bad_tangents():
+    f = lambda x: jnp.sum(jnp.sin(x) ** 3) if jnp.sum(x) > 0 else jnp.sum(x ** 4)  # noqa: E731
+    for i in range(6):
+        x = jnp.array([0.3, -0.2]) * (1 if i % 3 else -1) * (i + 1)
+        v = jnp.array([1.0, 0.5])
+        close(fb.hvp(f, (x,), (v,)), (jax.jvp(jax.grad(f), (x,), (v,))[1],), tol=1e-4)
+    assert eager.stats["hvp_compiles"] == 2 and eager.stats["hvp_hits"] == 4
+    with pytest.raises(ValueError, match="different primal and tangent shapes"):
+        fb.hvp(f, (x,), (jnp.ones(3),))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from . import api, compat, define_by_run, forward, trace
+from . import api, compat, define_by_run, eager, forward, trace
 from .api import _check_callable, _normalize_argnums, grad, vjp
 from .registry import jax_float0
 
@@ -634,6 +634,9 @@ def hvp(fun: Callable, primals, tangents, mode: str = "fwd_rev"):
     argnums = tuple(range(len(primals)))
     grad_f, rev_rev = _hvp_functions_of(fun, argnums)
     if mode == "fwd_rev":
+        hv = eager.hvp(fun, primals, tangents)
+        if hv is not None:
+            return tuple(hv)
         _, hv = _jvp(grad_f, tuple(primals), tuple(tangents), api_name="hvp")
         return tuple(hv)
     if mode == "rev_rev":

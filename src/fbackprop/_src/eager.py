@@ -336,6 +336,7 @@ def clear():
     _failed.clear()
     _jaxpr_keys.clear()
     _calls.clear()
+    _hvp_misses.clear()
     stats.clear()
 
 
@@ -480,3 +481,92 @@ def bind(eqn, vals: list) -> list:
         fn = jax.jit(lambda *xs, _eqn=eqn: compat.bind_eqn(_eqn, list(xs)))
         _bounded_put(_calls, key, fn, MAX_CALLS)
     return list(fn(*vals))
+
+
+# ------------------------------------------------ Hessian-vector products
+class _HvpProgram:
+    """fbackprop's forward-over-reverse ``hvp`` of one recorded program, jitted;
+    the program's constants are inputs, so values never enter the compiled code."""
+
+    def __init__(self, jaxpr):
+        import jax
+        self.jaxpr = jaxpr
+        self.run = jax.jit(self._run)
+
+    def _run(self, consts, leaves, tangents):
+        from .derivatives import hvp as fb_hvp
+        jaxpr = self.jaxpr
+
+        def recorded(*xs):
+            return compat.eval_jaxpr(jaxpr, consts, *xs)[0]
+        return fb_hvp(recorded, tuple(leaves), tuple(tangents))
+
+
+_hvp_misses: collections.OrderedDict = collections.OrderedDict()
+
+
+def _plain_float_array(x) -> bool:
+    import jax
+    import jax.numpy as jnp
+    return isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def hvp(fun, primals, tangents):
+    """An eager ``fb.hvp(fun, primals, tangents)`` through a compiled program when
+    the program ``fun`` records at ``primals`` repeats; ``None`` when this call
+    should take the ordinary path (the first calls, programs that do not repeat or
+    cannot be compiled, and every argument the ordinary path must check)."""
+    from jax import tree_util
+    from . import define_by_run
+    if not eligible():
+        return None
+    p_leaves, p_tree = tree_util.tree_flatten(tuple(primals))
+    t_leaves, t_tree = tree_util.tree_flatten(tuple(tangents))
+    if p_tree != t_tree or not all(
+            _plain_float_array(x) and _plain_float_array(t) and x.shape == t.shape
+            and x.dtype == t.dtype for x, t in zip(p_leaves, t_leaves)):
+        return None
+    fkey = _function_key(fun)
+    misses = _hvp_misses.get(fkey, 0)
+    if misses >= MAX_MISSES:
+        return None
+    in_tree = tree_util.tree_structure((tuple(primals), {}))
+    run = define_by_run.record(fun, in_tree, p_leaves, [True] * len(p_leaves),
+                               tape_only=True)
+    program = None
+    if (len(run.out_vals) == 1 and run.out_active[0]
+            and compat.typeof(run.out_vals[0]).shape == ()):
+        try:
+            layout = tape_key(run.tape)
+            key = ("hvp", layout.key)
+            hash(key)
+        except _Uncompilable:
+            key = None
+        if key is not None and key not in _failed:
+            program = _programs.get(key)
+            if program is None:
+                count = _counts.get(key, 0) + 1
+                _bounded_put(_counts, key, count, MAX_COUNTS)
+                if count >= 2:
+                    program = None
+                    try:
+                        closed = define_by_run.recorded_jaxpr(run)
+                        program = _HvpProgram(closed.jaxpr)
+                    except Exception:  # noqa: BLE001 - the ordinary path reports it
+                        _bounded_put(_failed, key, True, MAX_COUNTS)
+                    else:
+                        _bounded_put(_programs, key, program, MAX_PROGRAMS)
+                        stats["hvp_compiles"] += 1
+    if program is not None:
+        try:
+            consts = define_by_run.recorded_jaxpr(run).consts
+            out = program.run(list(consts), p_leaves, t_leaves)
+        except Exception:  # noqa: BLE001 - the ordinary path reports real errors
+            _programs.pop(key, None)
+            _bounded_put(_failed, key, True, MAX_COUNTS)
+        else:
+            _hvp_misses.pop(fkey, None)
+            stats["hvp_hits"] += 1
+            return tree_util.tree_unflatten(p_tree, list(out))
+    _bounded_put(_hvp_misses, fkey, misses + 1, MAX_COUNTS)
+    return None
