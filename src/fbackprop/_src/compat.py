@@ -138,6 +138,18 @@ CUSTOM_VJP_CALL = "custom_vjp_call"
 REMAT_NAMES = ("remat2", "checkpoint")
 
 
+def is_plain_jit(params) -> bool:
+    """A nested jit with nothing but a body: no shardings, layouts, donation or
+    compiler options (jax.numpy's helpers, most user jits)."""
+    unspecified = lambda s: type(s).__name__ == "UnspecifiedValue"  # noqa: E731
+    return (all(map(unspecified, params["in_shardings"]))
+            and all(map(unspecified, params["out_shardings"]))
+            and not any(params["donated_invars"])
+            and all(x is None for x in params.get("in_layouts", ()))
+            and all(x is None for x in params.get("out_layouts", ()))
+            and not params.get("compiler_options_kvs"))
+
+
 def jit_inner(params) -> ClosedJaxpr:
     """The closed sub-jaxpr of a ``jit``/``pjit`` equation."""
     return params["jaxpr"]

@@ -105,8 +105,8 @@ def _value_key(x):
         return ("nd", x.dtype.str, x.shape, x.tobytes())
     if isinstance(x, tuple):   # named tuples (dimension numbers)
         return (t, tuple(_value_key(y) for y in x))
-    if isinstance(x, float):   # NumPy scalars
-        return (t, _float_key(x))
+    if isinstance(x, np.generic):   # NumPy scalars, by their bytes
+        return ("np", x.dtype.str, x.tobytes())
     if compat.is_tracer(x) or hasattr(x, "__jax_array__") or type(x).__name__ == "ArrayImpl":
         raise _Uncompilable("an array parameter")
     try:
@@ -132,12 +132,12 @@ class _Identity:
 
 def _const_key(c):
     """A jaxpr constant: small ones by value, others by identity."""
-    if not compat.is_tracer(c):
+    if not compat.is_tracer(c) and np.size(c) <= 64:
         try:
             a = np.asarray(c)
         except Exception:  # noqa: BLE001 - e.g. PRNG keys: compared by identity
             a = None
-        if a is not None and a.dtype != object and a.size <= 64:
+        if a is not None and a.dtype != object:
             return ("v", a.dtype.str, a.shape, a.tobytes(), compat.typeof(c))
     return _Identity(c)
 
@@ -175,12 +175,12 @@ def _params_key(eqn):
     return tuple((k, _value_key(v)) for k, v in params.items())
 
 
-def _eqn_key(eqn, atom):
+def _eqn_key(eqn, ins: tuple):
     if eqn.effects:
         raise _Uncompilable(f"the effects of '{eqn.primitive.name}'")
     return (eqn.primitive,
             _params_key(eqn),
-            tuple(atom(v) for v in eqn.invars),
+            ins,
             tuple(None if type(v) is compat.DropVar else v.aval for v in eqn.outvars),
             eqn.ctx)
 
@@ -209,7 +209,7 @@ def _jaxpr_key(jaxpr) -> _Interned:
     parts: list[Any] = [tuple(define(v) for v in jaxpr.constvars),
                         tuple(define(v) for v in jaxpr.invars)]
     for eqn in jaxpr.eqns:
-        parts.append(_eqn_key(eqn, atom))
+        parts.append(_eqn_key(eqn, tuple(atom(v) for v in eqn.invars)))
         for v in eqn.outvars:
             if type(v) is not compat.DropVar:
                 index[v] = len(index)
@@ -224,21 +224,13 @@ def _jaxpr_key(jaxpr) -> _Interned:
 
 
 class _Layout:
-    """Where each recorded equation's inputs are in the list of values fed to the
-    compiled program (the distinct variables the equations read, in the order
-    first read)."""
-    __slots__ = ("key", "fed_vars", "in_pos")
+    """A recorded program's key, the values to feed its compiled program (those of
+    the distinct variables its equations read, in the order first read) and where
+    each equation's inputs are among them."""
+    __slots__ = ("key", "fed", "in_pos")
 
-    def __init__(self, key, fed_vars, in_pos):
-        self.key, self.fed_vars, self.in_pos = key, fed_vars, in_pos
-
-    def fed_values(self, tape) -> list:
-        first = {}
-        for rec, pos in zip(tape.records, self.in_pos):
-            for p, x in zip(pos, rec.invals):
-                if p not in first:
-                    first[p] = x
-        return [first[p] for p in range(len(self.fed_vars))]
+    def __init__(self, key, fed, in_pos):
+        self.key, self.fed, self.in_pos = key, fed, in_pos
 
 
 def tape_key(tape) -> _Layout:
@@ -248,8 +240,8 @@ def tape_key(tape) -> _Layout:
       _Uncompilable: the program cannot be compiled as one backward program.
     """
     index: dict = {}
-    fed: dict = {}
-    fed_vars: list = []
+    fed_pos: dict = {}
+    fed: list = []
     parts: list[Any] = []
     frame = tape.jaxpr
     parts.append(tuple(None if v is None else v.aval for v in frame.invars))
@@ -269,26 +261,26 @@ def tape_key(tape) -> _Layout:
             raise _Uncompilable(f"the primitive '{name}'")
         pos = []
         codes = []
-        for v in eqn.invars:
+        for v, x in zip(eqn.invars, rec.invals):
             i = index.get(v)
             if i is None:
                 i = index[v] = len(index)
                 codes.append((i, v.aval))
             else:
                 codes.append(i)
-            p = fed.get(v)
+            p = fed_pos.get(v)
             if p is None:
-                p = fed[v] = len(fed_vars)
-                fed_vars.append(v)
+                p = fed_pos[v] = len(fed)
+                fed.append(x)
             pos.append(p)
         in_pos.append(tuple(pos))
-        parts.append((_eqn_key(eqn, lambda v: None), tuple(codes), tuple(rec.active)))
+        parts.append((_eqn_key(eqn, tuple(codes)), tuple(rec.active)))
         for v in eqn.outvars:
             if type(v) is not compat.DropVar:
                 index[v] = len(index)
     parts.append(tuple(None if v is None else index.get(v, -1) for v in frame.outvars))
     parts.append((tuple(tape.in_active), tuple(tape.out_active)))
-    return _Layout(tuple(parts), fed_vars, in_pos)
+    return _Layout(tuple(parts), fed, in_pos)
 
 
 # -------------------------------------------------------- compiled programs
@@ -391,42 +383,74 @@ def full_tape(tape):
     return reverse.Tape(tape.jaxpr, records, tape.in_active, tape.out_active)
 
 
+def _key_of(tape, kind):
+    """``(layout, key)`` of a recorded program, or ``(None, None)`` when it
+    cannot be compiled."""
+    try:
+        layout = tape_key(tape)
+        key = (kind, layout.key)
+        hash(key)
+    except (_Uncompilable, TypeError):
+        return None, None
+    return layout, key
+
+
+def _lookup(key):
+    """``(program, count)``: the compiled program of ``key`` (count 0), or ``None``
+    and how often the program has now been seen."""
+    if key is None or key in _failed:
+        return None, 0
+    program = _programs.get(key)
+    if program is not None:
+        _programs.move_to_end(key)
+        return program, 0
+    count = _counts.get(key, 0) + 1
+    _bounded_put(_counts, key, count, MAX_COUNTS)
+    return None, count
+
+
+def _compile(key, make, stat: str):
+    try:
+        program = make()
+    except Exception:  # noqa: BLE001 - the ordinary path reports real errors
+        _bounded_put(_failed, key, True, MAX_COUNTS)
+        return None
+    _bounded_put(_programs, key, program, MAX_PROGRAMS)
+    stats[stat] += 1
+    return program
+
+
+_FAILED = object()
+
+
+def _run(key, program, *args):
+    """``program.run(*args)``, or ``_FAILED`` (and the program is dropped for good)."""
+    try:
+        return program.run(*args)
+    except Exception:  # noqa: BLE001 - the ordinary path reports real errors
+        _programs.pop(key, None)
+        _bounded_put(_failed, key, True, MAX_COUNTS)
+        return _FAILED
+
+
 def backward(fun, tape, cts_out: list, tape_only: bool) -> list:
     """The backward sweep of an eager recording, compiled when its program repeats.
 
     Same result as ``reverse.backward(tape, cts_out)`` on the full tape.
     """
     st = _state(fun)
-    program = layout = None
-    try:
-        layout = tape_key(tape)
-        key = (tape_only, layout.key)
-        hash(key)
-    except _Uncompilable:
-        key = None
-    if key is not None and key not in _failed:
-        program = _programs.get(key)
-        if program is not None:
-            _programs.move_to_end(key)
-        else:
-            count = _counts.get(key, 0) + 1
-            _bounded_put(_counts, key, count, MAX_COUNTS)
-            if not tape_only:
-                if count >= 2:
-                    st.tape_only, st.promoted, st.misses = True, True, 0
-            elif st.promoted or count >= 2:
-                st.promoted = False
-                program = _Program(tape, layout)
-                _bounded_put(_programs, key, program, MAX_PROGRAMS)
-                stats["compiles"] += 1
+    layout, key = _key_of(tape, tape_only)
+    program, count = _lookup(key)
+    if program is None and count:
+        if not tape_only:
+            if count >= 2:   # the next call records the program only, and compiles
+                st.tape_only, st.promoted, st.misses = True, True, 0
+        elif st.promoted or count >= 2:
+            st.promoted = False
+            program = _compile(key, lambda: _Program(tape, layout), "compiles")
     if program is not None:
-        try:
-            out = program.run(layout.fed_values(tape), cts_out)
-        except Exception:  # noqa: BLE001 - the op-by-op sweep below reports real errors
-            _programs.pop(key, None)
-            _bounded_put(_failed, key, True, MAX_COUNTS)
-            program = None
-        else:
+        out = _run(key, program, layout.fed, cts_out)
+        if out is not _FAILED:
             st.misses = 0
             stats["hits"] += 1
             return out
@@ -444,16 +468,6 @@ _calls: collections.OrderedDict = collections.OrderedDict()
 MAX_CALLS = 1024
 
 
-def _plain_jit(params) -> bool:
-    """A nested jit with nothing but a body (jax.numpy's helpers, most user jits)."""
-    return (all(type(s).__name__ == "UnspecifiedValue" for s in params["in_shardings"])
-            and all(type(s).__name__ == "UnspecifiedValue" for s in params["out_shardings"])
-            and not any(params["donated_invars"])
-            and all(x is None for x in params["in_layouts"])
-            and all(x is None for x in params["out_layouts"])
-            and not params.get("compiler_options_kvs"))
-
-
 def bind(eqn, vals: list) -> list:
     """Evaluates a recorded equation eagerly, as ``compat.bind_eqn`` does.
 
@@ -465,7 +479,7 @@ def bind(eqn, vals: list) -> list:
     name = eqn.primitive.name
     params = eqn.params
     try:
-        if name in compat.JIT_NAMES and _plain_jit(params):
+        if name in compat.JIT_NAMES and compat.is_plain_jit(params):
             key = (_Identity(params["jaxpr"]), params["keep_unused"])
         elif name in compat.REMAT_NAMES:
             key = (name, _jaxpr_key(params["jaxpr"]), _value_key(params["prevent_cse"]),
@@ -533,40 +547,23 @@ def hvp(fun, primals, tangents):
     in_tree = tree_util.tree_structure((tuple(primals), {}))
     run = define_by_run.record(fun, in_tree, p_leaves, [True] * len(p_leaves),
                                tape_only=True)
-    program = None
+    key = None
     if (len(run.out_vals) == 1 and run.out_active[0]
             and compat.typeof(run.out_vals[0]).shape == ()):
+        _, key = _key_of(run.tape, "hvp")
+    program, count = _lookup(key)
+    if program is not None or count >= 2:
         try:
-            layout = tape_key(run.tape)
-            key = ("hvp", layout.key)
-            hash(key)
-        except _Uncompilable:
-            key = None
-        if key is not None and key not in _failed:
-            program = _programs.get(key)
-            if program is None:
-                count = _counts.get(key, 0) + 1
-                _bounded_put(_counts, key, count, MAX_COUNTS)
-                if count >= 2:
-                    program = None
-                    try:
-                        closed = define_by_run.recorded_jaxpr(run)
-                        program = _HvpProgram(closed.jaxpr)
-                    except Exception:  # noqa: BLE001 - the ordinary path reports it
-                        _bounded_put(_failed, key, True, MAX_COUNTS)
-                    else:
-                        _bounded_put(_programs, key, program, MAX_PROGRAMS)
-                        stats["hvp_compiles"] += 1
-    if program is not None:
-        try:
-            consts = define_by_run.recorded_jaxpr(run).consts
-            out = program.run(list(consts), p_leaves, t_leaves)
-        except Exception:  # noqa: BLE001 - the ordinary path reports real errors
-            _programs.pop(key, None)
-            _bounded_put(_failed, key, True, MAX_COUNTS)
-        else:
-            _hvp_misses.pop(fkey, None)
-            stats["hvp_hits"] += 1
-            return tree_util.tree_unflatten(p_tree, list(out))
+            closed = define_by_run.recorded_jaxpr(run)
+        except Exception:  # noqa: BLE001 - the ordinary path reports it
+            closed = None
+        if closed is not None and program is None:
+            program = _compile(key, lambda: _HvpProgram(closed.jaxpr), "hvp_compiles")
+        if closed is not None and program is not None:
+            out = _run(key, program, list(closed.consts), p_leaves, t_leaves)
+            if out is not _FAILED:
+                _hvp_misses.pop(fkey, None)
+                stats["hvp_hits"] += 1
+                return tree_util.tree_unflatten(p_tree, list(out))
     _bounded_put(_hvp_misses, fkey, misses + 1, MAX_COUNTS)
     return None
