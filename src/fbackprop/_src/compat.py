@@ -489,6 +489,68 @@ def new_jaxpr(constvars, invars, outvars, eqns, fun_name: str = "fun") -> Jaxpr:
     return Jaxpr(constvars, invars, outvars, eqns, join_effects(eqns), debug_info=debug)
 
 
+# ----------------------------------------------------------- staged functions
+from jax._src.interpreters import partial_eval as _pe  # noqa: E402
+from jax._src import mesh as _mesh_lib  # noqa: E402
+from jax._src.pjit import jit_p as _jit_p  # noqa: E402
+
+_DynamicJaxprTrace = _pe.DynamicJaxprTrace
+
+
+class StagedFunction:
+    """A function of a flat list of arrays, traced once per input types and bound
+    like a call to a jitted function, without jax.jit's argument handling.
+
+    ``fn(args) -> outs`` takes a list of arrays and returns a list whose entries
+    are arrays or ``None`` (a ``None`` stays ``None``; it must not depend on the
+    values). Inside an enclosing ``jit`` trace an ``inline`` function's jaxpr is
+    copied into the trace directly (what ``jit(..., inline=True)`` does after its
+    argument handling, which costs more than the copy for a small function);
+    otherwise, and in any other trace, a ``jit`` equation is bound. JAX's own
+    transposes of nested jits are cached the same way.
+    """
+
+    def __init__(self, fn: Callable, inline: bool, name: str):
+        self.fn, self.inline, self.name = fn, inline, name
+        self._staged: dict = {}
+
+    def _stage(self, args):
+        mask: list = []
+
+        def flat(*xs):
+            outs = self.fn(list(xs))
+            mask[:] = [o is not None for o in outs]
+            return [o for o in outs if o is not None]
+        flat.__name__ = flat.__qualname__ = self.name
+        closed = jax.make_jaxpr(jax.jit(flat, inline=False))(*[spec_of(x) for x in args])
+        eqns = closed.jaxpr.eqns
+        assert (len(eqns) == 1 and eqns[0].primitive is _jit_p and not closed.consts
+                and eqns[0].invars == closed.jaxpr.invars
+                and eqns[0].outvars == closed.jaxpr.outvars), closed
+        params = dict(eqns[0].params, inline=self.inline)
+        direct = self.inline and is_plain_jit(params) and not params["jaxpr"].jaxpr.is_high
+        return params, tuple(mask), direct
+
+    def __call__(self, args: list) -> list:
+        key = (tuple(map(aval_key, args)), _mesh_lib.get_abstract_mesh())
+        hit = self._staged.get(key)
+        if hit is None:
+            hit = self._staged[key] = self._stage(args)
+        params, mask, direct = hit
+        trace = jcore.trace_ctx.trace
+        if direct and type(trace) is _DynamicJaxprTrace:
+            src = source_info_util.current()
+            closed = params["jaxpr"]
+            tracers = [trace.to_jaxpr_tracer(x, src) for x in args]
+            outs = _pe.inline_jaxpr_into_trace(trace, src, closed.jaxpr, closed.consts,
+                                               *tracers)
+            outs = [trace.to_jaxpr_tracer(x, src) for x in outs]
+        else:
+            outs = _jit_p.bind_with_trace(trace, args, tuple(map(typeof, args)), params)
+        it = iter(outs)
+        return [next(it) if m else None for m in mask]
+
+
 # fbackprop's rules are written with jax.numpy and rely on its broadcasting; a
 # user's ``jax_numpy_rank_promotion='raise'`` governs the user's code, not them.
 from jax._src import config as _config  # noqa: E402

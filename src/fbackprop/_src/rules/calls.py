@@ -60,15 +60,22 @@ class _CompiledSweeps:
 
     The forward program returns the call's outputs and the array leaves of its
     tape; everything else on the tape (equations, rules' static data) is kept
-    from the one trace this object makes (it is cached per input types).
+    from the one trace this object makes (it is cached per input types). Under
+    a transformation both are bound as staged functions (traced once, then
+    copied into the enclosing program, or bound as one ``jit`` equation); eagerly
+    they run as compiled programs.
     """
 
     def __init__(self, closed, active, inline=False):
         self.closed, self.active = closed, list(active)
         self.static = None
         self.out_active = None
-        self.fwd = jax.jit(self._fwd, inline=inline)
-        self.bwd = jax.jit(self._bwd, inline=inline)
+        self.n_out = len(closed.jaxpr.outvars)
+        self._fwd_eager = jax.jit(self._fwd, inline=inline)
+        self._bwd_eager = jax.jit(self._bwd, inline=inline)
+        self._fwd_staged = compat.StagedFunction(self._fwd_flat, inline, "fwd_sweep")
+        self._bwd_staged: dict = {}
+        self.inline = inline
 
     def _fwd(self, invals):
         outs, tape = reverse.forward(self.closed.jaxpr, self.closed.consts, invals, self.active)
@@ -78,12 +85,40 @@ class _CompiledSweeps:
         self.out_active = list(tape.out_active)
         return outs, [x for x, m in zip(leaves, mask) if m]
 
+    def _fwd_flat(self, invals):
+        outs, arrays = self._fwd(invals)
+        return list(outs) + arrays
+
     def _bwd(self, arrays, cts_out):
         treedef, mask, static = self.static
         it = iter(arrays)
         tape = jax.tree_util.tree_unflatten(
             treedef, [next(it) if m else x for m, x in zip(mask, static)])
         return reverse.backward(tape, cts_out)
+
+    def fwd(self, invals):
+        """``(outs, arrays)``: the call's outputs and its tape's arrays."""
+        if compat.is_eager():
+            return self._fwd_eager(invals)
+        flat = self._fwd_staged(list(invals))
+        return flat[:self.n_out], flat[self.n_out:]
+
+    def bwd(self, arrays, cts_out):
+        """One cotangent (or ``None``) per input of the call."""
+        if compat.is_eager():
+            return self._bwd_eager(arrays, cts_out)
+        # Zero cotangents are ``None``: one staged function per pattern of them.
+        present = tuple(ct is not None for ct in cts_out)
+        staged = self._bwd_staged.get(present)
+        if staged is None:
+            n = len(arrays)
+
+            def bwd_flat(flat, present=present):
+                it = iter(flat[n:])
+                return self._bwd(flat[:n], [next(it) if p else None for p in present])
+            staged = self._bwd_staged[present] = compat.StagedFunction(
+                bwd_flat, self.inline, "bwd_sweep")
+        return staged(list(arrays) + [ct for ct in cts_out if ct is not None])
 
 
 def _compiles_eagerly(eqn) -> bool:
