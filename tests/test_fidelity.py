@@ -260,6 +260,43 @@ def test_custom_jvp_rule_calling_the_function_on_the_tangent():
     close(fb.grad(fb.grad(lambda x: s(x) * x))(1.0), jax.grad(jax.grad(lambda x: s(x) * x))(1.0))
 
 
+def test_custom_jvp_under_jit_is_linearized_as_in_jax():
+    # Under a transformation the rule runs once (as JAX linearizes it): the value
+    # is the rule's primal output, the gradient the transpose of its tangent part.
+    @jax.custom_jvp
+    def f(x):
+        return x
+    f.defjvp(lambda p, t: (p[0] + 1.0, 3.0 * t[0]))
+    close(jax.jit(fb.value_and_grad(f))(1.0), jax.jit(jax.value_and_grad(f))(1.0))
+    close(jax.jit(lambda x: fb.vjp(f, x)[0])(1.0), jax.vjp(f, 1.0)[0])
+
+
+def test_custom_jvp_rule_with_jitted_helpers_under_jit():
+    # The same jitted helper inside a rule (applied to a tangent, swept as a
+    # checked linear map) and outside it (differentiated as usual): one cached
+    # program must not serve both.
+    scale = jax.jit(lambda a, b: a * b)
+
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+    f.defjvp(lambda p, t: (f(p[0]), scale(jnp.cos(p[0]), t[0])))
+
+    def loss(x):
+        return jnp.sum(f(scale(x, x)) * jnp.tanh(x))
+    x = jnp.linspace(-1.0, 1.0, 5)
+    close(jax.jit(fb.grad(loss))(x), jax.grad(loss)(x))
+    close(fb.grad(loss)(x), jax.grad(loss)(x))
+    close(jax.jit(fb.hessian(loss))(x), jax.hessian(loss)(x), tol=1e-5)
+
+    @jax.custom_jvp
+    def bad(x):
+        return jnp.sin(x)
+    bad.defjvp(lambda p, t: (bad(p[0]), scale(t[0], t[0])))   # not linear
+    with pytest.raises(fb.NonLinearRuleError, match="bad"):
+        jax.jit(fb.grad(lambda x: jnp.sum(bad(x))))(x)
+
+
 def test_custom_rules_closing_over_vmap_tracers():
     def per_jvp(a):
         @jax.custom_jvp

@@ -343,6 +343,11 @@ def current_trace():
     return jcore.trace_ctx.trace
 
 
+def is_eval_trace(trace) -> bool:
+    """``trace`` runs primitives on concrete values."""
+    return isinstance(trace, jcore.EvalTrace)
+
+
 def is_eager() -> bool:
     """No transformation is tracing: primitives run on concrete values."""
     return isinstance(jcore.trace_ctx.trace, jcore.EvalTrace)

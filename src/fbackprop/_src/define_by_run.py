@@ -152,9 +152,12 @@ def _needs_avals_first(prim) -> bool:
 class RecordingTrace(_StagingCalls, compat.Trace):
     """Runs each primitive in the enclosing trace and records its equation."""
 
-    def __init__(self, parent, tape_only: bool = False):
+    def __init__(self, parent, tape_only: bool = False, linear: str | None = None):
         super().__init__()
         self.parent = parent
+        # linear: this trace records a custom_jvp rule as a function of its
+        # tangents (see _linearize_custom_jvp); ``linear`` names the rule.
+        self.linear = linear
         self.records: list = []
         # tape_only: record the program only (fbackprop.linearize differentiates
         # the recorded jaxpr in forward mode), without the reverse rules'
@@ -210,6 +213,13 @@ class RecordingTrace(_StagingCalls, compat.Trace):
             return outvals, None, out_act
         return outvals, reverse.Record(eqn, vals, outvals, act, None, None), out_act
 
+    def _sweep_context(self):
+        # An enclosing linear sweep's check is about the equations of that sweep,
+        # not about what this trace records when the sweep binds into it.
+        if self.linear is None:
+            return reverse.outside_linear_sweeps()
+        return reverse.linear_sweep(self.linear)
+
     # -- the trace protocol
     def stage_value(self, val):
         (x,), (a,), (v,) = self.unpack([val])
@@ -231,7 +241,7 @@ class RecordingTrace(_StagingCalls, compat.Trace):
         else:
             eqn = compat.new_eqn(invars, [], prim, params, compat.no_effects, source_info)
             late = True
-        with compat.set_current_trace(self.parent), reverse.outside_linear_sweeps():
+        with compat.set_current_trace(self.parent), self._sweep_context():
             outvals, rec, out_act = self._forward_eqn(eqn, vals, act, late)
         if rec is None:
             outs = outvals
@@ -259,7 +269,7 @@ class RecordingTrace(_StagingCalls, compat.Trace):
         eqn = compat.new_eqn(all_vars, [Var(v.aval) for v in jaxpr.outvars],
                              compat.closed_call_p, dict(call_jaxpr=call),
                              compat.join_effects(jaxpr.eqns), compat.current_source_info())
-        with compat.set_current_trace(self.parent), reverse.outside_linear_sweeps():
+        with compat.set_current_trace(self.parent), self._sweep_context():
             outvals, rec, out_act = self._forward_eqn(eqn, all_vals, all_act, False)
         if rec is None:
             outs = outvals
@@ -270,6 +280,18 @@ class RecordingTrace(_StagingCalls, compat.Trace):
 
     def process_custom_jvp_call(self, prim, fun, jvp, tracers, *, symbolic_zeros):
         params = dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
+        vals, act, _ = self.unpack(tracers)
+        if not any(act):
+            with compat.set_current_trace(self.parent):
+                return compat.bind_in(self.parent, prim, vals, params)
+        if self.linear is not None:
+            # Applied to a tangent inside a rule being transposed, a custom_jvp
+            # function is part of a linear map: differentiated through its body.
+            with compat.set_current_trace(self):
+                return fun.call_wrapped(*tracers)
+        if (not self.tape_only and not compat.is_eval_trace(self.parent)
+                and reverse.sweeps_unwatched()):
+            return self._linearize_custom_jvp(prim, fun, jvp, tracers, symbolic_zeros)
         out = self._stage(
             tracers,
             lambda t, xs: t.process_custom_jvp_call(prim, fun, jvp, xs,
@@ -280,6 +302,54 @@ class RecordingTrace(_StagingCalls, compat.Trace):
         # its output structure.
         compat.reset_stores(jvp)
         return out
+
+    def _linearize_custom_jvp(self, prim, fun, jvp, tracers, symbolic_zeros):
+        """Reverse mode of a ``custom_jvp`` function under a transformation, as
+        JAX linearizes it: the user's JVP rule runs once, on the primal values and
+        on tangents that an inner trace records. The primal outputs are the
+        rule's; the recorded equations, which must be linear in the tangents, are
+        the map whose transpose (our backward sweep over them) gives the inputs'
+        cotangents. The function itself is not traced.
+
+        The recorded tangent equations are also bound in the enclosing trace, on
+        the primal values standing in for the tangents (the transpose of a linear
+        map does not read the value it is applied to); nothing uses their results,
+        so the compiled program drops them.
+        """
+        from jax import tree_util
+        vals, act, invars = self.unpack(tracers)
+        name = getattr(fun, "__name__", None) or getattr(
+            getattr(fun, "debug_info", None), "func_name", "?")
+        source_info = compat.current_source_info()
+        what = (f"the custom_jvp function '{name}' (called at "
+                f"{compat.source_line_of(source_info)})")
+        with compat.set_current_trace(self.parent):
+            tangents = []
+            for x, a in zip(vals, act):
+                if a:
+                    tangents.append(x)
+                elif symbolic_zeros:
+                    tangents.append(compat.symbolic_zero(compat.typeof(x)))
+                else:
+                    tangents.append(forward.zero_tangent(x))
+            n = len(vals)
+            leaves = list(vals) + tangents
+            tree = tree_util.tree_structure((tuple(range(len(leaves))), {}))
+            run = record(lambda *xs: jvp.call_wrapped(*xs), tree, leaves,
+                         [False] * n + list(act), linear=what)
+        n_out = len(run.out_vals) // 2
+        primal_outs = run.out_vals[:n_out]
+        outvars = [Var(compat.typeof(x)) for x in primal_outs]
+        out_act = [a and _differentiable(v.aval)
+                   for a, v in zip(run.out_active[n_out:], outvars)]
+        if not any(out_act):
+            return primal_outs
+        eqn = compat.new_eqn(self._vars(vals, invars), outvars, prim,
+                             dict(name=name, symbolic_zeros=symbolic_zeros),
+                             compat.no_effects, source_info)
+        rec = reverse.Record(eqn, vals, primal_outs, act, run.tape, _LINEARIZED)
+        self.records.append(rec)
+        return self.wrap(primal_outs, outvars, out_act)
 
     def process_custom_vjp_call(self, prim, fun, fwd, bwd, tracers, *, out_trees,
                                 symbolic_zeros):
@@ -292,7 +362,7 @@ class RecordingTrace(_StagingCalls, compat.Trace):
         # them works, as in jax.grad); bwd runs in the backward sweep.
         n_records = len(self.records)
         fwd_in = [y for x, a in zip(vals, act) for y in (x, a)]
-        with compat.set_current_trace(self.parent), reverse.outside_linear_sweeps():
+        with compat.set_current_trace(self.parent), self._sweep_context():
             res_and_outs = fwd.call_wrapped(*fwd_in)
         if len(self.records) != n_records:
             raise compat.custom_vjp_closure_error()
@@ -313,6 +383,20 @@ class RecordingTrace(_StagingCalls, compat.Trace):
 
 
 
+class _LinearizedCall:
+    """The backward half of a custom_jvp function linearized by
+    :meth:`RecordingTrace._linearize_custom_jvp`: the transpose of its recorded
+    tangent equations."""
+
+    def backward(self, record, cts_out):
+        n = len(record.invals)
+        cts = reverse.backward(record.sub, [None] * len(cts_out) + list(cts_out))
+        return [ct if a else None for ct, a in zip(cts[n:], record.active)]
+
+
+_LINEARIZED = _LinearizedCall()
+
+
 class Recording:
     """The result of :func:`record`: outputs, their activity, and the tape."""
 
@@ -330,7 +414,7 @@ class _Frame:
 
 
 def record(fun: Callable, args_tree, leaves: list, active: list,
-           tape_only: bool = False) -> Recording:
+           tape_only: bool = False, linear: str | None = None) -> Recording:
     """Runs ``fun`` on ``tree_unflatten(args_tree, leaves)`` with the active leaves
     as recording tracers; returns the flat outputs and the tape.
 
@@ -339,7 +423,7 @@ def record(fun: Callable, args_tree, leaves: list, active: list,
     """
     from jax import tree_util
     with compat.take_current_trace() as parent:
-        trace = RecordingTrace(parent, tape_only)
+        trace = RecordingTrace(parent, tape_only, linear)
         invars = []
         in_leaves = []
         for x, a in zip(leaves, active):
@@ -496,6 +580,54 @@ class TangentTrace(_StagingCalls, compat.Trace):
         touts = [None if isinstance(t, (compat.SymbolicZero, compat.Zero)) else t
                  for t in outs[n:]]
         return self.wrap(primal_outs, touts)
+
+    def _linearize_custom_jvp(self, prim, fun, jvp, tracers, symbolic_zeros):
+        """Reverse mode of a ``custom_jvp`` function under a transformation, as
+        JAX linearizes it: the user's JVP rule runs once, on the primal values and
+        on tangents that an inner trace records. The primal outputs are the
+        rule's; the recorded equations, which must be linear in the tangents, are
+        the map whose transpose (our backward sweep over them) gives the inputs'
+        cotangents. The function itself is not traced.
+
+        The recorded tangent equations are also bound in the enclosing trace, on
+        the primal values standing in for the tangents (the transpose of a linear
+        map does not read the value it is applied to); nothing uses their results,
+        so the compiled program drops them.
+        """
+        from jax import tree_util
+        vals, act, invars = self.unpack(tracers)
+        name = getattr(fun, "__name__", None) or getattr(
+            getattr(fun, "debug_info", None), "func_name", "?")
+        source_info = compat.current_source_info()
+        what = (f"the custom_jvp function '{name}' (called at "
+                f"{compat.source_line_of(source_info)})")
+        with compat.set_current_trace(self.parent):
+            tangents = []
+            for x, a in zip(vals, act):
+                if a:
+                    tangents.append(x)
+                elif symbolic_zeros:
+                    tangents.append(compat.symbolic_zero(compat.typeof(x)))
+                else:
+                    tangents.append(forward.zero_tangent(x))
+            n = len(vals)
+            leaves = list(vals) + tangents
+            tree = tree_util.tree_structure((tuple(range(len(leaves))), {}))
+            run = record(lambda *xs: jvp.call_wrapped(*xs), tree, leaves,
+                         [False] * n + list(act), linear=what)
+        n_out = len(run.out_vals) // 2
+        primal_outs = run.out_vals[:n_out]
+        outvars = [Var(compat.typeof(x)) for x in primal_outs]
+        out_act = [a and _differentiable(v.aval)
+                   for a, v in zip(run.out_active[n_out:], outvars)]
+        if not any(out_act):
+            return primal_outs
+        eqn = compat.new_eqn(self._vars(vals, invars), outvars, prim,
+                             dict(name=name, symbolic_zeros=symbolic_zeros),
+                             compat.no_effects, source_info)
+        rec = reverse.Record(eqn, vals, primal_outs, act, run.tape, _LINEARIZED)
+        self.records.append(rec)
+        return self.wrap(primal_outs, outvars, out_act)
 
     def process_custom_vjp_call(self, prim, fun, fwd, bwd, tracers, *, out_trees,
                                 symbolic_zeros):

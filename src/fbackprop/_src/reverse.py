@@ -105,11 +105,18 @@ def sweeping_calls_in_place():
         _in_place.pop()
 
 
-def sweeps_unwatched() -> bool:
+def sweeps_unwatched(linear_ok: bool = False) -> bool:
     """No tool watches or replaces the sweeps or reads the program they trace (they
-    must then see every equation of a sub-jaxpr), and no linear sweep checks them:
-    a sub-jaxpr's sweeps may then be traced once and bound as one call."""
-    return not (_observers or _linear_stack or handler_overrides or _in_place)
+    must then see every equation of a sub-jaxpr), and no linear sweep checks them
+    (unless ``linear_ok``: the caller's cache tells linear sweeps apart, and the
+    check runs when the sweep is traced): a sub-jaxpr's sweeps may then be traced
+    once and bound as one call."""
+    return not (_observers or (_linear_stack and not linear_ok) or handler_overrides
+                or _in_place)
+
+
+def in_linear_sweep() -> bool:
+    return bool(_linear_stack)
 
 
 # A debugging tool may replace a call primitive's reverse handler while it runs
@@ -241,6 +248,19 @@ def outside_linear_sweeps():
     when the sweep binds into it."""
     saved = _linear_stack[:]
     _linear_stack.clear()
+    try:
+        yield
+    finally:
+        _linear_stack[:] = saved
+
+
+@contextlib.contextmanager
+def linear_sweep(what: str):
+    """For a define-by-run trace that records a JVP rule as a function of its
+    tangents: every equation it records is checked for linearity in them, and
+    ``what`` names the rule in the error."""
+    saved = _linear_stack[:]
+    _linear_stack[:] = [what]
     try:
         yield
     finally:

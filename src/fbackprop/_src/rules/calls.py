@@ -145,8 +145,11 @@ class JitCall(InlineCall):
         self._programs: collections.OrderedDict = collections.OrderedDict()
 
     def _sweeps(self, closed, invals, active, inline=False):
+        # A linear sweep (a custom_jvp rule being transposed) checks every
+        # equation while its sweep is traced, and differentiates custom_jvp
+        # functions inside through their bodies: its programs are its own.
         key = (id(closed), tuple(active), tuple(compat.aval_key(x) for x in invals),
-               inline)
+               inline, reverse.in_linear_sweep())
         hit = self._programs.get(key)
         if hit is None or hit.closed is not closed:
             hit = self._programs[key] = _CompiledSweeps(closed, active, inline)
@@ -158,7 +161,7 @@ class JitCall(InlineCall):
 
     def forward(self, eqn, invals, active):
         inline = bool(eqn.params.get("inline", False))
-        if not reverse.sweeps_unwatched() or (inline and compat.is_eager()):
+        if not reverse.sweeps_unwatched(linear_ok=True) or (inline and compat.is_eager()):
             return super().forward(eqn, invals, active)
         sweeps = self._sweeps(self.get_closed(eqn.params), invals, active, inline)
         outs, arrays = sweeps.fwd(invals)
