@@ -86,6 +86,39 @@ def test_scan_carry_becomes_active_inside_the_loop():
     _check_grad(f, xs)
 
 
+def test_scan_carry_activity_fixpoint_takes_one_trace_of_the_body(monkeypatch):
+    # The body's equations tell that the carry becomes active in the first step
+    # (through a jitted helper and a custom_jvp function), so the body's sweeps
+    # are traced once, not once more after finding that out; a body whose
+    # activity cannot be read off its equations (a nested scan) takes two.
+    from fbackprop._src import residuals
+    calls = []
+    real = residuals.trace_joint
+    monkeypatch.setattr(residuals, "trace_joint",
+                        lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    w, xs = _rand(6, 2, 2), _rand(7, 4, 2)
+
+    def rnn(w, xs):
+        h, _ = lax.scan(lambda h, x: (jax.nn.relu(jnp.tanh(h @ w) + x), None),
+                        jnp.zeros(2), xs)
+        return jnp.sum(h ** 2)
+
+    _assert_trees_close(jax.jit(fb.grad(rnn))(w, xs), jax.grad(rnn)(w, xs))
+    assert calls == [[True, True, False]]          # w, h (active from step 1), x
+
+    def nested(w, xs):
+        def body(h, x):
+            inner, _ = lax.scan(lambda c, _: (c * w[0], None), h, None, length=2)
+            return inner + x, None
+        h, _ = lax.scan(body, jnp.zeros(2), xs)
+        return jnp.sum(h ** 2)
+
+    calls.clear()
+    _assert_trees_close(jax.jit(fb.grad(nested))(w, xs), jax.grad(nested)(w, xs))
+    outer = [a for a in calls if len(a) == 3]      # w, h, x of the outer body
+    assert len(outer) == 2 and not outer[0][1] and outer[1][1]
+
+
 def test_scan_carry_reset_each_step():
     # the carry's initial value is differentiated but the body overwrites it
     h0, xs = _rand(4, 3), _rand(5, 4, 3)

@@ -494,6 +494,21 @@ def new_jaxpr(constvars, invars, outvars, eqns, fun_name: str = "fun") -> Jaxpr:
     return Jaxpr(constvars, invars, outvars, eqns, join_effects(eqns), debug_info=debug)
 
 
+# -------------------------------------------------------------------- scan
+def bind_scan(params, jaxpr: Jaxpr, consts: list, num_consts: int, args: list) -> list:
+    """Binds ``lax.scan``'s primitive with the parameters of another scan equation
+    (``params``: length, reverse, unroll...) and a body ``jaxpr`` built directly
+    (its constvars fed by ``consts``, then ``num_consts`` loop-invariant inputs,
+    the carries and the per-step inputs in ``args``)."""
+    from jax._src.lax.control_flow.loops import scan_p
+    from jax._src.interpreters import partial_eval as pe
+    body = pe.convert_constvars_jaxpr(jaxpr)
+    new_params = dict(params, jaxpr=ClosedJaxpr(body, ()), num_consts=len(consts) + num_consts)
+    if "linear" in params:     # the parameter of earlier JAX versions
+        new_params["linear"] = (False,) * (len(consts) + len(args))
+    return scan_p.bind(*consts, *args, **new_params)
+
+
 # ----------------------------------------------------------- staged functions
 from jax._src.interpreters import partial_eval as _pe  # noqa: E402
 from jax._src import mesh as _mesh_lib  # noqa: E402

@@ -55,6 +55,7 @@ from ..registry import (
     call_handlers_reverse,
     is_differentiable_dtype,
     nondiff_primitives,
+    vjp_rules,
 )
 
 
@@ -89,19 +90,65 @@ def _loop_invariant(joint, num_consts):
     return lambda e: id(e) in ids
 
 
+def _swept_activity(jaxpr, in_active):
+    """Which outputs of ``jaxpr`` the forward sweep marks active, by a walk over
+    its equations (no tracing); ``None`` where an equation's activity is not known
+    without sweeping it (control flow, library primitives)."""
+    active = {v for v, a in zip(jaxpr.invars, in_active) if a}
+    for eqn in jaxpr.eqns:
+        act = [type(v) is not compat.Literal and v in active for v in eqn.invars]
+        if not any(act):
+            continue
+        name = eqn.primitive.name
+        if name in nondiff_primitives:
+            continue
+        if name in compat.JIT_NAMES:
+            sub = _swept_activity(compat.jit_inner(eqn.params).jaxpr, act)
+            if sub is None:
+                return None
+        elif name in call_handlers_reverse and name not in (compat.CUSTOM_JVP_CALL,
+                                                            compat.CUSTOM_VJP_CALL):
+            return None
+        elif name not in vjp_rules and name not in call_handlers_reverse:
+            return None
+        else:
+            sub = [True] * len(eqn.outvars)
+        active.update(v for v, a in zip(eqn.outvars, sub)
+                      if a and _is_var(v) and _differentiable(v.aval))
+    return [type(v) is not compat.Literal and v in active for v in jaxpr.outvars]
+
+
 def _scan_joint(body, consts, in_avals, active, nc, nk, before_trace=None):
     """The body's joint trace at the fixpoint of carry activity: a carry is
     active when its initial value is, or when the body makes it active."""
-    carry_active = [bool(a) and _differentiable(av)
-                    for a, av in zip(active[nc:nc + nk], in_avals[nc:nc + nk])]
+    init_active = [bool(a) and _differentiable(av)
+                   for a, av in zip(active[nc:nc + nk], in_avals[nc:nc + nk])]
+    # The fixpoint found by walking the body's equations needs one trace when the
+    # trace agrees with it (a recurrent network's hidden state starts inactive
+    # and becomes active in the first step: one trace instead of two).
+    carry_active = init_active
+    while True:
+        in_act = list(active[:nc]) + carry_active + list(active[nc + nk:])
+        outs = _swept_activity(body, in_act)
+        if outs is None:
+            carry_active = init_active
+            break
+        new = [a or b for a, b in zip(carry_active, outs[:nk])]
+        if new == carry_active:
+            break
+        carry_active = new
     while True:
         in_act = list(active[:nc]) + carry_active + list(active[nc + nk:])
         if before_trace is not None:
             before_trace()
         joint = residuals.trace_joint(body, consts, in_avals, in_act)
-        new = [a or b for a, b in zip(carry_active, joint.out_active[:nk])]
+        new = [a or b for a, b in zip(init_active, joint.out_active[:nk])]
         if new == carry_active:
             return joint, carry_active
+        if not all(b or not a for a, b in zip(carry_active, new)):
+            # The walk marked a carry active that the sweep does not: start over
+            # from the initial activity (the least fixpoint, one trace a step).
+            new = init_active
         carry_active = new
 
 
@@ -123,6 +170,19 @@ def _index(x, t):
 
 def _update(buf, x, t):
     return lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), t, 0)
+
+
+def _forward_body_jaxpr(split, res_src, nc, nk, n_out):
+    """The forward loop's body as a jaxpr ``(consts, carry, x) -> (carry, y, res)``
+    taken from the split's forward part, or ``None`` when its carry outputs are
+    not exactly of the carry inputs' types (``lax.scan`` then reconciles them)."""
+    fwd = split.fwd
+    if any(fwd.outvars[k].aval != fwd.invars[nc + k].aval for k in range(nk)):
+        return None
+    res = [fwd.outvars[n_out + j] if src == "computed" else fwd.invars[nc + j]
+           for src, j in res_src]
+    return compat.new_jaxpr(list(fwd.constvars), list(fwd.invars),
+                            list(fwd.outvars[:n_out]) + res, list(fwd.eqns), "fwd_scan_body")
 
 
 class ScanCall:
@@ -243,7 +303,17 @@ class ScanCall:
             return list(outs[:nk]), list(outs[nk:n_out]), res
 
         scope = hook.scope() if hook is not None else contextlib.nullcontext()
-        if window is None:
+        body_jaxpr = None
+        if window is None and hook is None and reverse.sweeps_unwatched():
+            body_jaxpr = _forward_body_jaxpr(split, res_src, nc, nk, n_out)
+        if body_jaxpr is not None:
+            # The forward loop's body is the split's forward part with its outputs
+            # rearranged: built directly, nothing to trace.
+            with compat.user_context(eqn):
+                outs = compat.bind_scan(p, body_jaxpr, list(split.consts), nc,
+                                        consts + init + xs)
+            carry_out, ys, res = outs[:nk], outs[nk:n_out], outs[n_out:]
+        elif window is None:
             def fwd_body(carry, x):
                 new, ys_t, res = step(carry, x)
                 return new, (ys_t, res)
@@ -330,7 +400,7 @@ class ScanCall:
                     cts.append(ct_ys_t[ct_ys_pos[o - nk]])
                 else:
                     cts.append(_zeros(out_avals[o]))
-            cts_in = dict(zip(nonzero, residuals.eval_jaxpr(
+            cts_in = dict(zip(nonzero, compat.eval_jaxpr(
                 split.bwd, split.consts, *saved, *cts)))
             new_carry = [_strong(cts_in[nc + k]) if nc + k in cts_in
                          else _zeros(in_avals[nc + k]) for k in act_carry]
