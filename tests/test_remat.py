@@ -72,6 +72,27 @@ def _count(jaxpr, name):
     return total
 
 
+def _inline_calls(jaxpr):
+    """The equations of ``jaxpr`` with nested ``jit`` calls replaced by their
+    bodies (renamed to the call's variables), in program order."""
+    out = []
+
+    def walk(j, rename):
+        for eqn in j.eqns:
+            invars = [v if hasattr(v, "val") else rename.get(v, v)   # literals stay
+                      for v in eqn.invars]
+            if eqn.primitive.name in ("jit", "pjit"):
+                inner = eqn.params["jaxpr"].jaxpr
+                sub = dict(zip(inner.invars, invars))
+                walk(inner, sub)
+                for o, io in zip(eqn.outvars, inner.outvars):
+                    rename[o] = sub.get(io, io)
+            else:
+                out.append(eqn.replace(invars=invars))
+    walk(jaxpr, {})
+    return out
+
+
 # ------------------------------------------------------------------ gradients
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_unrolled_gradients_match_jax(name):
@@ -219,11 +240,12 @@ def test_backward_recomputes_behind_an_optimization_barrier():
     remat = jax.make_jaxpr(fb.grad(_mlp(None, layers=1)))(ws, x).jaxpr
     assert _count(remat, "tanh") == 2            # forward, then recomputed in backward
     assert _count(remat, "optimization_barrier") == 1
-    barrier = [i for i, e in enumerate(remat.eqns) if e.primitive.name == "optimization_barrier"]
-    tanhs = [i for i, e in enumerate(remat.eqns) if e.primitive.name == "tanh"]
+    eqns = _inline_calls(remat)                  # the region's parts are jit calls
+    barrier = [i for i, e in enumerate(eqns) if e.primitive.name == "optimization_barrier"]
+    tanhs = [i for i, e in enumerate(eqns) if e.primitive.name == "tanh"]
     assert tanhs[0] < barrier[0] < tanhs[1]       # the recomputation reads the barrier
-    barred = set(remat.eqns[barrier[0]].outvars)
-    recompute_inputs = set(remat.eqns[tanhs[1] - 1].invars)   # the dot feeding the tanh
+    barred = set(eqns[barrier[0]].outvars)
+    recompute_inputs = set(eqns[tanhs[1] - 1].invars)   # the dot feeding the tanh
     assert recompute_inputs & barred
 
     no_cse = jax.make_jaxpr(fb.grad(_mlp(None, layers=1, prevent_cse=False)))(ws, x).jaxpr

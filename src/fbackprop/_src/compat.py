@@ -382,6 +382,12 @@ def constvars_to_invars(closed: ClosedJaxpr) -> tuple[Jaxpr, list]:
     return jaxpr, list(closed.consts)
 
 
+def open_jaxpr_taking_consts(jaxpr: Jaxpr) -> Jaxpr:
+    """``jaxpr`` with its constvars turned into leading inputs."""
+    from jax._src.interpreters import partial_eval as pe
+    return pe.convert_constvars_jaxpr(jaxpr) if jaxpr.constvars else jaxpr
+
+
 def make_jaxpr_of_bind(prim, specs, params) -> ClosedJaxpr:
     """Stages one ``prim.bind(*args, **params)`` into a closed jaxpr (used for
     call-like primitives whose bind parameters are functions, e.g. custom_jvp)."""
@@ -569,6 +575,50 @@ class StagedFunction:
             outs = _jit_p.bind_with_trace(trace, args, tuple(map(typeof, args)), params)
         it = iter(outs)
         return [next(it) if m else None for m in mask]
+
+
+_JIT_TEMPLATE: dict = {}
+
+
+def _jit_params(closed: ClosedJaxpr, name: str) -> dict:
+    """The parameters of a plain ``jit`` equation (no shardings, layouts or
+    donation) calling ``closed``, in the current mesh context, as ``jax.jit``
+    makes them."""
+    from jax._src import pjit as _pjit
+    if not _JIT_TEMPLATE:
+        probe = jax.make_jaxpr(jax.jit(lambda x: x))(np.float32(0)).jaxpr.eqns[0]
+        _JIT_TEMPLATE.update(probe.params)
+    n_in, n_out = len(closed.jaxpr.invars), len(closed.jaxpr.outvars)
+    unspecified = _JIT_TEMPLATE["in_shardings"][0]
+    return dict(_JIT_TEMPLATE, jaxpr=closed, in_shardings=(unspecified,) * n_in,
+                out_shardings=(unspecified,) * n_out, in_layouts=(None,) * n_in,
+                out_layouts=(None,) * n_out, donated_invars=(False,) * n_in,
+                ctx_mesh=_pjit.get_ctx_mesh(False), name=name, keep_unused=False,
+                inline=False)
+
+
+class JaxprFunction:
+    """An existing jaxpr bound as one ``jit`` equation, with nothing traced: the
+    staged form of a jaxpr fbackprop built itself (a checkpointed region's
+    forward or backward part). Its arguments must have exactly the types of
+    the jaxpr's inputs (weak types included), or ``__call__`` returns ``None``."""
+
+    def __init__(self, jaxpr: Jaxpr, consts, name: str):
+        self.in_avals = [v.aval for v in jaxpr.invars]
+        self._closed = ClosedJaxpr(jaxpr, list(consts))
+        self._name = name
+        self._params: dict = {}
+
+    def __call__(self, args: list):
+        avals = tuple(map(typeof, args))
+        if len(avals) != len(self.in_avals) or any(
+                a != b for a, b in zip(avals, self.in_avals)):
+            return None
+        mesh = _mesh_lib.get_abstract_mesh()
+        params = self._params.get(mesh)
+        if params is None:
+            params = self._params[mesh] = _jit_params(self._closed, self._name)
+        return _jit_p.bind_with_trace(jcore.trace_ctx.trace, args, avals, params)
 
 
 # fbackprop's rules are written with jax.numpy and rely on its broadcasting; a

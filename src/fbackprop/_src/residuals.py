@@ -429,29 +429,38 @@ _staged: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _staged_call(jaxpr):
-    """``jaxpr`` as an inlined jitted function, traced once per input types."""
-    fn = _staged.get(jaxpr)
-    if fn is None:
+    """``jaxpr`` as a function bound as one ``jit`` equation: the jaxpr itself
+    when the arguments have its input types exactly, else traced once per input
+    types."""
+    fns = _staged.get(jaxpr)
+    if fns is None:
         ref = weakref.ref(jaxpr)
+        n_consts = len(jaxpr.constvars)
 
-        def run(consts, args):
-            return compat.eval_jaxpr(ref(), consts, *args)
-        fn = _staged[jaxpr] = jax.jit(run, inline=True)
-    return fn
+        def run(args):
+            return list(compat.eval_jaxpr(ref(), args[:n_consts], *args[n_consts:]))
+        direct = compat.JaxprFunction(compat.open_jaxpr_taking_consts(jaxpr), [],
+                                      "checkpointed")
+        fns = _staged[jaxpr] = (direct, compat.StagedFunction(run, False, "checkpointed"))
+    return fns
 
 
 def eval_jaxpr(jaxpr, consts, *args) -> list:
     """Evaluates a jaxpr from a split in the current trace.
 
     Under a transformation, with no tool watching the sweeps, the jaxpr is bound as
-    one inlined ``jit`` call traced once per jaxpr and input types, so the identical
+    one ``jit`` equation traced once per jaxpr and input types, so the identical
     checkpointed blocks of a model (one cached split) cost one trace, and each
-    occurrence only a copy into the enclosing program. Eagerly it runs op by op.
+    occurrence one equation of the enclosing program (which the compiler
+    inlines). Eagerly it runs op by op.
     """
     if compat.is_eager() or not reverse.sweeps_unwatched() or \
             any(compat.is_tracer(c) for c in consts):
         return list(compat.eval_jaxpr(jaxpr, consts, *args))
-    return list(_staged_call(jaxpr)(list(consts), list(args)))
+    direct, traced = _staged_call(jaxpr)
+    args = list(consts) + list(args)
+    outs = direct(args)
+    return traced(args) if outs is None else outs
 
 
 # ---------------------------------------------------------- the residual report
