@@ -520,7 +520,39 @@ from jax._src.interpreters import partial_eval as _pe  # noqa: E402
 from jax._src import mesh as _mesh_lib  # noqa: E402
 from jax._src.pjit import jit_p as _jit_p  # noqa: E402
 
+from jax._src.interpreters import batching as _batching  # noqa: E402
+
 _DynamicJaxprTrace = _pe.DynamicJaxprTrace
+_BatchTrace = _batching.BatchTrace
+
+
+_BATCH_TRACER_SLOTS = ("val", "batch_dim", "source_info")
+
+
+def _batch_tracer(trace, val, dim, aval, src):
+    """A vmap tracer of ``val`` batched along ``dim`` whose per-example type
+    ``aval`` is already known (the unbatched jaxpr's output type), so it is not
+    derived again from ``val``'s type."""
+    if tuple(_batching.BatchTracer.__slots__) != _BATCH_TRACER_SLOTS:  # pragma: no cover
+        return _batching.BatchTracer(trace, val, dim, src)
+    t = object.__new__(_batching.BatchTracer)
+    jcore.Tracer.__init__(t, trace, aval)
+    t.val, t.batch_dim, t.source_info = val, dim, src
+    if _CHECK_BATCH_AVALS:
+        assert _batching.BatchTracer(trace, val, dim, src).aval == aval, (aval, val, dim)
+    return t
+
+
+_CHECK_BATCH_AVALS = False
+
+
+def _inline(trace, closed: ClosedJaxpr, args) -> list:
+    """Copies ``closed`` applied to ``args`` into a jit trace (what ``jit(...,
+    inline=True)`` does once it has its jaxpr)."""
+    src = source_info_util.current()
+    tracers = [trace.to_jaxpr_tracer(x, src) for x in args]
+    outs = _pe.inline_jaxpr_into_trace(trace, src, closed.jaxpr, closed.consts, *tracers)
+    return [trace.to_jaxpr_tracer(x, src) for x in outs]
 
 
 class StagedFunction:
@@ -565,12 +597,19 @@ class StagedFunction:
         params, mask, direct = hit
         trace = jcore.trace_ctx.trace
         if direct and type(trace) is _DynamicJaxprTrace:
+            outs = _inline(trace, params["jaxpr"], args)
+        elif (direct and type(trace) is _BatchTrace
+              and type(trace.parent_trace) is _DynamicJaxprTrace
+              and trace.axis_data.spmd_name is None):
+            # Under vmap: batch the jaxpr (cached per jaxpr and batch dims, as
+            # jit's batching rule does) and copy it into the enclosing jit trace.
+            vals, dims = zip(*map(trace.to_batch_info, args)) if args else ((), ())
+            batched, out_dims = _batching.batch_jaxpr2(params["jaxpr"], trace.axis_data,
+                                                       tuple(dims))
             src = source_info_util.current()
-            closed = params["jaxpr"]
-            tracers = [trace.to_jaxpr_tracer(x, src) for x in args]
-            outs = _pe.inline_jaxpr_into_trace(trace, src, closed.jaxpr, closed.consts,
-                                               *tracers)
-            outs = [trace.to_jaxpr_tracer(x, src) for x in outs]
+            outs = [x if d is None else _batch_tracer(trace, x, d, aval, src)
+                    for x, d, aval in zip(_inline(trace.parent_trace, batched, vals),
+                                          out_dims, params["jaxpr"].out_avals)]
         else:
             outs = _jit_p.bind_with_trace(trace, args, tuple(map(typeof, args)), params)
         it = iter(outs)

@@ -312,15 +312,43 @@ def _inline_jvp(get_closed):
 
 
 def _jit_jvp():
-    """Forward mode of a nested jit: in place under a transformation, one
-    compiled program eagerly (cached per jaxpr; jit caches the input types)."""
+    """Forward mode of a nested jit: one compiled program eagerly (cached per
+    jaxpr; jit caches the input types); under a transformation the tangent sweep
+    is traced once per jaxpr, pattern of nonzero tangents and input types, and
+    bound like the call (copied into an enclosing jit trace when the call is
+    ``inline``), as the reverse sweeps of nested jits are."""
     inline = _inline_jvp(compat.jit_inner)
     programs: collections.OrderedDict = collections.OrderedDict()
+    staged: collections.OrderedDict = collections.OrderedDict()
 
     def handler(eqn, invals, tangents):
-        if not _compiles_eagerly(eqn):
-            return inline(eqn, invals, tangents)
         closed = compat.jit_inner(eqn.params)
+        if not _compiles_eagerly(eqn):
+            if compat.is_eager() or not reverse.sweeps_unwatched(linear_ok=True):
+                return inline(eqn, invals, tangents)
+            present = tuple(t is not None for t in tangents)
+            call_inline = bool(eqn.params.get("inline", False))
+            key = (id(closed), present, tuple(compat.aval_key(x) for x in invals),
+                   call_inline, reverse.in_linear_sweep())
+            hit = staged.get(key)
+            if hit is None or hit[0] is not closed:
+                n = len(invals)
+
+                def jvp_flat(flat, present=present):
+                    ts = iter(flat[n:])
+                    outs, touts = _forward.jvp_jaxpr(
+                        closed.jaxpr, closed.consts, flat[:n],
+                        [next(ts) if p else None for p in present])
+                    return list(outs) + list(touts)
+                hit = staged[key] = (closed, compat.StagedFunction(
+                    jvp_flat, call_inline, "jvp_sweep"))
+                if len(staged) > 4096:
+                    staged.popitem(last=False)
+            else:
+                staged.move_to_end(key)
+            flat = hit[1](list(invals) + [t for t in tangents if t is not None])
+            n_out = len(closed.jaxpr.outvars)
+            return flat[:n_out], flat[n_out:]
         hit = programs.get(id(closed))
         if hit is None or hit[0] is not closed:
             run = jax.jit(lambda xs, ts: _forward.jvp_jaxpr(closed.jaxpr, closed.consts, xs, ts))
