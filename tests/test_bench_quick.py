@@ -12,7 +12,8 @@ from fbackprop._src import compat
 from fbackprop.bench import harness
 from fbackprop.bench.workloads import Problem, Workload
 
-FIGURES = ("jit_step", "flops", "temp_bytes", "trace_lower", "eager", "eager_closure")
+FIGURES = ("jit_step", "flops", "temp_bytes", "trace_only", "trace_lower", "eager",
+           "eager_closure")
 
 
 def test_quick_run_writes_json(tmp_path):

@@ -136,11 +136,6 @@ def table(doc: dict) -> str:
             lines.append(_row("", label, fmt_value(fig["fb"], fig["unit"]),
                               fmt_value(fig["jax"], fig["unit"]), fmt_ratio(fig["ratio"]),
                               _target_text(figure), verdict) + extra)
-            if figure == "trace_lower" and res.get("trace_only"):
-                t = res["trace_only"]
-                lines.append(_row("", "  trace only", _fmt_seconds(t["fb"]),
-                                  _fmt_seconds(t["jax"]), fmt_ratio(t["ratio"]), "", "") +
-                             "  (jit(step).trace; the rest is lowering)")
         if "fb_grad_over_fwd" in res:
             theory = res.get("theory_grad_over_fwd")
             lines.append(_row("", "step/forward", f"{res['fb_grad_over_fwd']:.2f}x",
@@ -185,9 +180,7 @@ def markdown_table(doc: dict) -> str:
                 verdict = "" if fig["passed"] is None or not _judged(doc, fig) else \
                     (" PASS" if fig["passed"] else " **MISS**")
                 cell = fmt_ratio(fig["ratio"]) + verdict
-                if figure == "trace_lower" and res.get("trace_only"):
-                    cell += f" (trace only {fmt_ratio(res['trace_only']['ratio'])})"
-                elif fig.get("paired_ratio") is not None:
+                if fig.get("paired_ratio") is not None:
                     cell += f" (paired {fmt_ratio(fig['paired_ratio'])})"
                 cells.append(cell)
         if "fb_grad_over_fwd" in res:
