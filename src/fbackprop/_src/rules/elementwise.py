@@ -263,14 +263,14 @@ defjvp(lax.log1p_p, lambda t, out, x, **_: lax.div(t, lax.add(x, _const(x, 1))))
 
 
 # ---------------------------------------------------------------- sigmoid family
-# tanh' = 1 - y^2 = (1 + y)(1 - y) (no cancellation near |y| = 1), applied as JAX
-# does: the JVP is (t + t y)(1 - y) and the VJP its transpose, c + c y with
-# c = ct (1 - y). The factor (1 + y)(1 - y) is never formed on its own: under
-# forward-over-reverse (hvp) the forward sweep's tangent and the backward sweep's
-# cotangent would build the same expression of y, XLA would merge the two, and the
-# merged factor would stay alive from the forward pass to the backward pass (one
-# more activation-sized buffer per tanh). Only the cheap 1 - y is shared, which XLA
-# recomputes inside each fusion.
+# tanh' = 1 - y^2, computed as (1 + y)(1 - y): no cancellation near |y| = 1. The
+# JVP applies it as JAX does, (t + t y)(1 - y), never forming the factor on its
+# own: under forward-over-reverse (hvp) the forward sweep's tangent and the
+# backward sweep's cotangent would otherwise build the same (1 + y)(1 - y), XLA
+# would merge the two, and the merged factor would stay alive from the forward
+# pass to the backward pass (one more activation-sized buffer per tanh). Only the
+# cheap 1 - y is then shared, which XLA recomputes inside each fusion. The VJP
+# keeps the product: its 1 + y merges with the 1 + tanh of a tanh-GELU's forward.
 def _tanh_highest_derivative(x, accuracy):
     return lax.mul(_const(x, 4),
                    lax.mul(lax.logistic(lax.mul(_const(x, 2), x), accuracy=accuracy),
@@ -280,8 +280,7 @@ def _tanh_highest_derivative(x, accuracy):
 def _tanh_vjp(ct, out, x, *, accuracy=None, **_):
     if _is_highest(accuracy):
         return lax.mul(ct, _tanh_highest_derivative(x, accuracy))
-    scaled = lax.mul(ct, lax.sub(_const(out, 1), out))
-    return lax.add(scaled, lax.mul(scaled, out))
+    return lax.mul(ct, lax.mul(lax.add(_const(out, 1), out), lax.sub(_const(out, 1), out)))
 
 
 def _tanh_jvp(t, out, x, *, accuracy=None, **_):
