@@ -589,8 +589,11 @@ class StagedFunction:
         direct = self.inline and is_plain_jit(params) and not params["jaxpr"].jaxpr.is_high
         return params, tuple(mask), direct
 
-    def __call__(self, args: list) -> list:
-        key = (tuple(map(aval_key, args)), _mesh_lib.get_abstract_mesh())
+    def __call__(self, args: list, types: tuple | None = None) -> list:
+        """Binds the function on ``args``; ``types``, when the caller has it, is
+        ``tuple(map(typeof, args))``."""
+        key = (tuple(map(typeof, args)) if types is None else types,
+               _mesh_lib.get_abstract_mesh())
         hit = self._staged.get(key)
         if hit is None:
             hit = self._staged[key] = self._stage(args)

@@ -149,6 +149,15 @@ def _needs_avals_first(prim) -> bool:
             and foreign_rules["reverse_handler"](prim, False) is not None)
 
 
+def _binds_as_is(prim) -> bool:
+    """The primitive has a VJP rule of its own with no forward half, no handler
+    replaces it and it is differentiable: its forward sweep is binding it."""
+    name = prim.name
+    rule = vjp_rules.get(name)
+    return (rule is not None and rule.fwd is None and name not in call_handlers_reverse
+            and name not in nondiff_primitives and not reverse.handler_overrides)
+
+
 class RecordingTrace(_StagingCalls, compat.Trace):
     """Runs each primitive in the enclosing trace and records its equation."""
 
@@ -233,21 +242,50 @@ class RecordingTrace(_StagingCalls, compat.Trace):
                                         tuple(compat.typeof(x) for x in vals), params)
         invars = self._vars(vals, invars)
         source_info = compat.current_source_info()
+        plain = self.linear is None and not reverse.in_linear_sweep()
+        if plain and not self.tape_only and _binds_as_is(prim):
+            return self._record_as_is(prim, params, vals, act, invars, source_info)
         if not self.eager and _needs_avals_first(prim):
-            out_avals, effects = compat.abstract_eval(prim, [v.aval for v in invars], params)
+            if prim.name in compat.JIT_NAMES:      # its types are its jaxpr's
+                closed = compat.jit_inner(params)
+                out_avals, effects = closed.out_avals, closed.effects
+            else:
+                out_avals, effects = compat.abstract_eval(prim, [v.aval for v in invars],
+                                                          params)
             eqn = compat.new_eqn(invars, [Var(a) for a in out_avals], prim, params,
                                  effects, source_info)
             late = False
         else:
             eqn = compat.new_eqn(invars, [], prim, params, compat.no_effects, source_info)
             late = True
-        with compat.set_current_trace(self.parent), self._sweep_context():
-            outvals, rec, out_act = self._forward_eqn(eqn, vals, act, late)
+        if plain:
+            with compat.set_current_trace(self.parent):
+                outvals, rec, out_act = self._forward_eqn(eqn, vals, act, late)
+        else:
+            with compat.set_current_trace(self.parent), self._sweep_context():
+                outvals, rec, out_act = self._forward_eqn(eqn, vals, act, late)
         if rec is None:
             outs = outvals
         else:
             self.records.append(rec)
             outs = self.wrap(outvals, rec.eqn.outvars, out_act)
+        return outs if prim.multiple_results else outs[0]
+
+    def _record_as_is(self, prim, params, vals, act, invars, source_info):
+        """A primitive whose VJP rule needs nothing from the forward sweep but its
+        inputs and outputs: bound in the enclosing trace (we are in the user's
+        call, so its source line is the current one) and recorded."""
+        with compat.set_current_trace(self.parent):
+            out = prim.bind_with_trace(self.parent, vals,
+                                       tuple(compat.typeof(x) for x in vals), params)
+        outvals = list(out) if prim.multiple_results else [out]
+        outvars = [Var(compat.typeof(x)) for x in outvals]
+        out_act = [_differentiable(v.aval) for v in outvars]
+        if not any(out_act):
+            return out
+        eqn = compat.new_eqn(invars, outvars, prim, params, compat.no_effects, source_info)
+        self.records.append(reverse.Record(eqn, vals, outvals, act, None, None))
+        outs = self.wrap(outvals, outvars, out_act)
         return outs if prim.multiple_results else outs[0]
 
     def _stage(self, tracers, process: Callable, prim_for_parent: Callable):

@@ -96,11 +96,12 @@ class _CompiledSweeps:
             treedef, [next(it) if m else x for m, x in zip(mask, static)])
         return reverse.backward(tape, cts_out)
 
-    def fwd(self, invals):
-        """``(outs, arrays)``: the call's outputs and its tape's arrays."""
+    def fwd(self, invals, types=None):
+        """``(outs, arrays)``: the call's outputs and its tape's arrays (``types``:
+        the inputs' types, when the caller has them)."""
         if compat.is_eager():
             return self._fwd_eager(invals)
-        flat = self._fwd_staged(list(invals))
+        flat = self._fwd_staged(list(invals), types)
         return flat[:self.n_out], flat[self.n_out:]
 
     def bwd(self, arrays, cts_out):
@@ -144,12 +145,11 @@ class JitCall(InlineCall):
         super().__init__(get_closed)
         self._programs: collections.OrderedDict = collections.OrderedDict()
 
-    def _sweeps(self, closed, invals, active, inline=False):
+    def _sweeps(self, closed, types, active, inline=False):
         # A linear sweep (a custom_jvp rule being transposed) checks every
         # equation while its sweep is traced, and differentiates custom_jvp
         # functions inside through their bodies: its programs are its own.
-        key = (id(closed), tuple(active), tuple(compat.aval_key(x) for x in invals),
-               inline, reverse.in_linear_sweep())
+        key = (id(closed), tuple(active), types, inline, reverse.in_linear_sweep())
         hit = self._programs.get(key)
         if hit is None or hit.closed is not closed:
             hit = self._programs[key] = _CompiledSweeps(closed, active, inline)
@@ -163,8 +163,9 @@ class JitCall(InlineCall):
         inline = bool(eqn.params.get("inline", False))
         if not reverse.sweeps_unwatched(linear_ok=True) or (inline and compat.is_eager()):
             return super().forward(eqn, invals, active)
-        sweeps = self._sweeps(self.get_closed(eqn.params), invals, active, inline)
-        outs, arrays = sweeps.fwd(invals)
+        types = tuple(map(compat.typeof, invals))
+        sweeps = self._sweeps(self.get_closed(eqn.params), types, active, inline)
+        outs, arrays = sweeps.fwd(invals, types)
         return outs, _CompiledResiduals(sweeps, arrays), list(sweeps.out_active)
 
     def backward(self, record, cts_out):
