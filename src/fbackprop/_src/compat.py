@@ -571,6 +571,9 @@ class StagedFunction:
     def __init__(self, fn: Callable, inline: bool, name: str):
         self.fn, self.inline, self.name = fn, inline, name
         self._staged: dict = {}
+        # Staged functions derived from this one (its tangent sweep...), kept by
+        # the trace hooks that bind it (see STAGED_CALL_HOOKS).
+        self.derived: dict = {}
 
     def _stage(self, args):
         mask: list = []
@@ -614,9 +617,19 @@ class StagedFunction:
                     for x, d, aval in zip(_inline(trace.parent_trace, batched, vals),
                                           out_dims, params["jaxpr"].out_avals)]
         else:
-            outs = _jit_p.bind_with_trace(trace, args, tuple(map(typeof, args)), params)
+            hook = STAGED_CALL_HOOKS.get(type(trace))
+            outs = None if hook is None else hook(self, trace, args, params)
+            if outs is None:
+                outs = _jit_p.bind_with_trace(trace, args, tuple(map(typeof, args)), params)
         it = iter(outs)
         return [next(it) if m else None for m in mask]
+
+
+# trace type -> hook(staged_function, trace, args, jit_params): the function's
+# outputs bound in that trace by a shorter path than its jit equation's rule
+# there (``None``: bind the jit equation). fbackprop's forward-mode trace
+# registers one that binds the function's memoized tangent sweep.
+STAGED_CALL_HOOKS: dict = {}
 
 
 _JIT_TEMPLATE: dict = {}

@@ -690,6 +690,36 @@ class TangentTrace(_StagingCalls, compat.Trace):
 
 
 
+def _staged_call_in_tangent_trace(fn, trace, args, params):
+    """A staged function (a nested jit's sweep) bound in a :class:`TangentTrace`:
+    its memoized tangent sweep bound in the enclosing trace, what the forward-mode
+    rule of its jit equation does, without building the equation."""
+    if compat.is_eval_trace(trace.parent) or not reverse.sweeps_unwatched(linear_ok=True):
+        return None
+    primals, tangents = trace.unpack(args)
+    present = tuple(t is not None for t in tangents)
+    closed = params["jaxpr"]
+    key = (id(closed), present, reverse.in_linear_sweep())
+    hit = fn.derived.get(key)
+    if hit is None or hit[0] is not closed:
+        n = len(primals)
+
+        def jvp_flat(flat):
+            ts = iter(flat[n:])
+            outs, touts = forward.jvp_jaxpr(closed.jaxpr, closed.consts, flat[:n],
+                                            [next(ts) if p else None for p in present])
+            return list(outs) + list(touts)
+        hit = fn.derived[key] = (closed, compat.StagedFunction(jvp_flat, fn.inline,
+                                                               "jvp_" + fn.name))
+    with compat.set_current_trace(trace.parent):
+        flat = hit[1](primals + [t for t in tangents if t is not None])
+    n_out = len(closed.jaxpr.outvars)
+    return trace.wrap(flat[:n_out], flat[n_out:])
+
+
+compat.STAGED_CALL_HOOKS[TangentTrace] = _staged_call_in_tangent_trace
+
+
 def push_tangents(fun: Callable, args_tree, primals: list, tangents: list) -> tuple:
     """Runs ``fun`` with tangents attached to the primals that have one.
 
