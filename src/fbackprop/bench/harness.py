@@ -83,7 +83,7 @@ class Settings:
     def __init__(self, quick: bool, reps: int | None = None):
         self.quick = quick
         self.step_reps = reps or (3 if quick else 21)
-        self.trace_reps = 1 if quick else 5
+        self.trace_reps = 1 if quick else 15
         self.eager_reps = 1 if quick else 9
         self.min_reps = 1 if quick else 3
         # Stop adding rounds after this many seconds (once min_reps are done).
@@ -197,6 +197,9 @@ def time_fresh_interleaved(makers: dict[str, Callable[[], Any]], reps: int, min_
                            budget: float) -> tuple[dict, dict]:
     """Like :func:`time_interleaved` for one-shot work (no warm-up, no repeats).
 
+    A full garbage collection runs before every sample (not timed), so no sample
+    pays for the garbage an earlier one left.
+
     Returns:
       ``(timings, last_results)``: the timings as above and each maker's last result.
     """
@@ -207,6 +210,8 @@ def time_fresh_interleaved(makers: dict[str, Callable[[], Any]], reps: int, min_
     start = time.perf_counter()
     for r in range(reps):
         for name in (names if r % 2 == 0 else names[::-1]):
+            last.pop(name, None)
+            gc.collect()
             t0 = time.perf_counter()
             last[name] = makers[name]()
             samples[name].append(time.perf_counter() - t0)

@@ -46,6 +46,7 @@ import weakref
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .. import compat, memplan, residuals, reverse
@@ -65,7 +66,9 @@ def _differentiable(aval) -> bool:
 
 
 def _zeros(aval):
-    return jnp.zeros(aval.shape, aval.dtype)
+    # One broadcast of a literal zero (what jnp.zeros stages, without its
+    # argument handling: loop bodies make many of these).
+    return lax.broadcast_in_dim(np.zeros((), aval.dtype), tuple(aval.shape), ())
 
 
 def _strong(x):
@@ -400,7 +403,7 @@ class ScanCall:
                     cts.append(ct_ys_t[ct_ys_pos[o - nk]])
                 else:
                     cts.append(_zeros(out_avals[o]))
-            cts_in = dict(zip(nonzero, compat.eval_jaxpr(
+            cts_in = dict(zip(nonzero, residuals.eval_jaxpr(
                 split.bwd, split.consts, *saved, *cts)))
             new_carry = [_strong(cts_in[nc + k]) if nc + k in cts_in
                          else _zeros(in_avals[nc + k]) for k in act_carry]
