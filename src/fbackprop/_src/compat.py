@@ -546,13 +546,70 @@ def _batch_tracer(trace, val, dim, aval, src):
 _CHECK_BATCH_AVALS = False
 
 
-def _inline(trace, closed: ClosedJaxpr, args) -> list:
-    """Copies ``closed`` applied to ``args`` into a jit trace (what ``jit(...,
-    inline=True)`` does once it has its jaxpr)."""
-    src = source_info_util.current()
-    tracers = [trace.to_jaxpr_tracer(x, src) for x in args]
-    outs = _pe.inline_jaxpr_into_trace(trace, src, closed.jaxpr, closed.consts, *tracers)
-    return [trace.to_jaxpr_tracer(x, src) for x in outs]
+class _InlinePlan:
+    """A closed jaxpr laid out for copying into a jit trace again and again: what
+    ``jit(..., inline=True)`` does with its jaxpr (JAX's ``inline_jaxpr_into_trace``,
+    the same equations in the same order), with the variables numbered once
+    instead of looked up by name on every copy."""
+
+    def __init__(self, closed: ClosedJaxpr):
+        jaxpr = closed.jaxpr
+        index: dict = {}
+        for v in jaxpr.invars:
+            index[v] = len(index)
+        self.consts = list(closed.consts)
+        for v in jaxpr.constvars:
+            index[v] = len(index)
+        atom = lambda v: v if type(v) is Literal else index[v]  # noqa: E731
+        self.steps = []
+        self.has_effects = False
+        for eqn in jaxpr.eqns:
+            ins = tuple(atom(v) for v in eqn.invars)
+            for v in eqn.outvars:
+                index[v] = len(index)
+            self.has_effects |= bool(eqn.effects)
+            self.steps.append((ins, [v.aval for v in eqn.outvars], eqn.primitive,
+                               eqn.params, eqn.effects, eqn.ctx,
+                               eqn.source_info.name_stack,
+                               eqn.primitive in _pe.const_fold_rules))
+        self.outs = tuple(atom(v) for v in jaxpr.outvars)
+        self.closed = closed
+
+    def __call__(self, trace, args) -> list:
+        src = source_info_util.current()
+        if self.has_effects:
+            tracers = [trace.to_jaxpr_tracer(x, src) for x in args]
+            outs = _pe.inline_jaxpr_into_trace(trace, src, self.closed.jaxpr,
+                                               self.closed.consts, *tracers)
+            return [trace.to_jaxpr_tracer(x, src) for x in outs]
+        to_tracer = trace.to_jaxpr_tracer
+        env = [to_tracer(x, src) for x in args]
+        env.extend(trace.new_const(c, src) for c in self.consts)
+        emit = trace.emit_eqn
+        for ins, out_avals, prim, params, effects, ctx, name_stack, folds in self.steps:
+            src_ = src if not name_stack else src.replace(
+                name_stack=src.name_stack + name_stack)
+            in_tracers = [env[i] if type(i) is int else
+                          _pe.DynamicJaxprTracer(trace, i.aval, i, src_) for i in ins]
+            if folds:
+                folded = _pe.try_constant_folding(prim, in_tracers, params, out_avals)
+                if folded is not None:
+                    env.extend(trace.new_const(c, source_info=src_, aval=a)
+                               for c, a in zip(folded, out_avals))
+                    continue
+            env.extend(emit(in_tracers, out_avals, prim, params, effects, src_, ctx))
+        return [env[i] if type(i) is int else
+                to_tracer(_pe.DynamicJaxprTracer(trace, i.aval, i, src), src)
+                for i in self.outs]
+
+
+def _inline(trace, closed: ClosedJaxpr, args, plans: dict) -> list:
+    """Copies ``closed`` applied to ``args`` into a jit trace; ``plans`` caches
+    the copying plan per jaxpr."""
+    hit = plans.get(id(closed))
+    if hit is None or hit.closed is not closed:
+        hit = plans[id(closed)] = _InlinePlan(closed)
+    return hit(trace, args)
 
 
 class StagedFunction:
@@ -571,6 +628,7 @@ class StagedFunction:
     def __init__(self, fn: Callable, inline: bool, name: str):
         self.fn, self.inline, self.name = fn, inline, name
         self._staged: dict = {}
+        self._plans: dict = {}
         # Staged functions derived from this one (its tangent sweep...), kept by
         # the trace hooks that bind it (see STAGED_CALL_HOOKS).
         self.derived: dict = {}
@@ -603,7 +661,7 @@ class StagedFunction:
         params, mask, direct = hit
         trace = jcore.trace_ctx.trace
         if direct and type(trace) is _DynamicJaxprTrace:
-            outs = _inline(trace, params["jaxpr"], args)
+            outs = _inline(trace, params["jaxpr"], args, self._plans)
         elif (direct and type(trace) is _BatchTrace
               and type(trace.parent_trace) is _DynamicJaxprTrace
               and trace.axis_data.spmd_name is None):
@@ -614,7 +672,8 @@ class StagedFunction:
                                                        tuple(dims))
             src = source_info_util.current()
             outs = [x if d is None else _batch_tracer(trace, x, d, aval, src)
-                    for x, d, aval in zip(_inline(trace.parent_trace, batched, vals),
+                    for x, d, aval in zip(_inline(trace.parent_trace, batched, vals,
+                                                  self._plans),
                                           out_dims, params["jaxpr"].out_avals)]
         else:
             hook = STAGED_CALL_HOOKS.get(type(trace))
