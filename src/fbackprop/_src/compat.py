@@ -75,6 +75,18 @@ def zeros_like_aval(aval):
     return z
 
 
+def zeros_like(x):
+    """``lax.full_like(x, 0)``: the same equation, staged without ``full_like``'s
+    argument handling when ``x`` is a plain array type (no weak type, no
+    ``shard_map`` axes it varies over)."""
+    a = typeof(x)
+    mat = getattr(a, "manual_axis_type", None)
+    if a.weak_type or (mat is not None and mat.varying):
+        return jax.lax.full_like(x, 0)
+    return jax.lax.broadcast_in_dim(np.zeros((), a.dtype), a.shape, (),
+                                    out_sharding=a.sharding)
+
+
 def is_tracer(x: Any) -> bool:
     return isinstance(x, jcore.Tracer)
 

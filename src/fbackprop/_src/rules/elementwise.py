@@ -43,7 +43,7 @@ def _const(like, value):
 
 
 def _zeros(like):
-    return lax.full_like(like, 0)
+    return compat.zeros_like(like)
 
 
 def _is_complex(x) -> bool:
