@@ -148,8 +148,24 @@ def _const_key(c):
 _in_rule = [0]
 
 
+# Parameters of nested jit equations are keyed once per set of parameter
+# objects: jax.jit hands every call of one function the same objects (its
+# jaxpr, its sharding tuples), so a repeated call is a lookup by identity.
+_jit_params_keys: collections.OrderedDict = collections.OrderedDict()
+_MAX_JIT_PARAMS_KEYS = 4096
+
+
 def _params_key(eqn):
     params = eqn.params
+    if eqn.primitive.name in compat.JIT_NAMES:
+        values = tuple(params.values())
+        ident = (bool(_in_rule[0]),) + tuple(map(id, values))
+        hit = _jit_params_keys.get(ident)
+        if hit is not None and all(a is b for a, b in zip(hit[0], values)):
+            return hit[1]
+        key = tuple((k, _value_key(v)) for k, v in params.items())
+        _bounded_put(_jit_params_keys, ident, (values, key), _MAX_JIT_PARAMS_KEYS)
+        return key
     if eqn.primitive.name == compat.CUSTOM_JVP_CALL and "jvp_jaxpr_fun" in params:
         # The JVP rule's traced function is made anew by every trace; what the
         # backward sweep transposes is the jaxpr it returns.
@@ -327,6 +343,7 @@ def clear():
     _functions.clear()
     _failed.clear()
     _jaxpr_keys.clear()
+    _jit_params_keys.clear()
     _calls.clear()
     _hvp_misses.clear()
     stats.clear()
