@@ -86,7 +86,7 @@ def test_scan_carry_becomes_active_inside_the_loop():
     _check_grad(f, xs)
 
 
-def test_scan_carry_activity_fixpoint_takes_one_trace_of_the_body(monkeypatch):
+def test_scan_body_traced_once_and_loops_built_directly(monkeypatch):
     # The body's equations tell that the carry becomes active in the first step
     # (through a jitted helper and a custom_jvp function), so the body's sweeps
     # are traced once, not once more after finding that out; a body whose
@@ -105,6 +105,17 @@ def test_scan_carry_activity_fixpoint_takes_one_trace_of_the_body(monkeypatch):
 
     _assert_trees_close(jax.jit(fb.grad(rnn))(w, xs), jax.grad(rnn)(w, xs))
     assert calls == [[True, True, False]]          # w, h (active from step 1), x
+
+    # Both loops' bodies are built from the split jaxpr, not traced again.
+    from fbackprop._src.rules import control
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("a loop body was traced")
+    import types
+    monkeypatch.setattr(control, "lax", types.SimpleNamespace(**dict(vars(lax), scan=no_trace)))
+    _assert_trees_close(jax.jit(fb.grad(rnn, argnums=(0, 1)))(w, xs),
+                        jax.grad(rnn, argnums=(0, 1))(w, xs))
+    monkeypatch.setattr(control, "lax", lax)
 
     def nested(w, xs):
         def body(h, x):

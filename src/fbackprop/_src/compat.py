@@ -513,18 +513,68 @@ def new_jaxpr(constvars, invars, outvars, eqns, fun_name: str = "fun") -> Jaxpr:
 
 
 # -------------------------------------------------------------------- scan
-def bind_scan(params, jaxpr: Jaxpr, consts: list, num_consts: int, args: list) -> list:
+def bind_scan(params, jaxpr: Jaxpr, consts: list, num_consts: int, args: list,
+              **overrides) -> list:
     """Binds ``lax.scan``'s primitive with the parameters of another scan equation
-    (``params``: length, reverse, unroll...) and a body ``jaxpr`` built directly
-    (its constvars fed by ``consts``, then ``num_consts`` loop-invariant inputs,
-    the carries and the per-step inputs in ``args``)."""
+    (``params``: length, reverse, unroll...; ``overrides`` replace some, e.g.
+    ``reverse`` or ``num_carry``) and a body ``jaxpr`` built directly (its
+    constvars fed by ``consts``, then ``num_consts`` loop-invariant inputs, the
+    carries and the per-step inputs in ``args``)."""
     from jax._src.lax.control_flow.loops import scan_p
     from jax._src.interpreters import partial_eval as pe
-    body = pe.convert_constvars_jaxpr(jaxpr)
-    new_params = dict(params, jaxpr=ClosedJaxpr(body, ()), num_consts=len(consts) + num_consts)
+    body = pe.convert_constvars_jaxpr(jaxpr) if jaxpr.constvars else jaxpr
+    new_params = dict(params, jaxpr=ClosedJaxpr(body, ()), num_consts=len(consts) + num_consts,
+                      **overrides)
     if "linear" in params:     # the parameter of earlier JAX versions
         new_params["linear"] = (False,) * (len(consts) + len(args))
     return scan_p.bind(*consts, *args, **new_params)
+
+
+# ------------------------------------------------- equations built directly
+_glue_templates: dict = {}
+
+
+def _glue_template(kind: str, aval, weak: bool = False) -> JaxprEqn:
+    key = (kind, aval, weak)
+    eqn = _glue_templates.get(key)
+    if eqn is None:
+        lax = jax.lax
+        spec = jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=weak)
+        if kind == "zeros":
+            fn = lambda: lax.broadcast_in_dim(np.zeros((), aval.dtype), tuple(aval.shape), ())  # noqa: E731
+            closed = jax.make_jaxpr(fn)()
+        elif kind == "strong":
+            closed = jax.make_jaxpr(lambda x: with_weak_type(x, False))(spec)
+        else:
+            closed = jax.make_jaxpr(lax.add)(spec, spec)
+        eqns = closed.jaxpr.eqns
+        assert len(eqns) == 1 and not closed.consts, (kind, closed)
+        eqn = _glue_templates[key] = eqns[0]
+    return eqn
+
+
+def zeros_eqn(outvar: Var) -> JaxprEqn:
+    """An equation defining ``outvar`` as zeros of its type (no weak type)."""
+    aval = outvar.aval
+    if aval.shape:
+        return _glue_template("zeros", aval).replace(outvars=[outvar])
+    # A scalar: jax.numpy stages no equation for it (the literal is the value);
+    # the broadcast of a one-element template to shape () defines the variable.
+    template = _glue_template("zeros", aval.update(shape=(1,)))
+    return template.replace(params=dict(template.params, shape=()), outvars=[outvar])
+
+
+def strong_eqn(invar, outvar: Var) -> JaxprEqn:
+    """An equation defining ``outvar`` as the weakly typed ``invar`` without its
+    weak type (same shape and dtype)."""
+    template = _glue_template("strong", outvar.aval, weak=True)
+    return template.replace(invars=[invar], outvars=[outvar])
+
+
+def add_eqn(x, y, outvar: Var) -> JaxprEqn:
+    """An equation defining ``outvar = x + y`` (all of ``outvar``'s type)."""
+    template = _glue_template("add", outvar.aval)
+    return template.replace(invars=[x, y], outvars=[outvar])
 
 
 # ----------------------------------------------------------- staged functions
@@ -598,9 +648,15 @@ class _InlinePlan:
         env = [to_tracer(x, src) for x in args]
         env.extend(trace.new_const(c, src) for c in self.consts)
         emit = trace.emit_eqn
+        sources: dict = {}     # an equation's name stack -> its source info
         for ins, out_avals, prim, params, effects, ctx, name_stack, folds in self.steps:
-            src_ = src if not name_stack else src.replace(
-                name_stack=src.name_stack + name_stack)
+            if not name_stack:
+                src_ = src
+            else:
+                src_ = sources.get(name_stack)
+                if src_ is None:
+                    src_ = sources[name_stack] = src.replace(
+                        name_stack=src.name_stack + name_stack)
             in_tracers = [env[i] if type(i) is int else
                           _pe.DynamicJaxprTracer(trace, i.aval, i, src_) for i in ins]
             if folds:
@@ -641,6 +697,7 @@ class StagedFunction:
         self.fn, self.inline, self.name = fn, inline, name
         self._staged: dict = {}
         self._plans: dict = {}
+        self._batched: dict = {}
         # Staged functions derived from this one (its tangent sweep...), kept by
         # the trace hooks that bind it (see STAGED_CALL_HOOKS).
         self.derived: dict = {}
@@ -680,8 +737,12 @@ class StagedFunction:
             # Under vmap: batch the jaxpr (cached per jaxpr and batch dims, as
             # jit's batching rule does) and copy it into the enclosing jit trace.
             vals, dims = zip(*map(trace.to_batch_info, args)) if args else ((), ())
-            batched, out_dims = _batching.batch_jaxpr2(params["jaxpr"], trace.axis_data,
-                                                       tuple(dims))
+            bkey = (key, dims, trace.axis_data)
+            hit = self._batched.get(bkey)
+            if hit is None:
+                hit = self._batched[bkey] = _batching.batch_jaxpr2(
+                    params["jaxpr"], trace.axis_data, tuple(dims))
+            batched, out_dims = hit
             src = source_info_util.current()
             outs = [x if d is None else _batch_tracer(trace, x, d, aval, src)
                     for x, d, aval in zip(_inline(trace.parent_trace, batched, vals,

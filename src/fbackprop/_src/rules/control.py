@@ -188,6 +188,79 @@ def _forward_body_jaxpr(split, res_src, nc, nk, n_out):
                             list(fwd.outvars[:n_out]) + res, list(fwd.eqns), "fwd_scan_body")
 
 
+def _backward_body_jaxpr(split, plan, ys_pos, xs_pos, ct_ys_pos, carry_pos, act_carry,
+                        const_nz, xs_nz, nc, nk, in_avals, n_ys, n_xs, n_ct_ys, n_res):
+    """The backward loop's body as a jaxpr, built from the split's backward part
+    itself (its equations and variables, not copies) and a few equations around
+    it: ``(loop consts, ct carries, const accumulators, residuals, ys, xs, ys
+    cotangents) -> (ct carries, accumulators, xs cotangents)``, its constvars the
+    split's; also the indices of the scan's consts it reads. ``None`` when the
+    body does not fit that form (a value read twice in one role, types that
+    differ); ``lax.scan`` then traces it."""
+    bwd = split.bwd
+    Var = compat.Var
+    n_saved = len(split.saved)
+    saved_vars, ct_vars = bwd.invars[:n_saved], bwd.invars[n_saved:]
+    const_idx, const_vars = [], []
+    slots = {"res": [None] * n_res, "ys": [None] * n_ys, "xs": [None] * n_xs}
+    positions = {"res": None, "ys": ys_pos, "xs": xs_pos}
+    for (src, i), v in zip(plan, saved_vars):
+        if src == "const":
+            const_idx.append(i)
+            const_vars.append(v)
+            continue
+        j = i if positions[src] is None else positions[src][i]
+        if slots[src][j] is not None:
+            return None
+        slots[src][j] = v
+    eqns = []
+    carry_in = [Var(in_avals[nc + k]) for k in act_carry]
+    ct_ys_vars = [None] * n_ct_ys
+    for o, v in zip(split.cts_used, ct_vars):
+        if o < nk:
+            carry_in[carry_pos[o]] = v
+        elif (o - nk) in ct_ys_pos:
+            ct_ys_vars[ct_ys_pos[o - nk]] = v
+        else:
+            eqns.append(compat.zeros_eqn(v))
+    acc_in = [Var(in_avals[i]) for i in const_nz]
+    invars = (const_vars + carry_in + acc_in + slots["res"] + slots["ys"] + slots["xs"]
+              + ct_ys_vars)
+    if any(v is None for v in invars) or len(set(invars)) != len(invars) or any(
+            v.aval != in_avals[nc + k] for v, k in zip(carry_in, act_carry)):
+        return None
+    eqns.extend(bwd.eqns)
+    cts_in = dict(zip(split.joint.ct_in_nonzero, bwd.outvars))
+    carry_out = []
+    for k in act_carry:
+        aval = in_avals[nc + k]
+        v = cts_in.get(nc + k)
+        if v is None or type(v) is compat.Literal:
+            if v is not None:
+                return None
+            v = Var(aval)
+            eqns.append(compat.zeros_eqn(v))
+        elif v.aval != aval:
+            if v.aval.update(weak_type=False) != aval:
+                return None
+            strong = Var(aval)
+            eqns.append(compat.strong_eqn(v, strong))
+            v = strong
+        carry_out.append(v)
+    acc_out = []
+    for acc, i in zip(acc_in, const_nz):
+        v = cts_in[i]
+        if type(v) is compat.Literal or v.aval != acc.aval:
+            return None
+        total = Var(acc.aval)
+        eqns.append(compat.add_eqn(acc, v, total))
+        acc_out.append(total)
+    ct_xs = [cts_in[nc + nk + j] for j in xs_nz]
+    jaxpr = compat.new_jaxpr(list(bwd.constvars), invars, carry_out + acc_out + ct_xs, eqns,
+                             "bwd_scan_body")
+    return jaxpr, const_idx
+
+
 class ScanCall:
     """Reverse mode of ``lax.scan``: a forward scan that stacks the per-step
     residuals, a backward scan in the opposite direction that consumes them.
@@ -412,7 +485,25 @@ class ScanCall:
             return new_carry, new_accs, ct_xs
 
         n_c, n_a = len(act_carry), len(const_nz)
-        if window is None:
+        direct = None
+        if window is None and reverse.sweeps_unwatched():
+            direct = _backward_body_jaxpr(
+                split, plan, ys_pos, xs_pos, ct_ys_pos, carry_pos, act_carry, const_nz,
+                xs_nz, nc, nk, in_avals, len(ys_idx), len(xs_idx), len(ct_ys_idx),
+                len(res))
+        if direct is not None:
+            # The backward loop's body is the split's backward part and a few
+            # equations around it, built directly: nothing to trace.
+            body_jaxpr, const_idx = direct
+            with compat.user_context(eqn):
+                final_and_xs = compat.bind_scan(
+                    p, body_jaxpr, list(split.consts), len(const_idx),
+                    [consts[i] for i in const_idx] + ct_carry0 + accs0 + list(res)
+                    + full[0] + full[1] + full[2],
+                    reverse=not p["reverse"], num_carry=n_c + n_a)
+            final, ct_xs = final_and_xs[:n_c + n_a], final_and_xs[n_c + n_a:]
+            ct_bufs_out = None
+        elif window is None:
             def bwd_body(carry, x):
                 res_t, ys_t, xs_t, ct_ys_t = x
                 new_carry, new_accs, ct_xs = step(carry[:n_c], carry[n_c:], res_t, ys_t,
