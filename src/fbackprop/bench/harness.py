@@ -91,7 +91,7 @@ class Settings:
         self.trace_budget = 3.0 if quick else 40.0
         self.eager_budget = 2.0 if quick else 25.0
         # One sample repeats a call until it lasts this long (timer resolution).
-        self.min_sample = 0.002 if quick else 0.02
+        self.min_sample = 0.002 if quick else 0.1
         self.warmup = 1 if quick else 2
 
 
