@@ -147,11 +147,12 @@ def _div_vjp(ct, out, x, y, *, active, **_):
     if y_active:
         if np.shape(y) != np.shape(ct):
             # y was broadcast inside the primitive (softmax's denominator): sum
-            # ct x / y over the broadcast axes first, then divide the small result,
-            # so no full-size 1/y buffer stays alive.
-            summed = unbroadcast(lax.mul(lax.div(ct, y) if ct_over_y is None else ct_over_y,
-                                         x), y)
-            return [ct_x, lax.neg(lax.div(summed, y))]
+            # ct x over the broadcast axes first, then divide the small result by
+            # y twice. No full-size 1/y buffer stays alive, and nothing full-size
+            # is shared with the x cotangent (a shared ct / y would have to be
+            # written out for both of its readers).
+            summed = unbroadcast(lax.mul(ct, x), y)
+            return [ct_x, lax.neg(lax.div(lax.div(summed, y), y))]
         if x_active:
             # Reuse the x cotangent and the quotient: -x/y^2 ct = -(ct/y) out.
             slope_ct = lax.mul(ct_over_y, out)
@@ -280,7 +281,8 @@ def _tanh_highest_derivative(x, accuracy):
 def _tanh_vjp(ct, out, x, *, accuracy=None, **_):
     if _is_highest(accuracy):
         return lax.mul(ct, _tanh_highest_derivative(x, accuracy))
-    return lax.mul(ct, lax.mul(lax.add(_const(out, 1), out), lax.sub(_const(out, 1), out)))
+    scaled = lax.mul(ct, lax.sub(_const(out, 1), out))
+    return lax.add(scaled, lax.mul(scaled, out))
 
 
 def _tanh_jvp(t, out, x, *, accuracy=None, **_):
