@@ -168,6 +168,49 @@ def test_custom_jvp_relu_at_zero_like_jax():
     assert fb.grad(jax.nn.relu)(2.0) == 1.0
 
 
+@pytest.mark.parametrize("act", [jax.nn.relu, jax.nn.relu6], ids=["relu", "relu6"])
+def test_known_custom_jvp_activations_match_jax_at_their_kinks(act):
+    # Under jit, relu and relu6 use fbackprop's own VJP (not JAX's rule run and
+    # transposed); the gradient is JAX's, including 0 at the kinks.
+    x = jnp.array([-2.0, -0.0, 0.0, 0.5, 3.0, 6.0, 7.0])
+    f = lambda x: jnp.sum(act(x) ** 2 + act(2 * x))  # noqa: E731
+    expected = jax.grad(f)(x)
+    np.testing.assert_array_equal(jax.jit(fb.grad(f))(x), expected)
+    np.testing.assert_array_equal(fb.grad(f)(x), expected)
+    np.testing.assert_array_equal(jax.vmap(fb.grad(f))(jnp.stack([x, -x])),
+                                  jax.vmap(jax.grad(f))(jnp.stack([x, -x])))
+    np.testing.assert_array_equal(jax.jit(fb.hessian(f))(x), jax.hessian(f)(x))
+
+
+def test_known_custom_jvp_is_recognized_by_its_rule():
+    from jax.extend.core.primitives import custom_jvp_call_p as prim
+
+    from fbackprop._src import registry
+
+    captured = []   # the wrapped fun and jvp that a call of relu binds
+    original = type(prim).bind_with_trace
+
+    def spy(self, trace, args, avals, params):
+        captured.append(params["subfuns"])
+        return original(self, trace, args, avals, params)
+
+    type(prim).bind_with_trace = spy
+    try:
+        jax.make_jaxpr(jax.nn.relu)(1.0)
+    finally:
+        type(prim).bind_with_trace = original
+    assert registry.known_custom_jvp(*captured[0]) is not None
+    # A redefined rule is the user's: it runs (and is transposed) as written.
+    rule = jax.nn.relu.jvp
+    jax.nn.relu.defjvps(lambda g, ans, x: 3.0 * g)
+    try:
+        assert registry.known_custom_jvp(*captured[0]) is None
+        assert jax.jit(fb.grad(jax.nn.relu))(-1.0) == 3.0
+    finally:
+        jax.nn.relu.jvp = rule
+    assert jax.jit(fb.grad(jax.nn.relu))(-1.0) == 0.0
+
+
 def test_custom_vjp_runs_user_rule():
     @jax.custom_vjp
     def clip_grad(x):

@@ -40,6 +40,12 @@ def primitive(name: str) -> Primitive:
     return jcore.Primitive(name)
 
 
+def wrapped_core(wrapped) -> Any:
+    """The Python function at the core of a ``linear_util.WrappedFun`` (the
+    subfunctions call primitives carry), or None."""
+    return getattr(wrapped, "f", None)
+
+
 def typeof(x: Any):
     """The abstract value (shape, dtype, weak type) of an array or tracer."""
     return jcore.typeof(x)

@@ -39,7 +39,7 @@ import numpy as np
 
 from . import compat, eager, forward, reverse
 from .registry import (call_handlers_reverse, vjp_rules, is_differentiable_dtype,
-                       nondiff_primitives, foreign_rules)
+                       nondiff_primitives, foreign_rules, known_custom_jvp)
 
 Var = compat.Var
 
@@ -329,6 +329,9 @@ class RecordingTrace(_StagingCalls, compat.Trace):
                 return fun.call_wrapped(*tracers)
         if (not self.tape_only and not compat.is_eval_trace(self.parent)
                 and reverse.sweeps_unwatched()):
+            known = known_custom_jvp(fun, jvp)
+            if known is not None:
+                return self._known_custom_jvp(prim, params, known, tracers)
             return self._linearize_custom_jvp(prim, fun, jvp, tracers, symbolic_zeros)
         out = self._stage(
             tracers,
@@ -340,6 +343,24 @@ class RecordingTrace(_StagingCalls, compat.Trace):
         # its output structure.
         compat.reset_stores(jvp)
         return out
+
+    def _known_custom_jvp(self, prim, params, handler, tracers):
+        """Reverse mode of one of JAX's own custom_jvp functions whose derivative
+        fbackprop knows (``jax.nn.relu``...): the call is staged as it is, and the
+        backward sweep applies fbackprop's rule, the transpose of JAX's rule,
+        without running the rule in the forward sweep."""
+        vals, act, invars = self.unpack(tracers)
+        with compat.set_current_trace(self.parent):
+            outs = compat.bind_in(self.parent, prim, vals, params)
+        outvars = [Var(compat.typeof(x)) for x in outs]
+        out_act = [_differentiable(v.aval) for v in outvars]
+        if not any(out_act):
+            return outs
+        eqn = compat.new_eqn(self._vars(vals, invars), outvars, prim,
+                             dict(name=handler.name, symbolic_zeros=params["symbolic_zeros"]),
+                             compat.no_effects, compat.current_source_info())
+        self.records.append(reverse.Record(eqn, vals, outs, act, None, handler))
+        return self.wrap(outs, outvars, out_act)
 
     def _linearize_custom_jvp(self, prim, fun, jvp, tracers, symbolic_zeros):
         """Reverse mode of a ``custom_jvp`` function under a transformation, as
@@ -618,54 +639,6 @@ class TangentTrace(_StagingCalls, compat.Trace):
         touts = [None if isinstance(t, (compat.SymbolicZero, compat.Zero)) else t
                  for t in outs[n:]]
         return self.wrap(primal_outs, touts)
-
-    def _linearize_custom_jvp(self, prim, fun, jvp, tracers, symbolic_zeros):
-        """Reverse mode of a ``custom_jvp`` function under a transformation, as
-        JAX linearizes it: the user's JVP rule runs once, on the primal values and
-        on tangents that an inner trace records. The primal outputs are the
-        rule's; the recorded equations, which must be linear in the tangents, are
-        the map whose transpose (our backward sweep over them) gives the inputs'
-        cotangents. The function itself is not traced.
-
-        The recorded tangent equations are also bound in the enclosing trace, on
-        the primal values standing in for the tangents (the transpose of a linear
-        map does not read the value it is applied to); nothing uses their results,
-        so the compiled program drops them.
-        """
-        from jax import tree_util
-        vals, act, invars = self.unpack(tracers)
-        name = getattr(fun, "__name__", None) or getattr(
-            getattr(fun, "debug_info", None), "func_name", "?")
-        source_info = compat.current_source_info()
-        what = (f"the custom_jvp function '{name}' (called at "
-                f"{compat.source_line_of(source_info)})")
-        with compat.set_current_trace(self.parent):
-            tangents = []
-            for x, a in zip(vals, act):
-                if a:
-                    tangents.append(x)
-                elif symbolic_zeros:
-                    tangents.append(compat.symbolic_zero(compat.typeof(x)))
-                else:
-                    tangents.append(forward.zero_tangent(x))
-            n = len(vals)
-            leaves = list(vals) + tangents
-            tree = tree_util.tree_structure((tuple(range(len(leaves))), {}))
-            run = record(lambda *xs: jvp.call_wrapped(*xs), tree, leaves,
-                         [False] * n + list(act), linear=what)
-        n_out = len(run.out_vals) // 2
-        primal_outs = run.out_vals[:n_out]
-        outvars = [Var(compat.typeof(x)) for x in primal_outs]
-        out_act = [a and _differentiable(v.aval)
-                   for a, v in zip(run.out_active[n_out:], outvars)]
-        if not any(out_act):
-            return primal_outs
-        eqn = compat.new_eqn(self._vars(vals, invars), outvars, prim,
-                             dict(name=name, symbolic_zeros=symbolic_zeros),
-                             compat.no_effects, source_info)
-        rec = reverse.Record(eqn, vals, primal_outs, act, run.tape, _LINEARIZED)
-        self.records.append(rec)
-        return self.wrap(primal_outs, outvars, out_act)
 
     def process_custom_vjp_call(self, prim, fun, fwd, bwd, tracers, *, out_trees,
                                 symbolic_zeros):

@@ -199,6 +199,50 @@ def defjvp(prim, *per_input: Callable | None):
     register_jvp(prim, rule)
 
 
+# JAX's own custom_jvp functions whose derivative fbackprop knows (jax.nn.relu...):
+# under a transformation, reverse mode stages the call as it is and applies the
+# known VJP in the backward sweep instead of running and transposing JAX's JVP
+# rule. Keyed by the function's JVP rule, so a function whose rule someone
+# redefines (``jax.nn.relu.defjvps(...)``) is no longer recognized.
+_known_custom_jvps: dict = {}
+
+
+class KnownCustomJVP:
+    """The reverse handler of a known custom_jvp function: ``vjp(ct, *xs)``
+    returns one cotangent per input (the function has one output)."""
+
+    def __init__(self, function, vjp: Callable):
+        self.function, self.vjp = function, vjp
+        self.name = getattr(function, "__name__", "?")
+
+    def backward(self, record, cts_out):
+        ct, = cts_out
+        return [c if a else None
+                for c, a in zip(self.vjp(ct, *record.invals), record.active)]
+
+
+def register_known_custom_jvp(function, vjp: Callable):
+    """Registers ``vjp(ct, *xs)`` as the derivative of the ``jax.custom_jvp``
+    object ``function`` (one output, no ``nondiff_argnums``); it must equal the
+    transpose of the function's own JVP rule."""
+    if function.nondiff_argnums:
+        raise ValueError(f"{function}: a known custom_jvp function has no nondiff_argnums")
+    _known_custom_jvps[function.jvp] = (function, KnownCustomJVP(function, vjp))
+
+
+def known_custom_jvp(fun, jvp):
+    """The handler of a known custom_jvp function bound with the wrapped
+    ``fun``/``jvp`` (``custom_jvp_call``'s subfuns), or None."""
+    entry = _known_custom_jvps.get(compat.wrapped_core(jvp))
+    if entry is None:
+        return None
+    function, handler = entry
+    if function.jvp is not compat.wrapped_core(jvp) or \
+            function.fun is not compat.wrapped_core(fun):
+        return None
+    return handler
+
+
 # ----------------------------------------------------------------- small helpers
 def zeros_like_aval(x):
     return compat.zeros_like_aval(compat.typeof(x))

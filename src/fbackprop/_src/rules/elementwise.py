@@ -22,13 +22,14 @@ Conventions shared by every rule here:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from .. import compat
-from ..registry import (defjvp, defnondiff, defvjp, register_jvp, register_vjp,
-                        unbroadcast)
+from ..registry import (defjvp, defnondiff, defvjp, register_jvp,
+                        register_known_custom_jvp, register_vjp, unbroadcast)
 
 
 # --------------------------------------------------------------------- helpers
@@ -600,3 +601,21 @@ defnondiff(lax.eq_p, lax.ne_p, lax.lt_p, lax.le_p, lax.gt_p, lax.ge_p,
            lax.population_count_p, lax.clz_p, lax.mulhi_p,
            lax.floor_p, lax.ceil_p, lax.round_p, lax.sign_p, lax.nextafter_p,
            lax.stop_gradient_p)
+
+
+# ------------------------------------------------ JAX's custom_jvp activations
+# jax.nn.relu and relu6 are custom_jvp functions (gradient 0 at the kinks); their
+# VJPs below are the transposes of JAX's rules ``select(mask, g, 0)``.
+def _relu_vjp(ct, x):
+    zero = np.zeros((), compat.typeof(x).dtype)
+    return [lax.select(lax.gt(x, zero), ct, compat.zeros_like(ct))]
+
+
+def _relu6_vjp(ct, x):
+    dtype = compat.typeof(x).dtype
+    inside = lax.bitwise_and(lax.gt(x, np.zeros((), dtype)), lax.lt(x, np.full((), 6, dtype)))
+    return [lax.select(inside, ct, compat.zeros_like(ct))]
+
+
+register_known_custom_jvp(jax.nn.relu, _relu_vjp)
+register_known_custom_jvp(jax.nn.relu6, _relu6_vjp)
