@@ -176,7 +176,16 @@ def test_known_custom_jvp_activations_match_jax_at_their_kinks(act):
     f = lambda x: jnp.sum(act(x) ** 2 + act(2 * x))  # noqa: E731
     expected = jax.grad(f)(x)
     np.testing.assert_array_equal(jax.jit(fb.grad(f))(x), expected)
-    np.testing.assert_array_equal(fb.grad(f)(x), expected)
+    from fbackprop._src import eager
+    eager.clear()
+    for _ in range(4):   # op by op, then as a compiled program once the program repeats
+        np.testing.assert_array_equal(fb.grad(f)(x), expected)
+    assert eager.stats["hits"] >= 1
+    g = lambda x: jnp.sum(act(x) * jnp.sin(x))  # noqa: E731
+    hvp_expected = jax.jvp(jax.grad(g), (x,), (x + 1.0,))[1]
+    for _ in range(4):
+        np.testing.assert_allclose(fb.hvp(g, (x,), (x + 1.0,))[0], hvp_expected, rtol=1e-6)
+    assert eager.stats["hvp_hits"] >= 1
     np.testing.assert_array_equal(jax.vmap(fb.grad(f))(jnp.stack([x, -x])),
                                   jax.vmap(jax.grad(f))(jnp.stack([x, -x])))
     np.testing.assert_array_equal(jax.jit(fb.hessian(f))(x), jax.hessian(f)(x))
@@ -196,7 +205,7 @@ def test_known_custom_jvp_is_recognized_by_its_rule():
 
     type(prim).bind_with_trace = spy
     try:
-        jax.make_jaxpr(jax.nn.relu)(1.0)
+        jax.make_jaxpr(lambda x: jax.nn.relu(x))(1.0)
     finally:
         type(prim).bind_with_trace = original
     assert registry.known_custom_jvp(*captured[0]) is not None

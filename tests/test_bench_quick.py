@@ -108,3 +108,20 @@ def test_depth_scaling_reports_cost_per_layer(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         depth.main(["--depths", "10,x"])
     assert exc.value.code == 2
+
+
+def test_floors_script_measures_the_floors_under_the_ratios():
+    # benchmarks/floors.py: the forward pass alone traces faster than the gradient,
+    # and the compiled step runs faster than the eager call; both floors sit below
+    # the ratios they bound.
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "floors.py")
+    spec = importlib.util.spec_from_file_location("bench_floors", path)
+    floors = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floors)
+    from fbackprop.bench import workloads
+    figures = floors.measure(workloads.get(["mlp"])[0].build(True), reps=1)
+    assert 0 < figures["forward_trace"] < figures["fb_trace"]
+    assert 0 < figures["fb_jitted"] < figures["fb_eager"]
+    assert 0 < figures["trace_lower_floor"] < figures["trace_lower_ratio"]
+    assert 0 < figures["eager_floor"] < figures["eager_ratio"]

@@ -327,12 +327,12 @@ class RecordingTrace(_StagingCalls, compat.Trace):
             # function is part of a linear map: differentiated through its body.
             with compat.set_current_trace(self):
                 return fun.call_wrapped(*tracers)
-        if (not self.tape_only and not compat.is_eval_trace(self.parent)
-                and reverse.sweeps_unwatched()):
+        if reverse.sweeps_unwatched():
             known = known_custom_jvp(fun, jvp)
             if known is not None:
                 return self._known_custom_jvp(prim, params, known, tracers)
-            return self._linearize_custom_jvp(prim, fun, jvp, tracers, symbolic_zeros)
+            if not self.tape_only and not compat.is_eval_trace(self.parent):
+                return self._linearize_custom_jvp(prim, fun, jvp, tracers, symbolic_zeros)
         out = self._stage(
             tracers,
             lambda t, xs: t.process_custom_jvp_call(prim, fun, jvp, xs,
@@ -346,9 +346,14 @@ class RecordingTrace(_StagingCalls, compat.Trace):
 
     def _known_custom_jvp(self, prim, params, handler, tracers):
         """Reverse mode of one of JAX's own custom_jvp functions whose derivative
-        fbackprop knows (``jax.nn.relu``...): the call is staged as it is, and the
-        backward sweep applies fbackprop's rule, the transpose of JAX's rule,
-        without running the rule in the forward sweep."""
+        fbackprop knows (``jax.nn.relu``...): the call is bound as it is (eagerly,
+        the function just runs), and the backward sweep applies fbackprop's rule,
+        the transpose of JAX's rule, without running the rule in the forward sweep.
+
+        Eagerly the recorded equation is a whole ``custom_jvp_call`` (its
+        parameters traced once per input types), so a compiled eager program can
+        key and evaluate it; under a transformation only the backward sweep
+        reads it."""
         vals, act, invars = self.unpack(tracers)
         with compat.set_current_trace(self.parent):
             outs = compat.bind_in(self.parent, prim, vals, params)
@@ -356,8 +361,11 @@ class RecordingTrace(_StagingCalls, compat.Trace):
         out_act = [_differentiable(v.aval) for v in outvars]
         if not any(out_act):
             return outs
-        eqn = compat.new_eqn(self._vars(vals, invars), outvars, prim,
-                             dict(name=handler.name, symbolic_zeros=params["symbolic_zeros"]),
+        if compat.is_eval_trace(self.parent):
+            eqn_params = handler.call_params(vals)
+        else:
+            eqn_params = dict(name=handler.name, symbolic_zeros=params["symbolic_zeros"])
+        eqn = compat.new_eqn(self._vars(vals, invars), outvars, prim, eqn_params,
                              compat.no_effects, compat.current_source_info())
         self.records.append(reverse.Record(eqn, vals, outs, act, None, handler))
         return self.wrap(outs, outvars, out_act)

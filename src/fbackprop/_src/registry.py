@@ -214,6 +214,21 @@ class KnownCustomJVP:
     def __init__(self, function, vjp: Callable):
         self.function, self.vjp = function, vjp
         self.name = getattr(function, "__name__", "?")
+        self._call_params: dict = {}
+
+    def call_params(self, xs) -> dict:
+        """The parameters of the ``custom_jvp_call`` equation of the function
+        applied to arguments of ``xs``'s types (traced once per types, so every
+        call's equation has the same parameter objects)."""
+        key = tuple(compat.aval_key(x) for x in xs)
+        params = self._call_params.get(key)
+        if params is None:
+            import jax
+            closed = jax.make_jaxpr(self.function)(*map(compat.spec_of, xs))
+            eqn, = closed.jaxpr.eqns
+            assert eqn.primitive.name == compat.CUSTOM_JVP_CALL, closed
+            params = self._call_params[key] = eqn.params
+        return params
 
     def backward(self, record, cts_out):
         ct, = cts_out
