@@ -385,6 +385,17 @@ def abstract_eval(prim, avals, params) -> tuple[list, Any]:
     return (list(out) if prim.multiple_results else [out]), effects
 
 
+def typed_eqn(prim, params, invars, source_info) -> JaxprEqn:
+    """An equation of ``prim`` on ``invars`` with its output types and effects: a
+    nested jit's from its jaxpr, any other primitive's by abstract evaluation."""
+    if prim.name in JIT_NAMES:
+        closed = jit_inner(params)
+        out_avals, effects = closed.out_avals, closed.effects
+    else:
+        out_avals, effects = abstract_eval(prim, [v.aval for v in invars], params)
+    return new_eqn(invars, [Var(a) for a in out_avals], prim, params, effects, source_info)
+
+
 def bind_in(trace, prim, args, params):
     """Binds ``prim`` in ``trace`` (not the current one); always a list."""
     out = prim.bind_with_trace(trace, args, tuple(typeof(a) for a in args), params)

@@ -246,14 +246,7 @@ class RecordingTrace(_StagingCalls, compat.Trace):
         if plain and not self.tape_only and _binds_as_is(prim):
             return self._record_as_is(prim, params, vals, act, invars, source_info)
         if not self.eager and _needs_avals_first(prim):
-            if prim.name in compat.JIT_NAMES:      # its types are its jaxpr's
-                closed = compat.jit_inner(params)
-                out_avals, effects = closed.out_avals, closed.effects
-            else:
-                out_avals, effects = compat.abstract_eval(prim, [v.aval for v in invars],
-                                                          params)
-            eqn = compat.new_eqn(invars, [Var(a) for a in out_avals], prim, params,
-                                 effects, source_info)
+            eqn = compat.typed_eqn(prim, params, invars, source_info)
             late = False
         else:
             eqn = compat.new_eqn(invars, [], prim, params, compat.no_effects, source_info)

@@ -103,14 +103,7 @@ def jvp_eqn(prim, params, primals, tangents, source_info):
 
     def get_eqn():
         invars = [compat.Var(compat.typeof(x)) for x in primals]
-        if prim.name in compat.JIT_NAMES:      # its types are its jaxpr's
-            closed = compat.jit_inner(params)
-            out_avals, effects = closed.out_avals, closed.effects
-        else:
-            out_avals, effects = compat.abstract_eval(prim, [v.aval for v in invars],
-                                                      params)
-        return compat.new_eqn(invars, [compat.Var(a) for a in out_avals], prim, params,
-                              effects, source_info)
+        return compat.typed_eqn(prim, params, invars, source_info)
 
     outs, touts = _jvp_step(prim, params, primals, tangents, get_eqn)
     if touts is None:
