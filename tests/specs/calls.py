@@ -66,6 +66,7 @@ SPECS = [
     Spec("nested_jit_two_outputs", lambda x, y: jnp.sum(
         jnp.stack(jax.jit(lambda a, b: (a * b, a - b))(x, y))), shapes=((3, 4), (3, 4))),
     Spec("custom_jvp_relu", lambda x: jax.nn.relu(x) * x),
+    Spec("custom_jvp_relu6", lambda x: jax.nn.relu6(x) * x, domain=(-2.0, 8.0)),
     Spec("custom_jvp_softplus", lambda x: _softplus(x) ** 2),
     Spec("custom_jvp_two_outputs", lambda x, y: _two_outputs(x, y)[0] + _two_outputs(x, y)[1],
          shapes=((3, 4), (3, 4))),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
@@ -223,7 +224,6 @@ class KnownCustomJVP:
         key = tuple(compat.aval_key(x) for x in xs)
         params = self._call_params.get(key)
         if params is None:
-            import jax
             closed = jax.make_jaxpr(self.function)(*map(compat.spec_of, xs))
             eqn, = closed.jaxpr.eqns
             assert eqn.primitive.name == compat.CUSTOM_JVP_CALL, closed
@@ -248,12 +248,12 @@ def register_known_custom_jvp(function, vjp: Callable):
 def known_custom_jvp(fun, jvp):
     """The handler of a known custom_jvp function bound with the wrapped
     ``fun``/``jvp`` (``custom_jvp_call``'s subfuns), or None."""
-    entry = _known_custom_jvps.get(compat.wrapped_core(jvp))
+    rule = compat.wrapped_core(jvp)
+    entry = _known_custom_jvps.get(rule)
     if entry is None:
         return None
     function, handler = entry
-    if function.jvp is not compat.wrapped_core(jvp) or \
-            function.fun is not compat.wrapped_core(fun):
+    if function.jvp is not rule or function.fun is not compat.wrapped_core(fun):
         return None
     return handler
 
