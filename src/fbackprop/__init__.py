@@ -7,7 +7,7 @@ from fbackprop._src.derivatives import (hessian, hvp, jacfwd, jacobian, jacrev, 
                                         linearize)
 from fbackprop._src.gradcheck import GradCheckReport, check_grads
 from fbackprop._src.trace import clear_cache
-from fbackprop._src.reverse import NonLinearRuleError
+from fbackprop._src.engine import NonLinearRuleError
 from fbackprop._src.registry import MissingRuleError
 from fbackprop._src.remat import checkpoint, checkpoint_name, checkpoint_policies, remat
 from fbackprop._src.residuals import Residual, SavedResiduals, saved_residuals

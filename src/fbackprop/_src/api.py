@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from . import compat, define_by_run, eager, reverse, trace
+from . import compat, eager, trace
+from .engine import recording, sweeps
 from .registry import jax_float0
 
 # Importing the rule modules fills the tables.
@@ -286,8 +287,8 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
         inputs = _Inputs(args, kwargs, nums, api, holomorphic, allow_int)
         compiled_ok = eager.eligible()
         tape_only = compiled_ok and eager.records_tape_only(fun)
-        run = define_by_run.record(fun, inputs.in_tree, inputs.leaves, inputs.active(),
-                                   tape_only=tape_only)
+        run = recording.record(fun, inputs.in_tree, inputs.leaves, inputs.active(),
+                               tape_only=tape_only, bind=eager.bind)
         main_tree, aux_tree = split_scalar_output(run.out_tree, run.out_vals, has_aux, api,
                                                   holomorphic)
         value = run.out_vals[0]
@@ -297,7 +298,7 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
             if compiled_ok:
                 cts = eager.backward(fun, run.tape, seeds, tape_only)
             else:
-                cts = reverse.backward(run.tape, seeds)
+                cts = sweeps.backward(run.tape, seeds)
         else:
             cts = [None] * len(inputs.leaves)
         grads = inputs.grads(cts, nums)
@@ -390,7 +391,7 @@ def vjp(fun: Callable, *primals, has_aux: bool = False, reduce_axes: Sequence = 
         raise NotImplementedError("vjp: reduce_axes is not supported.")
     nums = tuple(range(len(primals)))
     inputs = _Inputs(primals, {}, nums, "vjp", vjp_mode=True)
-    run = define_by_run.record(fun, inputs.in_tree, inputs.leaves, inputs.active())
+    run = recording.record(fun, inputs.in_tree, inputs.leaves, inputs.active())
     out_tree = run.out_tree
     main_tree, aux_tree = split_aux(out_tree, "vjp", has_aux)
     n_main = main_tree.num_leaves
@@ -443,7 +444,7 @@ class _VJPBackward:
         leaves = [next(it) if r else x for x, r in zip(self.static, self.is_residual)]
         tape = tree_util.tree_unflatten(self.tape_tree, leaves)
         cts = self.check_cotangents(ct)
-        in_cts = reverse.backward(tape, cts + [None] * (self.n_out - len(cts)))
+        in_cts = sweeps.backward(tape, cts + [None] * (self.n_out - len(cts)))
         return tuple(grads_per_argument(self.diff_avals, self.arg_index, in_cts,
                                         self.arg_trees, self.nums))
 

@@ -180,6 +180,24 @@ def remat_inner(params) -> tuple[Jaxpr, dict]:
 
 
 # ------------------------------------------------------------------- custom_jvp
+# A custom_jvp or custom_vjp call reaches fbackprop in two forms: as an equation
+# of a jaxpr (``call_jaxpr``, ``jvp_jaxpr_fun`` / ``fwd_jaxpr_thunk``, ``bwd``...)
+# and, from a define-by-run trace, as the bind's Python functions (``subfuns``).
+# The helpers below give one view of both, so each has one handler.
+def function_name(fun) -> str:
+    """The name of a (wrapped) Python function, for messages."""
+    return getattr(fun, "__name__", None) or getattr(
+        getattr(fun, "debug_info", None), "func_name", "?")
+
+
+def zero_tangent(x):
+    """A materialized zero tangent for a primal (float0 for integer primals)."""
+    aval = typeof(x)
+    if jax.numpy.issubdtype(aval.dtype, jax.numpy.inexact):
+        return zeros_like_aval(aval)
+    return np.zeros(aval.shape, jax.dtypes.float0)
+
+
 def custom_jvp_parts(params) -> tuple[ClosedJaxpr, int, Callable]:
     """(call_jaxpr, num_consts, jvp_jaxpr_of) of a ``custom_jvp_call`` equation.
 
@@ -197,21 +215,67 @@ def custom_jvp_parts(params) -> tuple[ClosedJaxpr, int, Callable]:
     return params["call_jaxpr"], params["num_consts"], jvp_jaxpr_of
 
 
+def custom_jvp_rule(params) -> tuple[int, Callable]:
+    """``(num_consts, rule)`` of a custom_jvp call in either form.
+
+    ``rule(primals, tangents)`` runs the user's JVP rule in the current trace on
+    the primals (without the hoisted consts) and tangents (``None`` = zero:
+    materialized, or a symbolic zero when the function asks for them) and
+    returns ``(primal_outs, tangent_outs)`` with ``None`` for zero tangents.
+    """
+    symbolic = bool(params.get("symbolic_zeros", False))
+    if "subfuns" in params:
+        _, jvp = params["subfuns"]
+
+        def rule(primals, tangents):
+            ts = [(symbolic_zero(typeof(x)) if symbolic else zero_tangent(x))
+                  if t is None else t for x, t in zip(primals, tangents)]
+            outs = jvp.call_wrapped(*primals, *ts)
+            n = len(outs) // 2
+            return list(outs[:n]), [None if isinstance(t, (SymbolicZero, Zero)) else t
+                                    for t in outs[n:]]
+        return 0, rule
+
+    _, num_consts, jvp_jaxpr_of = custom_jvp_parts(params)
+
+    def rule(primals, tangents):
+        if symbolic:
+            zeros = [t is None for t in tangents]
+            nz = [t for t in tangents if t is not None]
+        else:
+            zeros = [False] * len(tangents)
+            nz = [zero_tangent(x) if t is None else t for x, t in zip(primals, tangents)]
+        jaxpr, consts, out_zeros = jvp_jaxpr_of(zeros)
+        outs = jcore.eval_jaxpr(jaxpr, consts, *primals, *nz)
+        n_out = len(out_zeros)
+        it = iter(outs[n_out:])
+        return list(outs[:n_out]), [None if z else next(it) for z in out_zeros]
+    return num_consts, rule
+
+
 # ------------------------------------------------------------------- custom_vjp
 def custom_vjp_parts(params):
-    """(call_jaxpr, num_consts, fwd, bwd, out_trees, symbolic_zeros) of a ``custom_vjp_call``.
+    """(num_consts, fwd, bwd) of a ``custom_vjp_call`` in either form.
 
-    ``fwd(*primals, nonzeros)`` runs the user's fwd rule in the current trace and
-    returns ``(residuals, primal_outs)`` as flat lists. ``bwd(residuals, cts)``
-    runs the user's bwd rule and returns one cotangent per primal input
-    (``None`` for a symbolic zero).
+    ``fwd(primals, nonzeros)`` runs the user's fwd rule in the current trace and
+    returns ``(residuals, primal_outs)`` as flat lists. ``bwd(residuals, cts,
+    out_avals)`` runs the user's bwd rule and returns one cotangent per input
+    (``None`` for a symbolic zero or a hoisted const).
     """
-    call_jaxpr = params["call_jaxpr"]
-    num_consts = params["num_consts"]
-    fwd_jaxpr_thunk = params["fwd_jaxpr_thunk"]
-    bwd = params["bwd"]
     out_trees = params["out_trees"]
     symbolic_zeros = params["symbolic_zeros"]
+    if "subfuns" in params:
+        _, fwd_fun, bwd_fun = params["subfuns"]
+
+        def fwd(primals, nonzeros):
+            res_and_outs = fwd_fun.call_wrapped(
+                *[y for x, a in zip(primals, nonzeros) for y in (x, a)])
+            return split_custom_vjp_fwd_outputs(res_and_outs, primals, out_trees)
+
+        return 0, fwd, custom_vjp_bwd_runner(bwd_fun, 0, symbolic_zeros)
+
+    num_consts = params["num_consts"]
+    fwd_jaxpr_thunk = params["fwd_jaxpr_thunk"]
 
     def fwd(primals, nonzeros):
         consts_nz, in_nz = nonzeros[:num_consts], nonzeros[num_consts:]
@@ -222,8 +286,7 @@ def custom_vjp_parts(params):
         # input_fwds index the call's inputs, consts included (as in JAX's jvp).
         return split_custom_vjp_fwd_outputs(outs, primals, out_trees)
 
-    return (call_jaxpr, num_consts, fwd, custom_vjp_bwd_runner(bwd, num_consts, symbolic_zeros),
-            symbolic_zeros)
+    return (num_consts, fwd, custom_vjp_bwd_runner(params["bwd"], num_consts, symbolic_zeros))
 
 
 class _Differentiated(jax_ad.JVPTracer):
@@ -465,6 +528,17 @@ def dce_eqn(eqn, used_outputs) -> list:
     return list(new.eqns)
 
 
+def store_custom_jvp_outputs(flat_fun, outs):
+    """Fills the output store of a custom_jvp function's flattened ``fun`` (as
+    calling it would) for a function of one array output whose call fbackprop
+    evaluated another way (a known function bound from traced parameters)."""
+    (out,) = outs
+    for store in flat_fun.stores:
+        store = getattr(store, "_store", store)
+        if store is not None and not store:
+            store.store((jax.tree_util.tree_structure(0), [typeof(out)], ()))
+
+
 def reset_stores(wrapped_fun):
     """Empties the auxiliary-output stores of a ``lu.WrappedFun``."""
     for store in wrapped_fun.stores:
@@ -617,12 +691,7 @@ def _batch_tracer(trace, val, dim, aval, src):
     t = object.__new__(_batching.BatchTracer)
     jcore.Tracer.__init__(t, trace, aval)
     t.val, t.batch_dim, t.source_info = val, dim, src
-    if _CHECK_BATCH_AVALS:
-        assert _batching.BatchTracer(trace, val, dim, src).aval == aval, (aval, val, dim)
     return t
-
-
-_CHECK_BATCH_AVALS = False
 
 
 class _InlinePlan:

@@ -1,7 +1,7 @@
 """Seeing backprop: named intermediates, cotangent hooks, NaN/Inf provenance.
 
-Everything here runs fbackprop's own sweeps (:func:`reverse.forward` and
-:func:`reverse.backward`) with an observer attached; the observer sees every
+Everything here runs fbackprop's own sweeps (:func:`engine.sweeps.forward` and
+:func:`engine.sweeps.backward`) with an observer attached; the observer sees every
 equation with its values on the way forward and its cotangents on the way back.
 
 * :func:`tag` names a value; :func:`grad_and_intermediates` returns the
@@ -34,21 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax, tree_util
 
-from . import api, compat, perturb, reverse, trace
+from . import api, compat, perturb, trace
+from .engine import context, sweeps
 from .registry import vjp_rules
 from .rules.debug import NAMED_PRIMITIVES, tag_p
 
 # ============================================================ shared machinery
 
 
-@contextlib.contextmanager
-def observing(observer):
-    """Attaches ``observer`` to fbackprop's sweeps for the duration of the block."""
-    reverse._observers.append(observer)
-    try:
-        yield observer
-    finally:
-        reverse._observers.remove(observer)
+observing = context.observing
 
 
 def _trace_state():
@@ -400,11 +394,11 @@ def grad_and_intermediates(fun: Callable, argnums: int | Sequence[int] = 0,
                 collector = _TagCollector(top_sites)
                 zeros = [jnp.zeros(e.aval.shape, e.aval.dtype) for e in eps]
                 with observing(collector):
-                    outs, tape = reverse.forward(closed_p.jaxpr, closed_p.consts,
+                    outs, tape = sweeps.forward(closed_p.jaxpr, closed_p.consts,
                                                  list(dyn) + zeros,
                                                  active + (True,) * len(eps))
                     one = jnp.ones((), api._dtype_of(outs[0]))
-                    cts = reverse.backward(tape, [one] + [None] * (len(outs) - 1))
+                    cts = sweeps.backward(tape, [one] + [None] * (len(outs) - 1))
                 found = _collect(top_sites, collector, tape)
                 for e, zero, ct in zip(eps, zeros, cts[n_dyn:]):
                     found[e.name] = ct if ct is not None else zero
@@ -828,9 +822,9 @@ def _rule_uses(eqn, cts_out, record):
     def run(*xs):
         it = iter(xs[:n_ct])
         cts = [next(it) if m else None for m in cts_mask]
-        rec = reverse.Record(eqn, list(xs[n_ct:n_ct + n_in]), list(xs[n_ct + n_in:]),
-                             record.active, None)
-        return [c for c in reverse.apply_rule(rec, cts) if c is not None]
+        cts_in = sweeps.rule_cotangents(eqn, list(xs[n_ct:n_ct + n_in]),
+                                        list(xs[n_ct + n_in:]), record.active, cts)
+        return [c for c in cts_in if c is not None]
 
     try:
         specs = [jax.ShapeDtypeStruct(shape, dtype, weak_type=weak)
@@ -1093,7 +1087,7 @@ def _unrolled_size(jaxpr) -> int:
     return n
 
 
-_notify = reverse.notify
+_notify = context.notify
 
 
 def _short_where(eqn) -> str:
@@ -1138,7 +1132,7 @@ class _SteppedScan:
                 _notify("link", xt, [x])
             _notify("enter", "scan", t, where)
             try:
-                outs, tape = reverse.forward(body.jaxpr, body.consts, consts + carry + x_t,
+                outs, tape = sweeps.forward(body.jaxpr, body.consts, consts + carry + x_t,
                                              c_act + k_act + x_act)
             finally:
                 _notify("exit")
@@ -1182,7 +1176,7 @@ class _SteppedScan:
             try:
                 cts = ct_carry + cts_y
                 _notify("seed", body.outvars, cts)
-                cts_in = reverse.backward(tape, cts)
+                cts_in = sweeps.backward(tape, cts)
                 _notify("end_sweep", body, cts_in)
             finally:
                 _notify("exit")
@@ -1246,7 +1240,7 @@ class _AllBranchesCond:
         for b, branch in enumerate(branches):
             _notify("enter", kind, b, where)
             try:
-                outs_b, tape = reverse.forward(branch.jaxpr, branch.consts, ops, act)
+                outs_b, tape = sweeps.forward(branch.jaxpr, branch.consts, ops, act)
             finally:
                 _notify("exit")
             per.append(outs_b)
@@ -1275,7 +1269,7 @@ class _AllBranchesCond:
             _notify("enter", kind, b, where)
             try:
                 _notify("seed", branch.jaxpr.outvars, cts_out)
-                cts_in = reverse.backward(tape, list(cts_out))
+                cts_in = sweeps.backward(tape, list(cts_out))
                 _notify("end_sweep", branch.jaxpr, cts_in)
             finally:
                 _notify("exit")
@@ -1394,7 +1388,7 @@ def _inline(get_closed):
     class Inline(InlineCall):
         def evaluate(self, eqn, invals):
             closed = self.get_closed(eqn.params)
-            return reverse.forward(closed.jaxpr, closed.consts, invals,
+            return sweeps.forward(closed.jaxpr, closed.consts, invals,
                                    [False] * len(invals))[0]
     return Inline(get_closed)
 
@@ -1410,19 +1404,23 @@ class _WatchedCustom:
         call = eqn.params["call_jaxpr"]
         _notify("enter", self.kind, 0, _short_where(eqn))
         try:
-            return reverse.forward(call.jaxpr, call.consts, invals, [False] * len(invals))[0]
+            return sweeps.forward(call.jaxpr, call.consts, invals, [False] * len(invals))[0]
         finally:
             _notify("exit")
 
 
 class _WatchedCustomJVP(_WatchedCustom):
-    """``custom_jvp``: the function's own code swept in place on the way forward
-    (its values are the call's), the JVP rule transposed as usual on the way back."""
+    """``custom_jvp``: the function's own code swept in place when nothing is
+    differentiated; otherwise its JVP rule, linearized and transposed as usual
+    (its equations are seen as they run), inside a "custom_jvp" context."""
     kind = "custom_jvp"
 
     def forward(self, eqn, invals, active):
-        _, sub, out_active = self.whole.forward(eqn, invals, active)
-        return self.evaluate(eqn, invals), sub, out_active
+        _notify("enter", self.kind, 0, _short_where(eqn))
+        try:
+            return self.whole.forward(eqn, invals, active)
+        finally:
+            _notify("exit")
 
     def backward(self, record, cts_out):
         _notify("enter", "custom_jvp rule", 0, _short_where(record.eqn))
@@ -1445,7 +1443,7 @@ class _WatchedCustomVJP(_WatchedCustom):
         primals = list(invals[nc:])
         _notify("enter", "custom_vjp", 0, _short_where(eqn))
         try:
-            outs = reverse.forward(fwd_jaxpr, fwd_consts, primals, [False] * len(primals))[0]
+            outs = sweeps.forward(fwd_jaxpr, fwd_consts, primals, [False] * len(primals))[0]
         finally:
             _notify("exit")
         res, outs = compat.split_custom_vjp_fwd_outputs(outs, primals, p["out_trees"])
@@ -1471,7 +1469,7 @@ class _WatchedCustomVJP(_WatchedCustom):
         _notify("enter", "custom_vjp bwd", 0, _short_where(record.eqn))
         try:
             flat = list(res) + present_cts
-            outs = reverse.forward(closed.jaxpr, closed.consts, flat, [False] * len(flat))[0]
+            outs = sweeps.forward(closed.jaxpr, closed.consts, flat, [False] * len(flat))[0]
         finally:
             _notify("exit")
         cts = [None] * len(record.invals)
@@ -1485,32 +1483,31 @@ def _swept_in_place(eqn):
     """The sub-jaxpr swept in place for a call equation while checking, or None."""
     inner = inlined_jaxpr(eqn)
     if inner is None and eqn.primitive.name in compat.REMAT_NAMES \
-            and eqn.primitive.name in reverse.handler_overrides:
+            and context.current().stepping == "all":
         return compat.remat_inner(eqn.params)[0]
     return inner
 
 
-@contextlib.contextmanager
 def stepping(checkpoints: bool = True):
     """Scans swept step by step (and, for checking, checkpoint regions swept in
-    place and every branch of a cond)."""
-    from .registry import call_handlers_reverse
-    saved = dict(reverse.handler_overrides)
-    reverse.handler_overrides["scan"] = _SteppedScan(call_handlers_reverse["scan"])
-    if checkpoints:
-        reverse.handler_overrides["cond"] = _AllBranchesCond(call_handlers_reverse["cond"])
-        for name in compat.REMAT_NAMES:
-            reverse.handler_overrides[name] = _inline(_remat_closed)
-        reverse.handler_overrides[compat.CUSTOM_JVP_CALL] = _WatchedCustomJVP(
-            call_handlers_reverse[compat.CUSTOM_JVP_CALL])
-        reverse.handler_overrides[compat.CUSTOM_VJP_CALL] = _WatchedCustomVJP(
-            call_handlers_reverse[compat.CUSTOM_VJP_CALL])
-        reverse.handler_overrides["while"] = _WatchedWhile(call_handlers_reverse["while"])
-    try:
-        yield
-    finally:
-        reverse.handler_overrides.clear()
-        reverse.handler_overrides.update(saved)
+    place and every branch of a cond): the stepping handlers registered below."""
+    return context.using(stepping="all" if checkpoints else "scan")
+
+
+def _register_stepping_handlers():
+    from .registry import call_handlers_reverse, stepping_handlers
+    stepping_handlers["scan"] = (_SteppedScan(call_handlers_reverse["scan"]), ("scan", "all"))
+    stepping_handlers["cond"] = (_AllBranchesCond(call_handlers_reverse["cond"]), ("all",))
+    for name in compat.REMAT_NAMES:
+        stepping_handlers[name] = (_inline(_remat_closed), ("all",))
+    stepping_handlers[compat.CUSTOM_JVP_CALL] = (
+        _WatchedCustomJVP(call_handlers_reverse[compat.CUSTOM_JVP_CALL]), ("all",))
+    stepping_handlers[compat.CUSTOM_VJP_CALL] = (
+        _WatchedCustomVJP(call_handlers_reverse[compat.CUSTOM_VJP_CALL]), ("all",))
+    stepping_handlers["while"] = (_WatchedWhile(call_handlers_reverse["while"]), ("all",))
+
+
+_register_stepping_handlers()
 
 
 class _Meta(dict):
@@ -1546,11 +1543,11 @@ def _checked(fun, argnums, has_aux, api_name, with_value):
             def run(dyn):
                 watch = _FiniteWatch(labels, dyn, closed.consts)
                 with observing(watch), stepping():
-                    outs, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
+                    outs, tape = sweeps.forward(closed.jaxpr, closed.consts, dyn, active)
                     one = jnp.ones((), api._dtype_of(outs[0]))
                     watch._value(one, "the seed cotangent 1.0")
                     watch.phase = "backward"
-                    cts = reverse.backward(tape, [one] + [None] * (len(outs) - 1))
+                    cts = sweeps.backward(tape, [one] + [None] * (len(outs) - 1))
                 report = watch.finish(fun_name, outs[0], cts, closed.jaxpr.invars, grad_labels)
                 return report, outs, cts
             return run

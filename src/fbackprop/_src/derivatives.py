@@ -20,7 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from . import api, compat, define_by_run, eager, forward, trace
+from . import api, compat, eager, trace
+from . import eager as eager_programs
+from .engine import recording
+from .engine.tangents import push_tangents
+from .linearization import LinearizedProgram
 from .api import _check_callable, _normalize_argnums, grad, vjp
 from .registry import jax_float0
 
@@ -122,7 +126,7 @@ def _jvp(fun, primals, tangents, has_aux=False, api_name="jvp"):
     tangent_vals = _validate_tangents(p_leaves_with_path, t_leaves, api_name, fun)
     leaves = [_as_array(x) for _, x in p_leaves_with_path]
     in_tree = tree_util.tree_structure((tuple(primals), {}))
-    outs, out_tree, touts = define_by_run.push_tangents(fun, in_tree, leaves, tangent_vals)
+    outs, out_tree, touts = push_tangents(fun, in_tree, leaves, tangent_vals)
     main_tree, aux_tree = api.split_aux(out_tree, api_name, has_aux)
 
     n_main = main_tree.num_leaves
@@ -178,14 +182,14 @@ def jvp(fun: Callable, primals, tangents, has_aux: bool = False):
 _linearized: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _linearized_program(traced, mask) -> forward.LinearizedProgram:
+def _linearized_program(traced, mask) -> LinearizedProgram:
     per = _linearized.setdefault(traced, {})
     key = tuple(mask)
     prog = per.get(key)
     if prog is None:
         closed = traced.closed
         in_avals = [v.aval for v in closed.jaxpr.invars]
-        prog = forward.LinearizedProgram(closed.jaxpr, closed.consts, in_avals, mask)
+        prog = LinearizedProgram(closed.jaxpr, closed.consts, in_avals, mask)
         if not _is_tracer_tree(closed.consts):
             per[key] = prog
     return prog
@@ -270,9 +274,10 @@ def linearize(fun: Callable, *primals, has_aux: bool = False):
     if eager:
         # Run the function on the values (Python control flow on them works, as
         # in jax.linearize) and linearize the program it ran.
-        run = define_by_run.record(fun, in_tree, leaves, mask, tape_only=True)
-        closed, out_tree = define_by_run.recorded_jaxpr(run), run.out_tree
-        prog = forward.LinearizedProgram(closed.jaxpr, closed.consts, in_avals, mask)
+        run = recording.record(fun, in_tree, leaves, mask, tape_only=True,
+                               bind=eager_programs.bind)
+        closed, out_tree = recording.recorded_jaxpr(run), run.out_tree
+        prog = LinearizedProgram(closed.jaxpr, closed.consts, in_avals, mask)
     else:
         traced = trace.trace_flat(fun, in_tree, leaves, what=getattr(fun, "__name__", "fun"))
         closed, out_tree = traced.closed, traced.out_tree
@@ -634,7 +639,7 @@ def hvp(fun: Callable, primals, tangents, mode: str = "fwd_rev"):
     argnums = tuple(range(len(primals)))
     grad_f, rev_rev = _hvp_functions_of(fun, argnums)
     if mode == "fwd_rev":
-        hv = eager.hvp(fun, primals, tangents)
+        hv = eager.hvp(fun, primals, tangents, hvp)
         if hv is not None:
             return tuple(hv)
         _, hv = _jvp(grad_f, tuple(primals), tuple(tangents), api_name="hvp")

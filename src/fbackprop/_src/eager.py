@@ -33,12 +33,13 @@ values, or with parameters that cannot be compared are never compiled.
 from __future__ import annotations
 
 import collections
-import os
 from typing import Any
 
 import numpy as np
 
-from . import compat, reverse
+from . import compat
+from .engine import context, sweeps
+from .engine.tape import Tape
 from .registry import call_handlers_reverse, vjp_rules
 
 # How many recorded programs keep a compiled backward, and how many programs'
@@ -144,8 +145,8 @@ def _const_key(c):
 
 # Inside a custom_jvp function's JVP rule (which may call the function itself),
 # nested custom_jvp functions are keyed by their body only: the backward sweep
-# over a rule binds them on primals or differentiates their body, never their rule.
-_in_rule = [0]
+# over a rule binds them on primals or differentiates their body, never their rule
+# (the sweep context's ``in_rule`` counts the nesting).
 
 
 # Parameters of nested jit equations are keyed once per set of parameter
@@ -159,7 +160,7 @@ def _params_key(eqn):
     params = eqn.params
     if eqn.primitive.name in compat.JIT_NAMES:
         values = tuple(params.values())
-        ident = (bool(_in_rule[0]),) + tuple(map(id, values))
+        ident = (bool(context.current().in_rule),) + tuple(map(id, values))
         hit = _jit_params_keys.get(ident)
         if hit is not None and all(a is b for a, b in zip(hit[0], values)):
             return hit[1]
@@ -169,7 +170,7 @@ def _params_key(eqn):
     if eqn.primitive.name == compat.CUSTOM_JVP_CALL and "jvp_jaxpr_fun" in params:
         # The JVP rule's traced function is made anew by every trace; what the
         # backward sweep transposes is the jaxpr it returns.
-        if _in_rule[0]:
+        if context.current().in_rule:
             rule = "in a rule"
         else:
             if params.get("symbolic_zeros"):
@@ -180,12 +181,9 @@ def _params_key(eqn):
                     [False] * (len(eqn.invars) - num_consts))
             except Exception as err:  # noqa: BLE001 - a rule that refuses to be traced
                 raise _Uncompilable(f"a custom_jvp rule that raised {err!r}") from None
-            _in_rule[0] += 1
-            try:
+            with context.using(in_rule=context.current().in_rule + 1):
                 rule = ("jvp_rule", _jaxpr_key(jaxpr), tuple(_const_key(c) for c in consts),
                         tuple(out_zeros))
-            finally:
-                _in_rule[0] -= 1
         return tuple((k, rule if k == "jvp_jaxpr_fun" else _value_key(v))
                      for k, v in params.items())
     return tuple((k, _value_key(v)) for k, v in params.items())
@@ -202,7 +200,7 @@ def _eqn_key(eqn, ins: tuple):
 
 
 def _jaxpr_key(jaxpr) -> _Interned:
-    memo = (id(jaxpr), bool(_in_rule[0]))
+    memo = (id(jaxpr), bool(context.current().in_rule))
     hit = _jaxpr_keys.get(memo)
     if hit is not None and hit[0] is jaxpr:
         _jaxpr_keys.move_to_end(memo)
@@ -315,11 +313,11 @@ class _Program:
     def _run(self, fed, cts_out):
         records = []
         for eqn, pos, act in self.specs:
-            _, rec, _ = reverse.forward_eqn(eqn, [fed[p] for p in pos], act)
+            _, rec, _ = sweeps.forward_eqn(eqn, [fed[p] for p in pos], act)
             if rec is not None:
                 records.append(rec)
-        tape = reverse.Tape(self.frame, records, self.in_active, self.out_active)
-        return reverse.backward(tape, cts_out)
+        tape = Tape(self.frame, records, self.in_active, self.out_active)
+        return sweeps.backward(tape, cts_out)
 
 
 class _FunctionState:
@@ -370,15 +368,13 @@ def _state(fun) -> _FunctionState:
     return st
 
 
-# FBACKPROP_EAGER_PROGRAMS=0 turns compiled eager backward programs off (every
-# eager call then sweeps op by op, as on a program's first calls).
-ENABLED = os.environ.get("FBACKPROP_EAGER_PROGRAMS", "1") != "0"
-
-
 def eligible() -> bool:
-    """An eager call nothing watches: its backward may run as a compiled program."""
+    """An eager call nothing watches: its backward may run as a compiled program
+    (the sweep context's ``eager_programs``; the environment variable
+    ``FBACKPROP_EAGER_PROGRAMS=0`` turns it off, every eager call then sweeping
+    op by op, as on a program's first calls)."""
     import jax
-    return (ENABLED and compat.is_eager() and reverse.sweeps_unwatched()
+    return (context.current().eager_programs and compat.is_eager() and context.unwatched()
             and not jax.config.jax_disable_jit)
 
 
@@ -394,10 +390,10 @@ def full_tape(tape):
         if rec.handler is not None:      # custom_vjp: its fwd already ran
             records.append(rec)
             continue
-        _, full, _ = reverse.forward_eqn(rec.eqn, rec.invals, rec.active)
+        _, full, _ = sweeps.forward_eqn(rec.eqn, rec.invals, rec.active)
         if full is not None:
             records.append(full)
-    return reverse.Tape(tape.jaxpr, records, tape.in_active, tape.out_active)
+    return Tape(tape.jaxpr, records, tape.in_active, tape.out_active)
 
 
 def _key_of(tape, kind):
@@ -453,7 +449,7 @@ def _run(key, program, *args):
 def backward(fun, tape, cts_out: list, tape_only: bool) -> list:
     """The backward sweep of an eager recording, compiled when its program repeats.
 
-    Same result as ``reverse.backward(tape, cts_out)`` on the full tape.
+    Same result as ``sweeps.backward(tape, cts_out)`` on the full tape.
     """
     st = _state(fun)
     layout, key = _key_of(tape, tape_only)
@@ -477,7 +473,7 @@ def backward(fun, tape, cts_out: list, tape_only: bool) -> list:
             st.tape_only = False
         tape = full_tape(tape)
     stats["fallbacks"] += 1
-    return reverse.backward(tape, cts_out)
+    return sweeps.backward(tape, cts_out)
 
 
 # ------------------------------------------- the recorded forward pass itself
@@ -519,18 +515,17 @@ class _HvpProgram:
     """fbackprop's forward-over-reverse ``hvp`` of one recorded program, jitted;
     the program's constants are inputs, so values never enter the compiled code."""
 
-    def __init__(self, jaxpr):
+    def __init__(self, jaxpr, hvp_fn):
         import jax
-        self.jaxpr = jaxpr
+        self.jaxpr, self.hvp_fn = jaxpr, hvp_fn
         self.run = jax.jit(self._run)
 
     def _run(self, consts, leaves, tangents):
-        from .derivatives import hvp as fb_hvp
         jaxpr = self.jaxpr
 
         def recorded(*xs):
             return compat.eval_jaxpr(jaxpr, consts, *xs)[0]
-        return fb_hvp(recorded, tuple(leaves), tuple(tangents))
+        return self.hvp_fn(recorded, tuple(leaves), tuple(tangents))
 
 
 _hvp_misses: collections.OrderedDict = collections.OrderedDict()
@@ -542,13 +537,14 @@ def _plain_float_array(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
-def hvp(fun, primals, tangents):
-    """An eager ``fb.hvp(fun, primals, tangents)`` through a compiled program when
+def hvp(fun, primals, tangents, hvp_fn):
+    """An eager ``fb.hvp(fun, primals, tangents)`` (``hvp_fn`` is ``fb.hvp``
+    itself) through a compiled program when
     the program ``fun`` records at ``primals`` repeats; ``None`` when this call
     should take the ordinary path (the first calls, programs that do not repeat or
     cannot be compiled, and every argument the ordinary path must check)."""
     from jax import tree_util
-    from . import define_by_run
+    from .engine import recording
     if not eligible():
         return None
     p_leaves, p_tree = tree_util.tree_flatten(tuple(primals))
@@ -562,8 +558,8 @@ def hvp(fun, primals, tangents):
     if misses >= MAX_MISSES:
         return None
     in_tree = tree_util.tree_structure((tuple(primals), {}))
-    run = define_by_run.record(fun, in_tree, p_leaves, [True] * len(p_leaves),
-                               tape_only=True)
+    run = recording.record(fun, in_tree, p_leaves, [True] * len(p_leaves),
+                           tape_only=True, bind=bind)
     key = None
     if (len(run.out_vals) == 1 and run.out_active[0]
             and compat.typeof(run.out_vals[0]).shape == ()):
@@ -571,11 +567,11 @@ def hvp(fun, primals, tangents):
     program, count = _lookup(key)
     if program is not None or count >= 2:
         try:
-            closed = define_by_run.recorded_jaxpr(run)
+            closed = recording.recorded_jaxpr(run)
         except Exception:  # noqa: BLE001 - the ordinary path reports it
             closed = None
         if closed is not None and program is None:
-            program = _compile(key, lambda: _HvpProgram(closed.jaxpr), "hvp_compiles")
+            program = _compile(key, lambda: _HvpProgram(closed.jaxpr, hvp_fn), "hvp_compiles")
         if closed is not None and program is not None:
             out = _run(key, program, list(closed.consts), p_leaves, t_leaves)
             if out is not _FAILED:

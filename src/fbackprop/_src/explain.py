@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from . import api, compat, memplan, reverse
+from . import api, compat, memplan
+from .engine import sweeps
 from .debug import (_split_output, _trace_state, inlined_jaxpr, observing,
                     short_aval, source_code, source_parts, stepping)
 from .rules import foreign
@@ -318,7 +319,7 @@ class _Observer:
             one = jnp.ones_like(record.outvals[0])
             self.paused = True
             try:
-                local = reverse.apply_rule(record, [one])
+                local = sweeps.apply_rule(record, [one])
                 row.local = [l if a else None for l, a in zip(local, record.active)]
             except Exception:      # a local derivative is a nicety; never fail on it
                 row.local = None
@@ -934,9 +935,9 @@ def explain(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
     with memplan.explaining() as marks, stepping(checkpoints=False):
         obs = _Observer(expected, keep, dyn, closed.consts, marks)
         with observing(obs):
-            outs, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
+            outs, tape = sweeps.forward(closed.jaxpr, closed.consts, dyn, active)
             one = jnp.ones((), api._dtype_of(outs[0]))
-            cts = reverse.backward(tape, [one] + [None] * (len(outs) - 1))
+            cts = sweeps.backward(tape, [one] + [None] * (len(outs) - 1))
     rows = obs.rows
     out_ref = obs.ref.get(id(outs[0]))
     if out_ref is not None and out_ref[0] == "row":

@@ -95,7 +95,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import threading
+
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -105,6 +105,7 @@ import jax
 import numpy as np
 
 from . import compat, memcut, plotting, residuals, trace
+from .engine import context
 from .memcut import eqn_flops, nbytes
 
 
@@ -174,45 +175,32 @@ def _describe_budget(budget, nbytes: int, plain: int) -> str:
 
 
 # ============================================================ planning context
-class _State(threading.local):
-    def __init__(self):
-        self.frames: list = []        # _Level (probe) or _Node (apply) being traced
-        self.collectors: list = []    # lists receiving the plans made (saved_residuals)
-        self.explain: list = []       # dicts receiving recomputed-equation marks (explain)
-
-
-_state = _State()
+# The planner's frames (a _Level in the probe pass, a _Node in the apply pass),
+# the lists receiving the plans made (saved_residuals) and the dicts receiving
+# recomputed-equation marks (explain) are fields of the sweep context.
 _tags = itertools.count()
 _TAG = memcut.TAG
 
 
 @contextlib.contextmanager
 def _frame(frame):
-    _state.frames.append(frame)
-    residuals.cache_bypass[0] += 1
-    try:
+    ctx = context.current()
+    with context.using(planning=ctx.planning + (frame,), cache=False):
         yield frame
-    finally:
-        residuals.cache_bypass[0] -= 1
-        _state.frames.pop()
 
 
 def planning() -> bool:
     """Whether a memory-budget plan is being made (nested checkpoints inline then)."""
-    return bool(_state.frames)
+    return bool(context.current().planning)
 
 
 @contextlib.contextmanager
 def collecting():
     """Collects the region plans made (or reused) while the block runs."""
     plans: list = []
-    _state.collectors.append(plans)
-    residuals.cache_bypass[0] += 1
-    try:
+    ctx = context.current()
+    with context.using(collectors=ctx.collectors + (plans,), cache=False):
         yield plans
-    finally:
-        residuals.cache_bypass[0] -= 1
-        _state.collectors.remove(plans)
 
 
 @contextlib.contextmanager
@@ -221,16 +209,14 @@ def explaining():
     sees their equations) and the equations their backward recomputes are
     recorded in the yielded dict: ``id(eqn) -> note``."""
     marks: dict = {}
-    _state.explain.append(marks)
-    try:
+    with context.using(explain_marks=context.current().explain_marks + (marks,)):
         yield marks
-    finally:
-        _state.explain.remove(marks)
 
 
 def explain_marks():
     """The innermost dict of :func:`explaining`, or None."""
-    return _state.explain[-1] if _state.explain else None
+    marks = context.current().explain_marks
+    return marks[-1] if marks else None
 
 
 class _Counter:
@@ -390,9 +376,10 @@ def scan_hook(eqn):
     the scan is then run as consecutive scans of those lengths (in index
     order), each planned by its own hook.
     """
-    if not _state.frames:
+    frames = context.current().planning
+    if not frames:
         return None
-    frame = _state.frames[-1]
+    frame = frames[-1]
     p = eqn.params
     key = frame.next_key(eqn)
     if isinstance(frame, _Level):
@@ -624,7 +611,7 @@ def plan_region(jaxpr, consts, in_avals, active, budget, where: str = "") -> Reg
     in_active = tuple(bool(a) for a in active)
     key = (tuple(residuals._aval_key(a) for a in in_avals), in_active,
            MemoryBudget(budget)._key(), bool(jax.config.jax_enable_x64))
-    cacheable = trace.cache_enabled and not any(compat.is_tracer(c) for c in consts)
+    cacheable = context.current().cache and not any(compat.is_tracer(c) for c in consts)
     if cacheable:
         try:
             per = _plan_cache.setdefault(jaxpr, {})
@@ -703,7 +690,7 @@ def plan_region(jaxpr, consts, in_avals, active, budget, where: str = "") -> Reg
 
 
 def _report(result: RegionResult) -> RegionResult:
-    for plans in _state.collectors:
+    for plans in context.current().collectors:
         plans.append(result.plan)
     return result
 

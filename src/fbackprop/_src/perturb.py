@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import compat, residuals, trace
+from .engine import context
 from .rules.debug import NAMED_PRIMITIVES
 
 
@@ -292,7 +293,7 @@ def perturbed(closed, wanted):
     constants are concrete, so repeated eager calls rewrite it once.
     """
     key = (frozenset(wanted), bool(jax.config.jax_enable_x64))
-    cacheable = trace.cache_enabled and not any(compat.is_tracer(c) for c in closed.consts)
+    cacheable = context.current().cache and not any(compat.is_tracer(c) for c in closed.consts)
     per = _cache.setdefault(closed.jaxpr, {}) if cacheable else {}
     hit = per.get(key)
     if hit is not None and hit[0] is closed:

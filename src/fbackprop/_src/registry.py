@@ -57,6 +57,11 @@ call_handlers_forward: dict[str, Callable] = {}
 # tangent is differentiated through its body).
 linear_primitives: dict[str, Any] = {}
 call_handlers_linear: dict[str, Any] = {}
+# Handlers a tool steps a call primitive with while the sweep context's
+# ``stepping`` is on: ``name -> (handler, kinds)``, ``kinds`` the stepping
+# values it applies to (a scan run step by step for fb.explain and the NaN
+# checker; cond branches, checkpoint regions and custom rules for the checker).
+stepping_handlers: dict[str, tuple] = {}
 # Primitives of other libraries (lineax, equinox...), differentiated with the
 # rules those libraries register with JAX: filled by rules/foreign.py.
 foreign_rules: dict[str, Callable] = {}
@@ -206,6 +211,9 @@ def defjvp(prim, *per_input: Callable | None):
 # rule. Keyed by the function's JVP rule, so a function whose rule someone
 # redefines (``jax.nn.relu.defjvps(...)``) is no longer recognized.
 _known_custom_jvps: dict = {}
+# id(params) -> (params, handler): the equation parameters KnownCustomJVP.call_params
+# made, so an equation recorded with them is recognized when it is bound again.
+_known_by_params: dict = {}
 
 
 class KnownCustomJVP:
@@ -228,6 +236,7 @@ class KnownCustomJVP:
             eqn, = closed.jaxpr.eqns
             assert eqn.primitive.name == compat.CUSTOM_JVP_CALL, closed
             params = self._call_params[key] = eqn.params
+            _known_by_params[id(params)] = (params, self)
         return params
 
     def backward(self, record, cts_out):
@@ -256,6 +265,17 @@ def known_custom_jvp(fun, jvp):
     if function.jvp is not rule or function.fun is not compat.wrapped_core(fun):
         return None
     return handler
+
+
+def known_custom_jvp_of(params):
+    """The handler of the known custom_jvp function a ``custom_jvp_call``
+    equation calls (define-by-run form, or parameters made by
+    :meth:`KnownCustomJVP.call_params`), or None."""
+    subfuns = params.get("subfuns")
+    if subfuns is not None:
+        return known_custom_jvp(*subfuns)
+    entry = _known_by_params.get(id(params))
+    return entry[1] if entry is not None and entry[0] is params else None
 
 
 # ----------------------------------------------------------------- small helpers

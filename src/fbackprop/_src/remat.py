@@ -46,7 +46,8 @@ from jax.ad_checkpoint import (
     checkpoint_name,  # noqa: F401  (re-exported)
 )
 
-from . import compat, memplan, residuals, reverse
+from . import compat, memplan, residuals
+from .engine import sweeps
 
 
 def _saveable(policy, eqn) -> bool:
@@ -106,7 +107,7 @@ class RematCall:
         if memplan.planning():
             # Inside a region being planned for a memory budget, a nested
             # checkpoint is part of that region: the outer plan decides.
-            outs, tape = reverse.forward(jaxpr, consts, invals, active)
+            outs, tape = sweeps.forward(jaxpr, consts, invals, active)
             return outs, _Inlined(tape), tape.out_active
         marks = memplan.explain_marks()
         if isinstance(policy, memplan.MemoryBudget):
@@ -123,7 +124,7 @@ class RematCall:
             if recomputed is None:
                 recomputed = memplan.recomputed_primal_eqns(jaxpr, split)
             marks.update(recomputed)
-            outs, tape = reverse.forward(jaxpr, consts, invals, active)
+            outs, tape = sweeps.forward(jaxpr, consts, invals, active)
             return outs, _Inlined(tape), tape.out_active
         with compat.user_context(eqn):
             outs = residuals.eval_jaxpr(split.fwd, split.consts, *invals)
@@ -134,7 +135,7 @@ class RematCall:
 
     def backward(self, record, cts_out):
         if isinstance(record.sub, _Inlined):
-            return reverse.backward(record.sub.tape, cts_out)
+            return sweeps.backward(record.sub.tape, cts_out)
         split, saved, prevent_cse = record.sub
         joint = split.joint
         out_avals = [v.aval for v in joint.jaxpr.outvars[:joint.n_out]]

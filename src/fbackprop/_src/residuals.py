@@ -6,8 +6,8 @@ sweep of a sub-jaxpr as a *program* they can place elsewhere: inside a reverse
 ``optimization_barrier``. They get it in three steps:
 
 1. **Joint trace.** :func:`trace_joint` traces, with ``jax.make_jaxpr``, one
-   function that runs our own forward sweep (:func:`reverse.forward`) over the
-   sub-jaxpr and then our own backward sweep (:func:`reverse.backward`) with
+   function that runs our own forward sweep (:func:`engine.sweeps.forward`) over the
+   sub-jaxpr and then our own backward sweep (:func:`engine.sweeps.backward`) with
    cotangent inputs. The result is one jaxpr
    ``(*primals, *cts) -> (*outs, *cts_in)``: every equation of the forward
    sweep and every equation our VJP rules emitted.
@@ -47,7 +47,8 @@ import jax
 import numpy as np
 from jax import tree_util
 
-from . import compat, reverse, trace
+from . import compat, trace
+from .engine import context, sweeps
 from .registry import is_differentiable_dtype
 
 
@@ -94,12 +95,11 @@ class Joint:
     ct_in_nonzero: tuple
 
 
-_joint_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 # While a memory-budget plan is being made (fbackprop._src.memplan), joints are
-# traced afresh and not cached: the same jaxpr then gives different joints (its
-# nested scans split by the plan), which must not leak into ordinary traces.
-cache_bypass = [0]
+# traced afresh and not cached (the sweep context's ``cache`` is off): the same
+# jaxpr then gives different joints (its nested scans split by the plan), which
+# must not leak into ordinary traces.
+_joint_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _aval_key(aval) -> tuple:
@@ -125,7 +125,7 @@ def trace_joint(jaxpr, consts: Sequence, in_avals: Sequence, in_active: Sequence
     in_active = tuple(bool(a) and _differentiable(av) for a, av in zip(in_active, in_avals))
     key = (tuple(_aval_key(a) for a in in_avals), in_active,
            bool(jax.config.jax_enable_x64))
-    cacheable = (trace.cache_enabled and not cache_bypass[0]
+    cacheable = (context.current().cache
                  and not any(compat.is_tracer(c) for c in consts))
     per = None
     if cacheable:
@@ -145,12 +145,12 @@ def trace_joint(jaxpr, consts: Sequence, in_avals: Sequence, in_active: Sequence
 
     def joint(*args):
         primals, cts = list(args[:n_in]), args[n_in:]
-        outs, tape = reverse.forward(jaxpr, consts, primals, list(in_active))
+        outs, tape = sweeps.forward(jaxpr, consts, primals, list(in_active))
         full = [None] * n_out
         for i, ct in zip(ct_outputs, cts):
             if tape.out_active[i]:
                 full[i] = ct
-        cts_in = reverse.backward(tape, full)
+        cts_in = sweeps.backward(tape, full)
         nonzero = tuple(i for i, c in enumerate(cts_in) if c is not None and in_active[i])
         cell["out_active"] = tuple(tape.out_active)
         cell["nonzero"] = nonzero
@@ -158,7 +158,7 @@ def trace_joint(jaxpr, consts: Sequence, in_avals: Sequence, in_active: Sequence
 
     specs = [spec_of(a) for a in in_avals] + [spec_of(out_avals[i], False)
                                                for i in ct_outputs]
-    with reverse.sweeping_calls_in_place():
+    with context.using(in_place=True):
         closed = jax.make_jaxpr(joint)(*specs)
     result = Joint(closed.jaxpr, list(closed.consts), n_in, n_out, in_active,
                    cell["out_active"], ct_outputs, cell["nonzero"])
@@ -454,7 +454,7 @@ def eval_jaxpr(jaxpr, consts, *args) -> list:
     occurrence one equation of the enclosing program (which the compiler
     inlines). Eagerly it runs op by op.
     """
-    if compat.is_eager() or not reverse.sweeps_unwatched() or \
+    if compat.is_eager() or not context.unwatched() or \
             any(compat.is_tracer(c) for c in consts):
         return list(compat.eval_jaxpr(jaxpr, consts, *args))
     direct, traced = _staged_call(jaxpr)

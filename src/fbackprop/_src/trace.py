@@ -12,6 +12,7 @@ import numpy as np
 from jax import tree_util
 
 from . import compat
+from .engine import context
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -46,7 +47,6 @@ def count_eqns(jaxpr) -> int:
 
 
 _cache: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
-cache_enabled = True
 trace_count = 0            # number of times a function was actually traced (for tests)
 
 
@@ -102,7 +102,7 @@ def trace_flat(fun: Callable, in_tree, leaves: list, static: list | None = None,
     # (the current batch, a hyperparameter) whose values a cached trace would
     # freeze. Under a transformation (jit, vmap, an outer derivative) the
     # enclosing trace already fixes them, so the trace is cached there.
-    if cache_enabled and key is not None and any(compat.is_tracer(x) for x in dyn):
+    if context.current().cache and key is not None and any(compat.is_tracer(x) for x in dyn):
         try:
             per_fun = _cache.get(fun)
             if per_fun is None:

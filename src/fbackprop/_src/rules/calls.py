@@ -12,9 +12,13 @@ import jax.numpy as jnp
 from jax import lax
 
 
+import numpy as np
+
 from .. import compat
-from .. import reverse
-from ..registry import call_handlers_linear, call_handlers_reverse
+from ..engine import context, recording, sweeps
+from ..engine import tangents as tangents_mod
+from ..registry import (KnownCustomJVP, call_handlers_forward, call_handlers_linear,
+                        call_handlers_reverse, known_custom_jvp_of)
 
 
 class CallHandler:
@@ -36,11 +40,11 @@ class InlineCall(CallHandler):
 
     def forward(self, eqn, invals, active):
         closed = self.get_closed(eqn.params)
-        outs, tape = reverse.forward(closed.jaxpr, closed.consts, invals, active)
+        outs, tape = sweeps.forward(closed.jaxpr, closed.consts, invals, active)
         return outs, tape, tape.out_active
 
     def backward(self, record, cts_out):
-        return reverse.backward(record.sub, cts_out)
+        return sweeps.backward(record.sub, cts_out)
 
 
 class _CompiledResiduals:
@@ -78,7 +82,7 @@ class _CompiledSweeps:
         self.inline = inline
 
     def _fwd(self, invals):
-        outs, tape = reverse.forward(self.closed.jaxpr, self.closed.consts, invals, self.active)
+        outs, tape = sweeps.forward(self.closed.jaxpr, self.closed.consts, invals, self.active)
         leaves, treedef = jax.tree_util.tree_flatten(tape)
         mask = [isinstance(x, jax.Array) or compat.is_tracer(x) for x in leaves]
         self.static = (treedef, mask, [None if m else x for x, m in zip(leaves, mask)])
@@ -94,7 +98,7 @@ class _CompiledSweeps:
         it = iter(arrays)
         tape = jax.tree_util.tree_unflatten(
             treedef, [next(it) if m else x for m, x in zip(mask, static)])
-        return reverse.backward(tape, cts_out)
+        return sweeps.backward(tape, cts_out)
 
     def fwd(self, invals, types=None):
         """``(outs, arrays)``: the call's outputs and its tape's arrays (``types``:
@@ -126,7 +130,7 @@ def _compiles_eagerly(eqn) -> bool:
     """Concrete values, unwatched sweeps, and a jit not marked ``inline``
     (jax.numpy's small helpers are): the nested jit runs compiled."""
     return (not eqn.params.get("inline", False) and compat.is_eager()
-            and reverse.sweeps_unwatched())
+            and context.unwatched())
 
 
 class JitCall(InlineCall):
@@ -149,7 +153,7 @@ class JitCall(InlineCall):
         # A linear sweep (a custom_jvp rule being transposed) checks every
         # equation while its sweep is traced, and differentiates custom_jvp
         # functions inside through their bodies: its programs are its own.
-        key = (id(closed), tuple(active), types, inline, reverse.in_linear_sweep())
+        key = (id(closed), tuple(active), types, inline, context.in_linear_sweep())
         hit = self._programs.get(key)
         if hit is None or hit.closed is not closed:
             hit = self._programs[key] = _CompiledSweeps(closed, active, inline)
@@ -161,7 +165,7 @@ class JitCall(InlineCall):
 
     def forward(self, eqn, invals, active):
         inline = bool(eqn.params.get("inline", False))
-        if not reverse.sweeps_unwatched(linear_ok=True) or (inline and compat.is_eager()):
+        if not context.unwatched(linear_ok=True) or (inline and compat.is_eager()):
             return super().forward(eqn, invals, active)
         types = tuple(map(compat.typeof, invals))
         sweeps = self._sweeps(self.get_closed(eqn.params), types, active, inline)
@@ -185,65 +189,76 @@ for _name, _body in compat.CALL_BODIES.items():
 
 # -------------------------------------------------------------------- custom_jvp
 class CustomJVPCall(CallHandler):
-    """Reverse mode of ``jax.custom_jvp``: transpose the user's JVP rule.
+    """Reverse mode of ``jax.custom_jvp``, for every front end: linearize the
+    user's JVP rule and transpose its tangent part.
 
-    The user's rule, traced with the tangents of the active inputs as inputs, is
-    linear in those tangents; our own backward sweep over it (the primals are
-    constants there) gives the transpose, so e.g. ``jax.nn.relu`` at 0 has
-    gradient 0 exactly as the rule says.
+    The rule runs once, as ``jax.grad`` runs it: on the primal values, with the
+    tangents of the active inputs recorded by a linear recording
+    (:func:`fbackprop._src.engine.recording.record` with ``linear=``): the
+    primal outputs are the rule's, and the recorded tangent equations, checked
+    to be linear in the tangents, are the map whose transpose - our backward
+    sweep over them - gives the inputs' cotangents. So e.g. ``jax.nn.relu`` at
+    0 has gradient 0 exactly as its rule says. (The tangent equations are also
+    bound in the enclosing trace, on the primal values standing in for the
+    tangents, since the transpose of a linear map does not read the value it is
+    applied to; under a transformation nothing uses their results and the
+    compiled program drops them.)
+
+    The call arrives as a jaxpr equation (its rule as ``jvp_jaxpr_fun``) or from
+    a define-by-run trace with the bind's Python functions (the rule then runs
+    on concrete values eagerly, so Python control flow in it works); see
+    :func:`compat.custom_jvp_rule`. JAX's own custom_jvp functions whose
+    derivative fbackprop knows (``jax.nn.relu``...) are bound as they are and
+    differentiated with the known rule (``registry.register_known_custom_jvp``).
     """
 
     def forward(self, eqn, invals, active):
-        call_jaxpr, num_consts, jvp_jaxpr_of = compat.custom_jvp_parts(eqn.params)
+        known = known_custom_jvp_of(eqn.params)
+        if known is not None and context.unwatched():
+            prim = eqn.primitive
+            if "subfuns" in eqn.params:
+                params = {k: v for k, v in eqn.params.items() if k != "name"}
+                outvals = compat.bind_in(compat.current_trace(), prim, list(invals), params)
+            else:
+                outvals = compat.bind_eqn(eqn, invals)
+            return outvals, known, [True] * len(outvals)
+        num_consts, rule = compat.custom_jvp_rule(eqn.params)
+        name = eqn.params.get("name", "?")
         if any(active[:num_consts]):
             raise NotImplementedError(
-                f"fbackprop cannot differentiate the custom_jvp function "
-                f"'{eqn.params.get('name', '?')}' (at {compat.source_line(eqn)}) with "
-                f"respect to a value it closes over: its JVP rule only covers its explicit "
-                f"arguments. Pass that value as an argument of the custom_jvp function.")
-        outvals = compat.bind_eqn(eqn, invals)
-        out_active = [True] * len(outvals)
-        return outvals, (call_jaxpr, num_consts, jvp_jaxpr_of), out_active
+                f"fbackprop cannot differentiate the custom_jvp function '{name}' (at "
+                f"{compat.source_line(eqn)}) with respect to a value it closes over: its "
+                f"JVP rule only covers its explicit arguments. Pass that value as an "
+                f"argument of the custom_jvp function.")
+        primals = list(invals[num_consts:])
+        act = list(active[num_consts:])
+        n = len(primals)
 
-    def _tangent_jaxpr(self, jvp_jaxpr_of, zeros, cts_out):
-        jvp_jaxpr, jvp_consts, out_zeros = jvp_jaxpr_of(list(zeros))
-        n_out = len(out_zeros)
-        nz_cts = [ct for ct, z in zip(cts_out, out_zeros) if not z]
-        # Only the tangent outputs that receive a cotangent matter; the primal
-        # outputs of the rule (and whatever computes only them) are dropped.
-        used = [False] * n_out + [ct is not None for ct in nz_cts]
-        return compat.dce_keep_inputs(jvp_jaxpr, used), list(jvp_consts), out_zeros
+        def rule_of_tangents(*xs):
+            ts = iter(xs[n:])
+            outs, touts = rule(list(xs[:n]), [next(ts) if a else None for a in act])
+            # A zero tangent output is a constant of the linear map (no cotangent).
+            return list(outs) + [np.zeros((), np.float32) if t is None else t for t in touts]
+
+        leaves = primals + [x for x, a in zip(primals, act) if a]
+        tree = jax.tree_util.tree_structure((tuple(range(len(leaves))), {}))
+        what = f"the custom_jvp function '{name}' (called at {compat.source_line(eqn)})"
+        with compat.user_context(eqn):
+            run = recording.record(rule_of_tangents, tree, leaves,
+                                   [False] * n + [True] * (len(leaves) - n), linear=what)
+        n_out = len(run.out_vals) // 2
+        return run.out_vals[:n_out], run.tape, run.out_active[n_out:]
 
     def backward(self, record, cts_out):
-        call_jaxpr, num_consts, jvp_jaxpr_of = record.sub
-        primals = record.invals[num_consts:]
-        active = record.active[num_consts:]
-        # Without symbolic zeros the user's rule expects every tangent as an array.
-        symbolic = record.eqn.params.get("symbolic_zeros", False)
-        zeros = tuple(not a for a in active) if symbolic else (False,) * len(active)
-        # Not cached: the rule's traced function is new per call and refers to the
-        # trace it was staged in (a cache would keep those traces and their values
-        # alive without ever hitting).
-        jaxpr, consts, out_zeros = self._tangent_jaxpr(jvp_jaxpr_of, zeros, cts_out)
-        cts = [ct for ct, z in zip(cts_out, out_zeros) if not z and ct is not None]
-        n_lead = len(consts) + len(primals)
-        tangent_avals = [v.aval for v in jaxpr.invars[n_lead:]]
-        tangents = [compat.zeros_like_aval(a) for a in tangent_avals]
-        tangent_active = [a for a, z in zip(active, zeros) if not z]
-        in_active = [False] * n_lead + tangent_active
-        reverse._linear_stack.append(
-            f"the custom_jvp function '{record.eqn.params.get('name', '?')}' (called at "
-            f"{compat.source_line(record.eqn)})")
-        try:
-            _, tape = reverse.forward(jaxpr, [], consts + list(primals) + tangents, in_active)
-        finally:
-            reverse._linear_stack.pop()
-        cts_all = reverse.backward(tape, cts)
-        reverse.notify("end_sweep", jaxpr, cts_all)
-        cts_in = cts_all[n_lead:]
-        it = iter(cts_in)
-        per_input = [None if z else next(it) for z in zeros]
-        return [None] * num_consts + [ct if a else None for ct, a in zip(per_input, active)]
+        if isinstance(record.sub, KnownCustomJVP):
+            return record.sub.backward(record, cts_out)
+        num_consts = record.eqn.params.get("num_consts", 0)
+        cts = sweeps.backward(record.sub, [None] * len(cts_out) + list(cts_out))
+        context.notify("end_sweep", record.sub.program(), cts)
+        n = len(record.invals) - num_consts
+        it = iter(cts[n:])
+        return [None] * num_consts + [next(it) if a else None
+                                      for a in record.active[num_consts:]]
 
 
 call_handlers_reverse[compat.CUSTOM_JVP_CALL] = CustomJVPCall()
@@ -254,13 +269,18 @@ call_handlers_linear[compat.CUSTOM_JVP_CALL] = InlineCall(lambda params: params[
 
 # -------------------------------------------------------------------- custom_vjp
 class CustomVJPCall(CallHandler):
-    """Reverse mode of ``jax.custom_vjp``: run the user's fwd, keep residuals, call bwd."""
+    """Reverse mode of ``jax.custom_vjp``: run the user's fwd, keep residuals, call bwd.
+
+    As a jaxpr equation or from a define-by-run trace (then fwd runs on the
+    values themselves, so Python control flow on them works, as in jax.grad);
+    see :func:`compat.custom_vjp_parts`.
+    """
 
     def forward(self, eqn, invals, active):
-        call_jaxpr, num_consts, fwd, bwd, _ = compat.custom_vjp_parts(eqn.params)
+        _, fwd, bwd = compat.custom_vjp_parts(eqn.params)
         with compat.user_context(eqn):
-            res, outs = fwd(invals, list(active))
-        out_avals = [v.aval for v in eqn.outvars]
+            res, outs = fwd(list(invals), list(active))
+        out_avals = [compat.typeof(x) for x in outs]
         return outs, (res, bwd, out_avals), [True] * len(outs)
 
     def backward(self, record, cts_out):
@@ -301,14 +321,12 @@ for _name in compat.REMAT_NAMES:
 
 
 # ----------------------------------------------------------------- forward mode
-from .. import forward as _forward  # noqa: E402
-from ..registry import call_handlers_forward  # noqa: E402
 
 
 def _inline_jvp(get_closed):
     def handler(eqn, invals, tangents):
         closed = get_closed(eqn.params)
-        return _forward.jvp_jaxpr(closed.jaxpr, closed.consts, invals, tangents)
+        return tangents_mod.jvp_jaxpr(closed.jaxpr, closed.consts, invals, tangents)
     return handler
 
 
@@ -325,19 +343,19 @@ def _jit_jvp():
     def handler(eqn, invals, tangents):
         closed = compat.jit_inner(eqn.params)
         if not _compiles_eagerly(eqn):
-            if compat.is_eager() or not reverse.sweeps_unwatched(linear_ok=True):
+            if compat.is_eager() or not context.unwatched(linear_ok=True):
                 return inline(eqn, invals, tangents)
             present = tuple(t is not None for t in tangents)
             call_inline = bool(eqn.params.get("inline", False))
             key = (id(closed), present, tuple(compat.aval_key(x) for x in invals),
-                   call_inline, reverse.in_linear_sweep())
+                   call_inline, context.in_linear_sweep())
             hit = staged.get(key)
             if hit is None or hit[0] is not closed:
                 n = len(invals)
 
                 def jvp_flat(flat, present=present):
                     ts = iter(flat[n:])
-                    outs, touts = _forward.jvp_jaxpr(
+                    outs, touts = tangents_mod.jvp_jaxpr(
                         closed.jaxpr, closed.consts, flat[:n],
                         [next(ts) if p else None for p in present])
                     return list(outs) + list(touts)
@@ -352,7 +370,7 @@ def _jit_jvp():
             return flat[:n_out], flat[n_out:]
         hit = programs.get(id(closed))
         if hit is None or hit[0] is not closed:
-            run = jax.jit(lambda xs, ts: _forward.jvp_jaxpr(closed.jaxpr, closed.consts, xs, ts))
+            run = jax.jit(lambda xs, ts: tangents_mod.jvp_jaxpr(closed.jaxpr, closed.consts, xs, ts))
             hit = programs[id(closed)] = (closed, run)
             if len(programs) > 256:
                 programs.popitem(last=False)
@@ -369,35 +387,22 @@ for _name in compat.REMAT_NAMES:
 
 
 def _custom_jvp_forward(eqn, invals, tangents):
-    """Forward mode of ``jax.custom_jvp``: evaluate the user's JVP rule."""
-    call_jaxpr, num_consts, jvp_jaxpr_of = compat.custom_jvp_parts(eqn.params)
+    """Forward mode of ``jax.custom_jvp`` (either form): evaluate the user's JVP rule."""
+    num_consts, rule = compat.custom_jvp_rule(eqn.params)
     if any(t is not None for t in tangents[:num_consts]):
         raise NotImplementedError(
             f"fbackprop cannot differentiate the custom_jvp function "
             f"'{eqn.params.get('name', '?')}' (at {compat.source_line(eqn)}) with respect "
             f"to a value it closes over; pass that value as an argument.")
-    primals = invals[num_consts:]
-    tangents = tangents[num_consts:]
-    if not eqn.params.get("symbolic_zeros", False):
-        # Without symbolic zeros the user's rule expects every tangent as an array.
-        # (float0 zeros for integer inputs, as JAX passes them).
-        tangents = [_forward.zero_tangent(x) if t is None else t
-                    for x, t in zip(primals, tangents)]
-    jvp_jaxpr, jvp_consts, out_zeros = jvp_jaxpr_of([t is None for t in tangents])
-    nz_tangents = [t for t in tangents if t is not None]
     with compat.user_context(eqn):
-        outs = compat.eval_jaxpr(jvp_jaxpr, jvp_consts, *primals, *nz_tangents)
-    n_out = len(out_zeros)
-    primal_outs, nz_out = outs[:n_out], iter(outs[n_out:])
-    touts = [None if z else next(nz_out) for z in out_zeros]
-    return list(primal_outs), touts
+        return rule(list(invals[num_consts:]), list(tangents[num_consts:]))
 
 
 call_handlers_forward[compat.CUSTOM_JVP_CALL] = _custom_jvp_forward
 
 
 def _custom_vjp_forward(eqn, invals, tangents):
-    raise _forward.custom_vjp_forward_error(eqn.params.get("name", "?"),
+    raise tangents_mod.custom_vjp_forward_error(eqn.params.get("name", "?"),
                                             compat.source_line(eqn))
 
 

@@ -35,7 +35,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .. import compat, forward as _forward, reverse
+from .. import compat
+from ..engine import sweeps
+from ..engine import tangents as _forward
 from ..registry import (call_handlers_forward, call_handlers_reverse, defjvp, defnondiff,
                         defvjp)
 
@@ -235,8 +237,8 @@ class ShardMapCall:
                 counts = [math.prod(sizes[a] for a in _unmentioned(_ct_spec(s), manual_axes))
                           for s in out_specs]
                 cts = [ct if ct is None or n == 1 else ct / n for ct, n in zip(cts, counts)]
-            _, tape = reverse.forward(jaxpr, [], list(invals), active)
-            cts_in = reverse.backward(tape, cts)
+            _, tape = sweeps.forward(jaxpr, [], list(invals), active)
+            cts_in = sweeps.backward(tape, cts)
             results = []
             for x, ct, a, spec in zip(invals, cts_in, active, in_specs):
                 if not a:

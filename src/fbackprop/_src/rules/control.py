@@ -43,14 +43,16 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .. import compat, memplan, residuals, reverse
-from .. import forward as _forward
+from .. import compat, memplan, residuals
+from ..engine import context, sweeps
+from ..engine import tangents as _forward
 from ..registry import (
     call_handlers_forward,
     call_handlers_reverse,
@@ -156,6 +158,15 @@ def _scan_joint(body, consts, in_avals, active, nc, nk, before_trace=None):
 
 
 _scan_splits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _SegmentCall(NamedTuple):
+    """One segment of a scan's steps, as the scan's backward reads a record."""
+    eqn: Any
+    invals: list
+    outvals: list
+    active: list
+    sub: Any
 
 
 class _Segments:
@@ -305,7 +316,8 @@ class ScanCall:
             carry, ybufs = list(outs[:nk]), list(outs[nk:])
             carry_active = [a or b for a, b in zip(carry_active, out_active[:nk])]
             ys_active = [a or b for a, b in zip(ys_active, out_active[nk:])]
-            records[j] = reverse.Record(sub_eqn, sub_in, list(outs), sub_active, state)
+            # What _backward reads of a record, for this segment of the steps.
+            records[j] = _SegmentCall(sub_eqn, sub_in, list(outs), sub_active, state)
         return carry + ybufs, _Segments(records, order), carry_active + ys_active
 
     def _backward_segments(self, record, cts_out):
@@ -380,7 +392,7 @@ class ScanCall:
 
         scope = hook.scope() if hook is not None else contextlib.nullcontext()
         body_jaxpr = None
-        if window is None and hook is None and reverse.sweeps_unwatched():
+        if window is None and hook is None and context.unwatched():
             body_jaxpr = _forward_body_jaxpr(split, res_src, nc, nk, n_out)
         if body_jaxpr is not None:
             # The forward loop's body is the split's forward part with its outputs
@@ -486,7 +498,7 @@ class ScanCall:
 
         n_c, n_a = len(act_carry), len(const_nz)
         direct = None
-        if window is None and reverse.sweeps_unwatched():
+        if window is None and context.unwatched():
             direct = _backward_body_jaxpr(
                 split, plan, ys_pos, xs_pos, ct_ys_pos, carry_pos, act_carry, const_nz,
                 xs_nz, nc, nk, in_avals, len(ys_idx), len(xs_idx), len(ct_ys_idx),

@@ -27,6 +27,7 @@ import jax
 
 from .. import compat
 from .. import registry
+from ..engine import context, sweeps
 from ..registry import MissingRuleError
 
 # The tables JAX keeps of other libraries' rules (read, never written here).
@@ -145,7 +146,6 @@ class ForeignJVPCall(_ForeignCall):
     """Reverse mode of a library primitive: its JVP rule, transposed by us."""
 
     def backward(self, record, cts_out):
-        from .. import reverse
         rules, eqn = self.rules, record.eqn
         if rules.jvp is None:
             raise MissingRuleError(
@@ -169,14 +169,9 @@ class ForeignJVPCall(_ForeignCall):
         nonzero = nonzero_cell[0]
         cts = [ct for ct, w, nz in zip(cts_out, wanted, nonzero) if w and nz]
         zeros = [compat.zeros_like_aval(v.aval) for v in closed.jaxpr.invars]
-        reverse._linear_stack.append(
-            f"the {_describe(rules)} (at {compat.source_line(eqn)})")
-        try:
-            _, tape = reverse.forward(closed.jaxpr, closed.consts, zeros,
-                                      [True] * len(zeros))
-        finally:
-            reverse._linear_stack.pop()
-        cts_in = iter(reverse.backward(tape, cts))
+        with context.using(linear=f"the {_describe(rules)} (at {compat.source_line(eqn)})"):
+            _, tape = sweeps.forward(closed.jaxpr, closed.consts, zeros, [True] * len(zeros))
+        cts_in = iter(sweeps.backward(tape, cts))
         return [next(cts_in) if a else None for a in active]
 
 

@@ -26,7 +26,7 @@ import dataclasses
 import weakref
 
 from .. import compat
-from .. import forward as _forward
+from ..engine import tangents as _forward
 from ..registry import MissingRuleError, call_handlers_forward, call_handlers_reverse, \
     linear_primitives
 from .calls import CallHandler, InlineCall, _as_cotangent, _inline_jvp

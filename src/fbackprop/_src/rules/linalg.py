@@ -33,8 +33,8 @@ import numpy as np
 from jax import lax
 from jax.lax import linalg as lax_linalg
 
-from .. import forward as _forward
-from .. import reverse as _reverse
+from ..engine import sweeps as _reverse
+from ..engine import tangents as _forward
 from ..registry import (
     defjvp,
     defjvp_linear,

@@ -10,8 +10,6 @@ import numpy as np
 from jax import lax
 
 from .. import compat
-from .. import forward as forward_mode
-from .. import reverse as reverse_mode
 from .. import trace
 from ..registry import (defjvp, defnondiff, defvjp, register_jvp, register_vjp,
                         zeros_like_aval)

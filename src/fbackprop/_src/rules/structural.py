@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from .. import compat
-from ..forward import jvp_jaxpr
+from ..engine.tangents import jvp_jaxpr
 from ..registry import defjvp, defjvp_linear, defnondiff, defvjp, register_jvp, register_vjp
 
 _PROMISE = lax.GatherScatterMode.PROMISE_IN_BOUNDS

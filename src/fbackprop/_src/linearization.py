@@ -1,8 +1,4 @@
-"""Forward mode: one tangent sweep over a jaxpr with the ``jvp_rules`` table.
-
-Tangents are ``None`` (symbolic zero) until an equation depending on a
-perturbed input produces one.
-"""
+"""``fb.linearize``'s program: the tangent sweep split into a primal and a linear part."""
 
 from __future__ import annotations
 
@@ -10,135 +6,9 @@ import jax
 
 from . import compat
 from . import trace as trace_mod
-from .registry import call_handlers_forward, foreign_rules, jvp_rules, missing_rule_error, \
-    nondiff_primitives, is_differentiable_dtype
+from .engine.tangents import jvp_jaxpr
 
 
-def _check_tangent(eqn, v, t):
-    _check_tangent_aval(eqn.primitive.name, eqn.source_info, v.aval, t)
-
-
-def _check_tangent_aval(name, source_info, aval, t):
-    import numpy as np
-    if tuple(np.shape(t)) != tuple(aval.shape) or getattr(t, "dtype", None) != aval.dtype:
-        raise TypeError(
-            f"The JVP rule for primitive '{name}' returned a tangent of "
-            f"shape/dtype {tuple(np.shape(t))}/{getattr(t, 'dtype', None)} for an output "
-            f"whose primal is {tuple(aval.shape)}/{aval.dtype} (at "
-            f"{compat.source_line_of(source_info)}). A tangent must have its primal's "
-            f"shape and dtype.")
-
-
-def jvp_jaxpr(jaxpr, consts, primals, tangents):
-    """Evaluates ``jaxpr`` and pushes ``tangents`` (``None`` = zero) forward.
-
-    Returns:
-      ``(outs, out_tangents)``, with ``None`` for outputs whose tangent is zero.
-    """
-    env: dict = {}
-    tenv: dict = {}
-
-    def read(v):
-        return v.val if type(v) is compat.Literal else env[v]
-
-    def read_t(v):
-        return None if type(v) is compat.Literal else tenv.get(v)
-
-    for v, x in zip(jaxpr.constvars, consts):
-        env[v] = x
-    for v, x, t in zip(jaxpr.invars, primals, tangents):
-        env[v] = x
-        if t is not None and is_differentiable_dtype(v.aval.dtype):
-            tenv[v] = t
-
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        tin = [read_t(v) for v in eqn.invars]
-        if all(t is None for t in tin):
-            outs, touts = compat.bind_eqn(eqn, invals), None
-        else:
-            outs, touts = _jvp_step(eqn.primitive, eqn.params, invals, tin, lambda: eqn)
-        for i, (v, x) in enumerate(zip(eqn.outvars, outs)):
-            if type(v) is compat.DropVar:
-                continue
-            env[v] = x
-            t = None if touts is None else touts[i]
-            if t is not None and is_differentiable_dtype(v.aval.dtype):
-                _check_tangent(eqn, v, t)
-                tenv[v] = t
-
-    return [read(v) for v in jaxpr.outvars], [read_t(v) for v in jaxpr.outvars]
-
-
-def _jvp_step(prim, params, invals, tin, get_eqn):
-    """One equation's JVP (some tangent nonzero): ``(outs, out_tangents)`` as lists.
-
-    ``get_eqn()`` gives the equation, for call handlers and error messages.
-    """
-    name = prim.name
-    if name in nondiff_primitives:
-        eqn = get_eqn()
-        return compat.bind_eqn(eqn, invals), None
-    handler = call_handlers_forward.get(name)
-    if handler is not None:
-        with compat.rules_context():
-            return handler(get_eqn(), invals, tin)
-    rule = jvp_rules.get(name)
-    if rule is None:
-        foreign = foreign_rules["forward_rule"](prim)
-        if foreign is None:
-            raise missing_rule_error(get_eqn(), "forward")
-        with compat.rules_context():
-            return foreign_rules["jvp"](foreign, params, invals, tin)
-    with compat.rules_context():
-        outs, touts = rule(invals, tin, **params)
-    if not prim.multiple_results:
-        return [outs], [touts]
-    return list(outs), list(touts)
-
-
-def jvp_eqn(prim, params, primals, tangents, source_info):
-    """The JVP of binding ``prim`` (define-by-run forward mode, in the current
-    trace): ``(outs, out_tangents)`` as lists, ``None`` for zero tangents."""
-
-    def get_eqn():
-        invars = [compat.Var(compat.typeof(x)) for x in primals]
-        return compat.typed_eqn(prim, params, invars, source_info)
-
-    outs, touts = _jvp_step(prim, params, primals, tangents, get_eqn)
-    if touts is None:
-        return outs, [None] * len(outs)
-    checked = []
-    for x, t in zip(outs, touts):
-        aval = compat.typeof(x)
-        if t is not None and not is_differentiable_dtype(aval.dtype):
-            t = None
-        if t is not None:
-            _check_tangent_aval(prim.name, source_info, aval, t)
-        checked.append(t)
-    return outs, checked
-
-
-def zero_tangent(x):
-    """A materialized zero tangent for a primal (float0 for integer primals)."""
-    aval = compat.typeof(x)
-    if is_differentiable_dtype(aval.dtype):
-        return compat.zeros_like_aval(aval)
-    import numpy as np
-    from .registry import jax_float0
-    return np.zeros(aval.shape, jax_float0)
-
-
-def custom_vjp_forward_error(name, where):
-    return TypeError(
-        f"can't apply forward-mode autodiff (jvp) to a custom_vjp function "
-        f"('{name}' at {where}): its custom rule only defines reverse mode, and pushing "
-        f"tangents through its primal code could disagree with that rule (e.g. a "
-        f"straight-through estimator). Use reverse mode (fbackprop.grad / vjp / jacrev), "
-        f"or define the function with jax.custom_jvp.")
-
-
-# ------------------------------------------------------------------ linearize
 # fb.linearize traces the tangent sweep once, over abstract primals and
 # tangents, and splits the resulting jaxpr by dependency: equations that do not
 # read a tangent (the primal computation and the primal-only parts of the rules,

@@ -1,0 +1,115 @@
+"""The sweep context: what decides, for the sweeps running now, which path they take.
+
+Everything that used to be a module-level switch lives in one immutable value
+held by a :class:`contextvars.ContextVar`: a tool that watches the sweeps, a
+linear sweep transposing a custom JVP rule, an analysis that needs nested calls
+swept in place, a memory-budget plan being made. A block changes it with
+:func:`using`, which restores the previous value on exit, also when the block
+raises; threads and asyncio tasks each see their own value.
+
+Handlers and the front ends read it with :func:`current` (or the helpers below)
+and choose their path: bind a nested ``jit``'s memoized sweeps or sweep it in
+place, compile an eager program or not, and so on. Nothing else decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import os
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepContext:
+    """The state the sweeps running now read (immutable; change it with :func:`using`).
+
+    Attributes:
+      observers: objects notified of the sweeps' steps (tools: hooks, tags,
+        NaN watch, explain rows). An observer may have ``on_forward(eqn,
+        invals, outvals)``, ``on_backward(eqn, cts_out, cts_in, record)`` and
+        the events handlers send with :func:`notify` (a loop step beginning...).
+      stepping: handlers run loop steps, every branch of a ``cond`` and custom
+        rules' own code in place, so observers see each of their equations with
+        the step it ran in (``fb.checked_grad``); ``"all"`` also checkpoint
+        regions and custom rules, ``"scan"`` only scans.
+      in_place: nested calls (``jit``) are swept equation by equation rather than
+        bound as memoized sweeps (analyses that read the traced program).
+      linear: the custom JVP rule being transposed by a linear sweep (its name,
+        for error messages), or ``None``. Every equation that reads a tangent is
+        then checked for linearity.
+      planning: the memory-budget planner's frames (``memplan``), innermost last.
+      collectors: lists receiving the memory plans made (``saved_residuals``).
+      explain_marks: dicts receiving recomputed-equation marks (``fb.explain``).
+      in_rule: nesting depth inside a custom_jvp rule while eager programs are keyed.
+      eager_programs: eager backward sweeps may run as compiled programs
+        (environment variable ``FBACKPROP_EAGER_PROGRAMS=0`` turns it off).
+      cache: jaxprs and joint traces may be cached (off while a plan is made:
+        the same jaxpr then gives different joints).
+    """
+    observers: tuple = ()
+    stepping: str | None = None
+    in_place: bool = False
+    linear: str | None = None
+    planning: tuple = ()
+    collectors: tuple = ()
+    explain_marks: tuple = ()
+    in_rule: int = 0
+    eager_programs: bool = True
+    cache: bool = True
+
+
+_DEFAULT = SweepContext(eager_programs=os.environ.get("FBACKPROP_EAGER_PROGRAMS", "1") != "0")
+_current: contextvars.ContextVar = contextvars.ContextVar("fbackprop_sweep_context",
+                                                          default=_DEFAULT)
+
+
+def current() -> SweepContext:
+    """The sweep context in effect."""
+    return _current.get()
+
+
+@contextlib.contextmanager
+def using(**changes: Any):
+    """Runs the block with the current context's fields replaced by ``changes``.
+
+    Example:
+      >>> with using(in_place=True):
+      ...     assert current().in_place
+    """
+    token = _current.set(dataclasses.replace(_current.get(), **changes))
+    try:
+        yield _current.get()
+    finally:
+        _current.reset(token)
+
+
+@contextlib.contextmanager
+def observing(observer):
+    """Attaches ``observer`` to the sweeps for the duration of the block."""
+    with using(observers=current().observers + (observer,)):
+        yield observer
+
+
+def notify(method: str, *args) -> None:
+    """Tells the observers that have ``method`` about a step they cannot see as
+    an equation (a loop step beginning, values sliced or stacked between steps)."""
+    for obs in _current.get().observers:
+        fn = getattr(obs, method, None)
+        if fn is not None:
+            fn(*args)
+
+
+def unwatched(linear_ok: bool = False) -> bool:
+    """No tool watches or steps the sweeps or reads the program they trace, and no
+    linear sweep checks them (unless ``linear_ok``: the caller's cache tells linear
+    sweeps apart, and the check runs when the sweep is traced). A sub-jaxpr's
+    sweeps may then be traced once and bound as one call."""
+    ctx = _current.get()
+    return not (ctx.observers or ctx.stepping or ctx.in_place
+                or (ctx.linear is not None and not linear_ok))
+
+
+def in_linear_sweep() -> bool:
+    return _current.get().linear is not None

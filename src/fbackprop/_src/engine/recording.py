@@ -1,0 +1,448 @@
+"""Define-by-run recording: the user's function runs on a trace of ours.
+
+``fb.grad``, ``fb.value_and_grad`` and ``fb.vjp`` (and the tools that show what
+they run) do not stage the function into a jaxpr first. They call it on
+tracers of a :class:`RecordingTrace`, the way ``jax.grad`` calls it on its
+tracers; every primitive the function binds reaches
+:meth:`RecordingTrace.process_primitive`, which takes that one equation's
+forward step (:func:`~fbackprop._src.engine.sweeps.forward_eqn`: bind it in the
+enclosing trace, keep what its VJP rule will need) and appends the record to
+the tape. The backward sweep is the same
+:func:`~fbackprop._src.engine.sweeps.backward` that runs over sub-jaxprs.
+
+Consequences, all as with ``jax.grad``:
+
+- Eagerly the values are concrete, so ``if x > 0:`` on a differentiated value,
+  ``int(n)`` or NumPy on a non-differentiated argument, lists indexed by
+  concrete ints, a ``fori_loop`` with a concrete trip count, try/except
+  fallbacks all work.
+- Under ``jax.jit`` / ``vmap`` / an outer derivative the enclosing trace simply
+  receives the primitives (no separate staging step, and errors name the
+  user's function, not ours).
+- Only values that depend on a differentiated input are tracers; everything
+  else is what it would be without fbackprop.
+
+Call-like primitives whose parameters are Python functions reach their one
+handler (:mod:`fbackprop._src.rules.calls`) as an equation holding those
+functions: ``custom_jvp`` (its JVP rule runs on the values, its tangent part is
+recorded by a linear recording and transposed) and ``custom_vjp`` (the user's
+``fwd`` runs on the values, ``bwd`` in the backward sweep). ``core.call`` and
+``shard_map`` are staged into a small jaxpr and swept like any call, and so is a
+``custom_jvp`` function when only the program is recorded (its equation must
+then be replayable).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from .. import compat
+from ..registry import is_differentiable_dtype, known_custom_jvp
+from . import context, sweeps
+from .tape import Tape
+
+Var = compat.Var
+
+
+def _differentiable(aval) -> bool:
+    dtype = getattr(aval, "dtype", None)
+    return dtype is not None and is_differentiable_dtype(dtype)
+
+
+class ValueTracer(compat.Tracer):
+    """A tracer of ours standing for a value of the enclosing trace (``_value()``):
+    concrete eagerly, so Python control flow on it works.
+
+    No attribute of a tracer of ours may shadow a public attribute of
+    ``jax.Array`` (``x.var()`` must reach the array method): internal slots
+    start with ``_fb_`` (tests/test_array_surface.py checks every tracer class).
+    """
+    __slots__ = ()
+
+    def _value(self):
+        raise NotImplementedError
+
+    def to_concrete_value(self):
+        return compat.to_concrete_value(self._value())
+
+    def get_referent(self):
+        return compat.get_referent(self._value())
+
+    def full_lower(self):
+        return self
+
+    def cur_qdd(self):
+        return self._value().cur_qdd()
+
+
+class StagingCalls:
+    """``core.call`` and ``shard_map`` binds, staged by the trace's ``_stage``."""
+
+    def process_call(self, prim, f, tracers, params):
+        return self._stage(
+            tracers,
+            lambda t, xs: t.process_call(prim, f, xs, params),
+            lambda xs: prim.bind_with_trace(self.parent, xs,
+                                            tuple(compat.typeof(x) for x in xs),
+                                            dict(params, subfuns=(f,))))
+
+    def process_shard_map(self, prim, fun, args, **params):
+        return self._stage(
+            args,
+            lambda t, xs: t.process_shard_map(prim, fun, xs, **params),
+            lambda xs: self.parent.process_shard_map(prim, fun, xs, **params))
+
+    def cur_qdd(self, x):
+        value = self.unpack([x])[0][0]
+        with compat.set_current_trace(self.parent):
+            return compat.cur_qdd(value)
+
+
+def stage_call(process: Callable, vals: list):
+    """Stages a call-like bind (``process(trace, args)``) into a jaxpr over ``vals``'
+    types. Returns ``(jaxpr, consts, restructure)``: the jaxpr takes the consts
+    first; ``restructure(outs)`` gives the call's outputs the structure the bind
+    returned (a plain list, or JAX's object with ``vals``/``update``)."""
+    import jax
+    structure: list = []
+
+    def staged(*xs):
+        out = process(compat.current_trace(), xs)
+        structure.append(out)
+        return list(getattr(out, "vals", out))
+
+    closed = jax.make_jaxpr(staged)(*[compat.spec_of(x) for x in vals])
+    jaxpr, consts = compat.constvars_to_invars(closed)
+
+    def restructure(outs):
+        out = structure[0]
+        return out.update(outs) if hasattr(out, "update") and hasattr(out, "vals") else outs
+    return jaxpr, consts, restructure
+
+
+class RecordingTracer(ValueTracer):
+    """A value that depends on a differentiated input: its value and its variable."""
+    __slots__ = ["_fb_val", "_fb_var"]
+
+    def __init__(self, trace, val, var, aval=None):
+        super().__init__(trace, compat.typeof(val) if aval is None else aval)
+        self._fb_val = val
+        self._fb_var = var
+
+    def _value(self):
+        return self._fb_val
+
+    def _short_repr(self):
+        return f"RecordingTracer({self._fb_val!r})"
+
+    def _contents(self):
+        # Marks this value as differentiated for jax.closure_convert (see compat).
+        return [("value", self._fb_val), ("differentiated", compat.DIFFERENTIATED)]
+
+
+class RecordingTrace(StagingCalls, compat.Trace):
+    """Runs each primitive in the enclosing trace and records its equation.
+
+    Args:
+      parent: the enclosing trace.
+      tape_only: record the program only (see :func:`sweeps.forward_eqn`).
+      linear: this trace records a custom JVP rule as a function of its
+        tangents; ``linear`` names the rule (every equation is checked for
+        linearity).
+      bind: for an eager program-only recording, how an equation is bound
+        (``bind(eqn, vals) -> outvals``; eager front ends run nested jits as
+        cached compiled calls).
+    """
+
+    def __init__(self, parent, tape_only: bool = False, linear: str | None = None,
+                 bind: Callable | None = None):
+        super().__init__()
+        self.parent = parent
+        self.linear = linear
+        self.records: list = []
+        self.tape_only = tape_only
+        # Hi-level primitives (remat3 checkpoints, custom_vjp3 functions) reach
+        # us as they are, so their own semantics are kept.
+        self.requires_low = False
+        # An eager program-only recording: equations learn their output types
+        # from the values.
+        self.eager = tape_only and compat.is_eval_trace(parent)
+        self._bind = (bind if self.eager else None) if tape_only else self._bind_in_parent
+
+    def invalidate(self):
+        # Recorded equations can refer back to this trace (a custom_jvp rule's
+        # thunk closes over the trace it was staged in, whose parent this is);
+        # dropping the records and the enclosing trace here keeps a returned
+        # vjp_fn from keeping an enclosing jit's trace alive.
+        super().invalidate()
+        self.parent, self.records = None, []
+
+    # -- helpers
+    def unpack(self, tracers):
+        vals, act, invars = [], [], []
+        for x in tracers:
+            if type(x) is RecordingTracer and x._trace is self:
+                vals.append(x._fb_val)
+                act.append(True)
+                invars.append(x._fb_var)
+            else:
+                vals.append(x)
+                act.append(False)
+                invars.append(None)
+        return vals, act, invars
+
+    def wrap(self, outvals, outvars, out_act):
+        return [RecordingTracer(self, x, v, v.aval) if a else x
+                for x, v, a in zip(outvals, outvars, out_act)]
+
+    @staticmethod
+    def _vars(vals, invars):
+        return [v if v is not None else Var(compat.typeof(x)) for x, v in zip(vals, invars)]
+
+    def _bind_in_parent(self, eqn, vals):
+        # We are in the user's call, so its source line is the current one.
+        prim = eqn.primitive
+        out = prim.bind_with_trace(self.parent, vals, tuple(compat.typeof(x) for x in vals),
+                                   eqn.params)
+        return list(out) if prim.multiple_results else [out]
+
+    def _step(self, eqn, vals, act, late):
+        """The forward step of ``eqn`` in the enclosing trace, with this trace's
+        linear check (or none: an enclosing linear sweep's check is about the
+        equations of that sweep, not about what this trace records into it)."""
+        ctx = context.current()
+        with compat.set_current_trace(self.parent):
+            if ctx.linear == self.linear:
+                out = sweeps.forward_eqn(eqn, vals, act, late, self.tape_only, self._bind)
+            else:
+                with context.using(linear=self.linear):
+                    out = sweeps.forward_eqn(eqn, vals, act, late, self.tape_only, self._bind)
+        if ctx.observers:
+            outvals, rec = out[0], out[1]
+            shown = rec.eqn if rec is not None else (
+                eqn if not late else eqn.replace(
+                    outvars=[Var(compat.typeof(x)) for x in outvals]))
+            for obs in ctx.observers:
+                obs.on_forward(shown, vals, outvals)
+        return out
+
+    def _add(self, outvals, rec, out_act):
+        if rec is None:
+            return outvals
+        self.records.append(rec)
+        return self.wrap(outvals, rec.eqn.outvars, out_act)
+
+    # -- the trace protocol
+    def stage_value(self, val):
+        (x,), (a,), (v,) = self.unpack([val])
+        staged = self.parent.stage_value(x)
+        return RecordingTracer(self, staged, v) if a else staged
+
+    def process_primitive(self, prim, tracers, params):
+        vals, act, invars = self.unpack(tracers)
+        if not any(act) and not context.current().observers:
+            return prim.bind_with_trace(self.parent, vals,
+                                        tuple(compat.typeof(x) for x in vals), params)
+        invars = self._vars(vals, invars)
+        source_info = compat.current_source_info()
+        late = self.eager or not sweeps.needs_output_types(prim)
+        if late:
+            eqn = compat.new_eqn(invars, [], prim, params, compat.no_effects, source_info)
+        else:
+            eqn = compat.typed_eqn(prim, params, invars, source_info)
+        outs = self._add(*self._step(eqn, vals, act, late))
+        return outs if prim.multiple_results else outs[0]
+
+    def _stage(self, tracers, process: Callable, prim_for_parent: Callable):
+        """Stages a call-like bind into a jaxpr and records it as one call.
+
+        ``process(trace, args)`` performs the bind on a staging trace;
+        ``prim_for_parent(args)`` performs it in the enclosing trace when no
+        input is differentiated.
+        """
+        vals, act, invars = self.unpack(tracers)
+        if not any(act):
+            with compat.set_current_trace(self.parent):
+                return prim_for_parent(vals)
+        jaxpr, consts, restructure = stage_call(process, vals)
+        call = compat.ClosedJaxpr(jaxpr, [])
+        c_vals, c_act, c_vars = self.unpack(consts)
+        all_vals, all_act = c_vals + vals, c_act + act
+        all_vars = self._vars(c_vals + vals, c_vars + invars)
+        eqn = compat.new_eqn(all_vars, [Var(v.aval) for v in jaxpr.outvars],
+                             compat.closed_call_p, dict(call_jaxpr=call),
+                             compat.join_effects(jaxpr.eqns), compat.current_source_info())
+        return restructure(self._add(*self._step(eqn, all_vals, all_act, False)))
+
+    def process_custom_jvp_call(self, prim, fun, jvp, tracers, *, symbolic_zeros):
+        params = dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
+        vals, act, invars = self.unpack(tracers)
+        if not any(act):
+            with compat.set_current_trace(self.parent):
+                return compat.bind_in(self.parent, prim, vals, params)
+        if self.linear is not None:
+            # Applied to a tangent inside a rule being transposed, a custom_jvp
+            # function is part of a linear map: differentiated through its body.
+            with compat.set_current_trace(self):
+                return fun.call_wrapped(*tracers)
+        if self.tape_only or compat.is_eval_trace(self.parent):
+            # Eagerly the recorded equation must be one an eager compiled program
+            # can key and bind again (``eager.tape_key``): a known function's
+            # call with parameters traced once per input types, any other call
+            # staged as JAX stages it.
+            known = known_custom_jvp(fun, jvp)
+            if known is not None:
+                eqn = compat.new_eqn(self._vars(vals, invars), [], prim,
+                                     known.call_params(vals), compat.no_effects,
+                                     compat.current_source_info())
+                out = self._add(*self._step(eqn, vals, act, True))
+                # The call ran from its traced parameters: tell custom_jvp's
+                # caller the output structure, as running ``fun`` would have.
+                compat.store_custom_jvp_outputs(fun, out)
+                return out
+            out = self._stage(
+                tracers,
+                lambda t, xs: t.process_custom_jvp_call(prim, fun, jvp, xs,
+                                                        symbolic_zeros=symbolic_zeros),
+                lambda xs: compat.bind_in(self.parent, prim, xs, params))
+            # The staged function was traced; if an enclosing forward-mode trace
+            # also ran the rule, custom_jvp expects only one of the two to report
+            # its output structure.
+            compat.reset_stores(jvp)
+            return out
+        name = compat.function_name(fun)
+        eqn = compat.new_eqn(self._vars(vals, invars), [], prim,
+                             dict(params, name=name), compat.no_effects,
+                             compat.current_source_info())
+        return self._add(*self._step(eqn, vals, act, True))
+
+    def process_custom_vjp_call(self, prim, fun, fwd, bwd, tracers, *, out_trees,
+                                symbolic_zeros):
+        vals, act, invars = self.unpack(tracers)
+        params = dict(subfuns=(fun, fwd, bwd), out_trees=out_trees,
+                      symbolic_zeros=symbolic_zeros)
+        if not any(act):
+            return compat.bind_in(self.parent, prim, vals, params)
+        # The user's fwd runs on the values themselves (Python control flow on
+        # them works, as in jax.grad); bwd runs in the backward sweep.
+        n_records = len(self.records)
+        eqn = compat.new_eqn(self._vars(vals, invars), [], prim,
+                             dict(params, name=compat.function_name(fun)),
+                             compat.no_effects, compat.current_source_info())
+        out = self._step(eqn, vals, act, True)
+        if len(self.records) != n_records:
+            raise compat.custom_vjp_closure_error()
+        return self._add(*out)
+
+
+class Recording:
+    """The result of :func:`record`: outputs, their activity, and the tape."""
+
+    def __init__(self, out_vals, out_tree, out_active, tape):
+        self.out_vals, self.out_tree = out_vals, out_tree
+        self.out_active, self.tape = out_active, tape
+
+
+class Frame:
+    """The top-level 'jaxpr' of a recording: just its input and output variables."""
+    __slots__ = ["invars", "outvars"]
+
+    def __init__(self, invars, outvars):
+        self.invars, self.outvars = invars, outvars
+
+
+def _is_value(x) -> bool:
+    try:
+        compat.typeof(x)
+        return True
+    except TypeError:
+        return False
+
+
+def record(fun: Callable, args_tree, leaves: list, active: list,
+           tape_only: bool = False, linear: str | None = None,
+           bind: Callable | None = None) -> Recording:
+    """Runs ``fun`` on ``tree_unflatten(args_tree, leaves)`` with the active leaves
+    as recording tracers; returns the flat outputs and the tape.
+
+    ``args_tree`` flattens ``(args, kwargs)``. Leaves that are not active are
+    passed as they are (Python scalars, NumPy arrays, strings...). ``tape_only``,
+    ``linear`` and ``bind`` are :class:`RecordingTrace`'s.
+    """
+    from jax import tree_util
+    with compat.take_current_trace() as parent:
+        trace = RecordingTrace(parent, tape_only, linear, bind)
+        invars = []
+        in_leaves = []
+        for x, a in zip(leaves, active):
+            if a:
+                if isinstance(x, (np.ndarray, np.generic)):
+                    # As JAX does for a differentiated argument: a JAX array of the
+                    # canonical dtype (library code may index it with a traced value).
+                    x = jnp.asarray(x)
+                v = Var(compat.typeof(x))
+                invars.append(v)
+                in_leaves.append(RecordingTracer(trace, x, v))
+            else:
+                invars.append(Var(compat.typeof(x)) if _is_value(x) else None)
+                in_leaves.append(x)
+        args, kwargs = tree_util.tree_unflatten(args_tree, in_leaves)
+        records = trace.records
+        try:
+            with compat.set_current_trace(trace):
+                out = fun(*args, **kwargs)
+            out_leaves, out_tree = tree_util.tree_flatten(out)
+        finally:
+            trace.invalidate()
+    out_vals, outvars, out_active = [], [], []
+    for x in out_leaves:
+        if type(x) is RecordingTracer and x._trace is trace:
+            out_vals.append(x._fb_val)
+            outvars.append(x._fb_var)
+            out_active.append(True)
+        else:
+            out_vals.append(x)
+            outvars.append(None)
+            out_active.append(False)
+    tape = Tape(Frame(invars, outvars), records, list(active), out_active)
+    return Recording(out_vals, out_tree, out_active, tape)
+
+
+def recorded_jaxpr(run: Recording):
+    """The program a recording ran, as a closed jaxpr over all input leaves.
+
+    Its equations are the recorded ones (those that depend on an active input);
+    every other value they read is a constant of the jaxpr.
+    """
+    tape = run.tape
+    defined = {v for v in tape.jaxpr.invars if v is not None}
+    constvars, consts = [], []
+
+    def const(v, x):
+        if v not in defined:
+            defined.add(v)
+            constvars.append(v)
+            consts.append(x)
+
+    eqns = []
+    for rec in tape.records:
+        if rec.eqn.primitive.name == compat.CUSTOM_VJP_CALL and "call_jaxpr" not in rec.eqn.params:
+            from .tangents import custom_vjp_forward_error
+            raise custom_vjp_forward_error(rec.eqn.params.get("name", "?"),
+                                           compat.source_line(rec.eqn))
+        for v, x in zip(rec.eqn.invars, rec.invals):
+            const(v, x)
+        eqns.append(rec.eqn)
+        defined.update(rec.eqn.outvars)
+    outvars = []
+    for v, x in zip(tape.jaxpr.outvars, run.out_vals):
+        if v is None:
+            v = Var(compat.typeof(x))
+            const(v, x)
+        outvars.append(v)
+    invars = [v for v in tape.jaxpr.invars]
+    jaxpr = compat.new_jaxpr(constvars, invars, outvars, eqns)
+    return compat.ClosedJaxpr(jaxpr, consts)
