@@ -107,15 +107,18 @@ def test_scan_body_traced_once_and_loops_built_directly(monkeypatch):
     assert calls == [[True, True, False]]          # w, h (active from step 1), x
 
     # Both loops' bodies are built from the split jaxpr, not traced again.
-    from fbackprop._src.rules import control
+    from fbackprop._src.rules import scan as scan_rules, scan_bodies
 
     def no_trace(*args, **kwargs):
         raise AssertionError("a loop body was traced")
     import types
-    monkeypatch.setattr(control, "lax", types.SimpleNamespace(**dict(vars(lax), scan=no_trace)))
+    for module in (scan_rules, scan_bodies):
+        monkeypatch.setattr(module, "lax",
+                            types.SimpleNamespace(**dict(vars(lax), scan=no_trace)))
     _assert_trees_close(jax.jit(fb.grad(rnn, argnums=(0, 1)))(w, xs),
                         jax.grad(rnn, argnums=(0, 1))(w, xs))
-    monkeypatch.setattr(control, "lax", lax)
+    for module in (scan_rules, scan_bodies):
+        monkeypatch.setattr(module, "lax", lax)
 
     def nested(w, xs):
         def body(h, x):

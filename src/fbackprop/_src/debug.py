@@ -22,7 +22,6 @@ equation of a body with the step it ran in.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import linecache

@@ -55,7 +55,7 @@ problem), and the budget usually falls there. Two moves spend that slack:
   for a scan of ``L`` steps the first ``k`` steps can follow one vertex and the
   others the next; bytes and FLOPs are linear in ``k``, so these plans lie *on*
   the hull edge. The scan then runs as two scans over its step numbers (see
-  ``ScanCall`` in rules/control.py).
+  ``ScanCall`` in rules/scan.py).
 
 The best plan found within ``B`` wins. Why not the alternatives: a plain
 knapsack over the saved values (the approach of PyTorch's

@@ -47,7 +47,7 @@ import jax
 import numpy as np
 from jax import tree_util
 
-from . import compat, trace
+from . import compat, staging, trace
 from .engine import context, sweeps
 from .registry import is_differentiable_dtype
 
@@ -439,9 +439,9 @@ def _staged_call(jaxpr):
 
         def run(args):
             return list(compat.eval_jaxpr(ref(), args[:n_consts], *args[n_consts:]))
-        direct = compat.JaxprFunction(compat.open_jaxpr_taking_consts(jaxpr), [],
+        direct = staging.JaxprFunction(compat.open_jaxpr_taking_consts(jaxpr), [],
                                       "checkpointed")
-        fns = _staged[jaxpr] = (direct, compat.StagedFunction(run, False, "checkpointed"))
+        fns = _staged[jaxpr] = (direct, staging.StagedFunction(run, False, "checkpointed"))
     return fns
 
 

@@ -338,6 +338,15 @@ class RecordingTrace(StagingCalls, compat.Trace):
         return self._add(*out)
 
 
+def custom_vjp_forward_error(name, where):
+    return TypeError(
+        f"can't apply forward-mode autodiff (jvp) to a custom_vjp function "
+        f"('{name}' at {where}): its custom rule only defines reverse mode, and pushing "
+        f"tangents through its primal code could disagree with that rule (e.g. a "
+        f"straight-through estimator). Use reverse mode (fbackprop.grad / vjp / jacrev), "
+        f"or define the function with jax.custom_jvp.")
+
+
 class Recording:
     """The result of :func:`record`: outputs, their activity, and the tape."""
 
@@ -430,7 +439,6 @@ def recorded_jaxpr(run: Recording):
     eqns = []
     for rec in tape.records:
         if rec.eqn.primitive.name == compat.CUSTOM_VJP_CALL and "call_jaxpr" not in rec.eqn.params:
-            from .tangents import custom_vjp_forward_error
             raise custom_vjp_forward_error(rec.eqn.params.get("name", "?"),
                                            compat.source_line(rec.eqn))
         for v, x in zip(rec.eqn.invars, rec.invals):

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 
-from .. import compat
+from .. import compat, staging
 from ..registry import call_handlers_forward, foreign_rules, jvp_rules, missing_rule_error, \
     nondiff_primitives, is_differentiable_dtype
 from . import context
@@ -132,15 +131,6 @@ def jvp_eqn(prim, params, primals, tangents, source_info):
 zero_tangent = compat.zero_tangent
 
 
-def custom_vjp_forward_error(name, where):
-    return TypeError(
-        f"can't apply forward-mode autodiff (jvp) to a custom_vjp function "
-        f"('{name}' at {where}): its custom rule only defines reverse mode, and pushing "
-        f"tangents through its primal code could disagree with that rule (e.g. a "
-        f"straight-through estimator). Use reverse mode (fbackprop.grad / vjp / jacrev), "
-        f"or define the function with jax.custom_jvp.")
-
-
 # ------------------------------------------------------- define-by-run forward mode
 class TangentTracer(ValueTracer):
     """A primal value with a nonzero tangent."""
@@ -252,7 +242,7 @@ def _staged_call_in_tangent_trace(fn, trace, args, params):
             outs, touts = jvp_jaxpr(closed.jaxpr, closed.consts, flat[:n],
                                             [next(ts) if p else None for p in present])
             return list(outs) + list(touts)
-        hit = fn.derived[key] = (closed, compat.StagedFunction(jvp_flat, fn.inline,
+        hit = fn.derived[key] = (closed, staging.StagedFunction(jvp_flat, fn.inline,
                                                                "jvp_" + fn.name))
     with compat.set_current_trace(trace.parent):
         flat = hit[1](primals + [t for t in tangents if t is not None])
@@ -260,7 +250,7 @@ def _staged_call_in_tangent_trace(fn, trace, args, params):
     return trace.wrap(flat[:n_out], flat[n_out:])
 
 
-compat.STAGED_CALL_HOOKS[TangentTrace] = _staged_call_in_tangent_trace
+staging.STAGED_CALL_HOOKS[TangentTrace] = _staged_call_in_tangent_trace
 
 
 def push_tangents(fun: Callable, args_tree, primals: list, tangents: list) -> tuple:

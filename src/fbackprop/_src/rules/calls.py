@@ -14,9 +14,10 @@ from jax import lax
 
 import numpy as np
 
-from .. import compat
+from .. import compat, staging
 from ..engine import context, recording, sweeps
 from ..engine import tangents as tangents_mod
+from ..engine.recording import custom_vjp_forward_error
 from ..registry import (KnownCustomJVP, call_handlers_forward, call_handlers_linear,
                         call_handlers_reverse, known_custom_jvp_of)
 
@@ -77,7 +78,7 @@ class _CompiledSweeps:
         self.n_out = len(closed.jaxpr.outvars)
         self._fwd_eager = jax.jit(self._fwd, inline=inline)
         self._bwd_eager = jax.jit(self._bwd, inline=inline)
-        self._fwd_staged = compat.StagedFunction(self._fwd_flat, inline, "fwd_sweep")
+        self._fwd_staged = staging.StagedFunction(self._fwd_flat, inline, "fwd_sweep")
         self._bwd_staged: dict = {}
         self.inline = inline
 
@@ -121,7 +122,7 @@ class _CompiledSweeps:
             def bwd_flat(flat, present=present):
                 it = iter(flat[n:])
                 return self._bwd(flat[:n], [next(it) if p else None for p in present])
-            staged = self._bwd_staged[present] = compat.StagedFunction(
+            staged = self._bwd_staged[present] = staging.StagedFunction(
                 bwd_flat, self.inline, "bwd_sweep")
         return staged(list(arrays) + [ct for ct in cts_out if ct is not None])
 
@@ -359,7 +360,7 @@ def _jit_jvp():
                         closed.jaxpr, closed.consts, flat[:n],
                         [next(ts) if p else None for p in present])
                     return list(outs) + list(touts)
-                hit = staged[key] = (closed, compat.StagedFunction(
+                hit = staged[key] = (closed, staging.StagedFunction(
                     jvp_flat, call_inline, "jvp_sweep"))
                 if len(staged) > 4096:
                     staged.popitem(last=False)
@@ -402,7 +403,7 @@ call_handlers_forward[compat.CUSTOM_JVP_CALL] = _custom_jvp_forward
 
 
 def _custom_vjp_forward(eqn, invals, tangents):
-    raise tangents_mod.custom_vjp_forward_error(eqn.params.get("name", "?"),
+    raise custom_vjp_forward_error(eqn.params.get("name", "?"),
                                             compat.source_line(eqn))
 
 

@@ -27,6 +27,7 @@ import weakref
 
 from .. import compat
 from ..engine import tangents as _forward
+from ..engine.recording import custom_vjp_forward_error
 from ..registry import MissingRuleError, call_handlers_forward, call_handlers_reverse, \
     linear_primitives
 from .calls import CallHandler, InlineCall, _as_cotangent, _inline_jvp
@@ -140,7 +141,7 @@ def _hi_jvp(eqn, invals, tangents):
     if kind == "name":
         return list(invals), list(tangents)
     if kind == "custom_vjp":
-        raise _forward.custom_vjp_forward_error(
+        raise custom_vjp_forward_error(
             getattr(getattr(hi, "traced", None), "fun_name", "?"), compat.source_line(eqn))
     raise _missing(eqn, "forward")
 

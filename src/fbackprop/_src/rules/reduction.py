@@ -11,6 +11,8 @@ from jax import lax
 
 from .. import compat
 from .. import trace
+from ..engine import sweeps as reverse_mode
+from ..engine import tangents as forward_mode
 from ..registry import (defjvp, defnondiff, defvjp, register_jvp, register_vjp,
                         zeros_like_aval)
 
