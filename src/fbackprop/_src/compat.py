@@ -528,17 +528,6 @@ def dce_eqn(eqn, used_outputs) -> list:
     return list(new.eqns)
 
 
-def store_custom_jvp_outputs(flat_fun, outs):
-    """Fills the output store of a custom_jvp function's flattened ``fun`` (as
-    calling it would) for a function of one array output whose call fbackprop
-    evaluated another way (a known function bound from traced parameters)."""
-    (out,) = outs
-    for store in flat_fun.stores:
-        store = getattr(store, "_store", store)
-        if store is not None and not store:
-            store.store((jax.tree_util.tree_structure(0), [typeof(out)], ()))
-
-
 def reset_stores(wrapped_fun):
     """Empties the auxiliary-output stores of a ``lu.WrappedFun``."""
     for store in wrapped_fun.stores:

@@ -1446,7 +1446,7 @@ class _WatchedCustomVJP(_WatchedCustom):
         finally:
             _notify("exit")
         res, outs = compat.split_custom_vjp_fwd_outputs(outs, primals, p["out_trees"])
-        _, _, _, bwd, _ = compat.custom_vjp_parts(p)
+        _, _, bwd = compat.custom_vjp_parts(p)
         return outs, (res, bwd, [v.aval for v in eqn.outvars]), [True] * len(outs)
 
     def backward(self, record, cts_out):

@@ -40,7 +40,7 @@ import numpy as np
 from . import compat
 from .engine import context, sweeps
 from .engine.tape import Tape
-from .registry import call_handlers_reverse, vjp_rules
+from .registry import call_handlers_reverse, known_custom_jvp_of, vjp_rules
 
 # How many recorded programs keep a compiled backward, and how many programs'
 # occurrence counts are remembered.
@@ -241,10 +241,22 @@ class _Layout:
     """A recorded program's key, the values to feed its compiled program (those of
     the distinct variables its equations read, in the order first read) and where
     each equation's inputs are among them."""
-    __slots__ = ("key", "fed", "in_pos")
+    __slots__ = ("key", "fed", "in_pos", "eqns")
 
-    def __init__(self, key, fed, in_pos):
-        self.key, self.fed, self.in_pos = key, fed, in_pos
+    def __init__(self, key, fed, in_pos, eqns):
+        self.key, self.fed, self.in_pos, self.eqns = key, fed, in_pos, eqns
+
+
+def _replayable(eqn, invals):
+    """The equation as a compiled program binds it again: a known custom_jvp
+    function's call recorded with the bind's Python functions (which run once)
+    becomes the call with parameters traced once per input types."""
+    if eqn.primitive.name == compat.CUSTOM_JVP_CALL and "subfuns" in eqn.params:
+        known = known_custom_jvp_of(eqn.params)
+        if known is None:
+            raise _Uncompilable("a custom_jvp call recorded with its Python functions")
+        return eqn.replace(params=known.call_params(invals))
+    return eqn
 
 
 def tape_key(tape) -> _Layout:
@@ -262,10 +274,11 @@ def tape_key(tape) -> _Layout:
     for v in frame.invars:
         if v is not None:
             index[v] = len(index)
-    in_pos = []
+    in_pos, eqns = [], []
     custom_vjp = compat.CUSTOM_VJP_CALL
     for rec in tape.records:
-        eqn = rec.eqn
+        eqn = _replayable(rec.eqn, rec.invals)
+        eqns.append(eqn)
         name = eqn.primitive.name
         if name == custom_vjp:
             raise _Uncompilable("a custom_vjp function (its bwd runs on the recorded values)")
@@ -294,7 +307,7 @@ def tape_key(tape) -> _Layout:
                 index[v] = len(index)
     parts.append(tuple(None if v is None else index.get(v, -1) for v in frame.outvars))
     parts.append((tuple(tape.in_active), tuple(tape.out_active)))
-    return _Layout(tuple(parts), fed, in_pos)
+    return _Layout(tuple(parts), fed, in_pos, eqns)
 
 
 # -------------------------------------------------------- compiled programs
@@ -303,8 +316,8 @@ class _Program:
 
     def __init__(self, tape, layout):
         import jax
-        self.specs = [(rec.eqn, pos, list(rec.active))
-                      for rec, pos in zip(tape.records, layout.in_pos)]
+        self.specs = [(eqn, pos, list(rec.active))
+                      for rec, eqn, pos in zip(tape.records, layout.eqns, layout.in_pos)]
         frame = tape.jaxpr
         self.frame = type(frame)(list(frame.invars), list(frame.outvars))
         self.in_active, self.out_active = list(tape.in_active), list(tape.out_active)
@@ -560,14 +573,14 @@ def hvp(fun, primals, tangents, hvp_fn):
     in_tree = tree_util.tree_structure((tuple(primals), {}))
     run = recording.record(fun, in_tree, p_leaves, [True] * len(p_leaves),
                            tape_only=True, bind=bind)
-    key = None
+    key = layout = None
     if (len(run.out_vals) == 1 and run.out_active[0]
             and compat.typeof(run.out_vals[0]).shape == ()):
-        _, key = _key_of(run.tape, "hvp")
+        layout, key = _key_of(run.tape, "hvp")
     program, count = _lookup(key)
     if program is not None or count >= 2:
         try:
-            closed = recording.recorded_jaxpr(run)
+            closed = recording.recorded_jaxpr(run, layout.eqns)
         except Exception:  # noqa: BLE001 - the ordinary path reports it
             closed = None
         if closed is not None and program is None:

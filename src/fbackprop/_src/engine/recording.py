@@ -163,6 +163,8 @@ class RecordingTrace(StagingCalls, compat.Trace):
         self.parent = parent
         self.linear = linear
         self.records: list = []
+        # Inputs added while recording (``new_input``): (variable, value).
+        self.extra_inputs: list = []
         self.tape_only = tape_only
         # Hi-level primitives (remat3 checkpoints, custom_vjp3 functions) reach
         # us as they are, so their own semantics are kept.
@@ -179,6 +181,14 @@ class RecordingTrace(StagingCalls, compat.Trace):
         # vjp_fn from keeping an enclosing jit's trace alive.
         super().invalidate()
         self.parent, self.records = None, []
+
+    def new_input(self, value):
+        """A differentiated input added while recording (e.g. a tool's
+        perturbation of an intermediate value): its cotangent is returned by
+        the backward sweep after those of the recording's own inputs."""
+        v = Var(compat.typeof(value))
+        self.extra_inputs.append((v, value))
+        return RecordingTracer(self, value, v)
 
     # -- helpers
     def unpack(self, tracers):
@@ -220,13 +230,14 @@ class RecordingTrace(StagingCalls, compat.Trace):
             else:
                 with context.using(linear=self.linear):
                     out = sweeps.forward_eqn(eqn, vals, act, late, self.tape_only, self._bind)
-        if ctx.observers:
-            outvals, rec = out[0], out[1]
-            shown = rec.eqn if rec is not None else (
-                eqn if not late else eqn.replace(
-                    outvars=[Var(compat.typeof(x)) for x in outvals]))
-            for obs in ctx.observers:
-                obs.on_forward(shown, vals, outvals)
+            if ctx.observers:
+                # Observers see the equation in the trace its values belong to.
+                outvals, rec = out[0], out[1]
+                shown = rec.eqn if rec is not None else (
+                    eqn if not late else eqn.replace(
+                        outvars=[Var(compat.typeof(x)) for x in outvals]))
+                for obs in ctx.observers:
+                    obs.on_forward(shown, vals, outvals)
         return out
 
     def _add(self, outvals, rec, out_act):
@@ -243,7 +254,14 @@ class RecordingTrace(StagingCalls, compat.Trace):
 
     def process_primitive(self, prim, tracers, params):
         vals, act, invars = self.unpack(tracers)
-        if not any(act) and not context.current().observers:
+        observers = context.current().observers
+        if observers:
+            for obs in observers:
+                rewrite = getattr(obs, "rewrite", None)
+                outs = None if rewrite is None else rewrite(self, prim, params, tracers)
+                if outs is not None:
+                    return outs
+        elif not any(act):
             return prim.bind_with_trace(self.parent, vals,
                                         tuple(compat.typeof(x) for x in vals), params)
         invars = self._vars(vals, invars)
@@ -281,6 +299,11 @@ class RecordingTrace(StagingCalls, compat.Trace):
         params = dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
         vals, act, invars = self.unpack(tracers)
         if not any(act):
+            if context.current().stepping == "all":
+                # A tool looks inside custom rules: the function's own code runs
+                # on this trace, so each of its equations is seen.
+                with compat.set_current_trace(self):
+                    return fun.call_wrapped(*tracers)
             with compat.set_current_trace(self.parent):
                 return compat.bind_in(self.parent, prim, vals, params)
         if self.linear is not None:
@@ -288,21 +311,11 @@ class RecordingTrace(StagingCalls, compat.Trace):
             # function is part of a linear map: differentiated through its body.
             with compat.set_current_trace(self):
                 return fun.call_wrapped(*tracers)
-        if self.tape_only or compat.is_eval_trace(self.parent):
+        if (self.tape_only or compat.is_eval_trace(self.parent)) and \
+                known_custom_jvp(fun, jvp) is None:
             # Eagerly the recorded equation must be one an eager compiled program
-            # can key and bind again (``eager.tape_key``): a known function's
-            # call with parameters traced once per input types, any other call
-            # staged as JAX stages it.
-            known = known_custom_jvp(fun, jvp)
-            if known is not None:
-                eqn = compat.new_eqn(self._vars(vals, invars), [], prim,
-                                     known.call_params(vals), compat.no_effects,
-                                     compat.current_source_info())
-                out = self._add(*self._step(eqn, vals, act, True))
-                # The call ran from its traced parameters: tell custom_jvp's
-                # caller the output structure, as running ``fun`` would have.
-                compat.store_custom_jvp_outputs(fun, out)
-                return out
+            # can key and bind again (``eager.tape_key``): the call is staged as
+            # JAX stages it (a known function's call is keyed by its rule).
             out = self._stage(
                 tracers,
                 lambda t, xs: t.process_custom_jvp_call(prim, fun, jvp, xs,
@@ -348,11 +361,14 @@ def custom_vjp_forward_error(name, where):
 
 
 class Recording:
-    """The result of :func:`record`: outputs, their activity, and the tape."""
+    """The result of :func:`record`: outputs, their activity, and the tape
+    (whose inputs are the leaves, then the inputs added while recording, whose
+    values are ``extra_inputs``)."""
 
-    def __init__(self, out_vals, out_tree, out_active, tape):
+    def __init__(self, out_vals, out_tree, out_active, tape, extra_inputs=()):
         self.out_vals, self.out_tree = out_vals, out_tree
         self.out_active, self.tape = out_active, tape
+        self.extra_inputs = list(extra_inputs)
 
 
 class Frame:
@@ -399,7 +415,7 @@ def record(fun: Callable, args_tree, leaves: list, active: list,
                 invars.append(Var(compat.typeof(x)) if _is_value(x) else None)
                 in_leaves.append(x)
         args, kwargs = tree_util.tree_unflatten(args_tree, in_leaves)
-        records = trace.records
+        records, extra = trace.records, trace.extra_inputs
         try:
             with compat.set_current_trace(trace):
                 out = fun(*args, **kwargs)
@@ -416,15 +432,18 @@ def record(fun: Callable, args_tree, leaves: list, active: list,
             out_vals.append(x)
             outvars.append(None)
             out_active.append(False)
-    tape = Tape(Frame(invars, outvars), records, list(active), out_active)
-    return Recording(out_vals, out_tree, out_active, tape)
+    invars += [v for v, _ in extra]
+    tape = Tape(Frame(invars, outvars), records, list(active) + [True] * len(extra),
+                out_active)
+    return Recording(out_vals, out_tree, out_active, tape, [x for _, x in extra])
 
 
-def recorded_jaxpr(run: Recording):
+def recorded_jaxpr(run: Recording, eqns: list | None = None):
     """The program a recording ran, as a closed jaxpr over all input leaves.
 
-    Its equations are the recorded ones (those that depend on an active input);
-    every other value they read is a constant of the jaxpr.
+    Its equations are the recorded ones (those that depend on an active input),
+    or ``eqns`` (one per record, e.g. made replayable by the caller); every
+    other value they read is a constant of the jaxpr.
     """
     tape = run.tape
     defined = {v for v in tape.jaxpr.invars if v is not None}
@@ -436,15 +455,15 @@ def recorded_jaxpr(run: Recording):
             constvars.append(v)
             consts.append(x)
 
-    eqns = []
-    for rec in tape.records:
-        if rec.eqn.primitive.name == compat.CUSTOM_VJP_CALL and "call_jaxpr" not in rec.eqn.params:
-            raise custom_vjp_forward_error(rec.eqn.params.get("name", "?"),
-                                           compat.source_line(rec.eqn))
-        for v, x in zip(rec.eqn.invars, rec.invals):
+    given, eqns = eqns, []
+    for k, rec in enumerate(tape.records):
+        eqn = rec.eqn if given is None else given[k]
+        if eqn.primitive.name == compat.CUSTOM_VJP_CALL and "call_jaxpr" not in eqn.params:
+            raise custom_vjp_forward_error(eqn.params.get("name", "?"), compat.source_line(eqn))
+        for v, x in zip(eqn.invars, rec.invals):
             const(v, x)
-        eqns.append(rec.eqn)
-        defined.update(rec.eqn.outvars)
+        eqns.append(eqn)
+        defined.update(eqn.outvars)
     outvars = []
     for v, x in zip(tape.jaxpr.outvars, run.out_vals):
         if v is None:
