@@ -45,3 +45,23 @@ def test_readme_block_runs(line, source, monkeypatch):
     code = compile(source, f"README.md:{line}", "exec")
     with jax.enable_x64(False):       # a user's default (the test suite turns x64 on)
         exec(code, {"__name__": "__readme__"})
+
+
+def test_readme_memory_budget_example_shows_a_trade():
+    """The budget of the README's example keeps some values and recomputes others
+    (neither the plain plan nor "recompute everything"), and the gradient is JAX's."""
+    import fbackprop as fb
+    import jax.numpy as jnp
+    import numpy as np
+    (line, source), = [(line, s) for line, s in BLOCKS if "memory_budget=" in s]
+    namespace = {"__name__": "__readme__"}
+    with jax.enable_x64(False):
+        exec(compile(source, f"README.md:{line}", "exec"), namespace)
+        loss, params, x = namespace["loss"], namespace["params"], namespace["x"]
+        plan, = fb.saved_residuals(loss, params, x).plans
+        assert plan.min_bytes < plan.kept_bytes <= plan.budget_bytes < plan.plain_bytes
+        assert 0 < plan.recompute_flops < 0.5 * plan.recompute_all_flops
+        assert plan.kept and plan.recomputed
+        stack = namespace["stack"]
+        want = jax.grad(lambda p, x: jnp.mean(stack(p, x) ** 2))(params, x)
+        np.testing.assert_allclose(namespace["grads"], want, rtol=1e-5, atol=1e-7)
