@@ -590,6 +590,74 @@ def _tree_vdot(xs, ys):
     return functools.reduce(jnp.add, terms)
 
 
+def _entries(xs) -> str:
+    """``[float32[2, 3], PyTreeDef({'w': *})]``: each entry's type, or its tree."""
+    def one(x):
+        leaves, tree = tree_util.tree_flatten(x)
+        if tree_util.treedef_is_leaf(tree) and leaves:
+            try:
+                aval = _aval(leaves[0])
+                return _fmt(aval.shape, aval.dtype)
+            except TypeError:
+                return type(leaves[0]).__name__
+        return str(tree)
+    shown = [one(x) for x in list(xs)[:4]] + (["..."] if len(xs) > 4 else [])
+    return f"[{', '.join(shown)}]"
+
+
+def _check_hvp_arguments(fun, primals, tangents):
+    """``primals`` is the tuple of ``fun``'s positional arguments (as in
+    ``jax.jvp``), not one pytree: a list of parameters passed as is reads as
+    several arguments. Says so, with the call that was meant."""
+    name = getattr(fun, "__name__", "fun")
+    if name == "<lambda>":
+        name = "fun"
+    names = _param_names(fun)
+    first = names[0] if names else "params"
+    wrap = f"fb.hvp({name}, ({first},), (v,))"
+    if not isinstance(primals, (tuple, list)) or not isinstance(tangents, (tuple, list)):
+        raise TypeError(
+            f"hvp: `primals` and `tangents` must be tuples or lists with one entry per "
+            f"positional argument of {name} (as in jax.jvp); found "
+            f"{type(primals).__name__} and {type(tangents).__name__}. For one argument "
+            f"that is a pytree, wrap it and its tangent in 1-tuples: {wrap}.")
+    if len(primals) != len(tangents):
+        raise TypeError(
+            f"hvp: got {len(primals)} primals but {len(tangents)} tangents; pass one "
+            f"tangent per primal, with its structure (primals: {type(primals).__name__} "
+            f"{_entries(primals)}, tangents: {type(tangents).__name__} "
+            f"{_entries(tangents)}).")
+    try:
+        signature = inspect.signature(fun)
+    except (TypeError, ValueError):
+        return                       # no signature to check against: the call will tell
+    try:
+        signature.bind(*primals)
+    except TypeError as exc:
+        n = len(primals)
+        takes = (f"{name} takes {len(names)} positional argument"
+                 f"{'s' if len(names) != 1 else ''} ({', '.join(names)})")
+        seen = (f"the {type(primals).__name__} of {n} entr{'ies' if n != 1 else 'y'} "
+                f"{_entries(primals)} passed means "
+                f"{name}({', '.join(f'primals[{i}]' for i in range(min(n, 4)))}"
+                f"{', ...' if n > 4 else ''})")
+        if n > len(names):
+            fix = (f"To differentiate with respect to one argument that is a list (or any "
+                   f"pytree), wrap it and its tangent in 1-tuples: {wrap}")
+        elif n < len(names):
+            rest = ", ".join(names[n:])
+            fix = (f"hvp differentiates with respect to every positional argument; close "
+                   f"over the others: fb.hvp(lambda {first}: {name}({first}, {rest}), "
+                   f"({first},), (v,))" if n == 1 else
+                   f"hvp differentiates with respect to every positional argument; pass "
+                   f"them all, or close over the others with a lambda")
+        else:
+            fix = f"({exc})"
+        raise TypeError(
+            f"hvp: `primals` holds the positional arguments of {name}, as in jax.jvp, "
+            f"not one pytree: {seen}, but {takes}. {fix}.") from None
+
+
 def hvp(fun: Callable, primals, tangents, mode: str = "fwd_rev"):
     """Hessian-vector product of a scalar function, without forming the Hessian.
 
@@ -609,7 +677,9 @@ def hvp(fun: Callable, primals, tangents, mode: str = "fwd_rev"):
 
     Args:
       fun: scalar-valued function of the positional arguments ``primals``.
-      primals: tuple or list of arguments (pytrees of float arrays).
+      primals: tuple or list of the positional arguments of ``fun`` (pytrees of
+        float arrays), as in ``jax.jvp``: for a ``fun(params)`` whose ``params``
+        is a list, pass ``(params,)``, not ``params``.
       tangents: tuple or list with the same structure, shapes and dtypes.
       mode: ``"fwd_rev"`` or ``"rev_rev"``.
 
@@ -623,14 +693,7 @@ def hvp(fun: Callable, primals, tangents, mode: str = "fwd_rev"):
       (Array([6., 0.], dtype=float32),)
     """
     _check_callable(fun, "hvp")
-    if not isinstance(primals, (tuple, list)) or not isinstance(tangents, (tuple, list)):
-        raise TypeError(
-            f"hvp: primals and tangents must be tuples or lists (one entry per positional "
-            f"argument of fun); found {type(primals).__name__} and "
-            f"{type(tangents).__name__}. Wrap a single argument as (x,).")
-    if len(primals) != len(tangents):
-        raise TypeError(f"hvp: got {len(primals)} primals but {len(tangents)} tangents; "
-                        f"pass one tangent per primal.")
+    _check_hvp_arguments(fun, primals, tangents)
     argnums = tuple(range(len(primals)))
     grad_f, rev_rev = _hvp_functions_of(fun, argnums)
     if mode == "fwd_rev":
