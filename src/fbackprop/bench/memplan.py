@@ -359,7 +359,8 @@ def plot(results: list[dict], path: str) -> str:
         ax.legend(fontsize=7)
         ax2 = fig.add_subplot(len(results), 2, 2 * i + 2)
         curve = res["curve"]
-        pts = sorted(curve["points"], key=lambda p: p["kept_bytes"])
+        pts = sorted((p for p in curve["points"] if p.get("feasible", True)),
+                     key=lambda p: p["kept_bytes"])
         ax2.plot([p["kept_bytes"] / mib for p in pts],
                  [p["recompute_flops"] / 1e6 for p in pts], marker="o", drawstyle="steps-post",
                  label="fbackprop plan")
