@@ -527,6 +527,24 @@ def test_next_jax_defaults_for_checkpoint_and_custom_vjp(flag):
         close(fb.grad(loop)(1.0), jax.grad(loop)(1.0))
 
 
+def test_vmap_of_custom_jvp_with_an_unbatched_output():
+    """The function's output ignores its (batched) input, its rule's tangent does
+    not: the rule's outputs are the values (as in JAX), so the batch survives."""
+    @jax.custom_jvp
+    def f(x):
+        return np.zeros(x.shape, x.dtype)
+    f.defjvp(lambda p, t: (f(p[0]), t[0] * p[0]))
+    loss = lambda x: jax.vmap(f)(x).sum()  # noqa: E731
+    xs = jnp.arange(3.0) + 1
+    want = jax.grad(loss)(xs)
+    np.testing.assert_allclose(want, xs)
+    for _ in range(4):          # eager calls switch to compiled programs when they repeat
+        close(fb.grad(loss)(xs), want)
+    close(jax.jit(fb.grad(loss))(xs), want)
+    close(jax.jit(jax.vmap(fb.grad(f)))(xs), jax.vmap(jax.grad(f))(xs))
+    close(fb.jvp(jax.vmap(f), (xs,), (xs,)), jax.jvp(jax.vmap(f), (xs,), (xs,)))
+
+
 class _flag:
     def __init__(self, name):
         self.name = name
