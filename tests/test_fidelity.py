@@ -216,7 +216,8 @@ def test_custom_rules_returning_python_scalars_or_other_float_dtypes():
     x = jnp.ones(3, jnp.bfloat16)
     loss = lambda x: jnp.sum(f(x)).astype(jnp.float32)  # noqa: E731
     ours = fb.grad(loss)(x)
-    assert ours.dtype == jnp.bfloat16
+    # JAX passes the bwd's float32 cotangent on (excess precision), not cast.
+    assert ours.dtype == jax.grad(loss)(x).dtype == jnp.float32
     close(ours, jax.grad(loss)(x))
 
     @jax.custom_gradient
@@ -543,6 +544,33 @@ def test_vmap_of_custom_jvp_with_an_unbatched_output():
     close(jax.jit(fb.grad(loss))(xs), want)
     close(jax.jit(jax.vmap(fb.grad(f)))(xs), jax.vmap(jax.grad(f))(xs))
     close(fb.jvp(jax.vmap(f), (xs,), (xs,)), jax.jvp(jax.vmap(f), (xs,), (xs,)))
+
+
+def test_custom_vjp_cotangent_in_excess_precision_is_passed_on():
+    """A bwd may return a float32 cotangent for a bfloat16 input: JAX passes it on
+    unchanged, and a checkpoint rounds the values it saves, so the forward and
+    backward parts agree (JAX's test_excess_precision_hell)."""
+    @jax.custom_vjp
+    def dot(x):
+        return jnp.dot(x, x)
+    dot.defvjp(lambda x: (dot(x), None), lambda _, g: (g,))
+
+    @jax.custom_vjp
+    def widen(x):
+        return x.astype(jnp.float32)
+    widen.defvjp(lambda x: (widen(x), x), lambda x, _: (x.astype(jnp.float32),))
+
+    f = jax.jit(jax.checkpoint(lambda x: widen(dot(x)), policy=lambda *_, **__: True))
+    x = (1 + jnp.finfo(jnp.bfloat16).eps) * jnp.eye(2, dtype=jnp.bfloat16)
+    for g in (f, lambda x: widen(dot(x))):
+        y, vjp_fn = jax.vjp(g, x)
+        fy, fb_vjp_fn = fb.vjp(g, x)
+        (ct,), (fct,) = vjp_fn(jnp.ones_like(y)), fb_vjp_fn(jnp.ones_like(fy))
+        assert fct.dtype == ct.dtype == jnp.float32
+        np.testing.assert_array_equal(fy, y)
+        np.testing.assert_array_equal(fct, ct)
+    y, vjp_fn = fb.vjp(f, x)          # what JAX's test checks: the identity's gradient
+    np.testing.assert_array_equal(vjp_fn(jnp.ones_like(y))[0], y)
 
 
 class _flag:

@@ -7,6 +7,7 @@ else, so a new JAX is a contained change.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import jax
@@ -520,6 +521,47 @@ def hi_zero_cotangents(hi, cts) -> Any:
 def hi_flatten_in_cts(hi, in_cts) -> list:
     flat = hi.in_tree.flatten_up_to(in_cts)
     return [as_none_if_zero(c) for c in flat]
+
+
+_rounded: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def round_residuals(jaxpr: Jaxpr, num_res: int) -> Jaxpr:
+    """``jaxpr`` with each of its last ``num_res`` outputs (the values a
+    checkpointed region's forward part saves) rounded to its dtype where it is
+    produced (``reduce_precision``), as JAX's checkpoint does (JAX PR #22244):
+    XLA may compute a bfloat16 value in float32 for its uses in the forward part
+    while the backward part reads the saved, rounded value. Only floats
+    narrower than 32 bits are rounded (XLA computes no excess precision for the
+    others; JAX's no-op roundings of them cost memory)."""
+    key = (num_res,)
+    hit = _rounded.get(jaxpr, {}).get(key)
+    if hit is not None:
+        return hit
+    from jax._src.lax import lax as _lax
+    saved = jaxpr.outvars[len(jaxpr.outvars) - num_res:]
+    used = {x for e in jaxpr.eqns for x in e.invars if isinstance(x, Var)}
+    eqns = list(jaxpr.eqns)
+    for v in dict.fromkeys(saved):
+        dtype = getattr(v.aval, "dtype", None)
+        if (not isinstance(v, Var) or v not in used or dtype is None
+                or not jax.dtypes.issubdtype(dtype, np.floating)
+                or jax.dtypes.finfo(dtype).bits >= 32):
+            continue
+        at = next((i for i, e in enumerate(eqns) if v in e.outvars), None)
+        if at is None:          # an input of the region: not computed here
+            continue
+        finfo = jax.dtypes.finfo(dtype)
+        unrounded = Var(v.aval)
+        producer = eqns[at]
+        eqns[at] = producer.replace(outvars=[unrounded if o is v else o
+                                             for o in producer.outvars])
+        eqns.insert(at + 1, new_eqn([unrounded], [v], _lax.reduce_precision_p,
+                                    dict(exponent_bits=finfo.nexp, mantissa_bits=finfo.nmant),
+                                    jcore.no_effects, producer.source_info))
+    rounded = jaxpr.replace(eqns=eqns) if len(eqns) != len(jaxpr.eqns) else jaxpr
+    _rounded.setdefault(jaxpr, {})[key] = rounded
+    return rounded
 
 
 def new_jaxpr(constvars, invars, outvars, eqns, fun_name: str = "fun") -> Jaxpr:
