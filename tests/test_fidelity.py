@@ -528,6 +528,58 @@ def test_next_jax_defaults_for_checkpoint_and_custom_vjp(flag):
         close(fb.grad(loop)(1.0), jax.grad(loop)(1.0))
 
 
+def _optimize_remat_sin_for_tan():
+    """tan, whose optimize_remat fwd (deliberately) computes sin: which one a
+    derivative's primal is shows where JAX swaps the function itself back in."""
+    @jax.custom_vjp
+    def f(x):
+        return jnp.tan(x)
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (jnp.cos(x) * g,),
+             optimize_remat=True)
+    return f
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "inside", "none"])
+def test_custom_vjp3_optimize_remat_primal_follows_jax(where):
+    """Under jax_custom_vjp3, the forward part of a checkpointed region computes
+    the function itself (its residuals are recomputed later, so JAX's dead-code
+    elimination drops the fwd); elsewhere the fwd's primal is the value."""
+    with _flag("jax_custom_vjp3"):
+        f = _optimize_remat_sin_for_tan()
+        loss = {"checkpoint": lambda x: jax.checkpoint(f)(x) ** 2,
+                "inside": lambda x: jax.checkpoint(lambda x: f(x) ** 2)(x),
+                "none": lambda x: f(x) ** 2}[where]
+        want = jax.value_and_grad(loss)(3.2)
+        close(fb.value_and_grad(loss)(3.2), want)
+        close(jax.jit(fb.value_and_grad(loss))(3.2), want)
+        xs = jnp.array([3.2, 0.3])
+        close(jax.vmap(fb.grad(f))(xs), jax.vmap(jax.grad(f))(xs))
+    expected_value = jnp.tan(3.2) ** 2 if where != "none" else jnp.sin(3.2) ** 2
+    close(want[0], expected_value)
+
+
+def test_custom_vjp3_in_a_scan_and_forward_mode_of_its_vmap():
+    with _flag("jax_custom_vjp3"):
+        @jax.custom_vjp
+        def f(x):
+            return jnp.sin(x)
+        f.defvjp(lambda x: (f(x), jnp.cos(x)), lambda c, g: (2 * c * g,))
+
+        def loop(x):
+            return jax.lax.scan(lambda c, _: (f(c), None), x, None, length=2)[0]
+        close(fb.grad(loop)(3.0), jax.grad(loop)(3.0))
+        close(jax.jit(fb.grad(loop))(3.0), jax.grad(loop)(3.0))
+        close(fb.grad(fb.grad(loop))(3.0), jax.grad(jax.grad(loop))(3.0))
+        batched = lambda x: jax.vmap(loop)(x).sum()  # noqa: E731
+        xs = jnp.arange(3.0)
+        close(fb.grad(batched)(xs), jax.grad(batched)(xs))
+        message = r"can't apply forward-mode autodiff \(jvp\) to a custom_vjp function"
+        with pytest.raises(TypeError, match=message):
+            jax.jvp(jax.vmap(f), (xs,), (xs,))
+        with pytest.raises(TypeError, match=message):
+            fb.jvp(jax.vmap(f), (xs,), (xs,))
+
+
 def test_vmap_of_custom_jvp_with_an_unbatched_output():
     """The function's output ignores its (batched) input, its rule's tangent does
     not: the rule's outputs are the values (as in JAX), so the batch survives."""

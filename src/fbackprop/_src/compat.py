@@ -7,6 +7,7 @@ else, so a new JAX is a contained change.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, Callable
 
@@ -493,11 +494,59 @@ def hi_kind(hi) -> str:
         return "remat"
     if isinstance(hi, _ac.CheckpointName):
         return "name"
-    if isinstance(hi, _hj.CustomVJPTraced):
+    if hi_custom_vjp(hi) is not None:
         return "custom_vjp"
     if type(hi).vjp_bwd_retval is not _hj.VJPHiPrimitive.vjp_bwd_retval:
         return "vjp"
     return "other"
+
+
+def hi_custom_vjp(hi):
+    """The ``custom_vjp`` function (JAX's ``CustomVJPTraced``) whose rules define
+    the derivative of the hi-level primitive ``hi``: ``hi`` itself, or the
+    function a ``VmapOf`` (``jax.vmap`` of a custom_vjp function) batches; else
+    ``None``."""
+    from jax._src import hijax as _hj
+    while isinstance(hi, _hj.VmapOf):
+        hi = hi.prim
+    return hi if isinstance(hi, _hj.CustomVJPTraced) else None
+
+
+def hi_vjp_fwd(hi, nzs, args) -> tuple:
+    """``(out, residuals)`` of a hi-level primitive's own VJP forward rule.
+
+    A ``custom_vjp`` function defined with ``optimize_remat=True`` promises that
+    its ``fwd`` computes the function's own output; JAX binds its ``fwd`` as one
+    ``OptRemat`` call whose dead-code elimination swaps the function itself back
+    in wherever the residuals go unused (the forward part of a checkpointed
+    region, which recomputes them in its backward part). fbackprop binds the
+    same call, so its forward sweeps give JAX's primal there too.
+    """
+    from jax._src import hijax as _hj
+    if isinstance(hi, _hj.CustomVJPTraced) and hi.opt_remat and not hi.symbolic_zeros:
+        traced = jax.jit(functools.partial(hi.vjp_fwd, nzs)).trace(*args)
+        out, res = _opt_remat_type()(hi, traced)(*args)
+        return out, res
+    out, res, *_ = hi.vjp_fwd(nzs, *args)
+    return out, res
+
+
+@functools.cache
+def _opt_remat_type():
+    """JAX's ``OptRemat`` that ``jax.vmap`` can batch (JAX binds it only inside
+    checkpointed regions, fbackprop wherever it differentiates the function):
+    batched, it is the batched ``fwd``."""
+    from jax import tree_util as _tu
+    from jax._src import hijax as _hj
+
+    class BatchableOptRemat(_hj.OptRemat):
+        def batch_dim_rule(self, axis_data, in_dims):
+            in_dims_flat = self.in_tree.flatten_up_to(in_dims)
+            _, out_dims = _batching.batch_jaxpr2(self.traced_fwd.jaxpr, axis_data,
+                                                 tuple(in_dims_flat))
+            return _tu.tree_unflatten(self.out_tree, out_dims)
+
+    return BatchableOptRemat
 
 
 def hi_flatten_out(hi, out) -> list:
@@ -568,7 +617,13 @@ def new_jaxpr(constvars, invars, outvars, eqns, fun_name: str = "fun") -> Jaxpr:
     """A jaxpr built by fbackprop (e.g. from a define-by-run recording)."""
     from jax._src import linear_util as lu
     debug = lu.DebugInfo("fbackprop", fun_name, None, None)
-    return Jaxpr(constvars, invars, outvars, eqns, join_effects(eqns), debug_info=debug)
+    # A jaxpr holding a hi-level equation (a remat3 checkpoint, a custom_vjp3
+    # function) says so, as JAX's own tracing does: a primitive whose body it
+    # is (a scan) is then lowered to low-level JAX before compilation.
+    is_high = any(eqn.primitive.is_high(*[v.aval for v in eqn.invars], **eqn.params)
+                  for eqn in eqns)
+    return Jaxpr(constvars, invars, outvars, eqns, join_effects(eqns), debug_info=debug,
+                 is_high=is_high)
 
 
 # -------------------------------------------------------------------- scan

@@ -97,7 +97,7 @@ class HiCall(CallHandler):
             args = compat.hi_unflatten_in(hi, invals)
             nzs = compat.hi_unflatten_in(hi, active)
             with compat.user_context(eqn):
-                out, res, *_ = hi.vjp_fwd(nzs, *args)
+                out, res = compat.hi_vjp_fwd(hi, nzs, args)
             outs = compat.hi_flatten_out(hi, out)
             return outs, ("vjp", res), [True] * len(outs)
         raise _missing(eqn, "reverse")
@@ -141,7 +141,7 @@ def _hi_jvp(eqn, invals, tangents):
         return list(invals), list(tangents)
     if kind == "custom_vjp":
         raise _forward.custom_vjp_forward_error(
-            getattr(getattr(hi, "traced", None), "fun_name", "?"), compat.source_line(eqn))
+            compat.hi_custom_vjp(hi).traced.fun_name, compat.source_line(eqn))
     raise _missing(eqn, "forward")
 
 
