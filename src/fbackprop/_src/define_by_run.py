@@ -116,6 +116,29 @@ def _stage_call(process: Callable, vals: list):
     return jaxpr, consts, restructure
 
 
+def _rule_keeps_types(jaxpr, in_active) -> bool:
+    """Whether the ``custom_jvp_call`` staged in ``jaxpr`` (``in_active``: per
+    input of ``jaxpr``, whether it is differentiated) has a JVP rule whose primal
+    outputs have the call's own shapes and dtypes. The rule is traced for the
+    zero tangents the backward sweep will give it (the trace is memoized)."""
+    active = dict(zip(jaxpr.invars, in_active))
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name != compat.CUSTOM_JVP_CALL:
+            continue
+        _, num_consts, jvp_jaxpr_of = compat.custom_jvp_parts(eqn.params)
+        args = eqn.invars[num_consts:]
+        if eqn.params.get("symbolic_zeros", False):
+            zeros = [type(v) is compat.Literal or not active.get(v, False) for v in args]
+        else:
+            zeros = [False] * len(args)
+        rule, _, _ = jvp_jaxpr_of(zeros)
+        rule_avals = [v.aval for v in rule.outvars[:len(eqn.outvars)]]
+        if any((a.shape, a.dtype) != (v.aval.shape, v.aval.dtype)
+               for a, v in zip(rule_avals, eqn.outvars)):
+            return False
+    return True
+
+
 class RecordingTracer(_ValueTracer):
     """A value that depends on a differentiated input: its value and its variable."""
     __slots__ = ["val", "var"]
@@ -288,11 +311,15 @@ class RecordingTrace(_StagingCalls, compat.Trace):
         ``prim_for_parent(args)`` performs it in the enclosing trace when no
         input is differentiated.
         """
-        vals, act, invars = self.unpack(tracers)
+        vals, act, _ = self.unpack(tracers)
         if not any(act):
             with compat.set_current_trace(self.parent):
                 return prim_for_parent(vals)
-        jaxpr, consts, restructure = _stage_call(process, vals)
+        return self._record_staged(tracers, *_stage_call(process, vals))
+
+    def _record_staged(self, tracers, jaxpr, consts, restructure):
+        """Records a call staged by :func:`_stage_call` as one ``closed_call``."""
+        vals, act, invars = self.unpack(tracers)
         call = compat.ClosedJaxpr(jaxpr, [])
         c_vals, c_act, c_vars = self.unpack(consts)
         all_vals, all_act = c_vals + vals, c_act + act
@@ -326,11 +353,20 @@ class RecordingTrace(_StagingCalls, compat.Trace):
                 return self._known_custom_jvp(prim, params, known, tracers)
             if not self.tape_only and not compat.is_eval_trace(self.parent):
                 return self._linearize_custom_jvp(prim, fun, jvp, tracers, symbolic_zeros)
-        out = self._stage(
-            tracers,
+        staged = _stage_call(
             lambda t, xs: t.process_custom_jvp_call(prim, fun, jvp, xs,
-                                                    symbolic_zeros=symbolic_zeros),
-            lambda xs: compat.bind_in(self.parent, prim, xs, params))
+                                                    symbolic_zeros=symbolic_zeros), vals)
+        if not _rule_keeps_types(staged[0], self.unpack(staged[1])[1] + act):
+            # A vmap of a custom_jvp function whose output does not depend on the
+            # batched input: the function's output is unbatched, its rule's
+            # primal and tangent outputs are batched. Differentiated as JAX does
+            # (the rule's outputs are the values), the batch survives; the
+            # function's unbatched output could only carry a cotangent summed
+            # over the batch. Only the rule reports the output batching then.
+            compat.reset_stores(fun)
+            compat.reset_stores(jvp)
+            return self._linearize_custom_jvp(prim, fun, jvp, tracers, symbolic_zeros)
+        out = self._record_staged(tracers, *staged)
         # The staged function was traced; if an enclosing forward-mode trace
         # also ran the rule, custom_jvp expects only one of the two to report
         # its output structure.

@@ -90,9 +90,9 @@ def _validate_tangents(p_leaves_with_path, t_leaves, api_name: str, fun=None):
                     "integer or boolean primal" if want == jax_float0 else
                     f"cast the tangent with .astype({np.dtype(want).name})")
             raise TypeError(
-                f"primal and tangent arguments to {api_name} do not match; dtypes must be "
-                f"equal, or in case of int/bool primal dtype the tangent dtype must be "
-                f"float0. Got primal dtype {p_aval.dtype} and so expected tangent dtype "
+                f"primal and tangent arguments to {_args_name(api_name)} do not match; "
+                f"dtypes must be equal, or in case of int/bool primal dtype the tangent "
+                f"dtype must be float0. Got primal dtype {p_aval.dtype} and so expected tangent dtype "
                 f"{np.dtype(want).name}, but got tangent dtype {np.dtype(t_dtype).name} "
                 f"instead (at primals{where}: {hint}).")
         if tuple(np.shape(t)) != tuple(p_aval.shape):
@@ -108,16 +108,33 @@ def _validate_tangents(p_leaves_with_path, t_leaves, api_name: str, fun=None):
     return out
 
 
+# fbackprop.jvp checks its arguments as jax.jvp does and says so in jax.jvp's
+# words (code that matches JAX's messages keeps working), then how to fix them.
+_TAKES_JAX_ARGS = "fbackprop.jvp takes the arguments of jax.jvp:"
+
+
+def _args_name(api_name: str) -> str:
+    """The function whose arguments the messages of ``api_name`` are about."""
+    return "jax.jvp" if api_name == "jvp" else api_name
+
+
+def _leaves(n: int, what: str) -> str:
+    return f"{n} {what} leaf" if n == 1 else f"{n} {what} leaves"
+
+
 def _jvp(fun, primals, tangents, has_aux=False, api_name="jvp"):
     """``jvp`` without the tuple/list check (used by ``jacfwd`` under ``vmap``)."""
     p_leaves_with_path, p_tree = tree_util.tree_flatten_with_path(primals)
     t_leaves, t_tree = tree_util.tree_flatten(tangents)
     if p_tree != t_tree:
+        how = (f"{_TAKES_JAX_ARGS} one tangent per primal, in the same containers"
+               if api_name == "jvp" else "Give one tangent per primal, in the same containers")
         raise TypeError(
-            f"primal and tangent arguments to {api_name} must have the same tree "
-            f"structure; primals have tree structure {p_tree} whereas tangents have tree "
-            f"structure {t_tree}. Build the tangents with e.g. "
-            f"jax.tree_util.tree_map(jnp.ones_like, primals).")
+            f"primal and tangent arguments to {_args_name(api_name)} must have the same "
+            f"tree structure; primals have tree structure {p_tree} whereas tangents have "
+            f"tree structure {t_tree} ({_leaves(p_tree.num_leaves, 'primal')}, "
+            f"{_leaves(t_tree.num_leaves, 'tangent')}). {how} (build them with e.g. "
+            f"jax.tree_util.tree_map(jnp.ones_like, primals)).")
     _check_primal_leaves(p_leaves_with_path, api_name)
     tangent_vals = _validate_tangents(p_leaves_with_path, t_leaves, api_name, fun)
     leaves = [_as_array(x) for _, x in p_leaves_with_path]
@@ -168,9 +185,9 @@ def jvp(fun: Callable, primals, tangents, has_aux: bool = False):
     _check_callable(fun, "jvp")
     if not isinstance(primals, (tuple, list)) or not isinstance(tangents, (tuple, list)):
         raise TypeError(
-            f"primal and tangent arguments to jvp must be tuples or lists; found "
-            f"{type(primals).__name__} and {type(tangents).__name__}. Wrap a single "
-            f"argument as a 1-tuple: fb.jvp(f, (x,), (t,)).")
+            f"primal and tangent arguments to jax.jvp must be tuples or lists; found "
+            f"{type(primals).__name__} and {type(tangents).__name__}. {_TAKES_JAX_ARGS} "
+            f"wrap a single argument as a 1-tuple, fb.jvp(f, (x,), (t,)).")
     return _jvp(fun, primals, tangents, has_aux=has_aux)
 
 
