@@ -132,3 +132,37 @@ def test_floors_script_measures_the_floors_under_the_ratios():
     assert f["trace_lower_floor"] == pytest.approx((f["forward_trace"] + f["fb_lower"]) / jax_first_call)
     assert f["eager_ratio"] == pytest.approx(f["fb_eager"] / f["jax_eager"])
     assert f["eager_floor"] == pytest.approx(f["fb_jitted"] / f["jax_eager"])
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp_hvp"])
+def test_quick_eager_figures_are_timed_after_warm_up(name, monkeypatch):
+    # fbackprop compiles an eager program's backward sweep on its second (hvp) or
+    # third (grad) call; a quick run once timed that call and printed it as the
+    # eager step ("20x slower"). Every such compile must fall in the warm-up.
+    from fbackprop._src import eager
+    from fbackprop.bench import workloads
+    events = []
+    real_compile, real_warm_up = eager._compile, harness.warm_up
+
+    def compile_(*args, **kwargs):
+        events.append("compile")
+        return real_compile(*args, **kwargs)
+
+    def warm_up(calls, warmup, min_sample):
+        events.append("warm-up")
+        try:
+            return real_warm_up(calls, warmup, min_sample)
+        finally:
+            events.append("timed")
+
+    monkeypatch.setattr(eager, "_compile", compile_)
+    monkeypatch.setattr(harness, "warm_up", warm_up)
+    res = harness.run_workload(workloads.get([name])[0], harness.Settings(quick=True))
+    assert res["status"] == "ok", res["errors"]
+    assert "eager" in res["figures"]
+    assert events.count("compile") >= 1, "no eager program was compiled: nothing was checked"
+    warming = False
+    for event in events:
+        if event != "compile":
+            warming = event == "warm-up"
+        assert warming or event != "compile", events

@@ -89,6 +89,30 @@ def test_explain_out_folder_that_cannot_be_made(capsys, tmp_path):
     assert_usage_error(result, EXPLAIN, "--out")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_explain_out_that_cannot_be_written(capsys):
+    # /proc accepts no new files, whatever the permission bits say (and root passes
+    # every os.access check): the error comes from trying, before anything runs.
+    result = run(["explain", "--out", "/proc/fbackprop_explain.html"], capsys)
+    assert_usage_error(result, EXPLAIN, "--out", "/proc/fbackprop_explain.html",
+                       "cannot write")
+    assert not result[1], "nothing is computed or printed before the error"
+
+
+def test_output_path_check_leaves_files_as_they_were(tmp_path):
+    from fbackprop._src.cli import ArgumentParser, check_output_dir, check_output_path
+    parser = ArgumentParser(prog="p")
+    existing = tmp_path / "kept.txt"
+    existing.write_text("content")
+    assert check_output_path(parser, "--out", str(existing)) == str(existing)
+    assert existing.read_text() == "content"
+    new = tmp_path / "sub" / "new.json"
+    check_output_path(parser, "--out", str(new))
+    assert not new.exists() and new.parent.is_dir()      # the folder is made, no file left
+    check_output_dir(parser, "--out", str(tmp_path / "d"))
+    assert os.listdir(tmp_path / "d") == []
+
+
 def test_explain_png_with_graphviz(tmp_path, monkeypatch):
     if explain_mod.shutil.which("dot") is None:
         pytest.skip("Graphviz is not installed")
@@ -183,13 +207,43 @@ def test_bench_quick_table_gives_times_no_verdict():
     assert f"0 PASS, {len(FIGURES)} MISS" in full and "smoke" not in full
 
 
+def test_bench_memplan_out_that_cannot_be_made(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run(["bench", "--memplan", "--quick", "--out", str(blocker)], capsys)
+    assert_usage_error(result, "python -m fbackprop bench --memplan", "--out", "file")
+    assert "memory-budget benchmark" not in result[1], "the error comes before the run"
+
+
+def test_bench_help_states_the_quick_run_time(capsys):
+    code, out, _ = run(["bench", "--help"], capsys)
+    assert code == 0
+    options = out[out.index("\n  --quick"):]
+    quick = " ".join(options[:options.index("\n  --only")].split())
+    assert "minute" in quick and "warm-up" in quick, quick
+
+
 # ------------------------------------------------------------------ dispatcher
 def test_unknown_subcommand_is_one_line(capsys):
     assert_usage_error(run(["frobnicate"], capsys), "python -m fbackprop", "frobnicate")
 
 
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag, capsys):
+    import jax
+
+    import fbackprop
+    code, out, err = run([flag], capsys)
+    assert code == 0 and not err
+    assert out.strip().startswith(f"fbackprop {fbackprop.__version__} (jax {jax.__version__}")
+    assert "--version" in cli.usage()
+
+
 # ------------------------------------------------------- as a user sees it
-@pytest.mark.parametrize("argv", [["demo", "--epochs", "0"], ["explain", "--out", "x.pdf"]])
+@pytest.mark.parametrize("argv", [
+    ["demo", "--epochs", "0"], ["explain", "--out", "x.pdf"],
+    pytest.param(["explain", "--out", "/proc/fbackprop_x.html"], marks=pytest.mark.skipif(
+        not os.path.isdir("/proc/self"), reason="needs Linux's /proc"))])
 def test_real_command_prints_one_line(argv, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "fbackprop", *argv], cwd=tmp_path, env=env,
@@ -200,3 +254,12 @@ def test_real_command_prints_one_line(argv, tmp_path):
              if not line[:1] in ("W", "I") or ": error: " in line]   # absl log lines
     assert len(lines) == 1 and ": error: " in lines[0], proc.stderr
     assert not os.listdir(tmp_path), "a usage error writes nothing"
+
+
+def test_real_version_command():
+    import fbackprop
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "fbackprop", "--version"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"fbackprop {fbackprop.__version__} ")

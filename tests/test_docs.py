@@ -1,8 +1,9 @@
 """The documentation's code runs, and its API reference lists every public name.
 
 For each topic page under ``docs/`` (every ``.md`` file but ``docs/README.md``
-and the API reference), the fenced blocks run in page order in one namespace,
-as a reader goes top to bottom: ``python`` blocks are executed, ``pycon``
+and the API reference), every fenced block runs on its own, in a fresh
+namespace (a reader copies one block, not the page so far), so each block
+brings its own imports and data: ``python`` blocks are executed, ``pycon``
 blocks (``>>>`` prompts) are doctests whose output must match. Everything runs
 with 64-bit types off, a user's default. Sphinx is not needed for this test.
 """
@@ -56,26 +57,34 @@ def test_every_topic_page_exists():
             "mixed_precision", "seeing_backprop", "nn_and_train", "extending"} <= names
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[os.path.basename(p)[:-3] for p in PAGES])
-def test_page_code_runs(page, tmp_path, monkeypatch):
-    blocks = code_blocks(page)
-    assert blocks, f"{page} has no code"
-    monkeypatch.chdir(tmp_path)         # files a page writes land here
-    name = os.path.relpath(page, ROOT)
+def _blocks_of_every_page():
+    for page in PAGES:
+        name = os.path.relpath(page, ROOT)
+        for kind, line, source in code_blocks(page):
+            yield pytest.param(name, kind, line, source, id=f"{name[5:-3]}:{line}")
+
+
+def test_every_topic_page_has_code():
+    for page in PAGES:
+        assert code_blocks(page), f"{page} has no code"
+
+
+@pytest.mark.parametrize("name,kind,line,source", list(_blocks_of_every_page()))
+def test_block_runs_on_its_own(name, kind, line, source, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)         # files a block writes land here
     namespace = {"__name__": "__docs__"}
-    parser = doctest.DocTestParser()
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     with jax.enable_x64(False):
-        for kind, line, source in blocks:
-            if kind == "python":
-                # Padded so that tracebacks give the line number in the page.
-                exec(compile("\n" * (line - 1) + source, name, "exec"), namespace)
-                continue
-            test = parser.get_doctest(source, namespace, f"{name}:{line}", name, line - 1)
-            report = []
-            runner.run(test, out=report.append, clear_globs=False)
-            assert runner.failures == 0, "".join(report)
-            namespace.update(test.globs)      # get_doctest ran on a copy
+        if kind == "python":
+            # Padded so that tracebacks give the line number in the page.
+            exec(compile("\n" * (line - 1) + source, name, "exec"), namespace)
+            return
+        test = doctest.DocTestParser().get_doctest(source, namespace, f"{name}:{line}", name,
+                                                   line - 1)
+        runner = doctest.DocTestRunner(
+            optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        report = []
+        runner.run(test, out=report.append)
+        assert runner.failures == 0, "".join(report)
 
 
 def public_names():

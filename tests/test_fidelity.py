@@ -216,7 +216,8 @@ def test_custom_rules_returning_python_scalars_or_other_float_dtypes():
     x = jnp.ones(3, jnp.bfloat16)
     loss = lambda x: jnp.sum(f(x)).astype(jnp.float32)  # noqa: E731
     ours = fb.grad(loss)(x)
-    assert ours.dtype == jnp.bfloat16
+    # JAX passes the bwd's float32 cotangent on (excess precision), not cast.
+    assert ours.dtype == jax.grad(loss)(x).dtype == jnp.float32
     close(ours, jax.grad(loss)(x))
 
     @jax.custom_gradient
@@ -471,7 +472,9 @@ def test_custom_vmap_call():
     close(fb.jvp(f, (0.3,), (2.0,)), (jnp.sin(0.3), 2 * jnp.cos(0.3)))
 
 
-def test_custom_vmap_under_vmap_or_jit_is_an_error_not_a_wrong_number():
+def _custom_vmap_with_another_rule():
+    """sin, whose custom batching rule computes cos: under vmap its value and
+    derivatives are the rule's (JAX's jvp says so), elsewhere the body's."""
     from jax.custom_batching import custom_vmap
 
     @custom_vmap
@@ -479,18 +482,80 @@ def test_custom_vmap_under_vmap_or_jit_is_an_error_not_a_wrong_number():
         return jnp.sin(x)
 
     @f.def_vmap
-    def rule(axis_size, in_batched, xs):        # deliberately another function
+    def rule(axis_size, in_batched, xs):
         return jnp.cos(xs), in_batched[0]
+    return f
 
-    xs = jnp.arange(3.0)
-    # JAX: a vmap of the derivative is the derivative of the rule (-sin), not cos.
-    expected = jax.vmap(lambda x: jax.jvp(f, (x,), (1.0,)))(xs)
-    np.testing.assert_allclose(expected[1], -jnp.sin(xs), rtol=1e-6)
-    for run in (lambda: jax.vmap(lambda x: fb.jvp(f, (x,), (1.0,)))(xs),
-                lambda: jax.vmap(fb.grad(f))(xs),
-                lambda: jax.jit(fb.grad(f))(0.3)):
-        with pytest.raises(NotImplementedError, match="custom_vmap"):
-            run()
+
+def test_custom_vmap_forward_mode_differentiates_the_rule_as_jax_does():
+    f = _custom_vmap_with_another_rule()
+    xs, ts = jnp.arange(3.0) + 0.25, jnp.arange(3.0) * 2 - 1
+    fb_jvp = lambda x, t: fb.jvp(f, (x,), (t,))  # noqa: E731
+    jax_jvp = lambda x, t: jax.jvp(f, (x,), (t,))  # noqa: E731
+    close(fb_jvp(xs[0], ts[0]), jax_jvp(xs[0], ts[0]))
+    close(jax.vmap(fb_jvp)(xs, ts), jax.vmap(jax_jvp)(xs, ts))
+    close(jax.jit(jax.vmap(fb_jvp))(xs, ts), jax.vmap(jax_jvp)(xs, ts))
+    close(fb.jvp(jax.vmap(f), (xs,), (ts,)), jax.jvp(jax.vmap(f), (xs,), (ts,)))
+    # Axes only the tangents, or only the primals, have.
+    for axes in ((None, 0), (0, None)):
+        close(jax.vmap(fb_jvp, in_axes=axes)(xs[0] if axes[0] is None else xs,
+                                             ts[0] if axes[1] is None else ts),
+              jax.vmap(jax_jvp, in_axes=axes)(xs[0] if axes[0] is None else xs,
+                                              ts[0] if axes[1] is None else ts))
+    close(fb.jacfwd(f)(xs), jax.jacfwd(f)(xs))
+    np.testing.assert_allclose(jax.vmap(fb_jvp)(xs, ts)[1], -jnp.sin(xs) * ts, rtol=1e-6)
+
+
+def test_custom_vmap_reverse_mode_differentiates_the_rule_under_vmap():
+    """jax.grad cannot differentiate a custom_vmap function (its linearization
+    fails); fbackprop's reverse mode gives the body's gradient unbatched and the
+    rule's under vmap, however late the vmap comes: compared with JAX's forward
+    mode, which has that semantics."""
+    f = _custom_vmap_with_another_rule()
+    xs = jnp.arange(3.0) + 0.25
+    rule_slope = jax.vmap(lambda x: jax.jvp(f, (x,), (1.0,))[1])(xs)      # -sin
+    np.testing.assert_allclose(rule_slope, -jnp.sin(xs), rtol=1e-6)
+    close(fb.grad(f)(0.5), jnp.cos(0.5))
+    close(jax.jit(fb.grad(f))(0.5), jnp.cos(0.5))
+    close(jax.vmap(fb.grad(f))(xs), rule_slope)
+    close(jax.vmap(jax.jit(fb.grad(f)))(xs), rule_slope)
+    total = lambda xs: jax.vmap(f)(xs).sum()  # noqa: E731
+    close(fb.grad(total)(xs), jax.jacfwd(total)(xs))
+    close(jax.jit(fb.grad(total))(xs), jax.jacfwd(total)(xs))
+    # Second order: the rule's second derivative under vmap.
+    close(jax.vmap(fb.grad(fb.grad(f)))(xs), -jnp.cos(xs))
+    close(jax.vmap(lambda x: fb.linearize(f, x)[1](1.0))(xs), rule_slope)
+
+
+def test_custom_vmap_gradients_with_mixed_batching_match_jax():
+    """An unbatched argument's gradient sums over the batch; a rule output that
+    is unbatched (the same for every member) receives the summed cotangent."""
+    from jax.custom_batching import custom_vmap
+    z = jnp.array([2.0, 1.0, 3.0])
+
+    @custom_vmap
+    def g(x, y, n):
+        return jnp.sin(x) * y + z * n
+
+    @g.def_vmap
+    def g_rule(axis_size, in_batched, xs, ys, n):
+        return jnp.cos(xs) * ys + z * n, any(in_batched)
+
+    @custom_vmap
+    def h(x):
+        return x[0]
+
+    @h.def_vmap
+    def h_rule(axis_size, in_batched, xs):
+        return 2.0 * xs[0, 0], False
+
+    xs = jnp.arange(6.0).reshape(2, 3) / 4
+    y = jnp.array([1.0, 2.0, 3.0])
+    loss = lambda x, y: jax.vmap(g, in_axes=(0, None, None))(x, y, 2).sum()  # noqa: E731
+    close(fb.grad(loss, (0, 1))(xs, y), jax.jacfwd(loss, (0, 1))(xs, y), tol=1e-5)
+    close(jax.jit(fb.grad(loss, (0, 1)))(xs, y), jax.jacfwd(loss, (0, 1))(xs, y), tol=1e-5)
+    loss2 = lambda xs: jax.vmap(h)(xs).sum()  # noqa: E731
+    close(fb.grad(loss2)(xs), jax.jacfwd(loss2)(xs))
 
 
 def test_custom_vjp_with_optimize_remat_in_forward_mode():
@@ -525,6 +590,103 @@ def test_next_jax_defaults_for_checkpoint_and_custom_vjp(flag):
         close(jax.jit(fb.grad(h))(1.0), 10.0)
         loop = lambda x: jax.lax.scan(lambda c, _: (h(c), None), x, None, length=2)[0]  # noqa
         close(fb.grad(loop)(1.0), jax.grad(loop)(1.0))
+
+
+def _optimize_remat_sin_for_tan():
+    """tan, whose optimize_remat fwd (deliberately) computes sin: which one a
+    derivative's primal is shows where JAX swaps the function itself back in."""
+    @jax.custom_vjp
+    def f(x):
+        return jnp.tan(x)
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (jnp.cos(x) * g,),
+             optimize_remat=True)
+    return f
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "inside", "none"])
+def test_custom_vjp3_optimize_remat_primal_follows_jax(where):
+    """Under jax_custom_vjp3, the forward part of a checkpointed region computes
+    the function itself (its residuals are recomputed later, so JAX's dead-code
+    elimination drops the fwd); elsewhere the fwd's primal is the value."""
+    with _flag("jax_custom_vjp3"):
+        f = _optimize_remat_sin_for_tan()
+        loss = {"checkpoint": lambda x: jax.checkpoint(f)(x) ** 2,
+                "inside": lambda x: jax.checkpoint(lambda x: f(x) ** 2)(x),
+                "none": lambda x: f(x) ** 2}[where]
+        want = jax.value_and_grad(loss)(3.2)
+        close(fb.value_and_grad(loss)(3.2), want)
+        close(jax.jit(fb.value_and_grad(loss))(3.2), want)
+        xs = jnp.array([3.2, 0.3])
+        close(jax.vmap(fb.grad(f))(xs), jax.vmap(jax.grad(f))(xs))
+    expected_value = jnp.tan(3.2) ** 2 if where != "none" else jnp.sin(3.2) ** 2
+    close(want[0], expected_value)
+
+
+def test_custom_vjp3_in_a_scan_and_forward_mode_of_its_vmap():
+    with _flag("jax_custom_vjp3"):
+        @jax.custom_vjp
+        def f(x):
+            return jnp.sin(x)
+        f.defvjp(lambda x: (f(x), jnp.cos(x)), lambda c, g: (2 * c * g,))
+
+        def loop(x):
+            return jax.lax.scan(lambda c, _: (f(c), None), x, None, length=2)[0]
+        close(fb.grad(loop)(3.0), jax.grad(loop)(3.0))
+        close(jax.jit(fb.grad(loop))(3.0), jax.grad(loop)(3.0))
+        close(fb.grad(fb.grad(loop))(3.0), jax.grad(jax.grad(loop))(3.0))
+        batched = lambda x: jax.vmap(loop)(x).sum()  # noqa: E731
+        xs = jnp.arange(3.0)
+        close(fb.grad(batched)(xs), jax.grad(batched)(xs))
+        message = r"can't apply forward-mode autodiff \(jvp\) to a custom_vjp function"
+        with pytest.raises(TypeError, match=message):
+            jax.jvp(jax.vmap(f), (xs,), (xs,))
+        with pytest.raises(TypeError, match=message):
+            fb.jvp(jax.vmap(f), (xs,), (xs,))
+
+
+def test_vmap_of_custom_jvp_with_an_unbatched_output():
+    """The function's output ignores its (batched) input, its rule's tangent does
+    not: the rule's outputs are the values (as in JAX), so the batch survives."""
+    @jax.custom_jvp
+    def f(x):
+        return np.zeros(x.shape, x.dtype)
+    f.defjvp(lambda p, t: (f(p[0]), t[0] * p[0]))
+    loss = lambda x: jax.vmap(f)(x).sum()  # noqa: E731
+    xs = jnp.arange(3.0) + 1
+    want = jax.grad(loss)(xs)
+    np.testing.assert_allclose(want, xs)
+    for _ in range(4):          # eager calls switch to compiled programs when they repeat
+        close(fb.grad(loss)(xs), want)
+    close(jax.jit(fb.grad(loss))(xs), want)
+    close(jax.jit(jax.vmap(fb.grad(f)))(xs), jax.vmap(jax.grad(f))(xs))
+    close(fb.jvp(jax.vmap(f), (xs,), (xs,)), jax.jvp(jax.vmap(f), (xs,), (xs,)))
+
+
+def test_custom_vjp_cotangent_in_excess_precision_is_passed_on():
+    """A bwd may return a float32 cotangent for a bfloat16 input: JAX passes it on
+    unchanged, and a checkpoint rounds the values it saves, so the forward and
+    backward parts agree (JAX's test_excess_precision_hell)."""
+    @jax.custom_vjp
+    def dot(x):
+        return jnp.dot(x, x)
+    dot.defvjp(lambda x: (dot(x), None), lambda _, g: (g,))
+
+    @jax.custom_vjp
+    def widen(x):
+        return x.astype(jnp.float32)
+    widen.defvjp(lambda x: (widen(x), x), lambda x, _: (x.astype(jnp.float32),))
+
+    f = jax.jit(jax.checkpoint(lambda x: widen(dot(x)), policy=lambda *_, **__: True))
+    x = (1 + jnp.finfo(jnp.bfloat16).eps) * jnp.eye(2, dtype=jnp.bfloat16)
+    for g in (f, lambda x: widen(dot(x))):
+        y, vjp_fn = jax.vjp(g, x)
+        fy, fb_vjp_fn = fb.vjp(g, x)
+        (ct,), (fct,) = vjp_fn(jnp.ones_like(y)), fb_vjp_fn(jnp.ones_like(fy))
+        assert fct.dtype == ct.dtype == jnp.float32
+        np.testing.assert_array_equal(fy, y)
+        np.testing.assert_array_equal(fct, ct)
+    y, vjp_fn = fb.vjp(f, x)          # what JAX's test checks: the identity's gradient
+    np.testing.assert_array_equal(vjp_fn(jnp.ones_like(y))[0], y)
 
 
 class _flag:

@@ -120,6 +120,27 @@ def test_jvp_input_errors(primals, tangents, error, pattern):
         fb.jvp(lambda *xs: xs[0], primals, tangents)
 
 
+@pytest.mark.parametrize("primals,tangents", [
+    (0.0, (1.0,)),                                    # not a tuple
+    ((0.0,), np.array([1.0, 2.0])),
+    ((np.float32(2),), ()),                           # another tree structure
+    ((np.float32(2),), [np.float32(2)]),
+    ((np.float16(2),), (np.float32(4),)),             # another dtype
+    ((np.ones(3, np.float32),), (np.ones(4, np.float32),)),   # another shape
+])
+def test_jvp_misuse_is_reported_in_jax_jvp_words(primals, tangents):
+    """The same exception as jax.jvp, with JAX's sentence (code matching JAX's
+    messages keeps working), then what fbackprop adds: where, and the fix."""
+    f = lambda *xs: xs[0]  # noqa: E731
+    with pytest.raises((TypeError, ValueError)) as want:
+        jax.jvp(f, primals, tangents)
+    with pytest.raises(want.type) as got:
+        fb.jvp(f, primals, tangents)
+    key = str(want.value).split(";")[0]
+    assert key in str(got.value)
+    assert len(str(got.value)) > len(key) + 40
+
+
 # ----------------------------------------------------------------- linearize
 def test_linearize_matches_jax_and_is_reusable(model):
     net, params, x = model

@@ -171,6 +171,50 @@ def test_hvp_argument_errors():
         fb.hvp(f, (np.ones(2),), (np.ones(3),), mode="rev_rev")
 
 
+@pytest.mark.parametrize("mode", ["fwd_rev", "rev_rev"])
+def test_hvp_of_a_list_of_params_passed_as_is_says_how_to_wrap_it(mode):
+    # primals is the tuple of positional arguments (as in jax.jvp): a list of
+    # parameters passed as is reads as two arguments of a one-argument loss.
+    def loss(params):
+        return sum(jnp.sum(p ** 3) for p in params)
+
+    params = [jnp.ones((2, 3), jnp.float32), jnp.arange(3, dtype=jnp.float32)]
+    v = [jnp.ones((2, 3), jnp.float32), jnp.ones(3, jnp.float32)]
+    with pytest.raises(TypeError) as info:
+        fb.hvp(loss, params, v, mode=mode)
+    text = str(info.value)
+    for part in ("`primals`", "positional arguments of loss", "jax.jvp",
+                 "list of 2 entries [float32[2, 3], float32[3]]", "loss(primals[0], primals[1])",
+                 "takes 1 positional argument (params)", "fb.hvp(loss, (params,), (v,))"):
+        assert part in text, (part, text)
+    # the suggested call is right: it is JAX's forward-over-reverse
+    got = fb.hvp(loss, (params,), (v,), mode=mode)
+    want = jax.jvp(jax.grad(loss), (params,), (v,))[1]
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves((want,))):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    # JAX itself fails here with Python's own arity error
+    with pytest.raises(TypeError, match="positional argument"):
+        jax.jvp(jax.grad(loss), params, v)
+
+
+def test_hvp_argument_count_and_container_errors_name_the_fix():
+    def loss(params, batch):
+        return jnp.sum(params ** 2) * batch
+
+    with pytest.raises(TypeError, match=r"takes 2 positional arguments \(params, batch\).*"
+                                        r"fb\.hvp\(lambda params: loss\(params, batch\), "
+                                        r"\(params,\), \(v,\)\)"):
+        fb.hvp(loss, (jnp.ones(2),), (jnp.ones(2),))
+    with pytest.raises(TypeError, match=r"found dict and dict.*fb\.hvp\(f, \(w,\), \(v,\)\)"):
+        def f(w):
+            return jnp.sum(w["a"] ** 2)
+        fb.hvp(f, {"a": jnp.ones(2)}, {"a": jnp.ones(2)})
+    with pytest.raises(TypeError, match=r"2 primals but 1 tangents.*"
+                                        r"tangents: list \[float32\[3\]\]"):
+        fb.hvp(lambda a, b: jnp.sum(a * b), [jnp.ones(2), jnp.ones(3)],
+               [jnp.ones(3, jnp.float32)])
+
+
 @pytest.mark.parametrize("act", [jnp.tanh, jax.nn.gelu], ids=["tanh", "gelu_tanh"])
 def test_hvp_of_tanh_net_compiles_to_no_more_temp_bytes_than_jax(act):
     # Forward-over-reverse runs tanh's JVP in the forward sweep and its VJP in the

@@ -193,8 +193,9 @@ def test_kept_bytes_within_budget_and_recompute_falls_with_it(transformer):
     curve = fb.memory_plan(stack, params, x, budgets=[0.0, 0.25, 0.5, 0.75, 1.0])
     kept = [p.kept_bytes for p in curve.points]
     flops = [p.recompute_flops for p in curve.points]
+    assert not curve.points[0].feasible          # 0 bytes: below the stacked carries
     for p in curve.points[1:]:
-        assert p.kept_bytes <= p.budget_bytes
+        assert p.feasible and p.kept_bytes <= p.budget_bytes
     assert kept == sorted(kept) and flops == sorted(flops, reverse=True)
     assert curve.points[0].kept_bytes == curve.min_bytes > 0       # the stacked carries
     assert curve.points[-1].kept_bytes == curve.plain_bytes and flops[-1] == 0
@@ -241,6 +242,50 @@ def test_budget_below_the_smallest_plan_names_both_numbers(mlp):
         assert f"memory_budget={budget!r}" in text
         assert f"smallest plan keeps {least:,} bytes" in text
         assert "carries" in text
+
+
+def test_memory_plan_marks_budgets_below_the_smallest_plan(mlp):
+    stack, params, x = mlp
+    curve = fb.memory_plan(stack, params, x, budgets=[0.0, 100, 0.5, 1.0])
+    least = curve.min_bytes
+    assert [p.feasible for p in curve.points] == [False, False, True, True]
+    lines = str(curve).splitlines()
+    assert f"the smallest plan keeps {least:,}" in lines[0]
+    for budget in ("0", "100"):
+        row = next(line for line in lines if line.split()[:1] == [budget])
+        assert "infeasible" in row and f"{least:,} bytes" in row
+    # fb.checkpoint refuses exactly those budgets, and accepts the smallest plan's bytes
+    with pytest.raises(ValueError, match=f"smallest plan keeps {least:,} bytes"):
+        fb.grad(_loss(fb.checkpoint(stack, memory_budget=least - 1)))(params, x)
+    assert _plan(_loss(fb.checkpoint(stack, memory_budget=least)), params, x).kept_bytes == least
+    assert fb.memory_plan(stack, params, x, budgets=[least - 1, least]).points[1].feasible
+    assert [p["feasible"] for p in curve.as_dicts()["points"]] == [False, False, True, True]
+
+
+def test_memory_plan_default_budgets_start_at_the_smallest_plan(mlp):
+    stack, params, x = mlp
+    curve = fb.memory_plan(stack, params, x)
+    budgets = [p.budget_bytes for p in curve.points]
+    assert budgets[0] == curve.min_bytes and budgets[-1] == curve.plain_bytes
+    assert budgets == sorted(set(budgets)) and all(p.feasible for p in curve.points)
+    assert len(budgets) >= 5
+
+
+def test_memory_plan_table_columns_line_up(transformer):
+    stack, params, x = transformer
+    curve = fb.memory_plan(stack, params, x, budgets=[0.0, 0.5, 1.0])
+    lines = str(curve).splitlines()
+    header = lines[1]
+    assert header.split() == ["budget", "(bytes)", "kept", "bytes", "kept/plain",
+                              "recompute", "FLOPs", "of", "all"]
+    rows = [line for line in lines[2:] if "infeasible" not in line and not line.endswith(":")]
+    assert len(rows) == 2 + 3                     # two feasible budgets, three policies
+    assert any(line.startswith("dots_with_no_batch_dims_saveable ") for line in rows)
+    # every number column ends where its header ends
+    for title in ("kept bytes", "kept/plain", "recompute FLOPs", "of all"):
+        end = header.index(title) + len(title)
+        for line in rows:
+            assert line[end - 1] != " " and (len(line) == end or line[end] == " "), (title, line)
 
 
 def test_saved_residuals_shows_the_plan(transformer):

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fbackprop demo | bench | explain [options]``.
+"""Command line: ``python -m fbackprop demo | bench | explain [options]`` (or ``--version``).
 
 Each subcommand lives in its own module, imported only when it is asked for, so
 ``python -m fbackprop bench`` does not pay for the demo's imports and the other
@@ -22,11 +22,23 @@ SUBCOMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: python -m fbackprop {" + ",".join(SUBCOMMANDS) + "} [options]", "",
-             "subcommands:"]
+    lines = ["usage: python -m fbackprop {" + ",".join(SUBCOMMANDS) + "} [options]",
+             "       python -m fbackprop --version", "", "subcommands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, _, help_) in SUBCOMMANDS.items()]
     lines.append("\nRun `python -m fbackprop <subcommand> --help` for its options.")
     return "\n".join(lines)
+
+
+def version() -> str:
+    """``fbackprop X (jax Y, jaxlib Z, python W)``: what a bug report needs."""
+    import platform
+
+    import jax
+    import jaxlib
+
+    import fbackprop
+    return (f"fbackprop {fbackprop.__version__} (jax {jax.__version__}, jaxlib "
+            f"{jaxlib.__version__}, python {platform.python_version()})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version())
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(f"python -m fbackprop: error: unknown subcommand {name!r}; choose from "

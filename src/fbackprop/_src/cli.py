@@ -37,7 +37,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def check_output_path(parser: ArgumentParser, option: str, path: str) -> str:
-    """Creates the folder of an output file; a path that cannot be written is a usage error."""
+    """Creates the folder of an output file; a path that cannot be written is a usage error.
+
+    Writability is tried, not inferred from permission bits: ``os.access`` says
+    yes to root everywhere, and special or read-only file systems (``/proc``, a
+    read-only mount) refuse writes that the bits allow. An existing file is
+    opened for appending (its content is left alone); a new one is created and
+    removed again.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         parser.error(f"{option} {path!r} is a folder; give a file name")
@@ -46,19 +53,32 @@ def check_output_path(parser: ArgumentParser, option: str, path: str) -> str:
     except OSError as exc:
         parser.error(f"{option} {path!r}: cannot create its folder {folder!r} "
                      f"({exc.strerror or exc})")
-    if not os.access(folder, os.W_OK):
-        parser.error(f"{option} {path!r}: the folder {folder!r} is not writable")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        parser.error(f"{option} {path!r}: cannot write this file ({exc.strerror or exc}); "
+                     f"give a path in a writable folder")
+    if not existed:
+        os.remove(path)
     return path
 
 
 def check_output_dir(parser: ArgumentParser, option: str, path: str) -> str:
-    """Creates an output folder; one that cannot be made is a usage error."""
+    """Creates an output folder; one that cannot be made or written to is a usage error
+    (tried by creating a temporary file in it, as :func:`check_output_path` does)."""
+    import tempfile
     if os.path.exists(path) and not os.path.isdir(path):
         parser.error(f"{option} {path!r} is a file, not a folder")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
         parser.error(f"{option} {path!r}: cannot create the folder ({exc.strerror or exc})")
-    if not os.access(path, os.W_OK):
-        parser.error(f"{option} {path!r}: the folder is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        parser.error(f"{option} {path!r}: cannot write in this folder "
+                     f"({exc.strerror or exc}); give a writable folder")
     return path

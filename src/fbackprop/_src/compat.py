@@ -7,6 +7,8 @@ else, so a new JAX is a contained change.
 
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Any, Callable
 
 import jax
@@ -555,11 +557,60 @@ def hi_kind(hi) -> str:
         return "remat"
     if isinstance(hi, _ac.CheckpointName):
         return "name"
-    if isinstance(hi, _hj.CustomVJPTraced):
+    if hi_custom_vjp(hi) is not None:
         return "custom_vjp"
     if type(hi).vjp_bwd_retval is not _hj.VJPHiPrimitive.vjp_bwd_retval:
         return "vjp"
     return "other"
+
+
+def hi_custom_vjp(hi):
+    """The ``custom_vjp`` function (JAX's ``CustomVJPTraced``) whose rules define
+    the derivative of the hi-level primitive ``hi``: ``hi`` itself, or the
+    function a ``VmapOf`` (``jax.vmap`` of a custom_vjp function) batches; else
+    ``None``."""
+    from jax._src import hijax as _hj
+    while isinstance(hi, _hj.VmapOf):
+        hi = hi.prim
+    return hi if isinstance(hi, _hj.CustomVJPTraced) else None
+
+
+def hi_vjp_fwd(hi, nzs, args) -> tuple:
+    """``(out, residuals)`` of a hi-level primitive's own VJP forward rule.
+
+    A ``custom_vjp`` function defined with ``optimize_remat=True`` promises that
+    its ``fwd`` computes the function's own output; JAX binds its ``fwd`` as one
+    ``OptRemat`` call whose dead-code elimination swaps the function itself back
+    in wherever the residuals go unused (the forward part of a checkpointed
+    region, which recomputes them in its backward part). fbackprop binds the
+    same call, so its forward sweeps give JAX's primal there too.
+    """
+    from jax._src import hijax as _hj
+    if isinstance(hi, _hj.CustomVJPTraced) and hi.opt_remat and not hi.symbolic_zeros:
+        traced = jax.jit(functools.partial(hi.vjp_fwd, nzs)).trace(*args)
+        out, res = _opt_remat_type()(hi, traced)(*args)
+        return out, res
+    out, res, *_ = hi.vjp_fwd(nzs, *args)
+    return out, res
+
+
+@functools.cache
+def _opt_remat_type():
+    """JAX's ``OptRemat`` that ``jax.vmap`` can batch (JAX binds it only inside
+    checkpointed regions, fbackprop wherever it differentiates the function):
+    batched, it is the batched ``fwd``."""
+    from jax import tree_util as _tu
+    from jax._src import hijax as _hj
+    from jax._src.interpreters import batching as _batching
+
+    class BatchableOptRemat(_hj.OptRemat):
+        def batch_dim_rule(self, axis_data, in_dims):
+            in_dims_flat = self.in_tree.flatten_up_to(in_dims)
+            _, out_dims = _batching.batch_jaxpr2(self.traced_fwd.jaxpr, axis_data,
+                                                 tuple(in_dims_flat))
+            return _tu.tree_unflatten(self.out_tree, out_dims)
+
+    return BatchableOptRemat
 
 
 def hi_flatten_out(hi, out) -> list:
@@ -585,11 +636,107 @@ def hi_flatten_in_cts(hi, in_cts) -> list:
     return [as_none_if_zero(c) for c in flat]
 
 
+_rounded: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def round_residuals(jaxpr: Jaxpr, num_res: int) -> Jaxpr:
+    """``jaxpr`` with each of its last ``num_res`` outputs (the values a
+    checkpointed region's forward part saves) rounded to its dtype where it is
+    produced (``reduce_precision``), as JAX's checkpoint does (JAX PR #22244):
+    XLA may compute a bfloat16 value in float32 for its uses in the forward part
+    while the backward part reads the saved, rounded value. Only floats
+    narrower than 32 bits are rounded (XLA computes no excess precision for the
+    others; JAX's no-op roundings of them cost memory)."""
+    key = (num_res,)
+    hit = _rounded.get(jaxpr, {}).get(key)
+    if hit is not None:
+        return hit
+    from jax._src.lax import lax as _lax
+    saved = jaxpr.outvars[len(jaxpr.outvars) - num_res:]
+    used = {x for e in jaxpr.eqns for x in e.invars if isinstance(x, Var)}
+    eqns = list(jaxpr.eqns)
+    for v in dict.fromkeys(saved):
+        dtype = getattr(v.aval, "dtype", None)
+        if (not isinstance(v, Var) or v not in used or dtype is None
+                or not jax.dtypes.issubdtype(dtype, np.floating)
+                or jax.dtypes.finfo(dtype).bits >= 32):
+            continue
+        at = next((i for i, e in enumerate(eqns) if v in e.outvars), None)
+        if at is None:          # an input of the region: not computed here
+            continue
+        finfo = jax.dtypes.finfo(dtype)
+        unrounded = Var(v.aval)
+        producer = eqns[at]
+        eqns[at] = producer.replace(outvars=[unrounded if o is v else o
+                                             for o in producer.outvars])
+        eqns.insert(at + 1, new_eqn([unrounded], [v], _lax.reduce_precision_p,
+                                    dict(exponent_bits=finfo.nexp, mantissa_bits=finfo.nmant),
+                                    jcore.no_effects, producer.source_info))
+    rounded = jaxpr.replace(eqns=eqns) if len(eqns) != len(jaxpr.eqns) else jaxpr
+    _rounded.setdefault(jaxpr, {})[key] = rounded
+    return rounded
+
+
+# ---------------------------------------------------------------- custom_vmap
+# ``jax.custom_batching.custom_vmap`` binds ``custom_vmap_call`` with the
+# function's jaxpr (``call``, run where nothing batches it) and its batching rule
+# (``rule``, run by ``vmap``), which takes and returns pytrees (``in_tree``,
+# ``out_tree``). fbackprop's derivatives are ``custom_vmap_call`` equations
+# again, whose rules take flat lists.
+def custom_vmap_parts(params) -> tuple:
+    """``(call, rule, in_tree, out_tree)`` of a ``custom_vmap_call`` equation."""
+    return params["call"], params["rule"], params["in_tree"], params["out_tree"]
+
+
+def call_vmap_rule(rule, in_tree, out_tree, axis_size, batched: list, args: list) -> tuple:
+    """Runs a ``custom_vmap_call``'s batching rule as JAX's ``vmap`` runs it
+    (batched arguments have their batch axis in front, ``batched`` says which),
+    on flat lists: ``(outs, out_batched)`` as flat lists, checked as JAX checks
+    them."""
+    from jax import tree_util as _tu
+    from jax._src import custom_batching as _cb
+    out, out_batched = _cb.call_rule(rule, axis_size, _tu.tree_unflatten(in_tree, batched),
+                                     _tu.tree_unflatten(in_tree, list(args)))
+    outs, tree = _tu.tree_flatten(out)
+    flags, flags_tree = _tu.tree_flatten(out_batched)
+    _cb.check_vmap_rule_trees(rule, out_tree, tree, flags_tree)
+    return outs, [bool(b) for b in flags]
+
+
+def bind_custom_vmap(args: list, call: ClosedJaxpr, rule: Callable, n_out: int) -> list:
+    """Binds ``custom_vmap_call`` with a ``rule(axis_size, batched, *args)`` over
+    flat lists that returns ``(outs, out_batched)`` as tuples."""
+    from jax import tree_util as _tu
+    from jax._src import custom_batching as _cb
+    return _cb.custom_vmap_p.bind(*args, call=call, rule=rule,
+                                  in_tree=_tu.tree_structure((0,) * len(args)),
+                                  out_tree=_tu.tree_structure((0,) * n_out))
+
+
+def vmap_unrestricted(fun: Callable, args: list, in_axes: list, axis_size: int) -> tuple:
+    """``jax.vmap`` of ``fun`` (flat list in, flat list out) that infers its
+    output axes instead of being told them: ``(outs, out_axes)`` (``None`` for
+    an unbatched output), as JAX batches the JVP of a custom batching rule."""
+    from jax._src import linear_util as lu
+    from jax._src import api_util
+    from jax._src import custom_batching as _cb
+    debug = api_util.debug_info("custom_vmap rule", fun, tuple(args), {})
+    wrapped = lu.wrap_init(lambda *xs: list(fun(*xs)), debug_info=debug)
+    return _cb.vmap_unrestricted(wrapped, *args, in_axes=list(in_axes),
+                                 axis_name=jcore.no_axis_name, axis_size=axis_size)
+
+
 def new_jaxpr(constvars, invars, outvars, eqns, fun_name: str = "fun") -> Jaxpr:
     """A jaxpr built by fbackprop (e.g. from a define-by-run recording)."""
     from jax._src import linear_util as lu
     debug = lu.DebugInfo("fbackprop", fun_name, None, None)
-    return Jaxpr(constvars, invars, outvars, eqns, join_effects(eqns), debug_info=debug)
+    # A jaxpr holding a hi-level equation (a remat3 checkpoint, a custom_vjp3
+    # function) says so, as JAX's own tracing does: a primitive whose body it
+    # is (a scan) is then lowered to low-level JAX before compilation.
+    is_high = any(eqn.primitive.is_high(*[v.aval for v in eqn.invars], **eqn.params)
+                  for eqn in eqns)
+    return Jaxpr(constvars, invars, outvars, eqns, join_effects(eqns), debug_info=debug,
+                 is_high=is_high)
 
 
 # -------------------------------------------------------------------- scan

@@ -94,9 +94,9 @@ def _validate_tangents(p_leaves_with_path, t_leaves, api_name: str, fun=None):
                     "integer or boolean primal" if want == jax_float0 else
                     f"cast the tangent with .astype({np.dtype(want).name})")
             raise TypeError(
-                f"primal and tangent arguments to {api_name} do not match; dtypes must be "
-                f"equal, or in case of int/bool primal dtype the tangent dtype must be "
-                f"float0. Got primal dtype {p_aval.dtype} and so expected tangent dtype "
+                f"primal and tangent arguments to {_args_name(api_name)} do not match; "
+                f"dtypes must be equal, or in case of int/bool primal dtype the tangent "
+                f"dtype must be float0. Got primal dtype {p_aval.dtype} and so expected tangent dtype "
                 f"{np.dtype(want).name}, but got tangent dtype {np.dtype(t_dtype).name} "
                 f"instead (at primals{where}: {hint}).")
         if tuple(np.shape(t)) != tuple(p_aval.shape):
@@ -112,16 +112,33 @@ def _validate_tangents(p_leaves_with_path, t_leaves, api_name: str, fun=None):
     return out
 
 
+# fbackprop.jvp checks its arguments as jax.jvp does and says so in jax.jvp's
+# words (code that matches JAX's messages keeps working), then how to fix them.
+_TAKES_JAX_ARGS = "fbackprop.jvp takes the arguments of jax.jvp:"
+
+
+def _args_name(api_name: str) -> str:
+    """The function whose arguments the messages of ``api_name`` are about."""
+    return "jax.jvp" if api_name == "jvp" else api_name
+
+
+def _leaves(n: int, what: str) -> str:
+    return f"{n} {what} leaf" if n == 1 else f"{n} {what} leaves"
+
+
 def _jvp(fun, primals, tangents, has_aux=False, api_name="jvp"):
     """``jvp`` without the tuple/list check (used by ``jacfwd`` under ``vmap``)."""
     p_leaves_with_path, p_tree = tree_util.tree_flatten_with_path(primals)
     t_leaves, t_tree = tree_util.tree_flatten(tangents)
     if p_tree != t_tree:
+        how = (f"{_TAKES_JAX_ARGS} one tangent per primal, in the same containers"
+               if api_name == "jvp" else "Give one tangent per primal, in the same containers")
         raise TypeError(
-            f"primal and tangent arguments to {api_name} must have the same tree "
-            f"structure; primals have tree structure {p_tree} whereas tangents have tree "
-            f"structure {t_tree}. Build the tangents with e.g. "
-            f"jax.tree_util.tree_map(jnp.ones_like, primals).")
+            f"primal and tangent arguments to {_args_name(api_name)} must have the same "
+            f"tree structure; primals have tree structure {p_tree} whereas tangents have "
+            f"tree structure {t_tree} ({_leaves(p_tree.num_leaves, 'primal')}, "
+            f"{_leaves(t_tree.num_leaves, 'tangent')}). {how} (build them with e.g. "
+            f"jax.tree_util.tree_map(jnp.ones_like, primals)).")
     _check_primal_leaves(p_leaves_with_path, api_name)
     tangent_vals = _validate_tangents(p_leaves_with_path, t_leaves, api_name, fun)
     leaves = [_as_array(x) for _, x in p_leaves_with_path]
@@ -172,9 +189,9 @@ def jvp(fun: Callable, primals, tangents, has_aux: bool = False):
     _check_callable(fun, "jvp")
     if not isinstance(primals, (tuple, list)) or not isinstance(tangents, (tuple, list)):
         raise TypeError(
-            f"primal and tangent arguments to jvp must be tuples or lists; found "
-            f"{type(primals).__name__} and {type(tangents).__name__}. Wrap a single "
-            f"argument as a 1-tuple: fb.jvp(f, (x,), (t,)).")
+            f"primal and tangent arguments to jax.jvp must be tuples or lists; found "
+            f"{type(primals).__name__} and {type(tangents).__name__}. {_TAKES_JAX_ARGS} "
+            f"wrap a single argument as a 1-tuple, fb.jvp(f, (x,), (t,)).")
     return _jvp(fun, primals, tangents, has_aux=has_aux)
 
 
@@ -595,6 +612,74 @@ def _tree_vdot(xs, ys):
     return functools.reduce(jnp.add, terms)
 
 
+def _entries(xs) -> str:
+    """``[float32[2, 3], PyTreeDef({'w': *})]``: each entry's type, or its tree."""
+    def one(x):
+        leaves, tree = tree_util.tree_flatten(x)
+        if tree_util.treedef_is_leaf(tree) and leaves:
+            try:
+                aval = _aval(leaves[0])
+                return _fmt(aval.shape, aval.dtype)
+            except TypeError:
+                return type(leaves[0]).__name__
+        return str(tree)
+    shown = [one(x) for x in list(xs)[:4]] + (["..."] if len(xs) > 4 else [])
+    return f"[{', '.join(shown)}]"
+
+
+def _check_hvp_arguments(fun, primals, tangents):
+    """``primals`` is the tuple of ``fun``'s positional arguments (as in
+    ``jax.jvp``), not one pytree: a list of parameters passed as is reads as
+    several arguments. Says so, with the call that was meant."""
+    name = getattr(fun, "__name__", "fun")
+    if name == "<lambda>":
+        name = "fun"
+    names = _param_names(fun)
+    first = names[0] if names else "params"
+    wrap = f"fb.hvp({name}, ({first},), (v,))"
+    if not isinstance(primals, (tuple, list)) or not isinstance(tangents, (tuple, list)):
+        raise TypeError(
+            f"hvp: `primals` and `tangents` must be tuples or lists with one entry per "
+            f"positional argument of {name} (as in jax.jvp); found "
+            f"{type(primals).__name__} and {type(tangents).__name__}. For one argument "
+            f"that is a pytree, wrap it and its tangent in 1-tuples: {wrap}.")
+    if len(primals) != len(tangents):
+        raise TypeError(
+            f"hvp: got {len(primals)} primals but {len(tangents)} tangents; pass one "
+            f"tangent per primal, with its structure (primals: {type(primals).__name__} "
+            f"{_entries(primals)}, tangents: {type(tangents).__name__} "
+            f"{_entries(tangents)}).")
+    try:
+        signature = inspect.signature(fun)
+    except (TypeError, ValueError):
+        return                       # no signature to check against: the call will tell
+    try:
+        signature.bind(*primals)
+    except TypeError as exc:
+        n = len(primals)
+        takes = (f"{name} takes {len(names)} positional argument"
+                 f"{'s' if len(names) != 1 else ''} ({', '.join(names)})")
+        seen = (f"the {type(primals).__name__} of {n} entr{'ies' if n != 1 else 'y'} "
+                f"{_entries(primals)} passed means "
+                f"{name}({', '.join(f'primals[{i}]' for i in range(min(n, 4)))}"
+                f"{', ...' if n > 4 else ''})")
+        if n > len(names):
+            fix = (f"To differentiate with respect to one argument that is a list (or any "
+                   f"pytree), wrap it and its tangent in 1-tuples: {wrap}")
+        elif n < len(names):
+            rest = ", ".join(names[n:])
+            fix = (f"hvp differentiates with respect to every positional argument; close "
+                   f"over the others: fb.hvp(lambda {first}: {name}({first}, {rest}), "
+                   f"({first},), (v,))" if n == 1 else
+                   f"hvp differentiates with respect to every positional argument; pass "
+                   f"them all, or close over the others with a lambda")
+        else:
+            fix = f"({exc})"
+        raise TypeError(
+            f"hvp: `primals` holds the positional arguments of {name}, as in jax.jvp, "
+            f"not one pytree: {seen}, but {takes}. {fix}.") from None
+
+
 def hvp(fun: Callable, primals, tangents, mode: str = "fwd_rev"):
     """Hessian-vector product of a scalar function, without forming the Hessian.
 
@@ -614,7 +699,9 @@ def hvp(fun: Callable, primals, tangents, mode: str = "fwd_rev"):
 
     Args:
       fun: scalar-valued function of the positional arguments ``primals``.
-      primals: tuple or list of arguments (pytrees of float arrays).
+      primals: tuple or list of the positional arguments of ``fun`` (pytrees of
+        float arrays), as in ``jax.jvp``: for a ``fun(params)`` whose ``params``
+        is a list, pass ``(params,)``, not ``params``.
       tangents: tuple or list with the same structure, shapes and dtypes.
       mode: ``"fwd_rev"`` or ``"rev_rev"``.
 
@@ -628,14 +715,7 @@ def hvp(fun: Callable, primals, tangents, mode: str = "fwd_rev"):
       (Array([6., 0.], dtype=float32),)
     """
     _check_callable(fun, "hvp")
-    if not isinstance(primals, (tuple, list)) or not isinstance(tangents, (tuple, list)):
-        raise TypeError(
-            f"hvp: primals and tangents must be tuples or lists (one entry per positional "
-            f"argument of fun); found {type(primals).__name__} and "
-            f"{type(tangents).__name__}. Wrap a single argument as (x,).")
-    if len(primals) != len(tangents):
-        raise TypeError(f"hvp: got {len(primals)} primals but {len(tangents)} tangents; "
-                        f"pass one tangent per primal.")
+    _check_hvp_arguments(fun, primals, tangents)
     argnums = tuple(range(len(primals)))
     grad_f, rev_rev = _hvp_functions_of(fun, argnums)
     if mode == "fwd_rev":

@@ -282,6 +282,8 @@ def tape_key(tape) -> _Layout:
         name = eqn.primitive.name
         if name == custom_vjp:
             raise _Uncompilable("a custom_vjp function (its bwd runs on the recorded values)")
+        if name == compat.CUSTOM_JVP_CALL and "call_jaxpr" not in eqn.params:
+            raise _Uncompilable("a custom_jvp function linearized on the recorded values")
         if name not in vjp_rules and name not in call_handlers_reverse:
             # Only primitives we know to be pure: the compiled program evaluates
             # them again (an eagerly recorded equation does not list its effects).

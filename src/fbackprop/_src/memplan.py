@@ -727,11 +727,15 @@ class PlanPoint:
       kept_bytes: bytes of intermediates it keeps.
       recompute_flops: estimated FLOPs it recomputes.
       label: ``""``, or the policy's name.
+      feasible: False for a budget below the smallest plan, which
+        ``fb.checkpoint`` refuses; ``kept_bytes`` and ``recompute_flops`` are
+        then those of the smallest plan.
     """
     budget_bytes: int | None
     kept_bytes: int
     recompute_flops: float
     label: str = ""
+    feasible: bool = True
 
 
 class MemoryPlan:
@@ -765,23 +769,32 @@ class MemoryPlan:
                 f"{self.plain_bytes:,} bytes, min {self.min_bytes:,} bytes)")
 
     def __str__(self):
+        rows = [(f"{p.budget_bytes:,}", p) for p in self.points]
+        width = max([len("budget (bytes)")] + [len(head) for head, _ in rows] +
+                    [len(name) for name in self.policies])
         out = [f"memory plan of {self.name}: {self.plain_bytes:,} bytes of intermediates kept "
-               f"without checkpointing, {self.min_bytes:,} at least; recomputing everything "
-               f"costs {_fmt_flops(self.recompute_all_flops)} FLOPs "
+               f"without checkpointing, the smallest plan keeps {self.min_bytes:,}; "
+               f"recomputing everything costs {_fmt_flops(self.recompute_all_flops)} FLOPs "
                f"(planned in {self.seconds * 1e3:.0f} ms)",
-               f"{'budget':>14s} {'kept bytes':>14s} {'kept/plain':>10s} "
+               f"{'budget (bytes)':>{width}s} {'kept bytes':>14s} {'kept/plain':>10s} "
                f"{'recompute FLOPs':>16s} {'of all':>7s}"]
-        for p in self.points:
-            out.append(self._row(f"{p.budget_bytes:,}", p))
-        for name, p in self.policies.items():
-            out.append(self._row(name, p))
+        if self.policies:
+            rows.append(("JAX's checkpoint policies, on the region and every scan body in it:",
+                         None))
+            rows += [(f"{name:<{width}s}", p) for name, p in self.policies.items()]
+        for head, p in rows:
+            if p is None:
+                out.append(head)
+            elif not p.feasible:
+                out.append(f"{head:>{width}s} {'infeasible':>14s}  (below the smallest plan, "
+                           f"{self.min_bytes:,} bytes; fb.checkpoint refuses it)")
+            else:
+                frac = p.kept_bytes / self.plain_bytes if self.plain_bytes else 1.0
+                share = (p.recompute_flops / self.recompute_all_flops
+                         if self.recompute_all_flops else 0.0)
+                out.append(f"{head:>{width}s} {p.kept_bytes:14,d} {frac:10.3f} "
+                           f"{_fmt_flops(p.recompute_flops):>16s} {share:7.1%}")
         return "\n".join(out)
-
-    def _row(self, head, p):
-        frac = p.kept_bytes / self.plain_bytes if self.plain_bytes else 1.0
-        share = p.recompute_flops / self.recompute_all_flops if self.recompute_all_flops else 0
-        return (f"{head:>14s} {p.kept_bytes:14,d} {frac:10.3f} "
-                f"{_fmt_flops(p.recompute_flops):>16s} {share:7.1%}")
 
     def as_dicts(self) -> dict:
         return {"plain_bytes": self.plain_bytes, "min_bytes": self.min_bytes,
@@ -807,7 +820,7 @@ class MemoryPlan:
         hull = sorted(self.hull, key=lambda p: p.kept_bytes)
         ax.plot([p.kept_bytes / mib for p in hull], [p.recompute_flops / 1e6 for p in hull],
                 color="#1f77b4", alpha=0.35, linewidth=1, label="convex hull")
-        pts = sorted(self.points, key=lambda p: p.kept_bytes)
+        pts = sorted((p for p in self.points if p.feasible), key=lambda p: p.kept_bytes)
         ax.plot([p.kept_bytes / mib for p in pts], [p.recompute_flops / 1e6 for p in pts],
                 marker="o", color="#1f77b4", drawstyle="steps-post",
                 label="fbackprop memory_budget")
@@ -841,8 +854,10 @@ def memory_plan(fun: Callable, *args, budgets: Sequence | None = None,
       fun: the function (pytrees of arrays in, pytree of arrays out).
       *args: positional arguments to trace it with.
       budgets: budgets to plan for: floats in [0, 1] (fractions of the plain
-        bytes; 0 means the smallest plan) or ints (bytes). Default: 0, 0.05,
-        ..., 1.
+        bytes) or ints (bytes). A budget below the smallest plan (which
+        ``fb.checkpoint`` refuses) gives a point marked ``feasible=False``.
+        Default: the smallest plan's bytes, then those of the fractions 0.05,
+        0.1, ..., 1 that lie above it.
       policies: names of ``jax.checkpoint_policies`` (or ``name -> policy``)
         to place on the same axes, applied to ``fun`` and to every scan body in
         it. Default: nothing_saveable, dots_saveable,
@@ -877,8 +892,9 @@ def memory_plan(fun: Callable, *args, budgets: Sequence | None = None,
     t1 = time.perf_counter()
     search = probe.search
     plain = probe.plain_bytes
+    least = int(min(search.least.nbytes, plain))
     if budgets is None:
-        budgets = [k / 20 for k in range(21)]
+        budgets = [least] + [k / 20 for k in range(21) if budget_bytes(k / 20, plain) > least]
     points = []
     for b in budgets:
         if isinstance(b, bool) or not isinstance(b, (int, float, np.integer, np.floating)):
@@ -893,7 +909,8 @@ def memory_plan(fun: Callable, *args, budgets: Sequence | None = None,
             target = int(b)
         p = search.none if plain <= target else search.plan(target)
         kept = plain if p is search.none else int(p.nbytes)
-        points.append(PlanPoint(target, kept, 0.0 if p is search.none else p.flops))
+        points.append(PlanPoint(target, kept, 0.0 if p is search.none else p.flops,
+                                feasible=kept <= target))
     points.sort(key=lambda p: p.budget_bytes)
     hull = [PlanPoint(None, int(p.nbytes), p.flops) for p in search.hull()]
     hull[0] = PlanPoint(None, plain, 0.0)
@@ -906,7 +923,6 @@ def memory_plan(fun: Callable, *args, budgets: Sequence | None = None,
     for name, pol in policies.items():
         p = probe.model.policy_plan(lambda e, pol=pol: not _saveable(pol, e))
         pol_points[name] = PlanPoint(None, int(p.nbytes), p.flops, name)
-    least = int(min(search.least.nbytes, plain))
     return MemoryPlan(getattr(fun, "__name__", "fun"), plain, least,
                       probe.model.everything().flops, points, hull, pol_points,
                       time.perf_counter() - t1, t1 - t0)

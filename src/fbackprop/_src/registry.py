@@ -50,7 +50,7 @@ nondiff_primitives: set = set()
 # Call-like primitives the engines handle by recursing into a sub-jaxpr.
 call_handlers_reverse: dict[str, Callable] = {}
 call_handlers_forward: dict[str, Callable] = {}
-# While a custom JVP rule is transposed (see reverse.check_linear): primitives
+# While a custom JVP rule is transposed (see engine.linear.check_linear): primitives
 # that may read a tangent, each ``True`` or a predicate ``(active, **params) ->
 # bool`` (e.g. a product is linear when one factor is a constant), and call
 # primitives handled differently there (a custom_jvp function applied to a

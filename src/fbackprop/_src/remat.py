@@ -126,9 +126,10 @@ class RematCall:
             marks.update(recomputed)
             outs, tape = sweeps.forward(jaxpr, consts, invals, active)
             return outs, _Inlined(tape), tape.out_active
-        with compat.user_context(eqn):
-            outs = residuals.eval_jaxpr(split.fwd, split.consts, *invals)
         joint = split.joint
+        fwd = compat.round_residuals(split.fwd, len(split.fwd.outvars) - joint.n_out)
+        with compat.user_context(eqn):
+            outs = residuals.eval_jaxpr(fwd, split.consts, *invals)
         computed = outs[joint.n_out:]
         saved = [invals[i] if kind == "input" else computed[i] for kind, i in split.saved]
         return outs[:joint.n_out], (split, saved, prevent_cse), list(joint.out_active)

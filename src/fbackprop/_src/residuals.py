@@ -564,6 +564,10 @@ def _describe_var(v, jaxpr, steps: list[str]) -> tuple[str | None, str, list[str
     if e is None:
         return None, "<input>", steps
     name = e.primitive.name
+    if name == "reduce_precision" and _is_var(e.invars[0]):
+        # A checkpoint rounds what it saves (compat.round_residuals): the value
+        # is its input's, as in JAX's report of saved residuals.
+        return _describe_var(e.invars[0], jaxpr, steps)
     if name == "scan":
         k = list(e.outvars).index(v)
         num_carry = e.params["num_carry"]

@@ -12,7 +12,8 @@ For every workload both engines differentiate the same loss function:
   (``jax.jit(step).trace(...)`` runs fbackprop's own tracing and both sweeps, or
   JAX's linearize and transpose; ``.lower()`` then lowers the program);
 * eager step time: ``fb.value_and_grad(loss)(...)`` vs
-  ``jax.value_and_grad(loss)(...)`` without ``jax.jit``, after warm-up;
+  ``jax.value_and_grad(loss)(...)`` without ``jax.jit``, after
+  :data:`EAGER_WARMUP` warm-up calls (in a quick run too);
 * fb gradient step / fb forward pass, next to the theoretical ~3x.
 
 Run ``python -m fbackprop bench --help`` for the options.
@@ -72,6 +73,9 @@ OPTIONAL_FIGURES = ("eager_closure",)
 # for both engines alike).
 QUICK_XLA_FLAG = "--xla_backend_optimization_level=0"
 
+# Calls of an eager step before it is timed (see Settings.eager_warmup).
+EAGER_WARMUP = 3
+
 # A gradient that differs from JAX's by more than this (relative to the largest
 # entry of JAX's) is flagged in the table: speed of a wrong answer is no speed.
 AGREEMENT_TOL = 1e-3
@@ -93,6 +97,13 @@ class Settings:
         # One sample repeats a call until it lasts this long (timer resolution).
         self.min_sample = 0.002 if quick else 0.1
         self.warmup = 1 if quick else 2
+        # Eager calls reach their steady state on the fourth call: fbackprop's
+        # first eager call runs op by op, the second notices the repeated
+        # program, the third compiles its backward sweep (fbackprop/_src/eager.py);
+        # JAX's first call compiles every op's kernel. Timing an earlier call
+        # measures those one-off costs, not an eager step (in a quick run it read
+        # like "20x slower"), so eager figures come after this many calls.
+        self.eager_warmup = EAGER_WARMUP
 
 
 # ------------------------------------------------------------------ differentiation
@@ -155,6 +166,19 @@ def _time_once(call: Callable[[], Any], repeat: int = 1) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
+def warm_up(calls: dict[str, Callable[[], Any]], warmup: int, min_sample: float) -> dict:
+    """Calls each entry ``warmup`` times (untimed work: compiles, caches) and returns
+    how many calls one sample of it repeats to last ``min_sample`` seconds."""
+    repeat = {}
+    for name, call in calls.items():
+        if warmup == 0:   # every call does the same one-off work: time it as is
+            repeat[name] = 1
+            continue
+        t = min(_time_once(call) for _ in range(warmup))
+        repeat[name] = max(1, min(100, math.ceil(min_sample / max(t, 1e-9))))
+    return repeat
+
+
 def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int, min_reps: int,
                      budget: float, min_sample: float, warmup: int = 2,
                      discard_round: bool = True) -> dict:
@@ -170,13 +194,7 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int, min_reps: i
     Returns:
       ``{name: {"median": s, "min": s, "samples": [s, ...], "repeat": n}}``.
     """
-    repeat = {}
-    for name, call in calls.items():
-        if warmup == 0:   # every call does the same one-off work: time it as is
-            repeat[name] = 1
-            continue
-        t = min(_time_once(call) for _ in range(warmup))
-        repeat[name] = max(1, min(100, math.ceil(min_sample / max(t, 1e-9))))
+    repeat = warm_up(calls, warmup, min_sample)
     samples: dict[str, list] = {name: [] for name in calls}
     names = list(calls)
     gc.collect()
@@ -434,7 +452,7 @@ def run_workload(workload, settings: Settings, aa: bool = False,
             {"fb": lambda: differentiate(kind, fb_engine, eager_loss)(*args),
              "jax": lambda: differentiate(kind, "jax", eager_loss)(*args)},
             settings.eager_reps, settings.min_reps, settings.eager_budget,
-            settings.min_sample, warmup=settings.warmup,
+            settings.min_sample, warmup=settings.eager_warmup,
             discard_round=not settings.quick)
         result["figures"]["eager"] = _timed_figure("eager", timings)
     except Exception as exc:  # noqa: BLE001
@@ -456,7 +474,7 @@ def run_workload(workload, settings: Settings, aa: bool = False,
             timings = time_interleaved(
                 {"fb": closure_call(fb_engine), "jax": closure_call("jax")},
                 settings.eager_reps, settings.min_reps, settings.eager_budget,
-                settings.min_sample, warmup=0 if settings.quick else 1,
+                settings.min_sample, warmup=settings.eager_warmup,
                 discard_round=False)
             result["figures"]["eager_closure"] = _timed_figure("eager_closure", timings)
         except Exception as exc:  # noqa: BLE001
@@ -515,8 +533,11 @@ def build_parser(prog: str = "python -m fbackprop bench") -> argparse.ArgumentPa
         "jitted step time, compiled FLOPs and temp bytes, trace+lower time, eager step\n"
         "time, and gradient/forward time, as fb/jax ratios next to their targets.")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes, few repetitions and XLA_FLAGS+="
-                             f"{QUICK_XLA_FLAG} (about half a minute of CPU)")
+                        help="a smoke test of every figure: tiny sizes, few repetitions and "
+                             f"XLA_FLAGS+={QUICK_XLA_FLAG}; its eager steps are still "
+                             "timed after warm-up. About 1 to 1.5 minutes of CPU time, "
+                             "mostly XLA compiling each eager operation once; more wall "
+                             "time on a busy machine")
     parser.add_argument("--only", action="append", default=[], metavar="NAME[,NAME]",
                         help=f"run only these workloads (repeatable). Known: {names}")
     parser.add_argument("--list", action="store_true", help="list the workloads and exit")

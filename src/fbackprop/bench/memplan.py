@@ -44,7 +44,6 @@ recompute FLOPs are well below those of recomputing everything. The curve
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -360,7 +359,8 @@ def plot(results: list[dict], path: str) -> str:
         ax.legend(fontsize=7)
         ax2 = fig.add_subplot(len(results), 2, 2 * i + 2)
         curve = res["curve"]
-        pts = sorted(curve["points"], key=lambda p: p["kept_bytes"])
+        pts = sorted((p for p in curve["points"] if p.get("feasible", True)),
+                     key=lambda p: p["kept_bytes"])
         ax2.plot([p["kept_bytes"] / mib for p in pts],
                  [p["recompute_flops"] / 1e6 for p in pts], marker="o", drawstyle="steps-post",
                  label="fbackprop plan")
@@ -383,7 +383,8 @@ def plot(results: list[dict], path: str) -> str:
 
 
 def main(argv=None, prog: str = "python -m fbackprop bench --memplan") -> int:
-    parser = argparse.ArgumentParser(
+    from fbackprop._src.cli import ArgumentParser, check_output_dir
+    parser = ArgumentParser(
         prog=prog, description="Memory-budget plans against JAX's hand policies: compiled "
         "temp bytes and FLOPs of scan-over-layers models, and the trade-off curve.")
     parser.add_argument("--quick", action="store_true",
@@ -403,6 +404,7 @@ def main(argv=None, prog: str = "python -m fbackprop bench --memplan") -> int:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+    check_output_dir(parser, "--out", args.out)     # before minutes of compiling, not after
     print(f"fbackprop {fb.__version__} memory-budget benchmark (jax {jax.__version__}, "
           f"{jax.devices()[0].platform}){' --quick' if args.quick else ''}", flush=True)
     results = []

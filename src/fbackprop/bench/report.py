@@ -37,8 +37,9 @@ def header(meta: dict, quick: bool = False, aa: bool = False) -> str:
 
 
 QUICK_NOTE = ("quick run: a smoke test (tiny sizes, few repetitions, LLVM optimizations off). "
-              "Its times are smoke-test numbers, not measurements, and get no PASS/MISS; "
-              "FLOPs and temp bytes are exact for its sizes. Run without --quick to measure.")
+              "Its times (taken after warm-up calls, as in a full run) are smoke-test "
+              "numbers, not measurements, and get no PASS/MISS; FLOPs and temp bytes are "
+              "exact for its sizes. Run without --quick to measure.")
 
 
 def _judged(doc: dict, fig: dict) -> bool:

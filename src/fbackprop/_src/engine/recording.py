@@ -123,6 +123,29 @@ def stage_call(process: Callable, vals: list):
     return jaxpr, consts, restructure
 
 
+def _rule_keeps_types(jaxpr, in_active) -> bool:
+    """Whether the ``custom_jvp_call`` staged in ``jaxpr`` (``in_active``: per
+    input of ``jaxpr``, whether it is differentiated) has a JVP rule whose primal
+    outputs have the call's own shapes and dtypes. The rule is traced for the
+    zero tangents the backward sweep will give it (the trace is memoized)."""
+    active = dict(zip(jaxpr.invars, in_active))
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name != compat.CUSTOM_JVP_CALL:
+            continue
+        _, num_consts, jvp_jaxpr_of = compat.custom_jvp_parts(eqn.params)
+        args = eqn.invars[num_consts:]
+        if eqn.params.get("symbolic_zeros", False):
+            zeros = [type(v) is compat.Literal or not active.get(v, False) for v in args]
+        else:
+            zeros = [False] * len(args)
+        rule, _, _ = jvp_jaxpr_of(zeros)
+        rule_avals = [v.aval for v in rule.outvars[:len(eqn.outvars)]]
+        if any((a.shape, a.dtype) != (v.aval.shape, v.aval.dtype)
+               for a, v in zip(rule_avals, eqn.outvars)):
+            return False
+    return True
+
+
 class RecordingTracer(ValueTracer):
     """A value that depends on a differentiated input: its value and its variable."""
     __slots__ = ["_fb_val", "_fb_var"]
@@ -281,11 +304,15 @@ class RecordingTrace(StagingCalls, compat.Trace):
         ``prim_for_parent(args)`` performs it in the enclosing trace when no
         input is differentiated.
         """
-        vals, act, invars = self.unpack(tracers)
+        vals, act, _ = self.unpack(tracers)
         if not any(act):
             with compat.set_current_trace(self.parent):
                 return prim_for_parent(vals)
-        jaxpr, consts, restructure = stage_call(process, vals)
+        return self._record_staged(tracers, *stage_call(process, vals))
+
+    def _record_staged(self, tracers, jaxpr, consts, restructure):
+        """Records a call staged by :func:`stage_call` as one ``closed_call``."""
+        vals, act, invars = self.unpack(tracers)
         call = compat.ClosedJaxpr(jaxpr, [])
         c_vals, c_act, c_vars = self.unpack(consts)
         all_vals, all_act = c_vals + vals, c_act + act
@@ -316,16 +343,25 @@ class RecordingTrace(StagingCalls, compat.Trace):
             # Eagerly the recorded equation must be one an eager compiled program
             # can key and bind again (``eager.tape_key``): the call is staged as
             # JAX stages it (a known function's call is keyed by its rule).
-            out = self._stage(
-                tracers,
+            staged = stage_call(
                 lambda t, xs: t.process_custom_jvp_call(prim, fun, jvp, xs,
-                                                        symbolic_zeros=symbolic_zeros),
-                lambda xs: compat.bind_in(self.parent, prim, xs, params))
-            # The staged function was traced; if an enclosing forward-mode trace
-            # also ran the rule, custom_jvp expects only one of the two to report
-            # its output structure.
+                                                        symbolic_zeros=symbolic_zeros), vals)
+            if _rule_keeps_types(staged[0], self.unpack(staged[1])[1] + act):
+                out = self._record_staged(tracers, *staged)
+                # The staged function was traced; if an enclosing forward-mode
+                # trace also ran the rule, custom_jvp expects only one of the two
+                # to report its output structure.
+                compat.reset_stores(jvp)
+                return out
+            # A vmap of a custom_jvp function whose output does not depend on the
+            # batched input: the function's output is unbatched, its rule's
+            # primal and tangent outputs are batched. Differentiated as JAX does
+            # (the rule's outputs are the values, below), the batch survives; the
+            # function's unbatched output could only carry a cotangent summed over
+            # the batch. Only the rule reports the output batching then (and the
+            # recorded call cannot be compiled into an eager program).
+            compat.reset_stores(fun)
             compat.reset_stores(jvp)
-            return out
         name = compat.function_name(fun)
         eqn = compat.new_eqn(self._vars(vals, invars), [], prim,
                              dict(params, name=name), compat.no_effects,

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-from jax import lax
+from jax import dtypes, lax
 
 from .. import compat
 from ..registry import (MissingRuleError, call_handlers_linear, call_handlers_reverse,
@@ -197,11 +197,25 @@ def forward(jaxpr, consts, args, in_active) -> tuple[list, Tape]:
     return outs, Tape(jaxpr, records, list(in_active), out_active)
 
 
+def ct_dtype_ok(primal_dtype, ct_dtype) -> bool:
+    """Whether a cotangent of ``ct_dtype`` may stand for a primal of
+    ``primal_dtype``: the same dtype, or another precision of the same kind of
+    float. JAX lets a custom rule return a cotangent in more precision than its
+    primal (a float32 cotangent for a bfloat16 value) and passes it on unchanged
+    through the rules that follow; fbackprop does the same."""
+    if ct_dtype == primal_dtype:
+        return True
+    if ct_dtype is None:
+        return False
+    return any(dtypes.issubdtype(primal_dtype, kind) and dtypes.issubdtype(ct_dtype, kind)
+               for kind in (np.floating, np.complexfloating))
+
+
 def _check_ct(eqn, i, v, ct):
     aval = v.aval
     shape = np.shape(ct)
     dtype = getattr(ct, "dtype", None)
-    if tuple(shape) != tuple(aval.shape) or dtype != aval.dtype:
+    if tuple(shape) != tuple(aval.shape) or not ct_dtype_ok(aval.dtype, dtype):
         raise TypeError(
             f"The VJP rule for primitive '{eqn.primitive.name}' returned a cotangent of "
             f"shape/dtype {tuple(shape)}/{dtype} for input {i}, whose primal is "
@@ -211,7 +225,15 @@ def _check_ct(eqn, i, v, ct):
 
 def accumulate(ct_env: dict, v, ct):
     prev = ct_env.get(v)
-    ct_env[v] = ct if prev is None else lax.add(prev, ct)
+    if prev is None:
+        ct_env[v] = ct
+    elif prev.dtype == ct.dtype:
+        ct_env[v] = lax.add(prev, ct)
+    else:
+        # Cotangents of one value in two float precisions (see ct_dtype_ok).
+        dtype = dtypes.promote_types(prev.dtype, ct.dtype)
+        ct_env[v] = lax.add(lax.convert_element_type(prev, dtype),
+                            lax.convert_element_type(ct, dtype))
 
 
 def apply_rule(rec: Record, cts_out: list) -> list:

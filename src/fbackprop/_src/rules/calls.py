@@ -9,8 +9,6 @@ import collections
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-
 
 import numpy as np
 
@@ -293,14 +291,13 @@ class CustomVJPCall(CallHandler):
 
 
 def _as_cotangent(ct, primal):
-    """A user's bwd result as a cotangent of ``primal``, converted the way JAX
-    converts it: a Python scalar becomes an array, a float cotangent of another
-    float dtype (float32 for a bfloat16 input) is cast. Shapes must already agree."""
-    aval = compat.typeof(primal)
+    """A user's bwd result as a cotangent of ``primal``, as JAX takes it: a Python
+    scalar or NumPy value becomes an array of the primal's dtype; an array is
+    passed on as it is, also in another float precision than the primal's
+    (float32 for a bfloat16 input: JAX passes such an excess-precision cotangent
+    on, see :func:`fbackprop._src.engine.sweeps.ct_dtype_ok`). Shapes must agree."""
     if not (isinstance(ct, jax.Array) or compat.is_tracer(ct)):
-        ct = jnp.asarray(ct, aval.dtype)
-    elif ct.dtype != aval.dtype and jnp.issubdtype(ct.dtype, jnp.inexact):
-        ct = lax.convert_element_type(ct, aval.dtype)
+        ct = jnp.asarray(ct, compat.typeof(primal).dtype)
     return ct
 
 

@@ -14,10 +14,9 @@ what the call is:
   ignore a custom gradient).
 
 ``remat_opt`` (a ``custom_vjp`` fwd with ``optimize_remat=True``) is
-differentiated through its ``fwd_jaxpr``. ``custom_vmap_call`` is differentiated
-through its ``call`` jaxpr only eagerly: under jit or vmap a vmap of the
-derivative would need the derivative of the custom batching rule, so it is an
-error there.
+differentiated through its ``fwd_jaxpr``. The derivatives of ``custom_vmap_call``
+are ``custom_vmap_call`` equations again, whose batching rules differentiate the
+function's own batching rule (see below).
 """
 
 from __future__ import annotations
@@ -25,11 +24,15 @@ from __future__ import annotations
 import dataclasses
 import weakref
 
+import jax
+import jax.numpy as jnp
+
 from .. import compat
+from ..engine import sweeps as reverse
 from ..engine import tangents as _forward
 from ..engine.recording import custom_vjp_forward_error
 from ..registry import MissingRuleError, call_handlers_forward, call_handlers_reverse, \
-    linear_primitives
+    is_differentiable_dtype, linear_primitives
 from .calls import CallHandler, InlineCall, _as_cotangent, _inline_jvp
 
 
@@ -98,7 +101,7 @@ class HiCall(CallHandler):
             args = compat.hi_unflatten_in(hi, invals)
             nzs = compat.hi_unflatten_in(hi, active)
             with compat.user_context(eqn):
-                out, res, *_ = hi.vjp_fwd(nzs, *args)
+                out, res = compat.hi_vjp_fwd(hi, nzs, args)
             outs = compat.hi_flatten_out(hi, out)
             return outs, ("vjp", res), [True] * len(outs)
         raise _missing(eqn, "reverse")
@@ -142,7 +145,7 @@ def _hi_jvp(eqn, invals, tangents):
         return list(invals), list(tangents)
     if kind == "custom_vjp":
         raise custom_vjp_forward_error(
-            getattr(getattr(hi, "traced", None), "fun_name", "?"), compat.source_line(eqn))
+            compat.hi_custom_vjp(hi).traced.fun_name, compat.source_line(eqn))
     raise _missing(eqn, "forward")
 
 
@@ -154,43 +157,154 @@ def _remat_opt_jaxpr(params):
     return params["fwd_jaxpr"]
 
 
-def _custom_vmap_jaxpr(params):
-    return params["call"]
-
-
 call_handlers_reverse[compat.REMAT_OPT] = InlineCall(_remat_opt_jaxpr)
 call_handlers_forward[compat.REMAT_OPT] = _inline_jvp(_remat_opt_jaxpr)
 linear_primitives[compat.REMAT_OPT] = True
 
 
-def _custom_vmap_not_batched(eqn):
-    """Through its ``call`` jaxpr is right only where nothing can batch the result
-    with the custom rule: on concrete values. Under jit or vmap, JAX differentiates
-    the custom batching rule as well; fbackprop does not, so it refuses."""
-    if not compat.is_eager():
-        raise NotImplementedError(
-            f"fbackprop cannot differentiate the jax.custom_batching.custom_vmap function "
-            f"at {compat.source_line(eqn)} under jax.jit or jax.vmap: a vmap of the "
-            f"derivative must use the derivative of its custom batching rule, which "
-            f"fbackprop does not build. Differentiate it eagerly (no enclosing "
-            f"transformation), or with jax.grad/jax.jvp.")
+# ------------------------------------------------------------------ custom_vmap
+# JAX's semantics (jax/_src/custom_batching.py): a custom_vmap function is its
+# body where nothing batches it and its custom rule under vmap. Its JVP is again
+# a custom_vmap function, whose body is the JVP of the body and whose rule is
+# the JVP of the rule (vmapped over the axes only the primals or only the
+# tangents have). fbackprop builds that JVP with its own tangent sweeps, and its
+# VJP the same way: a custom_vmap function whose body is the VJP of the body and
+# whose rule is the VJP of the rule. A vmap of either derivative, however late
+# it comes (``jax.vmap(jax.jit(fb.grad(f)))``), thus differentiates the rule.
+# (JAX itself cannot linearize the JVP, so ``jax.grad`` of a custom_vmap function
+# raises; fbackprop's reverse mode does not go through linearization.)
 
 
-class _CustomVmapCall(InlineCall):
+def _custom_vmap_jvp(eqn, invals, tangents):
+    call, rule, in_tree, out_tree = compat.custom_vmap_parts(eqn.params)
+    n = len(invals)
+    diff_in = [is_differentiable_dtype(compat.typeof(x).dtype) for x in invals]
+    diff_out = [is_differentiable_dtype(a.dtype) for a in call.out_avals]
+    # Like JAX, every differentiable input carries a tangent (zeros instantiated).
+    tangents = [(_forward.zero_tangent(x) if t is None else t)
+                for x, t, d in zip(invals, tangents, diff_in) if d]
+
+    def body(*args):
+        ts = iter(args[n:])
+        outs, touts = _forward.jvp_jaxpr(call.jaxpr, call.consts, list(args[:n]),
+                                         [next(ts) if d else None for d in diff_in])
+        return list(outs) + [_forward.zero_tangent(o) if t is None else t
+                             for o, t, d in zip(outs, touts, diff_out) if d]
+
+    def rule_jvp(axis_size, batched, *args):
+        primals, tangents = list(args[:n]), list(args[n:])
+        p_batched = list(batched[:n])
+        it = iter(batched[n:])
+        # (an input without a tangent counts as batched like its tangent would be)
+        t_batched = [next(it) if d else p for p, d in zip(p_batched, diff_in)]
+        # The rule sees an input as batched where its primal and its tangent
+        # both are; an axis only one of them has is vmapped over around the JVP.
+        mutual = [p and t for p, t in zip(p_batched, t_batched)]
+        p_axes = [0 if p and not t else None for p, t in zip(p_batched, t_batched)]
+        t_axes = [0 if t and not p else None
+                  for p, t, d in zip(p_batched, t_batched, diff_in) if d]
+        out_batched: list = []
+
+        def jvp_of_rule(*flat):
+            ps, ts = list(flat[:n]), list(flat[n:])
+
+            def rule_fn(*xs):
+                outs, batched_out = compat.call_vmap_rule(rule, in_tree, out_tree,
+                                                          axis_size, mutual, list(xs))
+                out_batched[:] = batched_out
+                return outs
+            args_tree = jax.tree_util.tree_structure((tuple(ps), {}))
+            t_iter = iter(ts)
+            outs, _, touts = _forward.push_tangents(
+                rule_fn, args_tree, ps, [next(t_iter) if d else None for d in diff_in])
+            return list(outs) + [_forward.zero_tangent(o) if t is None else t
+                                 for o, t, d in zip(outs, touts, diff_out) if d]
+
+        flat, axes = compat.vmap_unrestricted(jvp_of_rule, primals + tangents,
+                                              p_axes + t_axes, axis_size)
+        flat = [x if a is None else jnp.moveaxis(x, a, 0) for x, a in zip(flat, axes)]
+        # A tangent output is batched where its primal is under the rule, or where
+        # the vmap around the JVP batched it.
+        rule_batched = list(out_batched) + [b for b, d in zip(out_batched, diff_out) if d]
+        flags = [b or a is not None for b, a in zip(rule_batched, axes)]
+        return tuple(flat), tuple(flags)
+
+    specs = [compat.spec_of(x) for x in list(invals) + tangents]
+    jvp_call = jax.make_jaxpr(body)(*specs)
+    n_out = len(diff_out)
+    outs = compat.bind_custom_vmap(list(invals) + tangents, jvp_call, rule_jvp,
+                                   n_out + sum(diff_out))
+    it = iter(outs[n_out:])
+    return list(outs[:n_out]), [next(it) if d else None for d in diff_out]
+
+
+class CustomVmapCall(CallHandler):
+    """Reverse mode of ``custom_vmap_call``: its forward sweep binds the call as
+    it is; its backward sweep binds a custom_vmap call of the body's VJP (which
+    recomputes the body) with the rule's VJP as its batching rule."""
+
     def forward(self, eqn, invals, active):
-        _custom_vmap_not_batched(eqn)
-        return super().forward(eqn, invals, active)
+        return compat.bind_eqn(eqn, invals), None, [True] * len(eqn.outvars)
+
+    def backward(self, record, cts_out):
+        call, rule, in_tree, out_tree = compat.custom_vmap_parts(record.eqn.params)
+        xs, active = list(record.invals), list(record.active)
+        n = len(xs)
+        wrt = [i for i, a in enumerate(active) if a]
+        present = [j for j, ct in enumerate(cts_out) if ct is not None]
+        cts = [cts_out[j] for j in present]
+
+        def body(*args):
+            _, tape = reverse.forward(call.jaxpr, call.consts, list(args[:n]), active)
+            full = [None] * len(cts_out)
+            for j, ct in zip(present, args[n:]):
+                full[j] = ct
+            in_cts = reverse.backward(tape, full)
+            return [compat.zeros_like_aval(compat.typeof(args[i])) if in_cts[i] is None
+                    else in_cts[i] for i in wrt]
+
+        def rule_vjp(axis_size, batched, *args):
+            x_b, ct_b = batched[:n], batched[n:]
+            out_batched: list = []
+
+            def rule_fn(*diff_xs):
+                full = list(args[:n])
+                for i, x in zip(wrt, diff_xs):
+                    full[i] = x
+                outs, batched_out = compat.call_vmap_rule(rule, in_tree, out_tree,
+                                                          axis_size, list(x_b), full)
+                out_batched[:] = batched_out
+                return [outs[j] for j in present]
+
+            outs, vjp_fn = _api().vjp(rule_fn, *[args[i] for i in wrt])
+            # A cotangent batched where the rule's output is not is summed over the
+            # batch (that output is the same for every member); one unbatched where
+            # the output is batched is the same for every member.
+            adjusted = []
+            for j, ct, b in zip(present, args[n:], ct_b):
+                if out_batched[j] and not b:
+                    ct = jnp.broadcast_to(ct, (axis_size,) + tuple(jnp.shape(ct)))
+                elif b and not out_batched[j]:
+                    ct = jnp.sum(ct, axis=0)
+                adjusted.append(ct)
+            in_cts = vjp_fn(adjusted)
+            return tuple(in_cts), tuple(x_b[i] for i in wrt)
+
+        specs = [compat.spec_of(x) for x in xs + cts]
+        bwd_call = jax.make_jaxpr(body)(*specs)
+        with compat.user_context(record.eqn):
+            outs = compat.bind_custom_vmap(xs + cts, bwd_call, rule_vjp, len(wrt))
+        result = [None] * n
+        for i, ct in zip(wrt, outs):
+            result[i] = ct
+        return result
 
 
-def _custom_vmap_jvp():
-    inline = _inline_jvp(_custom_vmap_jaxpr)
-
-    def handler(eqn, invals, tangents):
-        _custom_vmap_not_batched(eqn)
-        return inline(eqn, invals, tangents)
-    return handler
+def _api():
+    from .. import api
+    return api
 
 
-call_handlers_reverse[compat.CUSTOM_VMAP_CALL] = _CustomVmapCall(_custom_vmap_jaxpr)
-call_handlers_forward[compat.CUSTOM_VMAP_CALL] = _custom_vmap_jvp()
+call_handlers_reverse[compat.CUSTOM_VMAP_CALL] = CustomVmapCall()
+call_handlers_forward[compat.CUSTOM_VMAP_CALL] = _custom_vmap_jvp
 linear_primitives[compat.CUSTOM_VMAP_CALL] = True
