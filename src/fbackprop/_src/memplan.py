@@ -918,10 +918,9 @@ def memory_plan(fun: Callable, *args, budgets: Sequence | None = None,
         policies = _DEFAULT_POLICIES
     if not isinstance(policies, dict):
         policies = {n: getattr(jax.checkpoint_policies, n) for n in policies}
-    from .remat import _saveable
     pol_points = {}
     for name, pol in policies.items():
-        p = probe.model.policy_plan(lambda e, pol=pol: not _saveable(pol, e))
+        p = probe.model.policy_plan(lambda e, pol=pol: not residuals.policy_saves(pol, e))
         pol_points[name] = PlanPoint(None, int(p.nbytes), p.flops, name)
     return MemoryPlan(getattr(fun, "__name__", "fun"), plain, least,
                       probe.model.everything().flops, points, hull, pol_points,

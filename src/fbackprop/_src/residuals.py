@@ -46,6 +46,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax import tree_util
+from jax.ad_checkpoint import Offloadable, Recompute, Saveable
 
 from . import compat, staging, trace
 from .engine import context, sweeps
@@ -165,6 +166,21 @@ def trace_joint(jaxpr, consts: Sequence, in_avals: Sequence, in_active: Sequence
     if per is not None and not any(compat.is_tracer(c) for c in closed.consts):
         per[key] = (list(consts), result)
     return result
+
+
+def policy_saves(policy, eqn) -> bool:
+    """Whether a checkpoint ``policy`` saves ``eqn``'s outputs, called as JAX calls it."""
+    decision = policy(eqn.primitive, *[v.aval for v in eqn.invars], **eqn.params)
+    if isinstance(decision, bool):
+        return decision
+    if decision is Saveable or isinstance(decision, Offloadable):
+        return True
+    if decision is Recompute:
+        return False
+    raise TypeError(
+        f"checkpoint policy {policy!r} returned {decision!r} for primitive "
+        f"'{eqn.primitive.name}'; a policy must return a bool or one of "
+        f"jax.ad_checkpoint.Saveable / Recompute / Offloadable.")
 
 
 # ------------------------------------------------------------------------ split

@@ -311,8 +311,8 @@ def _remat_closed(params):
 
 
 # Reverse mode keeps only the region's inputs and what the policy saves, and
-# recomputes the rest in the backward sweep (see fbackprop/_src/remat.py).
-from ..remat import RematCall  # noqa: E402
+# recomputes the rest in the backward sweep (see rules/remat.py).
+from .remat import RematCall  # noqa: E402
 
 for _name in compat.REMAT_NAMES:
     call_handlers_reverse[_name] = RematCall()

@@ -6,7 +6,7 @@ to under ``jax_remat3`` / ``jax_custom_vjp3``. Its ``_prim`` parameter says
 what the call is:
 
 - a checkpoint (``RematTraced``): fbackprop's own checkpointing
-  (:class:`fbackprop._src.remat.RematCall`) on the region's jaxpr and policy;
+  (:class:`fbackprop._src.rules.remat.RematCall`) on the region's jaxpr and policy;
 - ``checkpoint_name``: the identity (a policy sees it as JAX's ``name``);
 - a ``custom_vjp`` function, or another primitive defining its own VJP: the
   user's (library's) ``fwd``/``bwd`` rules, as for ``custom_vjp_call``;
@@ -86,7 +86,7 @@ class HiCall(CallHandler):
     """Reverse mode of ``call_hi_primitive``, by what its ``_prim`` is."""
 
     def __init__(self):
-        from ..remat import RematCall
+        from .remat import RematCall
         self.remat = RematCall()
 
     def forward(self, eqn, invals, active):
