@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import html
 import inspect
+import math
 import os
 import re
 import shutil
@@ -43,17 +44,43 @@ from .rules.debug import NAMED_PRIMITIVES
 
 
 # ----------------------------------------------------------------- formatting
+def _fmt_real(x: float, digits: int = 4) -> str:
+    """A float, short: whole numbers exactly, others to ``digits`` significant
+    digits; ``inf``, ``-inf`` and ``nan`` as such (a loss is often one of them)."""
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == int(x) and abs(x) < 1e15:
+        return str(int(x))          # -0.0 reads as 0
+    return f"{x:.{digits}g}"
+
+
 def _fmt_scalar(v) -> str:
-    v = complex(v) if np.iscomplexobj(v) else float(v)
-    if isinstance(v, complex):
-        return f"{v.real:.4g}{v.imag:+.4g}j"
-    if v == int(v) and abs(v) < 1e15:
-        return str(int(v)) if not (v == 0 and np.signbit(v)) else "0"
-    return f"{v:.4g}"
+    """One value of any dtype: bools and integers exactly, floats (bfloat16 and
+    float16 too) and complex numbers short."""
+    a = np.asarray(v)
+    if a.dtype == np.bool_:
+        return str(bool(a))
+    if np.issubdtype(a.dtype, np.integer):
+        return str(int(a))
+    if np.iscomplexobj(a):
+        c = complex(a)
+        imag = _fmt_real(c.imag)
+        return f"{_fmt_real(c.real)}{'' if imag.startswith('-') else '+'}{imag}j"
+    return _fmt_real(float(a))
+
+
+def _nonfinite_counts(f: np.ndarray) -> list[str]:
+    """``["2 NaN", "1 inf", "1 -inf"]`` for a float array (empty when all are finite)."""
+    counts = ((np.isnan(f).sum(), "NaN"), (np.isposinf(f).sum(), "inf"),
+              (np.isneginf(f).sum(), "-inf"))
+    return [f"{n} {what}" for n, what in counts if n]
 
 
 def summarize(x) -> str:
-    """A short text for a value: the number for scalars, a few stats for arrays."""
+    """A short text for a value: the number for scalars, a few stats for arrays
+    (over the finite elements, with the count of NaN, inf and -inf ones)."""
     if x is None:
         return "0"
     try:
@@ -68,22 +95,41 @@ def summarize(x) -> str:
         return "[]"
     if a.size <= 4:
         return "[" + ", ".join(_fmt_scalar(v) for v in a.reshape(-1)) + "]"
-    if np.issubdtype(a.dtype, np.number) and not np.iscomplexobj(a):
+    if a.dtype == np.bool_:
+        return f"{int(a.sum())} of {a.size} True"
+    if jnp.issubdtype(a.dtype, jnp.number) and not np.iscomplexobj(a):   # bfloat16 too
         f = a.astype(np.float64)
-        return f"mean {f.mean():.3g}, |max| {np.abs(f).max():.3g}"
+        finite = f[np.isfinite(f)]
+        parts = []
+        if finite.size:
+            biggest = float(np.abs(finite).max())
+            # Scaled, so that a sum of huge values does not overflow.
+            mean = float((finite / biggest).mean()) * biggest if biggest else 0.0
+            parts.append(f"mean {_fmt_real(mean, 3)}, |max| {_fmt_real(biggest, 3)}")
+        return ", ".join(parts + _nonfinite_counts(f))
     return f"{a.dtype.name}{list(a.shape)}"
 
 
+def _norm(a: np.ndarray) -> float:
+    """The 2-norm, inf when it overflows float64 and nan when an element is nan."""
+    wide = a.astype(np.complex128 if np.iscomplexobj(a) else np.float64).reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.linalg.norm(wide))
+
+
 def summarize_short(x) -> str:
-    """A compact text for an edge label: the number for scalars, else the norm."""
+    """A compact text for an edge label: the number for scalars, else the norm
+    (and how many elements are NaN, inf or -inf)."""
     if x is None:
         return ""
     a = np.asarray(x)
     if a.size == 1 or a.dtype == jax.dtypes.float0:
         return summarize(a)
-    if np.issubdtype(a.dtype, np.number):
-        wide = a.astype(np.complex128 if np.iscomplexobj(a) else np.float64)
-        return f"norm {np.linalg.norm(wide.reshape(-1)):.3g}"
+    if jnp.issubdtype(a.dtype, jnp.number):
+        text = f"norm {_fmt_real(_norm(a), 3)}"
+        bad = _nonfinite_counts(a.astype(np.complex128).real) if np.iscomplexobj(a) \
+            else _nonfinite_counts(a.astype(np.float64))
+        return f"{text} ({', '.join(bad)})" if bad else text
     return summarize(a)
 
 
@@ -166,15 +212,16 @@ def _steps_summary(values, short=False) -> str:
             nums.append(float(np.real(a.reshape(()))))
         else:
             scalar = False
-            nums.append(float(np.linalg.norm(a.astype(
-                np.complex128 if np.iscomplexobj(a) else np.float64).reshape(-1))))
+            nums.append(_norm(a))
     if not nums:
         return ""
     kind = "" if scalar else "norm "
+    # min/max skip NaN steps (Python's min and max would depend on their order).
+    finite = [v for v in nums if not math.isnan(v)] or [math.nan]
     if short:
         return f"{kind}{_fmt_scalar(nums[0])}..{_fmt_scalar(nums[-1])}"
     return (f"{kind}first {_fmt_scalar(nums[0])}, last {_fmt_scalar(nums[-1])}, "
-            f"min {_fmt_scalar(min(nums))}, max {_fmt_scalar(max(nums))}")
+            f"min {_fmt_scalar(min(finite))}, max {_fmt_scalar(max(finite))}")
 
 
 def _stepped(eqn) -> bool:

@@ -41,6 +41,7 @@ class ForeignRules:
 
 
 def _module_of(fn) -> str:
+    fn = fn.func if isinstance(fn, functools.partial) else fn   # JAX registers partials
     return getattr(fn, "__module__", None) or ""
 
 
