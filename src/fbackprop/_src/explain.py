@@ -133,12 +133,12 @@ def summarize_short(x) -> str:
     return summarize(a)
 
 
-def _float_valued(x) -> bool:
-    """Whether ``x`` can carry a gradient (a float or complex value)."""
-    try:
-        return bool(jnp.issubdtype(compat.typeof(x).dtype, jnp.inexact))
-    except TypeError:
-        return False
+def _integer_only(eqn) -> bool:
+    """Whether all of an equation's outputs are integers or booleans (index
+    arithmetic, comparisons, ``iota``): no gradient flows through it."""
+    dtypes = [getattr(v.aval, "dtype", None) for v in eqn.outvars]
+    return bool(dtypes) and not any(d is not None and jnp.issubdtype(d, jnp.inexact)
+                                    for d in dtypes)
 
 
 def _is_scalar(x) -> bool:
@@ -343,8 +343,11 @@ def _swept_in_place(eqn):
 
 
 class _Observer:
-    def __init__(self, expected, keep, input_objs, consts, marks=None):
+    def __init__(self, expected, keep, input_objs, consts, marks=None,
+                 show_integer_ops=False):
         self.expected = expected
+        self.show_integer_ops = show_integer_ops
+        self.shown = 0               # rows shown so far
         self.marks = marks if marks is not None else {}
         self.keep = keep
         self.state = _trace_state()
@@ -404,7 +407,11 @@ class _Observer:
                 self.by_key[(id(eqn), id(outvals[0]))] = r
             return
         r = len(self.rows)
-        keep = self.keep(r)
+        plumbing = _integer_only(eqn)
+        # Values are kept for the rows the table and the graph show.
+        keep = self.keep(r if self.show_integer_ops else self.shown) and not (
+            plumbing and not self.show_integer_ops)
+        self.shown += not plumbing or self.show_integer_ops
         inputs = []
         for v, x in zip(eqn.invars, invals):
             if type(v) is compat.Literal:
@@ -422,8 +429,7 @@ class _Observer:
         row = Row(index=r + 1, primitive=name, op=op, label="", file=file, line=line,
                   code=source_code(eqn) if keep else "",
                   shapes=[short_aval(x) for x in outvals], inputs=inputs, kept=keep,
-                  recomputed=self.marks.get(id(eqn), ""),
-                  plumbing=bool(outvals) and not any(_float_valued(x) for x in outvals))
+                  recomputed=self.marks.get(id(eqn), ""), plumbing=plumbing)
         if self.context:
             row.loop = f"the scan at {self.context[-1][1]}"
             row.steps = {self._step_key(): {"value": list(outvals)} if keep else {}}
@@ -475,9 +481,10 @@ class _Observer:
                 self.paused = False
 
 
-def _walk_expected(jaxpr):
-    """Ids of the equations the observer reports (call bodies flattened) and the row count."""
-    ids, rows = set(), 0
+def _walk_expected(jaxpr, show_integer_ops: bool):
+    """Ids of the equations the observer reports (call bodies flattened), the row
+    count and the count of rows shown."""
+    ids, rows, shown = set(), 0, 0
     stack = [jaxpr]
     while stack:
         j = stack.pop()
@@ -488,9 +495,10 @@ def _walk_expected(jaxpr):
                 stack.append(inner)
             else:
                 rows += 1
+                shown += show_integer_ops or not _integer_only(eqn)
                 if _stepped(eqn):
                     stack.append(eqn.params["jaxpr"].jaxpr)
-    return ids, rows
+    return ids, rows, shown
 
 
 def _input_names(fun, args, kwargs, static) -> list[str]:
@@ -517,18 +525,20 @@ def _input_names(fun, args, kwargs, static) -> list[str]:
 _ASSIGN_RE = re.compile(r"^\s*([A-Za-z_]\w*)\s*(?::[^=]*)?=(?!=)")
 
 
-def _label_rows(rows: list[Row], taken: set):
-    """Names rows after the variable their source line assigns, else t1, t2, ..."""
+def _label_rows(rows: list[Row], taken: set, show_integer_ops: bool):
+    """Names rows after the variable their source line assigns (the last row shown
+    of that line), else t1, t2, ..."""
     used = collections.Counter(taken)
 
     def unique(base):
         used[base] += 1
         return base if used[base] == 1 else f"{base}_{used[base]}"
 
-    for r, row in enumerate(rows):
+    shown = [row for row in rows if show_integer_ops or not row.plumbing]
+    for r, row in enumerate(shown):
         if row.primitive in NAMED_PRIMITIVES:
             continue
-        nxt = rows[r + 1] if r + 1 < len(rows) else None
+        nxt = shown[r + 1] if r + 1 < len(shown) else None
         last_of_line = nxt is None or (nxt.file, nxt.line) != (row.file, row.line)
         m = _ASSIGN_RE.match(row.code) if row.code and last_of_line else None
         if m:
@@ -965,9 +975,10 @@ class Explanation:
         """A self-contained HTML page: the graph (inline SVG) and the table."""
         e = html.escape
         note = ""
-        if self.max_nodes is not None and len(self.rows) > self.max_nodes:
+        shown = len(self._visible_rows())
+        if self.max_nodes is not None and shown > self.max_nodes:
             note = (f"<p><b>Note:</b> the graph shows the last {self.max_nodes} of "
-                    f"{len(self.rows)} operations (raise <code>max_nodes</code> to draw "
+                    f"{shown} operations (raise <code>max_nodes</code> to draw "
                     f"more); the table lists them.</p>")
         return (
             "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
@@ -1288,15 +1299,15 @@ def explain(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
     # Fresh copies: every input is a distinct object, so uses are told apart.
     dyn = [jnp.array(x, copy=True) for x in prog.dyn]
     active = list(prog.active)
-    expected, total = _walk_expected(closed.jaxpr)
-    if max_rows is None or total <= max_rows:
+    expected, total, shown = _walk_expected(closed.jaxpr, show_integer_ops)
+    if max_rows is None or shown <= max_rows:
         keep = lambda r: True  # noqa: E731
-    else:
+    else:       # ``r`` counts the rows shown
         head, tail = max_rows // 2, max_rows - max_rows // 2
-        last_drawn = total - (max_nodes if max_nodes is not None else total)
-        keep = lambda r: r < head or r >= total - tail or r >= last_drawn  # noqa: E731
+        last_drawn = shown - (max_nodes if max_nodes is not None else shown)
+        keep = lambda r: r < head or r >= shown - tail or r >= last_drawn  # noqa: E731
     with memplan.explaining() as marks, stepping(checkpoints=False):
-        obs = _Observer(expected, keep, dyn, closed.consts, marks)
+        obs = _Observer(expected, keep, dyn, closed.consts, marks, show_integer_ops)
         with observing(obs):
             outs, tape = reverse.forward(closed.jaxpr, closed.consts, dyn, active)
             one = jnp.ones((), api._dtype_of(outs[0]))
@@ -1313,7 +1324,7 @@ def explain(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
         for ref, g in zip(row.inputs, row.downstream):
             if ref[0] == "input":
                 inputs[ref[1]].uses.append((r, g))
-    _label_rows(rows, {i.name for i in inputs})
+    _label_rows(rows, {i.name for i in inputs}, show_integer_ops)
     return Explanation(getattr(fun, "__name__", "fun"), rows, inputs, outs[0], total,
                        max_rows, max_nodes, bool(show_integer_ops))
 
