@@ -1077,6 +1077,8 @@ class _Layout:
         # one line), then inputs.
         for node in sorted(nodes, key=lambda n: n[0] in ("in", "elided")):
             layers[depth[node]].append(node)
+        layers = [layer for layer in layers if layer]
+        depth = {n: k for k, layer in enumerate(layers) for n in layer}
         bands = self._bands(layers)
         # Inputs of a band's first layer sit above it, not at the previous band's end.
         for b in range(len(bands) - 1):
