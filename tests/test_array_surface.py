@@ -43,6 +43,7 @@ RECIPES = {
                ("bfloat16", lambda x: x.astype(jnp.bfloat16)),
                ("int32", lambda x: x.astype(jnp.int32)),
                ("complex64", lambda x: x.astype(jnp.complex64))],
+    # (x.at[i].apply has no derivative, in JAX either: test_at_apply_... below.)
     "at": [("set", lambda x: x.at[0, 1].set(5.0)),
            ("set traced", lambda x: x.at[1].set(x[0] * 2.0)),
            ("add", lambda x: x.at[:, _IDX].add(x[:, :2])),
