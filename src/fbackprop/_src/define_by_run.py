@@ -51,24 +51,30 @@ def _differentiable(aval) -> bool:
 
 # ================================================================ reverse mode
 class _ValueTracer(compat.Tracer):
-    """A tracer of ours standing for a value of the enclosing trace (``_value()``):
-    concrete eagerly, so Python control flow on it works."""
+    """A tracer of ours standing for a value of the enclosing trace (``_fb_value()``):
+    concrete eagerly, so Python control flow on it works.
+
+    Besides the methods of JAX's tracer protocol it overrides, its attributes
+    are named ``_fb_*``, which no ``jax.Array`` or ``Tracer`` attribute is: a
+    tracer attribute named like an array method would hide it from the user's
+    code (a slot ``var`` made ``x.var()`` fail). tests/test_array_surface.py
+    checks it."""
     __slots__ = ()
 
-    def _value(self):
+    def _fb_value(self):
         raise NotImplementedError
 
     def to_concrete_value(self):
-        return compat.to_concrete_value(self._value())
+        return compat.to_concrete_value(self._fb_value())
 
     def get_referent(self):
-        return compat.get_referent(self._value())
+        return compat.get_referent(self._fb_value())
 
     def full_lower(self):
         return self
 
     def cur_qdd(self):
-        return self._value().cur_qdd()
+        return self._fb_value().cur_qdd()
 
 
 class _StagingCalls:
@@ -141,22 +147,22 @@ def _rule_keeps_types(jaxpr, in_active) -> bool:
 
 class RecordingTracer(_ValueTracer):
     """A value that depends on a differentiated input: its value and its variable."""
-    __slots__ = ["val", "var"]
+    __slots__ = ["_fb_val", "_fb_var"]
 
     def __init__(self, trace, val, var, aval=None):
         super().__init__(trace, compat.typeof(val) if aval is None else aval)
-        self.val = val
-        self.var = var
+        self._fb_val = val
+        self._fb_var = var
 
-    def _value(self):
-        return self.val
+    def _fb_value(self):
+        return self._fb_val
 
     def _short_repr(self):
-        return f"RecordingTracer({self.val!r})"
+        return f"RecordingTracer({self._fb_val!r})"
 
     def _contents(self):
         # Marks this value as differentiated for jax.closure_convert (see compat).
-        return [("val", self.val), ("differentiated", compat.DIFFERENTIATED)]
+        return [("val", self._fb_val), ("differentiated", compat.DIFFERENTIATED)]
 
 
 def _needs_avals_first(prim) -> bool:
@@ -215,9 +221,9 @@ class RecordingTrace(_StagingCalls, compat.Trace):
         vals, act, invars = [], [], []
         for x in tracers:
             if type(x) is RecordingTracer and x._trace is self:
-                vals.append(x.val)
+                vals.append(x._fb_val)
                 act.append(True)
-                invars.append(x.var)
+                invars.append(x._fb_var)
             else:
                 vals.append(x)
                 act.append(False)
@@ -545,8 +551,8 @@ def record(fun: Callable, args_tree, leaves: list, active: list,
     out_vals, outvars, out_active = [], [], []
     for x in out_leaves:
         if type(x) is RecordingTracer and x._trace is trace:
-            out_vals.append(x.val)
-            outvars.append(x.var)
+            out_vals.append(x._fb_val)
+            outvars.append(x._fb_var)
             out_active.append(True)
         else:
             out_vals.append(x)
@@ -603,19 +609,19 @@ def _is_value(x) -> bool:
 # ================================================================ forward mode
 class TangentTracer(_ValueTracer):
     """A primal value with a nonzero tangent."""
-    __slots__ = ["primal", "tangent"]
+    __slots__ = ["_fb_primal", "_fb_tangent"]
 
     def __init__(self, trace, primal, tangent):
         super().__init__(trace, compat.typeof(primal))
-        self.primal = primal
-        self.tangent = tangent
+        self._fb_primal = primal
+        self._fb_tangent = tangent
 
-    def _value(self):
-        return self.primal
+    def _fb_value(self):
+        return self._fb_primal
 
     def _contents(self):
         # Marks this value as differentiated for jax.closure_convert (see compat).
-        return [("primal", self.primal), ("differentiated", compat.DIFFERENTIATED)]
+        return [("primal", self._fb_primal), ("differentiated", compat.DIFFERENTIATED)]
 
 
 class TangentTrace(_StagingCalls, compat.Trace):
@@ -630,8 +636,8 @@ class TangentTrace(_StagingCalls, compat.Trace):
         primals, tangents = [], []
         for x in tracers:
             if type(x) is TangentTracer and x._trace is self:
-                primals.append(x.primal)
-                tangents.append(x.tangent)
+                primals.append(x._fb_primal)
+                tangents.append(x._fb_tangent)
             else:
                 primals.append(x)
                 tangents.append(None)
@@ -750,8 +756,8 @@ def push_tangents(fun: Callable, args_tree, primals: list, tangents: list) -> tu
     outs, touts = [], []
     for x in out_leaves:
         if type(x) is TangentTracer and x._trace is trace:
-            outs.append(x.primal)
-            touts.append(x.tangent)
+            outs.append(x._fb_primal)
+            touts.append(x._fb_tangent)
         else:
             outs.append(x)
             touts.append(None)

@@ -146,7 +146,8 @@ def forward_eqn(eqn, invals: list, act: list, late_outvars: bool = False):
     if not any(act):
         override = handler_overrides.get(name) if handler_overrides else None
         if override is not None:
-            return override.evaluate(eqn, invals), None, None
+            with compat.call_site(eqn):
+                return override.evaluate(eqn, invals), None, None
         return compat.bind_eqn(eqn, invals), None, None
     linear = bool(_linear_stack)
     if linear:
@@ -161,7 +162,7 @@ def forward_eqn(eqn, invals: list, act: list, late_outvars: bool = False):
     assert not late_outvars or handler is None, name
     if handler is not None:
         try:
-            with compat.rules_context():
+            with compat.rules_context(), compat.call_site(eqn):
                 outvals, sub, out_act = handler.forward(eqn, invals, act)
         except MissingRuleError as err:
             raise with_call_site(err, eqn) from None
@@ -337,7 +338,8 @@ def apply_rule(rec: Record, cts_out: list) -> list:
     name = eqn.primitive.name
     if rec.handler is not None:
         try:
-            return rec.handler.backward(rec, cts_out)
+            with compat.call_site(eqn):
+                return rec.handler.backward(rec, cts_out)
         except MissingRuleError as err:
             raise with_call_site(err, eqn) from None
     if rec.sub is _NO_RULE:
