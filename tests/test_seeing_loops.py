@@ -419,7 +419,10 @@ def test_explain_shows_scan_body_rows_once_with_per_step_values():
     assert_allclose(ex.inputs[1].grad, g_ref[1])
     text = ex.table()
     assert "rows of loop bodies" in text and "⟳" in text
-    line = next(t for t in text.splitlines() if t.startswith(f"  #{row.index} h in the scan"))
+    lines = text.splitlines()
+    head = next(k for k, t in enumerate(lines) if t.startswith(f"  #{row.index} h in the scan"))
+    line = lines[head + 1]
+    assert line.split()[0] == "value"
     assert f"first {float(hs[0]):.4g}, last {float(hs[-1]):.4g}" in line
     assert f"max {float(jnp.max(hs)):.4g}" in line
     assert any(r.primitive == "scan" and r.whole for r in ex.rows)

@@ -7,6 +7,8 @@ else, so a new JAX is a contained change.
 
 from __future__ import annotations
 
+import collections as _collections
+import contextlib as _contextlib
 import functools
 import weakref
 from typing import Any, Callable
@@ -17,6 +19,8 @@ from jax._src import ad_util
 from jax._src import core as jcore
 from jax._src import source_info_util
 from jax._src.interpreters import ad as jax_ad
+
+from . import context as _context
 
 # Source lines reported to users skip fbackprop's own frames, as they skip JAX's.
 import os as _os
@@ -100,15 +104,91 @@ def is_tracer(x: Any) -> bool:
 
 
 def source_line(eqn: JaxprEqn) -> str:
-    """The user's file:line for an equation, as JAX summarizes it."""
+    """The user's file:line for an equation, as JAX summarizes it (for an equation
+    of a library's jitted helper, the line that called it: see :func:`call_site`)."""
     return source_line_of(eqn.source_info)
 
 
 def source_line_of(source_info) -> str:
     try:
-        return source_info_util.summarize(source_info) or "<unknown source>"
+        lines = dict.fromkeys(source_info_util.summarize(s)
+                              for s in _reported_source_infos(source_info))
+        return " or ".join(line for line in lines if line) or "<unknown source>"
     except Exception:  # pragma: no cover - source info is best effort
         return "<unknown source>"
+
+
+# A traceback JAX records while tracing stops at the function being traced, so
+# the equations of a library's jitted helper (``jnp.var``, ``jax.nn.log_softmax``)
+# have no frame of the user's: only the equation calling the helper does. JAX
+# itself gives inlined equations the call's source; while fbackprop sweeps a
+# call's body, ``call_site`` keeps the nearest enclosing call with a user frame,
+# and reports of the body's equations (explain's rows, checked_grad's sites,
+# error messages) name that call's line.
+@functools.lru_cache(maxsize=4096)
+def _traceback_has_user_frame(traceback) -> bool:
+    return source_info_util.user_frame(traceback) is not None
+
+
+def has_user_frame(source_info) -> bool:
+    """Whether a frame of the user's code (outside JAX and fbackprop) created it."""
+    tb = getattr(source_info, "traceback", None)
+    return tb is not None and _traceback_has_user_frame(tb)
+
+
+def _reported_source_infos(source_info) -> list:
+    """``[source_info]``, or, when it has no user frame, the enclosing call's
+    (the calls' that ran it, for a program read after its sweeps)."""
+    ctx = _context.current()
+    if (ctx.call_sites or ctx.call_tables) and not has_user_frame(source_info):
+        if ctx.call_sites:
+            return [ctx.call_sites[-1]]
+        key = id(getattr(source_info, "traceback", None))
+        for table in reversed(ctx.call_tables):
+            if key in table:
+                return table[key]
+    return [source_info]
+
+
+def reported_source_info(source_info):
+    """``source_info``, or the enclosing call's when it has no user frame."""
+    return _reported_source_infos(source_info)[0]
+
+
+@_contextlib.contextmanager
+def calls_in(jaxpr):
+    """While reading a program traced from ``jaxpr``'s sweeps once they are done
+    (``fb.saved_residuals`` reads its joint forward-backward program): its
+    equations that came from a call's body without a user frame are reported at
+    the calls of ``jaxpr`` that contain that body (matched by traceback; a
+    helper called from several lines names them all)."""
+    table: dict = {}
+    todo = _collections.deque([(jaxpr, None)])     # in program order
+    while todo:
+        j, outer = todo.popleft()
+        for eqn in j.eqns:
+            si = eqn.source_info
+            own = has_user_frame(si)
+            if not own and outer is not None and si.traceback is not None:
+                found = table.setdefault(id(si.traceback), [])
+                if all(o is not outer for o in found):
+                    found.append(outer)
+            inner_outer = si if own else outer
+            for value in eqn.params.values():
+                for item in value if isinstance(value, (tuple, list)) else [value]:
+                    inner = getattr(item, "jaxpr", item)
+                    if isinstance(inner, Jaxpr):
+                        todo.append((inner, inner_outer))
+    with _context.using(call_tables=_context.current().call_tables + (table,)):
+        yield
+
+
+@_contextlib.contextmanager
+def call_site(eqn: JaxprEqn):
+    """While the body of the call ``eqn`` is swept (see :func:`reported_source_info`)."""
+    site = reported_source_info(eqn.source_info)
+    with _context.using(call_sites=_context.current().call_sites + (site,)):
+        yield
 
 
 def user_context(eqn: JaxprEqn):
@@ -807,7 +887,6 @@ def add_eqn(x, y, outvar: Var) -> JaxprEqn:
 # fbackprop's rules are written with jax.numpy and rely on its broadcasting; a
 # user's ``jax_numpy_rank_promotion='raise'`` governs the user's code, not them.
 from jax._src import config as _config  # noqa: E402
-import contextlib as _contextlib  # noqa: E402
 
 _NO_CONTEXT = _contextlib.nullcontext()
 

@@ -34,7 +34,8 @@ import numpy as np
 from jax import lax, tree_util
 
 from . import api, compat, perturb, trace
-from .engine import context, sweeps
+from . import context
+from .engine import sweeps
 from .registry import vjp_rules
 from .rules.debug import NAMED_PRIMITIVES, tag_p
 

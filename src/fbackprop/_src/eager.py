@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from . import compat
-from .engine import context, sweeps
+from . import context
+from .engine import sweeps
 from .engine.tape import Tape
 from .registry import call_handlers_reverse, known_custom_jvp_of, vjp_rules
 

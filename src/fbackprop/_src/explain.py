@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import html
 import inspect
+import math
 import os
 import re
 import shutil
@@ -44,17 +45,43 @@ from .rules.debug import NAMED_PRIMITIVES
 
 
 # ----------------------------------------------------------------- formatting
+def _fmt_real(x: float, digits: int = 4) -> str:
+    """A float, short: whole numbers exactly, others to ``digits`` significant
+    digits; ``inf``, ``-inf`` and ``nan`` as such (a loss is often one of them)."""
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == int(x) and abs(x) < 1e15:
+        return str(int(x))          # -0.0 reads as 0
+    return f"{x:.{digits}g}"
+
+
 def _fmt_scalar(v) -> str:
-    v = complex(v) if np.iscomplexobj(v) else float(v)
-    if isinstance(v, complex):
-        return f"{v.real:.4g}{v.imag:+.4g}j"
-    if v == int(v) and abs(v) < 1e15:
-        return str(int(v)) if not (v == 0 and np.signbit(v)) else "0"
-    return f"{v:.4g}"
+    """One value of any dtype: bools and integers exactly, floats (bfloat16 and
+    float16 too) and complex numbers short."""
+    a = np.asarray(v)
+    if a.dtype == np.bool_:
+        return str(bool(a))
+    if np.issubdtype(a.dtype, np.integer):
+        return str(int(a))
+    if np.iscomplexobj(a):
+        c = complex(a)
+        imag = _fmt_real(c.imag)
+        return f"{_fmt_real(c.real)}{'' if imag.startswith('-') else '+'}{imag}j"
+    return _fmt_real(float(a))
+
+
+def _nonfinite_counts(f: np.ndarray) -> list[str]:
+    """``["2 NaN", "1 inf", "1 -inf"]`` for a float array (empty when all are finite)."""
+    counts = ((np.isnan(f).sum(), "NaN"), (np.isposinf(f).sum(), "inf"),
+              (np.isneginf(f).sum(), "-inf"))
+    return [f"{n} {what}" for n, what in counts if n]
 
 
 def summarize(x) -> str:
-    """A short text for a value: the number for scalars, a few stats for arrays."""
+    """A short text for a value: the number for scalars, a few stats for arrays
+    (over the finite elements, with the count of NaN, inf and -inf ones)."""
     if x is None:
         return "0"
     try:
@@ -69,23 +96,50 @@ def summarize(x) -> str:
         return "[]"
     if a.size <= 4:
         return "[" + ", ".join(_fmt_scalar(v) for v in a.reshape(-1)) + "]"
-    if np.issubdtype(a.dtype, np.number) and not np.iscomplexobj(a):
+    if a.dtype == np.bool_:
+        return f"{int(a.sum())} of {a.size} True"
+    if jnp.issubdtype(a.dtype, jnp.number) and not np.iscomplexobj(a):   # bfloat16 too
         f = a.astype(np.float64)
-        return f"mean {f.mean():.3g}, |max| {np.abs(f).max():.3g}"
+        finite = f[np.isfinite(f)]
+        parts = []
+        if finite.size:
+            biggest = float(np.abs(finite).max())
+            # Scaled, so that a sum of huge values does not overflow.
+            mean = float((finite / biggest).mean()) * biggest if biggest else 0.0
+            parts.append(f"mean {_fmt_real(mean, 3)}, |max| {_fmt_real(biggest, 3)}")
+        return ", ".join(parts + _nonfinite_counts(f))
     return f"{a.dtype.name}{list(a.shape)}"
 
 
+def _norm(a: np.ndarray) -> float:
+    """The 2-norm, inf when it overflows float64 and nan when an element is nan."""
+    wide = a.astype(np.complex128 if np.iscomplexobj(a) else np.float64).reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.linalg.norm(wide))
+
+
 def summarize_short(x) -> str:
-    """A compact text for an edge label: the number for scalars, else the norm."""
+    """A compact text for an edge label: the number for scalars, else the norm
+    (and how many elements are NaN, inf or -inf)."""
     if x is None:
         return ""
     a = np.asarray(x)
     if a.size == 1 or a.dtype == jax.dtypes.float0:
         return summarize(a)
-    if np.issubdtype(a.dtype, np.number):
-        wide = a.astype(np.complex128 if np.iscomplexobj(a) else np.float64)
-        return f"norm {np.linalg.norm(wide.reshape(-1)):.3g}"
+    if jnp.issubdtype(a.dtype, jnp.number):
+        text = f"norm {_fmt_real(_norm(a), 3)}"
+        bad = _nonfinite_counts(a.astype(np.complex128).real) if np.iscomplexobj(a) \
+            else _nonfinite_counts(a.astype(np.float64))
+        return f"{text} ({', '.join(bad)})" if bad else text
     return summarize(a)
+
+
+def _integer_only(eqn) -> bool:
+    """Whether all of an equation's outputs are integers or booleans (index
+    arithmetic, comparisons, ``iota``): no gradient flows through it."""
+    dtypes = [getattr(v.aval, "dtype", None) for v in eqn.outvars]
+    return bool(dtypes) and not any(d is not None and jnp.issubdtype(d, jnp.inexact)
+                                    for d in dtypes)
 
 
 def _is_scalar(x) -> bool:
@@ -106,6 +160,98 @@ def _short_params(eqn) -> str:
             parts.append(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}")
     text = ",".join(parts)
     return f"[{text}]" if text and len(text) <= 40 else ""
+
+
+# The text table's width: cells wrap (never cut) to fit it.
+TABLE_WIDTH = 120
+# Columns the table narrows last (their least width before wrapping).
+_MIN_WIDTHS = {"op": 24, "shape": 8, "value": 14, "upstream": 14, "local": 14,
+               "downstream": 18}   # "#" and "out" are never narrowed
+
+
+def _wrap(text: str, width: int, indent: str = "") -> list[str]:
+    """``text`` in lines of at most ``width`` characters, broken at spaces (a word
+    longer than a line is split, never dropped); continuation lines start with
+    ``indent``, the first keeps ``text``'s own leading spaces."""
+    import textwrap
+    if len(text) <= width:
+        return [text] if text else []
+    body = text.lstrip(" ")
+    return textwrap.wrap(body, width, initial_indent=text[:len(text) - len(body)],
+                         subsequent_indent=indent, break_long_words=True,
+                         break_on_hyphens=False)
+
+
+def _pieces(part: str, width: int) -> list[str]:
+    """A cell part whose first word (``params['b']:[0.5,``) is too wide for its
+    column, as ``["name:", " value"]``, so that no word is split."""
+    head, colon, tail = part.partition(":")
+    if not colon or len(part.split(" ")[0]) <= width or len(head) + 1 > width:
+        return [part]
+    return [head + ":", " " + tail]
+
+
+def _wrap_cell(parts: list[str], width: int) -> list[str]:
+    """A table cell's parts (one per operand) on one line when they fit, else one
+    part per line, each wrapped."""
+    joined = ", ".join(parts)
+    if len(joined) <= width:
+        return [joined]
+    return [line for part in parts for piece in _pieces(part, width)
+            for line in _wrap(piece, width, " ")]
+
+
+def _cell_cost(parts: list[str], width: int) -> int:
+    """The lines :func:`_wrap_cell` makes of a cell at ``width`` (counted the way
+    it fills them), plus a penalty for each word it must split (a number cut in
+    two reads worse than an extra line)."""
+    if len(", ".join(parts)) <= width:
+        return 1
+    cost = 0
+    for piece in (piece for part in parts for piece in _pieces(part, width)):
+        lines, used = 1, 0
+        for word in piece.split(" "):
+            if len(word) > width:
+                cost += 4
+                lines += len(word) // width
+                used = len(word) % width
+                continue
+            need = len(word) + (1 if used else 0)
+            if used + need > width:
+                lines, used = lines + 1, len(word) + 1      # continuation indent
+            else:
+                used += need
+        cost += lines
+    return cost
+
+
+def _fit_widths(header: list, rows: list, width: int) -> list[int]:
+    """Column widths summing (with two spaces between columns) to at most
+    ``width``: each column starts as wide as its widest cell, and the table
+    narrows one character at a time where that adds the fewest wrapped lines
+    (a mostly empty column goes first), no column below its least width
+    (``_MIN_WIDTHS``)."""
+    columns = [[row[i] for row in rows] for i in range(len(header))]
+    widths = [max([len(h)] + [len(", ".join(c)) for c in col])
+              for h, col in zip(header, columns)]
+    least = [min(w, _MIN_WIDTHS.get(h, w)) for w, h in zip(widths, header)]
+    budget = width - 2 * (len(header) - 1)
+    lines = [sum(_cell_cost(c, w) for c in col) for col, w in zip(columns, widths)]
+    while sum(widths) > budget:
+        best = None
+        for i, col in enumerate(columns):
+            if widths[i] <= least[i]:
+                continue
+            added = sum(_cell_cost(c, widths[i] - 1) for c in col) - lines[i]
+            key = (added, -widths[i])
+            if best is None or key < best[0]:
+                best = (key, i)
+        if best is None:
+            break
+        i = best[1]
+        widths[i] -= 1
+        lines[i] += best[0][0]
+    return widths
 
 
 # ---------------------------------------------------------------- the model
@@ -136,6 +282,7 @@ class Row:
     loop: str = ""                # inside a scan body: "the scan at f.py:12" ("" if not)
     steps: Any = None             # inside a scan body: step -> {"value", "up", "down"}
     whole: bool = False           # a scan whose body has rows of its own
+    plumbing: bool = False        # only integer/bool outputs (index arithmetic): no gradient
 
     @property
     def source(self) -> str:
@@ -167,15 +314,16 @@ def _steps_summary(values, short=False) -> str:
             nums.append(float(np.real(a.reshape(()))))
         else:
             scalar = False
-            nums.append(float(np.linalg.norm(a.astype(
-                np.complex128 if np.iscomplexobj(a) else np.float64).reshape(-1))))
+            nums.append(_norm(a))
     if not nums:
         return ""
     kind = "" if scalar else "norm "
+    # min/max skip NaN steps (Python's min and max would depend on their order).
+    finite = [v for v in nums if not math.isnan(v)] or [math.nan]
     if short:
         return f"{kind}{_fmt_scalar(nums[0])}..{_fmt_scalar(nums[-1])}"
     return (f"{kind}first {_fmt_scalar(nums[0])}, last {_fmt_scalar(nums[-1])}, "
-            f"min {_fmt_scalar(min(nums))}, max {_fmt_scalar(max(nums))}")
+            f"min {_fmt_scalar(min(finite))}, max {_fmt_scalar(max(finite))}")
 
 
 def _stepped(eqn) -> bool:
@@ -196,8 +344,11 @@ def _swept_in_place(eqn):
 
 
 class _Observer:
-    def __init__(self, expected, keep, input_objs, consts, marks=None):
+    def __init__(self, expected, keep, input_objs, consts, marks=None,
+                 show_integer_ops=False):
         self.expected = expected
+        self.show_integer_ops = show_integer_ops
+        self.shown = 0               # rows shown so far
         self.marks = marks if marks is not None else {}
         self.keep = keep
         self.state = _trace_state()
@@ -257,7 +408,11 @@ class _Observer:
                 self.by_key[(id(eqn), id(outvals[0]))] = r
             return
         r = len(self.rows)
-        keep = self.keep(r)
+        plumbing = _integer_only(eqn)
+        # Values are kept for the rows the table and the graph show.
+        keep = self.keep(r if self.show_integer_ops else self.shown) and not (
+            plumbing and not self.show_integer_ops)
+        self.shown += not plumbing or self.show_integer_ops
         inputs = []
         for v, x in zip(eqn.invars, invals):
             if type(v) is compat.Literal:
@@ -275,7 +430,7 @@ class _Observer:
         row = Row(index=r + 1, primitive=name, op=op, label="", file=file, line=line,
                   code=source_code(eqn) if keep else "",
                   shapes=[short_aval(x) for x in outvals], inputs=inputs, kept=keep,
-                  recomputed=self.marks.get(id(eqn), ""))
+                  recomputed=self.marks.get(id(eqn), ""), plumbing=plumbing)
         if self.context:
             row.loop = f"the scan at {self.context[-1][1]}"
             row.steps = {self._step_key(): {"value": list(outvals)} if keep else {}}
@@ -327,9 +482,10 @@ class _Observer:
                 self.paused = False
 
 
-def _walk_expected(jaxpr):
-    """Ids of the equations the observer reports (call bodies flattened) and the row count."""
-    ids, rows = set(), 0
+def _walk_expected(jaxpr, show_integer_ops: bool):
+    """Ids of the equations the observer reports (call bodies flattened), the row
+    count and the count of rows shown."""
+    ids, rows, shown = set(), 0, 0
     stack = [jaxpr]
     while stack:
         j = stack.pop()
@@ -340,9 +496,10 @@ def _walk_expected(jaxpr):
                 stack.append(inner)
             else:
                 rows += 1
+                shown += show_integer_ops or not _integer_only(eqn)
                 if _stepped(eqn):
                     stack.append(eqn.params["jaxpr"].jaxpr)
-    return ids, rows
+    return ids, rows, shown
 
 
 def _input_names(fun, args, kwargs, static) -> list[str]:
@@ -369,18 +526,20 @@ def _input_names(fun, args, kwargs, static) -> list[str]:
 _ASSIGN_RE = re.compile(r"^\s*([A-Za-z_]\w*)\s*(?::[^=]*)?=(?!=)")
 
 
-def _label_rows(rows: list[Row], taken: set):
-    """Names rows after the variable their source line assigns, else t1, t2, ..."""
+def _label_rows(rows: list[Row], taken: set, show_integer_ops: bool):
+    """Names rows after the variable their source line assigns (the last row shown
+    of that line), else t1, t2, ..."""
     used = collections.Counter(taken)
 
     def unique(base):
         used[base] += 1
         return base if used[base] == 1 else f"{base}_{used[base]}"
 
-    for r, row in enumerate(rows):
+    shown = [row for row in rows if show_integer_ops or not row.plumbing]
+    for r, row in enumerate(shown):
         if row.primitive in NAMED_PRIMITIVES:
             continue
-        nxt = rows[r + 1] if r + 1 < len(rows) else None
+        nxt = shown[r + 1] if r + 1 < len(shown) else None
         last_of_line = nxt is None or (nxt.file, nxt.line) != (row.file, row.line)
         m = _ASSIGN_RE.match(row.code) if row.code and last_of_line else None
         if m:
@@ -401,9 +560,14 @@ class Explanation:
       inputs: one :class:`InputInfo` per array input leaf.
       value: the function's output.
       total_rows: the number of equations (rows beyond ``max_rows`` keep no values).
+      show_integer_ops: whether rows computing only integers or booleans (index
+        arithmetic, comparisons, ``iota``: no gradient flows through them) are
+        shown; when they are not, a value they compute reads ``«label»``: an
+        integer computed from ``label``.
     """
 
-    def __init__(self, name, rows, inputs, value, total_rows, max_rows, max_nodes):
+    def __init__(self, name, rows, inputs, value, total_rows, max_rows, max_nodes,
+                 show_integer_ops=False):
         self.name = name
         self.rows = rows
         self.inputs = inputs
@@ -411,6 +575,39 @@ class Explanation:
         self.total_rows = total_rows
         self.max_rows = max_rows
         self.max_nodes = max_nodes
+        self.show_integer_ops = show_integer_ops
+        self._folded: dict = {}
+
+    def _visible(self, r: int) -> bool:
+        return self.show_integer_ops or not self.rows[r].plumbing
+
+    def _visible_rows(self) -> list[int]:
+        return [r for r in range(len(self.rows)) if self._visible(r)]
+
+    def _sources(self, r: int) -> tuple[list, list]:
+        """What a hidden integer row is computed from, through other hidden rows:
+        the shown values (inputs, shown rows), and the primitives of the hidden
+        rows that start from nothing else (``iota``)."""
+        if r in self._folded:
+            return self._folded[r]
+        found, roots, stack, seen = [], [], [r], {r}
+        while stack:
+            here = stack.pop()
+            fed = False
+            for ref in self.rows[here].inputs:
+                if ref[0] == "row" and not self._visible(ref[1]):
+                    fed = True
+                    if ref[1] not in seen:
+                        seen.add(ref[1])
+                        stack.append(ref[1])
+                elif ref[0] in ("input", "row", "step"):
+                    fed = True
+                    if ref not in found:
+                        found.append(ref)
+            if not fed and self.rows[here].primitive not in roots:
+                roots.append(self.rows[here].primitive)
+        self._folded[r] = found, roots
+        return found, roots
 
     # ---------------------------------------------------------- references
     def _ref_name(self, ref) -> str:
@@ -419,6 +616,9 @@ class Explanation:
             return self.inputs[ref[1]].name
         if kind == "row":
             row = self.rows[ref[1]]
+            if not self._visible(ref[1]):
+                found, roots = self._sources(ref[1])
+                return f"«{', '.join([self._ref_name(s) for s in found] + roots)}»"
             return row.label if len(row.shapes) == 1 else f"{row.label}[{ref[2]}]"
         if kind == "literal":
             return _fmt_scalar(ref[1]) if np.size(ref[1]) == 1 else "const"
@@ -432,14 +632,15 @@ class Explanation:
         return f"{row.op.split('[')[0] if row.primitive not in NAMED_PRIMITIVES else row.op}" \
                f"({', '.join(self._ref_name(r) for r in row.inputs)})"
 
-    def _local_text(self, row, sep=", ", d="d/d") -> str:
+    def _local_parts(self, row, d="d/d") -> list[str]:
         if row.local is None:
-            return ""
-        parts = []
-        for ref, l in zip(row.inputs, row.local):
-            if l is not None and ref[0] != "literal":
-                parts.append(f"{d}{self._ref_name(ref)}={summarize(l)}")
-        return sep.join(parts)
+            return []
+        return [f"{d}{self._ref_name(ref)}={summarize(l)}"
+                for ref, l in zip(row.inputs, row.local)
+                if l is not None and ref[0] != "literal"]
+
+    def _local_text(self, row, sep=", ", d="d/d") -> str:
+        return sep.join(self._local_parts(row, d))
 
     def _per_step(self, row, what):
         """Per step (in step order), the list kept under ``what`` ('value', 'up', 'down')."""
@@ -449,19 +650,21 @@ class Explanation:
         vals = [v[position] if v is not None else None for v in self._per_step(row, what)]
         return _steps_summary(vals, short)
 
-    def _down_text(self, row, sep=", ", short=True) -> str:
+    def _down_parts(self, row, short=True) -> list[str]:
+        """Per operand that receives one, ``name:gradient``."""
         if row.steps is not None and row.kept:
-            parts = [f"{self._ref_name(ref)}:{self._steps_text(row, 'down', k, short)}"
-                     for k, ref in enumerate(row.inputs)
-                     if row.downstream is not None and row.downstream[k] is not None
-                     and ref[0] in ("input", "row", "step")]
-            return sep.join(parts)
+            return [f"{self._ref_name(ref)}:{self._steps_text(row, 'down', k, short)}"
+                    for k, ref in enumerate(row.inputs)
+                    if row.downstream is not None and row.downstream[k] is not None
+                    and ref[0] in ("input", "row", "step")]
         if row.downstream is None:
-            return ""
-        parts = [f"{self._ref_name(ref)}:{summarize(g)}"
-                 for ref, g in zip(row.inputs, row.downstream)
-                 if g is not None and ref[0] in ("input", "row")]
-        return sep.join(parts)
+            return []
+        return [f"{self._ref_name(ref)}:{summarize(g)}"
+                for ref, g in zip(row.inputs, row.downstream)
+                if g is not None and ref[0] in ("input", "row")]
+
+    def _down_text(self, row, sep=", ", short=True) -> str:
+        return sep.join(self._down_parts(row, short))
 
     def _up_text(self, row, short=True) -> str:
         if row.steps is not None and row.kept:
@@ -496,58 +699,75 @@ class Explanation:
 
     # --------------------------------------------------------------- table
     def _shown_rows(self):
-        """Row indices to show, with None marking the elided middle."""
-        n = len(self.rows)
+        """Row indices to show (integer rows folded unless asked for), with None
+        marking the elided middle."""
+        rows = self._visible_rows()
+        n = len(rows)
         if self.max_rows is None or n <= self.max_rows:
-            return list(range(n))
+            return rows
         head = self.max_rows // 2
         tail = self.max_rows - head
-        return list(range(head)) + [None] + list(range(n - tail, n))
+        return rows[:head] + [None] + rows[n - tail:]
 
-    def table(self) -> str:
-        """The rows as a fixed-width text table, with the inputs' gradients below."""
-        header = ["#", "op", "out", "shape", "value", "upstream", "local", "downstream",
-                  "source"]
-        lines_data = []
-        for r in self._shown_rows():
+    def table(self, width: int = TABLE_WIDTH) -> str:
+        """The rows as a text table at most ``width`` columns wide, with the inputs'
+        gradients below. Rows are grouped under the source line that made them;
+        a cell too wide for its column wraps onto more lines (nothing is cut)."""
+        header = ["#", "op", "out", "shape", "value", "upstream", "local", "downstream"]
+        shown = self._shown_rows()
+        data = []
+        for r in shown:
             if r is None:
-                lines_data.append(None)
+                data.append(None)
                 continue
             row = self.rows[r]
-            src = row.source + (f"  {row.code}" if row.code else "")
-            lines_data.append([
-                str(row.index), self._args_text(row),
-                row.label + (" *" if row.is_output else "") + (" ↻" if row.recomputed else "")
-                + (" ⟳" if row.loop else ""),
-                ", ".join(row.shapes), self._value_text(row), self._up_text(row),
-                self._local_text(row), self._down_text(row), src])
-        caps = [5, 32, 12, 16, 24, 16, 30, 34, 60]
-        cells = [[c if len(c) <= cap else c[:cap - 1] + "~" for c, cap in zip(d, caps)]
-                 if d is not None else None for d in lines_data]
-        widths = [max([len(h)] + [len(c[i]) for c in cells if c is not None])
-                  for i, h in enumerate(header)]
+            data.append((r, [
+                [str(row.index)], [self._args_text(row)],
+                [row.label + (" *" if row.is_output else "") + (" ↻" if row.recomputed else "")
+                 + (" ⟳" if row.loop else "")],
+                row.shapes, [self._value_text(row)], [self._up_text(row)],
+                self._local_parts(row), self._down_parts(row)]))
+        widths = _fit_widths(header, [cells for _, cells in filter(None, data)], width)
         legend = "'*' marks the output"
         if any(row.recomputed for row in self.rows):
             legend += ", '↻' a value the checkpointed backward sweep recomputes"
         if any(row.loop for row in self.rows):
             legend += ", '⟳' a row of a loop body (first..last step; details below)"
-        out = [f"fbackprop.explain: {self.name}   (upstream x local = downstream; "
-               f"{legend})", ""]
+        folded = sum(1 for r in range(len(self.rows)) if not self._visible(r))
+        if folded:
+            legend += (f"; «i»: an integer computed from i by {folded} operations not "
+                       f"shown (index arithmetic, no gradient; show_integer_ops=True "
+                       f"shows them)")
+        out = _wrap(f"fbackprop.explain: {self.name}   (upstream x local = downstream; "
+                    f"{legend})", width, "    ")
+        out.append("")
         out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
         out.append("  ".join("-" * w for w in widths))
-        for c in cells:
-            if c is None:
-                hidden = len(self.rows) - self.max_rows
-                ops = collections.Counter(
-                    row.primitive for row in self.rows[self.max_rows // 2:
-                                                       len(self.rows) - (self.max_rows -
-                                                                         self.max_rows // 2)])
+        visible = self._visible_rows()
+        indent = " " * (widths[0] + 2)
+        where = None
+        for d in data:
+            if d is None:
+                where = None
+                hidden = len(visible) - self.max_rows
+                middle = visible[self.max_rows // 2:len(visible) - (self.max_rows -
+                                                                     self.max_rows // 2)]
+                ops = collections.Counter(self.rows[r].primitive for r in middle)
                 top = ", ".join(f"{k} x{v}" for k, v in ops.most_common(6))
-                out.append(f"... {hidden} rows not shown (of {len(self.rows)}; {top}); "
-                           f"pass max_rows=None to see all")
+                out += _wrap(f"... {hidden} rows not shown (of {len(visible)}; {top}); "
+                             f"pass max_rows=None to see all", width, "    ")
                 continue
-            out.append("  ".join(x.ljust(w) for x, w in zip(c, widths)).rstrip())
-        looped = [r for r in self._shown_rows() if r is not None and self.rows[r].loop
+            r, cells = d
+            row = self.rows[r]
+            if (row.file, row.line) != where:
+                where = (row.file, row.line)
+                out += _wrap(f"{indent}{row.source}" + (f"  {row.code}" if row.code else ""),
+                             width, indent + "    ")
+            lines = [_wrap_cell(c, w) for c, w in zip(cells, widths)]
+            for k in range(max(len(c) for c in lines)):
+                out.append("  ".join((c[k] if k < len(c) else "").ljust(w)
+                                     for c, w in zip(lines, widths)).rstrip())
+        looped = [r for r in shown if r is not None and self.rows[r].loop
                   and self.rows[r].kept]
         if looped:
             out.append("")
@@ -555,17 +775,21 @@ class Explanation:
                        "arrays):")
             for r in looped:
                 row = self.rows[r]
-                out.append(f"  #{row.index} {row.label} in {row.loop}, {len(row.steps)} steps: "
-                           f"value {self._value_text(row, short=False)}; upstream "
-                           f"{self._up_text(row, short=False)}; downstream "
-                           f"{self._down_text(row, short=False) or '-'}")
+                out += _wrap(f"  #{row.index} {row.label} in {row.loop}, {len(row.steps)} "
+                             f"steps:", width, "      ")
+                for what, text in (("value", self._value_text(row, short=False)),
+                                   ("upstream", self._up_text(row, short=False)),
+                                   ("downstream", self._down_text(row, sep="; ", short=False)
+                                    or "-")):
+                    out += _wrap(f"      {what:<11}{text}", width, " " * 17)
         out.append("")
         out.append("inputs (a value used several times adds the gradients of all its uses):")
         w = max([len(i.name) for i in self.inputs] + [4])
         for inp in self.inputs:
-            out.append(f"  {inp.name.ljust(w)}  {inp.aval:<10} value {summarize(inp.value):<12}"
-                       f" grad {self._input_grad_text(inp)}")
-        out.append(f"output: {summarize(self.value)}")
+            out += _wrap(f"  {inp.name.ljust(w)}  {inp.aval:<10} value "
+                         f"{summarize(inp.value):<12} grad {self._input_grad_text(inp)}",
+                         width, " " * (w + 16))
+        out += _wrap(f"output: {summarize(self.value)}", width, "    ")
         return "\n".join(out)
 
     def __str__(self):
@@ -576,38 +800,47 @@ class Explanation:
 
     # --------------------------------------------------------------- graph
     def _graph(self):
-        """Nodes and edges to draw: inputs, the last ``max_nodes`` rows, an elision note."""
-        n = len(self.rows)
-        first = 0 if self.max_nodes is None or n <= self.max_nodes else n - self.max_nodes
-        drawn = list(range(first, n))
-        nodes, edges = [], []
-        input_used = set()
-        elided = False
+        """Nodes and edges to draw: the inputs, the last ``max_nodes`` shown rows and
+        an elision note. An edge from a folded integer row is drawn from what that
+        row was computed from (no gradient label: none flows there)."""
+        visible = self._visible_rows()
+        first = 0 if self.max_nodes is None or len(visible) <= self.max_nodes \
+            else len(visible) - self.max_nodes
+        drawn = visible[first:]
+        drawn_set = set(drawn)
+        edges, seen = [], set()
         for r in drawn:
-            for ref in self.rows[r].inputs:
-                if ref[0] == "input":
-                    input_used.add(ref[1])
-                elif ref[0] == "row" and ref[1] < first:
-                    elided = True
-        for j, inp in enumerate(self.inputs):
-            if j in input_used:
-                nodes.append(("in", j))
-        if elided:
-            nodes.append(("elided", first))
-        for r in drawn:
-            nodes.append(("row", r))
             row = self.rows[r]
             for k, ref in enumerate(row.inputs):
                 g = row.downstream[k] if row.downstream is not None else None
-                label = summarize_short(g)
-                if ref[0] == "input":
-                    edges.append((("in", ref[1]), ("row", r), label, k))
-                elif ref[0] == "row":
-                    src = ("row", ref[1]) if ref[1] >= first else ("elided", first)
-                    edges.append((src, ("row", r), label, k))
+                folded = ref[0] == "row" and not self._visible(ref[1])
+                label = "" if folded else summarize_short(g)
+                for src_ref in (self._sources(ref[1])[0] if folded else [ref]):
+                    if src_ref[0] == "input":
+                        src = ("in", src_ref[1])
+                    elif src_ref[0] == "row":
+                        src = ("row", src_ref[1]) if src_ref[1] in drawn_set \
+                            else ("elided", first)
+                    else:
+                        continue
+                    if (src, r, label) not in seen:
+                        seen.add((src, r, label))
+                        edges.append((src, ("row", r), label, k))
+        used = {src for src, _, _, _ in edges}
+        nodes = [("in", j) for j in range(len(self.inputs)) if ("in", j) in used]
+        if ("elided", first) in used:
+            nodes.append(("elided", first))
+        nodes += [("row", r) for r in drawn]
         return nodes, edges
 
     def _node_lines(self, node) -> tuple[list[str], str]:
+        lines, kind = self._node_text(node)
+        wrapped = []
+        for line in lines:
+            wrapped += _wrap(line, NODE_CHARS, "  ") or [""]
+        return wrapped, kind
+
+    def _node_text(self, node) -> tuple[list[str], str]:
         kind = node[0]
         if kind == "in":
             inp = self.inputs[node[1]]
@@ -623,7 +856,8 @@ class Explanation:
         row = self.rows[node[1]]
         lines = [f"#{row.index} {row.label} = {self._args_text(row)}"]
         if row.code:
-            lines.append(row.code if len(row.code) <= 38 else row.code[:37] + "~")
+            lines.append(row.code if len(row.code) <= NODE_CHARS
+                         else row.code[:NODE_CHARS - 1] + "~")
         lines.append(f"{', '.join(row.shapes)}  value {self._value_text(row)}")
         lines.append(f"upstream grad {self._up_text(row)}")
         local = self._local_text(row, sep="  ", d="∂/∂")
@@ -637,7 +871,8 @@ class Explanation:
         return lines, "recomputed" if row.recomputed else "op"
 
     def to_dot(self) -> str:
-        """Graphviz DOT source: forward edges, each labelled with the gradient sent back."""
+        """Graphviz DOT source: forward edges (top to bottom), each labelled with the
+        gradient sent back."""
         nodes, edges = self._graph()
 
         def nid(node):
@@ -650,7 +885,7 @@ class Explanation:
                  "output": 'style="filled,bold", fillcolor="#fde8e8"',
                  "elided": 'style=dashed, color="#999999"', "op": "",
                  "recomputed": 'style="filled,dashed", fillcolor="#fff6e0", color="#b7791f"'}
-        out = [f'digraph "{esc(self.name)}" {{', "  rankdir=LR;",
+        out = [f'digraph "{esc(self.name)}" {{', "  rankdir=TB;",
                '  node [shape=box, fontname="monospace", fontsize=10];',
                '  edge [fontname="monospace", fontsize=10, fontcolor="#c0392b"];']
         for node in nodes:
@@ -659,7 +894,7 @@ class Explanation:
             extra = f", {style[kind]}" if style[kind] else ""
             out.append(f'  {nid(node)} [label="{label}"{extra}];')
         for src, dst, label, _ in edges:
-            lab = f' [label="grad {esc(label)}"]' if label else ""
+            lab = f' [label="grad {esc(label)}"]' if label else " [style=dashed]"
             out.append(f"  {nid(src)} -> {nid(dst)}{lab};")
         out.append("}")
         return "\n".join(out)
@@ -688,49 +923,18 @@ class Explanation:
         return self._builtin_svg()
 
     def _builtin_svg(self) -> str:
+        """The graph laid out in pure Python: forward edges top to bottom, layer by
+        layer (a value's depth from the inputs), in side-by-side bands when the
+        layers are many. Gradient labels sit in the gap above the operation that
+        sends them, where no box is, and are drawn last."""
         nodes, edges = self._graph()
-        char_w, line_h, pad, gap_y = 7.0, 15, 8, 26
-        gap_x = max([90.0] + [(len(label) + 6) * char_w + 30 for _, _, label, _ in edges])
-        info = {}
-        for node in nodes:
-            lines, kind = self._node_lines(node)
-            w = max(len(s) for s in lines) * char_w + 2 * pad
-            h = len(lines) * line_h + 2 * pad
-            info[node] = {"lines": lines, "kind": kind, "w": w, "h": h}
-        # Columns by longest path from the inputs.
-        preds = collections.defaultdict(list)
-        for src, dst, _, _ in edges:
-            preds[dst].append(src)
-        depth = {}
-        for node in nodes:                       # nodes are in topological order
-            depth[node] = 1 + max((depth[p] for p in preds[node] if p in depth), default=-1)
-        columns = collections.defaultdict(list)
-        for node in nodes:
-            columns[depth[node]].append(node)
-        x = 20.0
-        col_bottom = {}
-        for c in sorted(columns):
-            col_w = max(info[nd]["w"] for nd in columns[c])
-            y = 50.0
-            for nd in columns[c]:
-                info[nd]["x"], info[nd]["y"] = x, y
-                y += info[nd]["h"] + gap_y
-            col_bottom[c] = y - gap_y
-            x += col_w + gap_x
-        width = x - gap_x + 40
-        # An edge that skips columns runs in its own lane below the boxes it passes.
-        lanes = {}
-        lane_y = max(col_bottom.values(), default=50.0) + 22
-        for src, dst, _, k in edges:
-            if depth[dst] - depth[src] > 1:
-                lanes[(src, dst, k)] = lane_y
-                lane_y += 22
-        height = max([info[nd]["y"] + info[nd]["h"] for nd in nodes] + [100, lane_y]) + 30
+        layout = _Layout(nodes, edges, {n: self._node_lines(n) for n in nodes})
         fill = {"input": "#e8f0fe", "output": "#fde8e8", "op": "#ffffff", "elided": "#f4f4f4",
                 "recomputed": "#fff6e0"}
         stroke = {"input": "#3b6fd4", "output": "#c0392b", "op": "#555555", "elided": "#999999",
                   "recomputed": "#b7791f"}
         e = html.escape
+        width, height = layout.width, layout.height
         out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" '
                f'height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" '
                f'font-family="DejaVu Sans Mono, Menlo, Consolas, monospace" font-size="12">',
@@ -739,40 +943,14 @@ class Explanation:
                '<path d="M 0 0 L 10 5 L 0 10 z" fill="#777"/></marker></defs>',
                '<rect width="100%" height="100%" fill="white"/>',
                f'<text x="20" y="24" font-size="14" font-weight="bold">{e(self.name)}: '
-               f'forward edges left to right; red labels = gradient sent back along the '
+               f'forward edges top to bottom; red labels = gradient sent back along the '
                f'edge</text>']
-        incoming = collections.Counter(dst for _, dst, _, _ in edges)
-        seen_in = collections.Counter()
-        for src, dst, label, k in edges:
-            a, b = info[src], info[dst]
-            seen_in[dst] += 1
-            x1, y1 = a["x"] + a["w"], a["y"] + a["h"] / 2
-            x2 = b["x"]
-            y2 = b["y"] + b["h"] * seen_in[dst] / (incoming[dst] + 1)
-            lane = lanes.get((src, dst, k))
-            if lane is None:
-                dx = max(30.0, (x2 - x1) / 2)
-                path = (f"M {x1:.1f} {y1:.1f} C {x1 + dx:.1f} {y1:.1f}, {x2 - dx:.1f} "
-                        f"{y2:.1f}, {x2:.1f} {y2:.1f}")
-                mx, my = (x1 + x2) / 2, (y1 + y2) / 2
-            else:
-                q = gap_x / 3
-                path = (f"M {x1:.1f} {y1:.1f} C {x1 + q:.1f} {y1:.1f}, {x1 + q:.1f} "
-                        f"{lane:.1f}, {x1 + 2 * q:.1f} {lane:.1f} L {x2 - 2 * q:.1f} "
-                        f"{lane:.1f} C {x2 - q:.1f} {lane:.1f}, {x2 - q:.1f} {y2:.1f}, "
-                        f"{x2:.1f} {y2:.1f}")
-                mx, my = (x1 + x2) / 2, lane
-            out.append(f'<path d="{path}" fill="none" stroke="#777" stroke-width="1.3" '
-                       f'marker-end="url(#arrow)"/>')
-            if label:
-                text = f"grad {label}"
-                tw = len(text) * char_w + 6
-                out.append(f'<rect x="{mx - tw / 2:.1f}" y="{my - 10:.1f}" width="{tw:.1f}" '
-                           f'height="15" fill="white" opacity="0.9"/>')
-                out.append(f'<text x="{mx:.1f}" y="{my + 1.5:.1f}" text-anchor="middle" '
-                           f'fill="#c0392b">{e(text)}</text>')
+        for path, label in layout.paths:
+            dash = "" if label else ' stroke-dasharray="3 3"'
+            out.append(f'<path d="{path}" fill="none" stroke="#777" stroke-width="1.3"'
+                       f'{dash} marker-end="url(#arrow)"/>')
         for node in nodes:
-            d = info[node]
+            d = layout.boxes[node]
             kind = d["kind"]
             dash = ' stroke-dasharray="4 3"' if kind in ("elided", "recomputed") else ""
             width_px = 2.2 if kind == "output" else 1.2
@@ -783,9 +961,14 @@ class Explanation:
                 weight = ' font-weight="bold"' if i == 0 else ""
                 color = ' fill="#c0392b"' if line.startswith(("grad", "upstream", "= ")) \
                     else ""
-                out.append(f'<text x="{d["x"] + pad:.1f}" '
-                           f'y="{d["y"] + pad + (i + 0.8) * line_h:.1f}"{weight}{color}>'
+                out.append(f'<text x="{d["x"] + _PAD:.1f}" '
+                           f'y="{d["y"] + _PAD + (i + 0.8) * _LINE_H:.1f}"{weight}{color}>'
                            f'{e(line)}</text>')
+        for x, y, w, text in layout.labels:
+            out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{_LABEL_H}" '
+                       f'fill="white" opacity="0.9"/>')
+            out.append(f'<text x="{x + 3:.1f}" y="{y + _LABEL_H - 4:.1f}" '
+                       f'fill="#c0392b">{e(text)}</text>')
         out.append("</svg>")
         return "\n".join(out)
 
@@ -793,9 +976,10 @@ class Explanation:
         """A self-contained HTML page: the graph (inline SVG) and the table."""
         e = html.escape
         note = ""
-        if self.max_nodes is not None and len(self.rows) > self.max_nodes:
+        shown = len(self._visible_rows())
+        if self.max_nodes is not None and shown > self.max_nodes:
             note = (f"<p><b>Note:</b> the graph shows the last {self.max_nodes} of "
-                    f"{len(self.rows)} operations (raise <code>max_nodes</code> to draw "
+                    f"{shown} operations (raise <code>max_nodes</code> to draw "
                     f"more); the table lists them.</p>")
         return (
             "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
@@ -847,6 +1031,194 @@ class Explanation:
         return done.stdout
 
 
+# ------------------------------------------------------------- graph layout
+# Sizes of the pure-Python SVG layout, in pixels.
+NODE_CHARS = 40          # a box's text lines wrap at this many characters
+_CHAR_W, _LINE_H, _PAD = 7.0, 15, 8
+_LABEL_H = 15            # an edge label's height
+_GAP_X = 24              # between boxes of a layer
+_BAND_GAP = 40           # between bands
+_PORT_X, _PORT_STEP = 24, 36   # where edges leave and enter a box (from its left side)
+_LANE_STEP = 10          # between the runs of edges that do not go to the next layer
+_TITLE_H = 40
+_ASPECT = 1.2            # the width/height the bands aim at
+
+
+class _Layout:
+    """Where the pure-Python SVG puts boxes, edges and labels.
+
+    Each node gets a layer, its depth from the inputs (an input sits just above
+    its first use). Layers go top to bottom; when there are many, they are cut
+    into bands placed side by side (like newspaper columns), as many as make
+    the picture about ``_ASPECT`` times as wide as high. An edge to the next
+    layer of the same band is a curve; any other edge leaves its box on the
+    right into a lane of its own, runs down (to a later band: up to a channel
+    above the bands, across, and down in front of that band), then across the
+    gap above its target and into it. Each label sits in that gap, beside the
+    point where its edge enters the target, on a row where no other label is:
+    gaps hold no boxes and grow with their rows, so no label is hidden.
+
+    Attributes:
+      boxes: node -> {"lines", "kind", "x", "y", "w", "h"}.
+      paths: per edge, ``(svg path, label)``.
+      labels: ``(x, y, width, text)`` per labelled edge.
+      width, height: the picture's size.
+    """
+
+    def __init__(self, nodes, edges, texts):
+        boxes = self.boxes = {}
+        for node in nodes:
+            lines, kind = texts[node]
+            boxes[node] = {"lines": lines, "kind": kind,
+                           "w": max(len(s) for s in lines) * _CHAR_W + 2 * _PAD,
+                           "h": len(lines) * _LINE_H + 2 * _PAD}
+        depth = self._depths(nodes, edges)
+        layers = [[] for _ in range(max(depth.values(), default=0) + 1)]
+        # In a layer: operations first (in program order, so a chain runs down
+        # one line), then inputs.
+        for node in sorted(nodes, key=lambda n: n[0] in ("in", "elided")):
+            layers[depth[node]].append(node)
+        layers = [layer for layer in layers if layer]
+        depth = {n: k for k, layer in enumerate(layers) for n in layer}
+        bands = self._bands(layers)
+        # Inputs of a band's first layer sit above it, not at the previous band's end.
+        for b in range(len(bands) - 1):
+            last = layers[bands[b][-1]]
+            moved = [n for n in last if n[0] in ("in", "elided")]
+            if moved:
+                last[:] = [n for n in last if n not in moved]
+                layers.append(moved)
+                bands[b + 1].insert(0, len(layers) - 1)
+        bands = [[d for d in band if layers[d]] for band in bands]
+        order = [d for band in bands for d in band]
+        layers = [layers[d] for d in order]
+        position = {d: k for k, d in enumerate(order)}
+        bands = [[position[d] for d in band] for band in bands]
+        depth = {n: k for k, layer in enumerate(layers) for n in layer}
+        band_of = {n: b for b, band in enumerate(bands) for d in band for n in layers[d]}
+        # Where each edge enters its target: left to right in argument order.
+        port = {}
+        incoming = collections.defaultdict(list)
+        for i, edge in enumerate(edges):
+            incoming[edge[1]].append(i)
+        for dst, ids in incoming.items():
+            for slot, i in enumerate(sorted(ids, key=lambda i: edges[i][3])):
+                port[i] = min(_PORT_X + slot * _PORT_STEP, boxes[dst]["w"] - 8)
+        direct = {i for i, (src, dst, _, _) in enumerate(edges)
+                  if band_of[src] == band_of[dst] and depth[dst] == depth[src] + 1}
+        # x, band by band: boxes left-aligned, then labels, then lanes.
+        label_at, label_rows, lane_x = {}, collections.defaultdict(list), {}
+        left = 20.0
+        self.band_left = []
+        for b, band in enumerate(bands):
+            self.band_left.append(left)
+            right = left
+            for d in band:
+                x = left
+                for n in layers[d]:
+                    boxes[n]["x"] = x
+                    x += boxes[n]["w"] + _GAP_X
+                right = max(right, x - _GAP_X)
+            for i, (src, dst, label, _) in enumerate(edges):
+                if label and band_of[dst] == b:
+                    text = f"grad {label}"
+                    x, w = boxes[dst]["x"] + port[i] + 5, len(text) * _CHAR_W + 6
+                    rows = label_rows[depth[dst]]
+                    row = next((k for k, taken in enumerate(rows)
+                                if all(x >= hi or x + w <= lo for lo, hi in taken)),
+                               len(rows))
+                    if row == len(rows):
+                        rows.append([])
+                    rows[row].append((x, x + w))
+                    label_at[i] = (row, x, w, text)
+                    right = max(right, x + w)
+            lanes = [i for i, (src, dst, _, _) in enumerate(edges)
+                     if band_of[src] == b and i not in direct]
+            for k, i in enumerate(lanes):
+                lane_x[i] = right + 14 + k * _LANE_STEP
+            left = right + (14 + len(lanes) * _LANE_STEP if lanes else 0) + _BAND_GAP
+        self.width = max(left - _BAND_GAP + 20, 600.0)
+        # y: a channel per edge into a later band, then each band's layers, each
+        # under the gap holding its labels.
+        crossing = [i for i, (src, dst, _, _) in enumerate(edges)
+                    if band_of[src] != band_of[dst]]
+        channel = {i: _TITLE_H + 4 + k * _LANE_STEP for k, i in enumerate(crossing)}
+        top = _TITLE_H + 14 + len(crossing) * _LANE_STEP
+        gap_top, bottom = {}, top
+        for band in bands:
+            y = top
+            for d in band:
+                gap_top[d] = y
+                y += max(30.0, len(label_rows[d]) * (_LABEL_H + 3) + 14)
+                for n in layers[d]:
+                    boxes[n]["y"] = y
+                y += max(boxes[n]["h"] for n in layers[d])
+            bottom = max(bottom, y)
+        self.height = bottom + 30
+        # The edges and labels.
+        self.paths, self.labels = [], []
+        for i, (src, dst, label, _) in enumerate(edges):
+            a, b = boxes[src], boxes[dst]
+            px, py = b["x"] + port[i], b["y"]
+            run_y = py - 12
+            if i in label_at:
+                row, lx, w, text = label_at[i]
+                ly = gap_top[depth[dst]] + 7 + row * (_LABEL_H + 3)
+                self.labels.append((lx, ly, w, text))
+                run_y = ly + _LABEL_H / 2
+            if i in direct:
+                sx, sy = a["x"] + min(_PORT_X, a["w"] - 8), a["y"] + a["h"]
+                dy = max(12.0, (py - sy) / 2)
+                path = (f"M {sx:.1f} {sy:.1f} C {sx:.1f} {sy + dy:.1f}, {px:.1f} "
+                        f"{py - dy:.1f}, {px:.1f} {py:.1f}")
+            else:
+                sx, sy, lx = a["x"] + a["w"], a["y"] + a["h"] / 2, lane_x[i]
+                points = [(sx, sy), (lx, sy)]
+                if i in channel:
+                    entry = self.band_left[band_of[dst]] - 8 - (crossing.index(i) % 4) * 5
+                    points += [(lx, channel[i]), (entry, channel[i]), (entry, run_y)]
+                else:
+                    points.append((lx, run_y))
+                points += [(px, run_y), (px, py)]
+                path = "M " + " L ".join(f"{x:.1f} {y:.1f}" for x, y in points)
+            self.paths.append((path, label))
+
+    @staticmethod
+    def _depths(nodes, edges) -> dict:
+        preds, succs = collections.defaultdict(list), collections.defaultdict(list)
+        for src, dst, _, _ in edges:
+            preds[dst].append(src)
+            succs[src].append(dst)
+        depth = {}
+        for node in nodes:                   # nodes are in topological order
+            depth[node] = 1 + max((depth[p] for p in preds[node] if p in depth), default=-1)
+        # A value sits just above its first use (a bias's broadcast beside the add
+        # that reads it, an input above the operation that first reads it).
+        for node in reversed(nodes):
+            if succs[node]:
+                lowest = min(depth[s] for s in succs[node]) - 1
+                depth[node] = lowest if node[0] in ("in", "elided") \
+                    else max(depth[node], lowest)
+        return depth
+
+    def _bands(self, layers) -> list[list[int]]:
+        """Consecutive layers cut into bands of about equal height."""
+        heights = [max([self.boxes[n]["h"] for n in layer] + [0]) + 40 for layer in layers]
+        widths = [sum(self.boxes[n]["w"] + _GAP_X for n in layer) for layer in layers]
+        total, band_w = sum(heights), max(widths + [1.0]) + 80
+        count = max(1, min(len(layers), round(math.sqrt(_ASPECT * total / band_w))))
+        target = total / count
+        bands, current, height = [], [], 0.0
+        for d, h in enumerate(heights):
+            if current and height + h / 2 > target and len(bands) < count - 1:
+                bands.append(current)
+                current, height = [], 0.0
+            current.append(d)
+            height += h
+        bands.append(current)
+        return bands
+
+
 FORMATS = ("html", "svg", "dot", "txt", "png")
 _FORMAT_ALIASES = {"htm": "html", "gv": "dot", "text": "txt"}
 GRAPHVIZ_MISSING = ("the Graphviz `dot` program is not installed "
@@ -870,7 +1242,8 @@ def output_format(path: str, format: str | None = None) -> str:
 
 
 def explain(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
-            max_rows: int | None = 200, max_nodes: int | None = 60, **kwargs) -> Explanation:
+            max_rows: int | None = 200, max_nodes: int | None = 60,
+            show_integer_ops: bool = False, **kwargs) -> Explanation:
     """Runs ``fun(*args, **kwargs)`` forward and backward and explains every step.
 
     One row per equation: the operation, the user's source line, the output
@@ -887,6 +1260,10 @@ def explain(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
         for all. Values are only kept for these rows.
       max_nodes: operations drawn in the graph (the last ones, nearest the
         output); ``None`` for all.
+      show_integer_ops: also show the operations whose outputs are all integers
+        or booleans (index arithmetic, comparisons, ``iota``), which no gradient
+        flows through. By default they are folded: a value they compute reads
+        ``«label»`` (an integer computed from ``label``).
       **kwargs: keyword arguments for ``fun`` (not differentiated).
 
     Returns:
@@ -925,15 +1302,15 @@ def explain(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
     # Fresh copies: every input is a distinct object, so uses are told apart.
     dyn = [jnp.array(x, copy=True) for x in prog.dyn]
     active = list(prog.active)
-    expected, total = _walk_expected(closed.jaxpr)
-    if max_rows is None or total <= max_rows:
+    expected, total, shown = _walk_expected(closed.jaxpr, show_integer_ops)
+    if max_rows is None or shown <= max_rows:
         keep = lambda r: True  # noqa: E731
-    else:
+    else:       # ``r`` counts the rows shown
         head, tail = max_rows // 2, max_rows - max_rows // 2
-        last_drawn = total - (max_nodes if max_nodes is not None else total)
-        keep = lambda r: r < head or r >= total - tail or r >= last_drawn  # noqa: E731
+        last_drawn = shown - (max_nodes if max_nodes is not None else shown)
+        keep = lambda r: r < head or r >= shown - tail or r >= last_drawn  # noqa: E731
     with memplan.explaining() as marks, stepping(checkpoints=False):
-        obs = _Observer(expected, keep, dyn, closed.consts, marks)
+        obs = _Observer(expected, keep, dyn, closed.consts, marks, show_integer_ops)
         with observing(obs):
             outs, tape = sweeps.forward(closed.jaxpr, closed.consts, dyn, active)
             one = jnp.ones((), api._dtype_of(outs[0]))
@@ -950,9 +1327,9 @@ def explain(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
         for ref, g in zip(row.inputs, row.downstream):
             if ref[0] == "input":
                 inputs[ref[1]].uses.append((r, g))
-    _label_rows(rows, {i.name for i in inputs})
+    _label_rows(rows, {i.name for i in inputs}, show_integer_ops)
     return Explanation(getattr(fun, "__name__", "fun"), rows, inputs, outs[0], total,
-                       max_rows, max_nodes)
+                       max_rows, max_nodes, bool(show_integer_ops))
 
 
 # ------------------------------------------------------------ the command line

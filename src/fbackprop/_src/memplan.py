@@ -105,7 +105,7 @@ import jax
 import numpy as np
 
 from . import compat, memcut, plotting, residuals, trace
-from .engine import context
+from . import context
 from .memcut import eqn_flops, nbytes
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import compat, residuals, trace
-from .engine import context
+from . import context
 from .rules.debug import NAMED_PRIMITIVES
 
 

@@ -49,7 +49,8 @@ from jax import tree_util
 from jax.ad_checkpoint import Offloadable, Recompute, Saveable
 
 from . import compat, staging, trace
-from .engine import context, sweeps
+from . import context
+from .engine import sweeps
 from .registry import is_differentiable_dtype
 
 
@@ -715,4 +716,5 @@ def saved_residuals(fun: Callable, *args, **kwargs) -> SavedResiduals:
     from . import memplan   # (it imports this module)
     with memplan.collecting() as plans:
         joint = trace_joint(closed.jaxpr, closed.consts, in_avals, [True] * len(in_avals))
-    return report_split(split_joint(joint), names, plans)
+    with compat.calls_in(closed.jaxpr):      # a library helper's values: its call's line
+        return report_split(split_joint(joint), names, plans)

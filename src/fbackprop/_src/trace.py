@@ -12,7 +12,7 @@ import numpy as np
 from jax import tree_util
 
 from . import compat
-from .engine import context
+from . import context
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -13,7 +13,7 @@ The engine reads the rule tables (:mod:`fbackprop._src.registry`), which the
 rule modules fill; it never imports them, nor any front end or tool.
 """
 
-from . import context
+from .. import context
 from .linear import NonLinearRuleError
 from .recording import Recording, RecordingTrace, record, recorded_jaxpr
 from .sweeps import apply_rule, backward, forward, forward_eqn

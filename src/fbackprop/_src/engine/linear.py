@@ -15,7 +15,7 @@ import contextlib
 
 from .. import compat
 from ..registry import foreign_rules, linear_primitives, vjp_rules
-from . import context
+from .. import context
 
 
 class NonLinearRuleError(ValueError):

@@ -41,7 +41,8 @@ import numpy as np
 
 from .. import compat
 from ..registry import is_differentiable_dtype, known_custom_jvp
-from . import context, sweeps
+from .. import context
+from . import sweeps
 from .tape import Tape
 
 Var = compat.Var
@@ -53,29 +54,30 @@ def _differentiable(aval) -> bool:
 
 
 class ValueTracer(compat.Tracer):
-    """A tracer of ours standing for a value of the enclosing trace (``_value()``):
+    """A tracer of ours standing for a value of the enclosing trace (``_fb_value()``):
     concrete eagerly, so Python control flow on it works.
 
-    No attribute of a tracer of ours may shadow a public attribute of
-    ``jax.Array`` (``x.var()`` must reach the array method): internal slots
-    start with ``_fb_`` (tests/test_array_surface.py checks every tracer class).
-    """
+    Besides the methods of JAX's tracer protocol it overrides, its attributes
+    are named ``_fb_*``, which no ``jax.Array`` or ``Tracer`` attribute is: a
+    tracer attribute named like an array method would hide it from the user's
+    code (a slot ``var`` made ``x.var()`` fail). tests/test_array_surface.py
+    checks it."""
     __slots__ = ()
 
-    def _value(self):
+    def _fb_value(self):
         raise NotImplementedError
 
     def to_concrete_value(self):
-        return compat.to_concrete_value(self._value())
+        return compat.to_concrete_value(self._fb_value())
 
     def get_referent(self):
-        return compat.get_referent(self._value())
+        return compat.get_referent(self._fb_value())
 
     def full_lower(self):
         return self
 
     def cur_qdd(self):
-        return self._value().cur_qdd()
+        return self._fb_value().cur_qdd()
 
 
 class StagingCalls:
@@ -155,7 +157,7 @@ class RecordingTracer(ValueTracer):
         self._fb_val = val
         self._fb_var = var
 
-    def _value(self):
+    def _fb_value(self):
         return self._fb_val
 
     def _short_repr(self):
@@ -163,7 +165,7 @@ class RecordingTracer(ValueTracer):
 
     def _contents(self):
         # Marks this value as differentiated for jax.closure_convert (see compat).
-        return [("value", self._fb_val), ("differentiated", compat.DIFFERENTIATED)]
+        return [("val", self._fb_val), ("differentiated", compat.DIFFERENTIATED)]
 
 
 class RecordingTrace(StagingCalls, compat.Trace):

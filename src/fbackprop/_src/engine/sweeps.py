@@ -32,7 +32,7 @@ from .. import compat
 from ..registry import (MissingRuleError, call_handlers_linear, call_handlers_reverse,
                         foreign_rules, is_differentiable_dtype, missing_rule_error,
                         nondiff_primitives, stepping_handlers, vjp_rules, with_call_site)
-from . import context
+from .. import context
 from .linear import check_linear
 from .tape import NO_RULE, Record, Residuals, Tape
 
@@ -104,7 +104,8 @@ def forward_eqn(eqn, invals: list, act: list, late_outvars: bool = False,
     if not any(act):
         override = stepping_handler(ctx, name)
         if override is not None:
-            return override.evaluate(eqn, invals), None, None
+            with compat.call_site(eqn):
+                return override.evaluate(eqn, invals), None, None
         return compat.bind_eqn(eqn, invals), None, None
     if ctx.linear is not None and not tape_only:
         check_linear(eqn, act, ctx.linear)
@@ -125,7 +126,7 @@ def forward_eqn(eqn, invals: list, act: list, late_outvars: bool = False,
             handler = foreign_rules["reverse_handler"](eqn.primitive, ctx.linear is not None)
         if handler is not None:
             try:
-                with compat.rules_context():
+                with compat.rules_context(), compat.call_site(eqn):
                     outvals, sub, out_act = handler.forward(eqn, invals, act)
             except MissingRuleError as err:
                 raise with_call_site(err, eqn) from None
@@ -241,7 +242,8 @@ def apply_rule(rec: Record, cts_out: list) -> list:
     eqn = rec.eqn
     if rec.handler is not None:
         try:
-            return rec.handler.backward(rec, cts_out)
+            with compat.call_site(eqn):
+                return rec.handler.backward(rec, cts_out)
         except MissingRuleError as err:
             raise with_call_site(err, eqn) from None
     if rec.sub is NO_RULE:

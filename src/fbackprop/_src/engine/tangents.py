@@ -17,7 +17,7 @@ from typing import Callable
 from .. import compat, staging
 from ..registry import call_handlers_forward, foreign_rules, jvp_rules, missing_rule_error, \
     nondiff_primitives, is_differentiable_dtype
-from . import context
+from .. import context
 from .recording import StagingCalls, ValueTracer, stage_call
 
 
@@ -134,19 +134,19 @@ zero_tangent = compat.zero_tangent
 # ------------------------------------------------------- define-by-run forward mode
 class TangentTracer(ValueTracer):
     """A primal value with a nonzero tangent."""
-    __slots__ = ["primal", "tangent"]
+    __slots__ = ["_fb_primal", "_fb_tangent"]
 
     def __init__(self, trace, primal, tangent):
         super().__init__(trace, compat.typeof(primal))
-        self.primal = primal
-        self.tangent = tangent
+        self._fb_primal = primal
+        self._fb_tangent = tangent
 
-    def _value(self):
-        return self.primal
+    def _fb_value(self):
+        return self._fb_primal
 
     def _contents(self):
         # Marks this value as differentiated for jax.closure_convert (see compat).
-        return [("primal", self.primal), ("differentiated", compat.DIFFERENTIATED)]
+        return [("primal", self._fb_primal), ("differentiated", compat.DIFFERENTIATED)]
 
 
 class TangentTrace(StagingCalls, compat.Trace):
@@ -161,8 +161,8 @@ class TangentTrace(StagingCalls, compat.Trace):
         primals, tangents = [], []
         for x in tracers:
             if type(x) is TangentTracer and x._trace is self:
-                primals.append(x.primal)
-                tangents.append(x.tangent)
+                primals.append(x._fb_primal)
+                tangents.append(x._fb_tangent)
             else:
                 primals.append(x)
                 tangents.append(None)
@@ -273,8 +273,8 @@ def push_tangents(fun: Callable, args_tree, primals: list, tangents: list) -> tu
     outs, touts = [], []
     for x in out_leaves:
         if type(x) is TangentTracer and x._trace is trace:
-            outs.append(x.primal)
-            touts.append(x.tangent)
+            outs.append(x._fb_primal)
+            touts.append(x._fb_tangent)
         else:
             outs.append(x)
             touts.append(None)

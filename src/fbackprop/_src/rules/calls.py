@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import compat, staging
-from ..engine import context, recording, sweeps
+from .. import context
+from ..engine import recording, sweeps
 from ..engine import tangents as tangents_mod
 from ..engine.recording import custom_vjp_forward_error
 from ..registry import (KnownCustomJVP, call_handlers_forward, call_handlers_linear,

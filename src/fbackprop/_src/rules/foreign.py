@@ -27,7 +27,8 @@ import jax
 
 from .. import compat
 from .. import registry
-from ..engine import context, sweeps
+from .. import context
+from ..engine import sweeps
 from ..registry import MissingRuleError
 
 # The tables JAX keeps of other libraries' rules (read, never written here).
@@ -41,7 +42,18 @@ class ForeignRules:
         self.prim, self.jvp, self.transpose, self.owner = prim, jvp, transpose, owner
 
 
+def _is_jax_module(module: str) -> bool:
+    return module == "jax" or module.startswith(("jax.", "jaxlib"))
+
+
 def _module_of(fn) -> str:
+    if isinstance(fn, functools.partial):
+        # ``ad.defjvp(p, rule)`` registers ``partial(standard_jvp, [rule], p)``:
+        # whose rule it is shows in the functions the partial holds.
+        held = [fn.func] + [f for a in fn.args
+                            for f in (a if isinstance(a, (list, tuple)) else [a]) if callable(f)]
+        modules = [_module_of(f) for f in held]
+        return next((m for m in modules if m and not _is_jax_module(m)), modules[0])
     return getattr(fn, "__module__", None) or ""
 
 
@@ -68,8 +80,7 @@ def _owner(fn) -> str:
 
 
 def _is_jax_own(fn) -> bool:
-    module = _module_of(fn)
-    return module == "jax" or module.startswith(("jax.", "jaxlib"))
+    return _is_jax_module(_module_of(fn))
 
 
 @functools.lru_cache(maxsize=None)

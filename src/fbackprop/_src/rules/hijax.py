@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import compat
-from ..engine import sweeps as reverse
+from ..engine import recording, sweeps
 from ..engine import tangents as _forward
 from ..engine.recording import custom_vjp_forward_error
 from ..registry import MissingRuleError, call_handlers_forward, call_handlers_reverse, \
@@ -255,11 +255,11 @@ class CustomVmapCall(CallHandler):
         cts = [cts_out[j] for j in present]
 
         def body(*args):
-            _, tape = reverse.forward(call.jaxpr, call.consts, list(args[:n]), active)
+            _, tape = sweeps.forward(call.jaxpr, call.consts, list(args[:n]), active)
             full = [None] * len(cts_out)
             for j, ct in zip(present, args[n:]):
                 full[j] = ct
-            in_cts = reverse.backward(tape, full)
+            in_cts = sweeps.backward(tape, full)
             return [compat.zeros_like_aval(compat.typeof(args[i])) if in_cts[i] is None
                     else in_cts[i] for i in wrt]
 
@@ -276,7 +276,10 @@ class CustomVmapCall(CallHandler):
                 out_batched[:] = batched_out
                 return [outs[j] for j in present]
 
-            outs, vjp_fn = _api().vjp(rule_fn, *[args[i] for i in wrt])
+            leaves = [args[i] for i in wrt]
+            run = recording.record(
+                rule_fn, jax.tree_util.tree_structure((tuple(range(len(leaves))), {})),
+                leaves, [True] * len(leaves))
             # A cotangent batched where the rule's output is not is summed over the
             # batch (that output is the same for every member); one unbatched where
             # the output is batched is the same for every member.
@@ -287,7 +290,9 @@ class CustomVmapCall(CallHandler):
                 elif b and not out_batched[j]:
                     ct = jnp.sum(ct, axis=0)
                 adjusted.append(ct)
-            in_cts = vjp_fn(adjusted)
+            in_cts = sweeps.backward(run.tape, adjusted)
+            in_cts = [compat.zeros_like_aval(compat.typeof(x)) if ct is None else ct
+                      for x, ct in zip(leaves, in_cts)]
             return tuple(in_cts), tuple(x_b[i] for i in wrt)
 
         specs = [compat.spec_of(x) for x in xs + cts]
@@ -298,11 +303,6 @@ class CustomVmapCall(CallHandler):
         for i, ct in zip(wrt, outs):
             result[i] = ct
         return result
-
-
-def _api():
-    from .. import api
-    return api
 
 
 call_handlers_reverse[compat.CUSTOM_VMAP_CALL] = CustomVmapCall()

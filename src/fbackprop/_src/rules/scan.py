@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import compat, memplan, residuals
-from ..engine import context
+from .. import context
 from ..engine import tangents as _forward
 from ..registry import call_handlers_forward, call_handlers_reverse
 from .control import _differentiable, _jvp_out_nonzero, _strong, _zeros

@@ -1,5 +1,7 @@
 """The sweep context: what decides, for the sweeps running now, which path they take.
 
+(It depends on nothing else of fbackprop, so every layer may read it.)
+
 Everything that used to be a module-level switch lives in one immutable value
 held by a :class:`contextvars.ContextVar`: a tool that watches the sweeps, a
 linear sweep transposing a custom JVP rule, an analysis that needs nested calls
@@ -47,6 +49,11 @@ class SweepContext:
         (environment variable ``FBACKPROP_EAGER_PROGRAMS=0`` turns it off).
       cache: jaxprs and joint traces may be cached (off while a plan is made:
         the same jaxpr then gives different joints).
+      call_sites: the source infos of the calls whose bodies are being swept,
+        innermost last (``compat.call_site``): reports name the calling line for
+        an equation of a library's jitted helper, which has no user frame.
+      call_tables: for a program read after its sweeps, tables from an
+        equation's traceback to the calls that ran it (``compat.calls_in``).
     """
     observers: tuple = ()
     stepping: str | None = None
@@ -58,6 +65,8 @@ class SweepContext:
     in_rule: int = 0
     eager_programs: bool = True
     cache: bool = True
+    call_sites: tuple = ()
+    call_tables: tuple = ()
 
 
 _DEFAULT = SweepContext(eager_programs=os.environ.get("FBACKPROP_EAGER_PROGRAMS", "1") != "0")
