@@ -334,8 +334,8 @@ def test_checked_grad_through_stepped_scans_matches_jax():
 
 
 def test_checked_grad_checks_a_large_scan_as_a_whole(monkeypatch):
-    from fbackprop._src import debug
-    monkeypatch.setattr(debug, "UNROLL_LIMIT", 3)
+    from fbackprop._src.rules import control
+    monkeypatch.setattr(control, "UNROLL_LIMIT", 3)
     report, _ = jax.jit(fb.checked_grad(norm_rnn))(1.0, jnp.array([1.0, 2.0, -3.0, 0.5]))
     assert report.first().primitive == "scan" and report.first().steps == ()
     assert "checked only as a whole" in report.get()

@@ -138,11 +138,15 @@ def has_user_frame(source_info) -> bool:
 
 def _reported_source_infos(source_info) -> list:
     """``[source_info]``, or, when it has no user frame, the enclosing call's
-    (the calls' that ran it, for a program read after its sweeps)."""
+    (the calls' that ran it, for a program read after its sweeps). Inside a
+    call marked ``inline`` (jax.numpy's helpers), always the call's: JAX
+    inlines those into the calling program with the call's source, and the
+    body's own tracebacks are those of whichever call traced it first."""
     ctx = _context.current()
-    if (ctx.call_sites or ctx.call_tables) and not has_user_frame(source_info):
-        if ctx.call_sites:
-            return [ctx.call_sites[-1]]
+    if ctx.call_sites:
+        site, inline = ctx.call_sites[-1]
+        return [site] if inline or not has_user_frame(source_info) else [source_info]
+    if ctx.call_tables and not has_user_frame(source_info):
         key = id(getattr(source_info, "traceback", None))
         for table in reversed(ctx.call_tables):
             if key in table:
@@ -187,7 +191,8 @@ def calls_in(jaxpr):
 def call_site(eqn: JaxprEqn):
     """While the body of the call ``eqn`` is swept (see :func:`reported_source_info`)."""
     site = reported_source_info(eqn.source_info)
-    with _context.using(call_sites=_context.current().call_sites + (site,)):
+    inline = eqn.primitive.name in JIT_NAMES and bool(eqn.params.get("inline", False))
+    with _context.using(call_sites=_context.current().call_sites + ((site, inline),)):
         yield
 
 

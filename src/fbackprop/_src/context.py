@@ -35,7 +35,8 @@ class SweepContext:
       stepping: handlers run loop steps, every branch of a ``cond`` and custom
         rules' own code in place, so observers see each of their equations with
         the step it ran in (``fb.checked_grad``); ``"all"`` also checkpoint
-        regions and custom rules, ``"scan"`` only scans.
+        regions and custom rules, ``"scan"`` only scans. Each handler reads it
+        with :func:`steps` and takes its observed path.
       in_place: nested calls (``jit``) are swept equation by equation rather than
         bound as memoized sweeps (analyses that read the traced program).
       linear: the custom JVP rule being transposed by a linear sweep (its name,
@@ -50,8 +51,9 @@ class SweepContext:
       cache: jaxprs and joint traces may be cached (off while a plan is made:
         the same jaxpr then gives different joints).
       call_sites: the source infos of the calls whose bodies are being swept,
-        innermost last (``compat.call_site``): reports name the calling line for
-        an equation of a library's jitted helper, which has no user frame.
+        innermost last, each with whether the call is an ``inline`` jit
+        (``compat.call_site``): reports name the calling line for an equation
+        of a library's jitted helper, which has no user frame.
       call_tables: for a program read after its sweeps, tables from an
         equation's traceback to the calls that ran it (``compat.calls_in``).
     """
@@ -108,6 +110,18 @@ def notify(method: str, *args) -> None:
         fn = getattr(obs, method, None)
         if fn is not None:
             fn(*args)
+
+
+def steps(kind: str, linear_ok: bool = False) -> bool:
+    """Whether a handler takes its stepped path: ``kind`` is ``"scan"`` (scans
+    are stepped for ``stepping="scan"`` and ``"all"``) or ``"all"`` (cond
+    branches, checkpoint regions, custom rules, while loops: only for
+    ``"all"``). A sweep transposing a custom JVP rule steps nothing it
+    differentiates (``linear_ok``: the step has no differentiated input)."""
+    ctx = _current.get()
+    if ctx.stepping is None or (ctx.linear is not None and not linear_ok):
+        return False
+    return ctx.stepping == "all" or kind == ctx.stepping
 
 
 def unwatched(linear_ok: bool = False) -> bool:

@@ -37,6 +37,7 @@ from . import api, compat, perturb, trace
 from . import context
 from .engine import sweeps
 from .registry import vjp_rules
+from .rules import control
 from .rules.debug import NAMED_PRIMITIVES, tag_p
 
 # ============================================================ shared machinery
@@ -913,7 +914,7 @@ class _FiniteWatch:
             self.produced.add(total)
             self.events.append(("sum", total, tuple(parts)))
 
-    # -- called by the stepped scan (_SteppedScan) around each step's sweeps
+    # -- events of the handlers' stepped paths (rules/scan.py, cond.py, calls.py)
     def enter(self, kind, index, where):
         if self._here():
             self.context.append((kind, index, where))
@@ -933,10 +934,13 @@ class _FiniteWatch:
             self.produced.add(t)
             self.events.append(("sum", t, ps))
 
+    def watch_while(self, eqn):
+        """A ``while_loop`` nothing differentiates: its body's statistics at the
+        first iteration whose carry turns non-finite (see ``WhileCall.evaluate``)."""
+        return _WhileWatch(self, eqn) if self._here() else None
+
     def while_body(self, eqn, described, stats, tail):
         """A ``while_loop``'s body statistics at its first non-finite iteration."""
-        if not self._here():
-            return
         self.inner[id(eqn)] = dict(described, offset=None, where=_short_where(eqn),
                                    extra=len(self.extra))
         self.extra.append(jnp.concatenate([stats, tail[None]]))
@@ -1069,414 +1073,40 @@ class _FiniteWatch:
 
 
 # ------------------------------------------------ looking inside loop bodies
-# checked_grad sweeps each step of a lax.scan in place (and a checkpoint region
-# like a jit), so every equation of a body is watched at every step, forward and
-# backward, with the step it ran in. Unrolling costs compile time in proportion
-# to steps x body size, so larger scans are checked as a whole.
-UNROLL_LIMIT = 20_000          # equations (body size x steps) a checked scan may unroll to
+# checked_grad steps the sweeps (context.steps: the handlers of rules/ run each
+# step of a lax.scan, each branch of a cond, checkpoint regions and custom rules
+# in place), so every equation of a body is watched at every step, forward and
+# backward, with the step it ran in; larger bodies (rules/control.UNROLL_LIMIT)
+# are checked as a whole.
+_short_where = control.short_where
 
 
-def _unrolled_size(jaxpr) -> int:
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += 1
-        if eqn.primitive.name == "scan":
-            n += eqn.params["length"] * _unrolled_size(eqn.params["jaxpr"].jaxpr)
-        else:
-            n += sum(_unrolled_size(sub) for sub in _sub_jaxprs(eqn))
-    return n
+def _describe_body(body):
+    index, avals, labels = {}, [], []
 
+    def add(v, label):
+        index[v] = len(avals)
+        avals.append(f"{_short_dtype(v.aval.dtype)}[{','.join(map(str, v.aval.shape))}]")
+        labels.append(label)
 
-_notify = context.notify
+    for k, v in enumerate(body.invars):
+        add(v, f"loop input {k}")
+    eqns = []
+    for e in body.eqns:
+        ins = [index.get(v) if type(v) is not compat.Literal else None for v in e.invars]
+        where = _short_where(e)
+        for v in e.outvars:
+            if type(v) is not compat.DropVar:
+                add(v, f"output of {e.primitive.name} at {where}")
+        eqns.append({"primitive": e.primitive.name, "source": compat.source_line(e),
+                     "code": source_code(e), "ins": ins,
+                     "outs": [index[v] for v in e.outvars if type(v) is not compat.DropVar]})
+    outvars = [index.get(v) if type(v) is not compat.Literal else None
+               for v in body.outvars]
+    order = list(index)
+    return {"eqns": tuple(eqns), "outvars": tuple(outvars), "avals": tuple(avals),
+            "labels": tuple(labels)}, order
 
-
-def _short_where(eqn) -> str:
-    return compat.source_line(eqn).split(" (")[0].rsplit("/", 1)[-1]
-
-
-class _SteppedScan:
-    """Reverse mode of ``lax.scan`` as one in-place sweep of the body per step
-    (same numbers as the scan rule; for watching each step)."""
-
-    def __init__(self, whole):
-        self.whole = whole
-
-    @staticmethod
-    def _small(eqn) -> bool:
-        p = eqn.params
-        return p["length"] > 0 and p["length"] * _unrolled_size(p["jaxpr"].jaxpr) <= UNROLL_LIMIT
-
-    def evaluate(self, eqn, invals):
-        if not self._small(eqn):
-            return compat.bind_eqn(eqn, invals)
-        return self.forward(eqn, invals, [False] * len(invals))[0]
-
-    def forward(self, eqn, invals, active):
-        p = eqn.params
-        body = p["jaxpr"]
-        nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
-        if not self._small(eqn):
-            outs, sub, out_act = self.whole.forward(eqn, invals, active)
-            return outs, ("whole", sub), out_act
-        consts, carry, xs = list(invals[:nc]), list(invals[nc:nc + nk]), list(invals[nc + nk:])
-        c_act, k_act, x_act = list(active[:nc]), list(active[nc:nc + nk]), \
-            list(active[nc + nk:])
-        n_ys = len(eqn.outvars) - nk
-        where = _short_where(eqn)
-        order = range(length - 1, -1, -1) if p["reverse"] else range(length)
-        steps, ys_at, y_act = [], {}, [False] * n_ys
-        for t in order:
-            with compat.user_context(eqn):
-                x_t = [lax.index_in_dim(x, t, keepdims=False) for x in xs]
-            for x, xt in zip(xs, x_t):
-                _notify("link", xt, [x])
-            _notify("enter", "scan", t, where)
-            try:
-                outs, tape = sweeps.forward(body.jaxpr, body.consts, consts + carry + x_t,
-                                             c_act + k_act + x_act)
-            finally:
-                _notify("exit")
-            carry = list(outs[:nk])
-            k_act = list(tape.out_active[:nk])
-            y_act = [a or b for a, b in zip(y_act, tape.out_active[nk:])]
-            ys_at[t] = list(outs[nk:])
-            steps.append((t, tape))
-        ys = []
-        for j in range(n_ys):
-            parts = [ys_at[t][j] for t in range(length)]
-            with compat.user_context(eqn):
-                y = jnp.stack(parts)
-            _notify("link", y, parts)
-            ys.append(y)
-        return carry + ys, ("steps", (steps, where)), k_act + y_act
-
-    def backward(self, record, cts_out):
-        kind, sub = record.sub
-        if kind == "whole":
-            return self.whole.backward(dataclasses.replace(record, sub=sub), cts_out)
-        steps, where = sub
-        p = record.eqn.params
-        body = p["jaxpr"].jaxpr
-        nc, nk = p["num_consts"], p["num_carry"]
-        n_xs = len(record.invals) - nc - nk
-        ct_carry, ct_ys = list(cts_out[:nk]), list(cts_out[nk:])
-        const_parts = [[] for _ in range(nc)]
-        xs_ct: dict = {}
-        for t, tape in reversed(steps):
-            cts_y = []
-            for y in ct_ys:
-                if y is None:
-                    cts_y.append(None)
-                    continue
-                with compat.user_context(record.eqn):
-                    yt = lax.index_in_dim(y, t, keepdims=False)
-                _notify("link", yt, [y])
-                cts_y.append(yt)
-            _notify("enter", "scan", t, where)
-            try:
-                cts = ct_carry + cts_y
-                _notify("seed", body.outvars, cts)
-                cts_in = sweeps.backward(tape, cts)
-                _notify("end_sweep", body, cts_in)
-            finally:
-                _notify("exit")
-            for i in range(nc):
-                if cts_in[i] is not None:
-                    const_parts[i].append(cts_in[i])
-            ct_carry = list(cts_in[nc:nc + nk])
-            xs_ct[t] = cts_in[nc + nk:]
-        result = []
-        for parts in const_parts:
-            total = None
-            for c in parts:
-                total = c if total is None else lax.add(total, c)
-            if len(parts) > 1:
-                _notify("link", total, parts)
-            result.append(total)
-        result += ct_carry
-        in_avals = [v.aval for v in body.invars]
-        for j in range(n_xs):
-            per = [xs_ct[t][j] for t in range(len(steps))]
-            if all(c is None for c in per):
-                result.append(None)
-                continue
-            aval = in_avals[nc + nk + j]
-            parts = [c if c is not None else jnp.zeros(aval.shape, aval.dtype) for c in per]
-            stacked = jnp.stack(parts)
-            _notify("link", stacked, parts)
-            result.append(stacked)
-        return [c if a else None for c, a in zip(result, record.active)]
-
-
-class _AllBranchesCond:
-    """Reverse mode of ``lax.cond``/``switch`` with every branch swept in place and
-    the taken branch's results selected (same numbers as the cond rule; for
-    watching the branch taken: a non-finite value in a branch not taken is
-    never reported)."""
-
-    def __init__(self, whole):
-        self.whole = whole
-
-    @staticmethod
-    def _small(eqn) -> bool:
-        branches = eqn.params["branches"]
-        return not any(b.jaxpr.effects for b in branches) and \
-            sum(_unrolled_size(b.jaxpr) for b in branches) <= UNROLL_LIMIT
-
-    def evaluate(self, eqn, invals):
-        if not self._small(eqn):
-            return compat.bind_eqn(eqn, invals)
-        return self.forward(eqn, invals, [False] * len(invals))[0]
-
-    def forward(self, eqn, invals, active):
-        branches = eqn.params["branches"]
-        if not self._small(eqn):
-            outs, sub, out_act = self.whole.forward(eqn, invals, active)
-            return outs, ("whole", sub), out_act
-        index, ops, act = invals[0], list(invals[1:]), list(active[1:])
-        where = _short_where(eqn)
-        kind = "cond" if len(branches) == 2 else "switch"
-        per, tapes = [], []
-        for b, branch in enumerate(branches):
-            _notify("enter", kind, b, where)
-            try:
-                outs_b, tape = sweeps.forward(branch.jaxpr, branch.consts, ops, act)
-            finally:
-                _notify("exit")
-            per.append(outs_b)
-            tapes.append(tape)
-        outs = []
-        for k in range(len(eqn.outvars)):
-            parts = [o[k] for o in per]
-            with compat.user_context(eqn):
-                out = lax.select_n(index, *[jnp.asarray(x) for x in parts]) \
-                    if len(parts) > 1 else parts[0]
-            _notify("pick", out, parts, index)
-            outs.append(out)
-        out_act = [any(t.out_active[k] for t in tapes) for k in range(len(eqn.outvars))]
-        return outs, ("branches", (tapes, where)), out_act
-
-    def backward(self, record, cts_out):
-        kind, sub = record.sub
-        if kind == "whole":
-            return self.whole.backward(dataclasses.replace(record, sub=sub), cts_out)
-        tapes, where = sub
-        branches = record.eqn.params["branches"]
-        kind = "cond" if len(branches) == 2 else "switch"
-        index = record.invals[0]
-        per = []
-        for b, (branch, tape) in enumerate(zip(branches, tapes)):
-            _notify("enter", kind, b, where)
-            try:
-                _notify("seed", branch.jaxpr.outvars, cts_out)
-                cts_in = sweeps.backward(tape, list(cts_out))
-                _notify("end_sweep", branch.jaxpr, cts_in)
-            finally:
-                _notify("exit")
-            per.append(cts_in)
-        in_avals = [v.aval for v in branches[0].jaxpr.invars]
-        result = [None]
-        for i, aval in enumerate(in_avals):
-            parts = [c[i] for c in per]
-            if all(c is None for c in parts):
-                result.append(None)
-                continue
-            parts = [c if c is not None else jnp.zeros(aval.shape, aval.dtype) for c in parts]
-            with compat.user_context(record.eqn):
-                total = lax.select_n(index, *parts) if len(parts) > 1 else parts[0]
-            _notify("pick", total, parts, index)
-            result.append(total)
-        return [c if a else None for c, a in zip(result, record.active)]
-
-
-class _WatchedWhile:
-    """``lax.while_loop`` that nothing differentiates, run with the statistics of
-    every body value kept at the first iteration whose carry turns non-finite."""
-
-    def __init__(self, whole):
-        self.whole = whole
-
-    def forward(self, eqn, invals, active):
-        return self.whole.forward(eqn, invals, active)
-
-    def backward(self, record, cts_out):
-        return self.whole.backward(record, cts_out)
-
-    @staticmethod
-    def _describe(body):
-        index, avals, labels = {}, [], []
-
-        def add(v, label):
-            index[v] = len(avals)
-            avals.append(f"{_short_dtype(v.aval.dtype)}[{','.join(map(str, v.aval.shape))}]")
-            labels.append(label)
-
-        for k, v in enumerate(body.invars):
-            add(v, f"loop input {k}")
-        eqns = []
-        for e in body.eqns:
-            ins = [index.get(v) if type(v) is not compat.Literal else None for v in e.invars]
-            where = _short_where(e)
-            for v in e.outvars:
-                if type(v) is not compat.DropVar:
-                    add(v, f"output of {e.primitive.name} at {where}")
-            eqns.append({"primitive": e.primitive.name, "source": compat.source_line(e),
-                         "code": source_code(e), "ins": ins,
-                         "outs": [index[v] for v in e.outvars if type(v) is not compat.DropVar]})
-        outvars = [index.get(v) if type(v) is not compat.Literal else None
-                   for v in body.outvars]
-        order = list(index)
-        return {"eqns": tuple(eqns), "outvars": tuple(outvars), "avals": tuple(avals),
-                "labels": tuple(labels)}, order
-
-    def evaluate(self, eqn, invals):
-        p = eqn.params
-        body_closed, cond_closed = p["body_jaxpr"], p["cond_jaxpr"]
-        body = body_closed.jaxpr
-        if body.effects or cond_closed.jaxpr.effects or _unrolled_size(body) > UNROLL_LIMIT:
-            return compat.bind_eqn(eqn, invals)
-        cn, bn = p["cond_nconsts"], p["body_nconsts"]
-        cconsts, bconsts = list(invals[:cn]), list(invals[cn:cn + bn])
-        described, order = self._describe(body)
-        n = len(order)
-        out_idx = [i for i in described["outvars"] if i is not None]
-
-        def body_fn(state):
-            carry, i, found, first, stats = state
-            env = dict(zip(body.constvars, body_closed.consts))
-            env.update(zip(body.invars, bconsts + list(carry)))
-            for e in body.eqns:
-                ins = [v.val if type(v) is compat.Literal else env[v] for v in e.invars]
-                for v, x in zip(e.outvars, compat.bind_eqn(e, ins)):
-                    if type(v) is not compat.DropVar:
-                        env[v] = x
-            new = [v.val if type(v) is compat.Literal else env[v] for v in body.outvars]
-            st = _all_stats([env[v] for v in order])
-            bad_out = jnp.any(st[jnp.array(out_idx, jnp.int32), 2:] > 0) if out_idx \
-                else jnp.array(False)
-            take = jnp.logical_and(jnp.logical_not(found), bad_out)
-            stats = jnp.where(take, st, stats)
-            first = jnp.where(take, i, first)
-            new = [compat.with_weak_type(x, bool(getattr(v.aval, "weak_type", False)))
-                   if hasattr(x, "dtype") else x for x, v in zip(new, body.outvars)]
-            return new, i + 1, jnp.logical_or(found, bad_out), first, stats
-
-        def cond_fn(state):
-            return compat.eval_jaxpr(cond_closed.jaxpr, cond_closed.consts, *cconsts,
-                                     *state[0])[0]
-
-        ft = jnp.result_type(float)
-        carry0 = [compat.with_weak_type(jnp.asarray(x), bool(getattr(v.aval, "weak_type", False)))
-                  for x, v in zip(invals[cn + bn:], body.invars[bn:])]
-        init = (carry0, jnp.int32(0), jnp.array(False), jnp.int32(-1), jnp.zeros((n, 4), ft))
-        with compat.user_context(eqn):
-            carry, _, found, first, stats = lax.while_loop(cond_fn, body_fn, init)
-        tail = jnp.stack([first.astype(ft), found.astype(ft), jnp.zeros((), ft),
-                          jnp.zeros((), ft)])
-        _notify("while_body", eqn, described, stats, tail)
-        return list(carry)
-
-
-def _remat_closed(params):
-    return compat.ClosedJaxpr(compat.remat_inner(params)[0], ())
-
-
-def _inline(get_closed):
-    """A handler sweeping a call's jaxpr in place, also when nothing is differentiated."""
-    from .rules.calls import InlineCall
-
-    class Inline(InlineCall):
-        def evaluate(self, eqn, invals):
-            closed = self.get_closed(eqn.params)
-            return sweeps.forward(closed.jaxpr, closed.consts, invals,
-                                   [False] * len(invals))[0]
-    return Inline(get_closed)
-
-
-class _WatchedCustom:
-    """A custom-rule call whose own code is swept in place on the way forward."""
-    kind = ""
-
-    def __init__(self, whole):
-        self.whole = whole
-
-    def evaluate(self, eqn, invals):
-        call = eqn.params["call_jaxpr"]
-        _notify("enter", self.kind, 0, _short_where(eqn))
-        try:
-            return sweeps.forward(call.jaxpr, call.consts, invals, [False] * len(invals))[0]
-        finally:
-            _notify("exit")
-
-
-class _WatchedCustomJVP(_WatchedCustom):
-    """``custom_jvp``: the function's own code swept in place when nothing is
-    differentiated; otherwise its JVP rule, linearized and transposed as usual
-    (its equations are seen as they run), inside a "custom_jvp" context."""
-    kind = "custom_jvp"
-
-    def forward(self, eqn, invals, active):
-        _notify("enter", self.kind, 0, _short_where(eqn))
-        try:
-            return self.whole.forward(eqn, invals, active)
-        finally:
-            _notify("exit")
-
-    def backward(self, record, cts_out):
-        _notify("enter", "custom_jvp rule", 0, _short_where(record.eqn))
-        try:
-            return self.whole.backward(record, cts_out)
-        finally:
-            _notify("exit")
-
-
-class _WatchedCustomVJP(_WatchedCustom):
-    """``custom_vjp``: the user's fwd and bwd swept in place (bwd staged first)."""
-    kind = "custom_vjp"
-
-    def forward(self, eqn, invals, active):
-        p = eqn.params
-        nc = p["num_consts"]
-        if any(active[:nc]):
-            return self.whole.forward(eqn, invals, active)
-        fwd_jaxpr, fwd_consts = p["fwd_jaxpr_thunk"].call_wrapped(*active[nc:])
-        primals = list(invals[nc:])
-        _notify("enter", "custom_vjp", 0, _short_where(eqn))
-        try:
-            outs = sweeps.forward(fwd_jaxpr, fwd_consts, primals, [False] * len(primals))[0]
-        finally:
-            _notify("exit")
-        res, outs = compat.split_custom_vjp_fwd_outputs(outs, primals, p["out_trees"])
-        _, _, bwd = compat.custom_vjp_parts(p)
-        return outs, (res, bwd, [v.aval for v in eqn.outvars]), [True] * len(outs)
-
-    def backward(self, record, cts_out):
-        from .rules.calls import _as_cotangent
-        res, bwd, out_avals = record.sub
-        present = [k for k, c in enumerate(cts_out) if c is not None]
-        cell = {}
-
-        def staged(res, cts):
-            full = [None] * len(cts_out)
-            for k, c in zip(present, cts):
-                full[k] = c
-            out = bwd(list(res), full, out_avals)
-            cell["where"] = [k for k, c in enumerate(out) if c is not None]
-            return [out[k] for k in cell["where"]]
-
-        present_cts = [cts_out[k] for k in present]
-        closed = jax.make_jaxpr(staged)(res, present_cts)
-        _notify("enter", "custom_vjp bwd", 0, _short_where(record.eqn))
-        try:
-            flat = list(res) + present_cts
-            outs = sweeps.forward(closed.jaxpr, closed.consts, flat, [False] * len(flat))[0]
-        finally:
-            _notify("exit")
-        cts = [None] * len(record.invals)
-        for k, c in zip(cell["where"], outs):
-            cts[k] = c
-        return [_as_cotangent(ct, x) if a and ct is not None else None
-                for ct, x, a in zip(cts, record.invals, record.active)]
 
 
 def _swept_in_place(eqn):
@@ -1488,26 +1118,39 @@ def _swept_in_place(eqn):
     return inner
 
 
+class _WhileWatch:
+    """Carried through a while loop's iterations: the statistics of every body
+    value at the first iteration whose carry turns non-finite."""
+
+    def __init__(self, watch, eqn):
+        self.watch, self.eqn = watch, eqn
+        self.described, self.order = _describe_body(eqn.params["body_jaxpr"].jaxpr)
+        self.out_idx = [i for i in self.described["outvars"] if i is not None]
+        self.init = (jnp.array(False), jnp.int32(-1),
+                     jnp.zeros((len(self.order), 4), jnp.result_type(float)))
+
+    def step(self, state, i, env):
+        found, first, stats = state
+        st = _all_stats([env[v] for v in self.order])
+        bad_out = jnp.any(st[jnp.array(self.out_idx, jnp.int32), 2:] > 0) if self.out_idx \
+            else jnp.array(False)
+        take = jnp.logical_and(jnp.logical_not(found), bad_out)
+        return (jnp.logical_or(found, bad_out), jnp.where(take, i, first),
+                jnp.where(take, st, stats))
+
+    def finish(self, state):
+        found, first, stats = state
+        ft = jnp.result_type(float)
+        tail = jnp.stack([first.astype(ft), found.astype(ft), jnp.zeros((), ft),
+                          jnp.zeros((), ft)])
+        self.watch.while_body(self.eqn, self.described, stats, tail)
+
+
 def stepping(checkpoints: bool = True):
     """Scans swept step by step (and, for checking, checkpoint regions swept in
-    place and every branch of a cond): the stepping handlers registered below."""
+    place, every branch of a cond, custom rules' own code): the handlers'
+    stepped paths."""
     return context.using(stepping="all" if checkpoints else "scan")
-
-
-def _register_stepping_handlers():
-    from .registry import call_handlers_reverse, stepping_handlers
-    stepping_handlers["scan"] = (_SteppedScan(call_handlers_reverse["scan"]), ("scan", "all"))
-    stepping_handlers["cond"] = (_AllBranchesCond(call_handlers_reverse["cond"]), ("all",))
-    for name in compat.REMAT_NAMES:
-        stepping_handlers[name] = (_inline(_remat_closed), ("all",))
-    stepping_handlers[compat.CUSTOM_JVP_CALL] = (
-        _WatchedCustomJVP(call_handlers_reverse[compat.CUSTOM_JVP_CALL]), ("all",))
-    stepping_handlers[compat.CUSTOM_VJP_CALL] = (
-        _WatchedCustomVJP(call_handlers_reverse[compat.CUSTOM_VJP_CALL]), ("all",))
-    stepping_handlers["while"] = (_WatchedWhile(call_handlers_reverse["while"]), ("all",))
-
-
-_register_stepping_handlers()
 
 
 class _Meta(dict):

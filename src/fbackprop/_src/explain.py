@@ -41,6 +41,7 @@ from .engine import sweeps
 from .debug import (_split_output, _trace_state, inlined_jaxpr, observing,
                     short_aval, source_code, source_parts, stepping)
 from .rules import foreign
+from .rules import scan as scan_rules
 from .rules.debug import NAMED_PRIMITIVES
 
 
@@ -328,10 +329,7 @@ def _steps_summary(values, short=False) -> str:
 
 def _stepped(eqn) -> bool:
     """Whether explain sweeps this scan step by step (its body gets rows)."""
-    from . import debug
-    return (eqn.primitive.name == "scan" and eqn.params["length"] > 0
-            and eqn.params["length"] * debug._unrolled_size(eqn.params["jaxpr"].jaxpr)
-            <= debug.UNROLL_LIMIT)
+    return eqn.primitive.name == "scan" and scan_rules._steppable(eqn)
 
 
 def _swept_in_place(eqn):

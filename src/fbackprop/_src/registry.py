@@ -57,11 +57,6 @@ call_handlers_forward: dict[str, Callable] = {}
 # tangent is differentiated through its body).
 linear_primitives: dict[str, Any] = {}
 call_handlers_linear: dict[str, Any] = {}
-# Handlers a tool steps a call primitive with while the sweep context's
-# ``stepping`` is on: ``name -> (handler, kinds)``, ``kinds`` the stepping
-# values it applies to (a scan run step by step for fb.explain and the NaN
-# checker; cond branches, checkpoint regions and custom rules for the checker).
-stepping_handlers: dict[str, tuple] = {}
 # Primitives of other libraries (lineax, equinox...), differentiated with the
 # rules those libraries register with JAX: filled by rules/foreign.py.
 foreign_rules: dict[str, Callable] = {}

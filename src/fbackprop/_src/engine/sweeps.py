@@ -16,7 +16,7 @@ fans out. Zero cotangents stay ``None``. Both sweeps are loops, so graph depth
 is bounded by memory, not by the stack.
 
 Which path a step takes (a handler's memoized sweeps or an in-place sweep, a
-linear check, a stepping handler for a tool) is read from the sweep context
+linear check, a handler's stepped path for a tool) is read from the sweep context
 (:mod:`fbackprop._src.engine.context`); observers attached there see every
 equation on the way forward and every rule application on the way back.
 """
@@ -31,7 +31,7 @@ from jax import dtypes, lax
 from .. import compat
 from ..registry import (MissingRuleError, call_handlers_linear, call_handlers_reverse,
                         foreign_rules, is_differentiable_dtype, missing_rule_error,
-                        nondiff_primitives, stepping_handlers, vjp_rules, with_call_site)
+                        nondiff_primitives, vjp_rules, with_call_site)
 from .. import context
 from .linear import check_linear
 from .tape import NO_RULE, Record, Residuals, Tape
@@ -40,16 +40,6 @@ from .tape import NO_RULE, Record, Residuals, Tape
 def _var_differentiable(v) -> bool:
     dtype = getattr(v.aval, "dtype", None)
     return dtype is not None and is_differentiable_dtype(dtype)
-
-
-def stepping_handler(ctx, name: str):
-    """The handler a tool steps ``name`` with while ``ctx.stepping`` is on, or None."""
-    if ctx.stepping is None:
-        return None
-    entry = stepping_handlers.get(name)
-    if entry is None or ctx.stepping not in entry[1]:
-        return None
-    return entry[0]
 
 
 def binds_as_is(name: str) -> bool:
@@ -102,10 +92,15 @@ def forward_eqn(eqn, invals: list, act: list, late_outvars: bool = False,
     name = eqn.primitive.name
     ctx = context.current()
     if not any(act):
-        override = stepping_handler(ctx, name)
-        if override is not None:
-            with compat.call_site(eqn):
-                return override.evaluate(eqn, invals), None, None
+        if ctx.stepping is not None:
+            # A tool steps calls nothing differentiates too: the handler's
+            # observed path runs them in place (``None``: bound as they are).
+            evaluate = getattr(call_handlers_reverse.get(name), "evaluate", None)
+            if evaluate is not None:
+                with compat.call_site(eqn):
+                    outvals = evaluate(eqn, invals)
+                if outvals is not None:
+                    return outvals, None, None
         return compat.bind_eqn(eqn, invals), None, None
     if ctx.linear is not None and not tape_only:
         check_linear(eqn, act, ctx.linear)
@@ -121,7 +116,7 @@ def forward_eqn(eqn, invals: list, act: list, late_outvars: bool = False,
         if ctx.linear is not None:
             handler = call_handlers_linear.get(name) or call_handlers_reverse.get(name)
         else:
-            handler = stepping_handler(ctx, name) or call_handlers_reverse.get(name)
+            handler = call_handlers_reverse.get(name)
         if handler is None and name not in vjp_rules:
             handler = foreign_rules["reverse_handler"](eqn.primitive, ctx.linear is not None)
         if handler is not None:

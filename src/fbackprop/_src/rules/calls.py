@@ -19,6 +19,7 @@ from ..engine import tangents as tangents_mod
 from ..engine.recording import custom_vjp_forward_error
 from ..registry import (KnownCustomJVP, call_handlers_forward, call_handlers_linear,
                         call_handlers_reverse, known_custom_jvp_of)
+from .control import short_where
 
 
 class CallHandler:
@@ -178,6 +179,16 @@ class JitCall(InlineCall):
             return super().backward(record, cts_out)
         return sub.sweeps.bwd(sub.arrays, list(cts_out))
 
+    def evaluate(self, eqn, invals):
+        """A call nothing differentiates, while a tool steps the sweeps: a jit
+        marked ``inline`` (jax.numpy's helpers, which staging inlines into the
+        enclosing program) is swept in place, so its equations are seen as in a
+        staged program; ``None`` (bound as a whole) for the others."""
+        if not (eqn.params.get("inline", False) and context.steps("scan", linear_ok=True)):
+            return None
+        closed = self.get_closed(eqn.params)
+        return sweeps.forward(closed.jaxpr, closed.consts, invals, [False] * len(invals))[0]
+
 
 for _name in compat.JIT_NAMES:
     call_handlers_reverse[_name] = JitCall(compat.jit_inner)
@@ -213,6 +224,14 @@ class CustomJVPCall(CallHandler):
     """
 
     def forward(self, eqn, invals, active):
+        if context.steps("all"):
+            # A tool looks inside custom rules: the rule's equations are seen
+            # inside a "custom_jvp" context.
+            with _inside("custom_jvp", eqn):
+                return self._forward(eqn, invals, active)
+        return self._forward(eqn, invals, active)
+
+    def _forward(self, eqn, invals, active):
         known = known_custom_jvp_of(eqn.params)
         if known is not None and context.unwatched():
             prim = eqn.primitive
@@ -252,6 +271,24 @@ class CustomJVPCall(CallHandler):
     def backward(self, record, cts_out):
         if isinstance(record.sub, KnownCustomJVP):
             return record.sub.backward(record, cts_out)
+        if context.steps("all"):
+            with _inside("custom_jvp rule", record.eqn):
+                return self._backward(record, cts_out)
+        return self._backward(record, cts_out)
+
+    def evaluate(self, eqn, invals):
+        """A call nothing differentiates, while a tool looks inside custom rules:
+        the function's own code runs in place (``None`` otherwise: bound as a
+        whole)."""
+        if not context.steps("all", linear_ok=True):
+            return None
+        with _inside("custom_jvp", eqn):
+            if "subfuns" in eqn.params:
+                return _observed(eqn.params["subfuns"][0].call_wrapped, invals)
+            call = eqn.params["call_jaxpr"]
+            return sweeps.forward(call.jaxpr, call.consts, invals, [False] * len(invals))[0]
+
+    def _backward(self, record, cts_out):
         num_consts = record.eqn.params.get("num_consts", 0)
         cts = sweeps.backward(record.sub, [None] * len(cts_out) + list(cts_out))
         context.notify("end_sweep", record.sub.program(), cts)
@@ -277,7 +314,9 @@ class CustomVJPCall(CallHandler):
     """
 
     def forward(self, eqn, invals, active):
-        _, fwd, bwd = compat.custom_vjp_parts(eqn.params)
+        num_consts, fwd, bwd = compat.custom_vjp_parts(eqn.params)
+        if context.steps("all") and not any(active[:num_consts]):
+            return self._forward_observed(eqn, invals, active)
         with compat.user_context(eqn):
             res, outs = fwd(list(invals), list(active))
         out_avals = [compat.typeof(x) for x in outs]
@@ -285,10 +324,70 @@ class CustomVJPCall(CallHandler):
 
     def backward(self, record, cts_out):
         res, bwd, out_avals = record.sub
+        if context.steps("all"):
+            return self._backward_observed(record, cts_out)
         with compat.user_context(record.eqn):
             cts = bwd(res, cts_out, out_avals)
         return [_as_cotangent(ct, x) if a and ct is not None else None
                 for ct, x, a in zip(cts, record.invals, record.active)]
+
+    # --------------------------------------------------- observed path (tools)
+    # While a tool looks inside custom rules (``context.steps("all")``), the
+    # user's fwd (or, nothing differentiated, the function) and bwd run in
+    # place, inside "custom_vjp" and "custom_vjp bwd" contexts, so observers see
+    # each of their equations.
+    def evaluate(self, eqn, invals):
+        if not context.steps("all", linear_ok=True):
+            return None
+        with _inside("custom_vjp", eqn):
+            if "subfuns" in eqn.params:
+                return _observed(eqn.params["subfuns"][0].call_wrapped, invals)
+            call = eqn.params["call_jaxpr"]
+            return sweeps.forward(call.jaxpr, call.consts, invals, [False] * len(invals))[0]
+
+    def _forward_observed(self, eqn, invals, active):
+        p = eqn.params
+        num_consts, fwd, bwd = compat.custom_vjp_parts(p)
+        with _inside("custom_vjp", eqn):
+            if "subfuns" in p:
+                res, outs = _observed(lambda *xs: fwd(list(xs), list(active)), invals)
+            else:
+                fwd_jaxpr, fwd_consts = p["fwd_jaxpr_thunk"].call_wrapped(*active[num_consts:])
+                primals = list(invals[num_consts:])
+                flat = sweeps.forward(fwd_jaxpr, fwd_consts, primals, [False] * len(primals))[0]
+                res, outs = compat.split_custom_vjp_fwd_outputs(flat, primals, p["out_trees"])
+        return outs, (res, bwd, [compat.typeof(x) for x in outs]), [True] * len(outs)
+
+    def _backward_observed(self, record, cts_out):
+        res, bwd, out_avals = record.sub
+        n_res = len(res)
+        with _inside("custom_vjp bwd", record.eqn):
+            cts = _observed(lambda *xs: bwd(list(xs[:n_res]), list(xs[n_res:]), out_avals),
+                            list(res) + list(cts_out))
+        return [_as_cotangent(ct, x) if a and ct is not None else None
+                for ct, x, a in zip(cts, record.invals, record.active)]
+
+
+class _inside:
+    """Tells the observers that the block runs a custom rule's code (``kind``)
+    called at ``eqn``."""
+
+    def __init__(self, kind, eqn):
+        self.kind, self.eqn = kind, eqn
+
+    def __enter__(self):
+        context.notify("enter", self.kind, 0, short_where(self.eqn))
+
+    def __exit__(self, *exc):
+        context.notify("exit")
+
+
+def _observed(fn, vals):
+    """``fn(*vals)``, run so that observers see each equation it binds (in a
+    recording that differentiates nothing): the outputs, in ``fn``'s structure."""
+    tree = jax.tree_util.tree_structure((tuple(range(len(vals))), {}))
+    run = recording.record(fn, tree, list(vals), [False] * len(vals))
+    return jax.tree_util.tree_unflatten(run.out_tree, run.out_vals)
 
 
 def _as_cotangent(ct, primal):

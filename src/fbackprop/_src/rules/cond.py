@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from jax import lax
 
-from .. import compat, residuals
+from .. import compat, context, residuals
+from ..engine import sweeps
 from ..engine import tangents as _forward
 from ..registry import call_handlers_forward, call_handlers_reverse
-from .control import _differentiable, _jvp_out_nonzero, _strong, _zeros
+from . import control
+from .control import _differentiable, _jvp_out_nonzero, _strong, _zeros, short_where
 
 
 # ================================================================ cond / switch
@@ -17,6 +20,8 @@ class CondCall:
     the backward runs only the taken branch's backward part."""
 
     def forward(self, eqn, invals, active):
+        if context.steps("all") and _steppable(eqn):
+            return self._forward_branches(eqn, invals, active)
         branches = eqn.params["branches"]
         index, ops = invals[0], list(invals[1:])
         act = list(active[1:])
@@ -64,6 +69,8 @@ class CondCall:
         return list(outs), state, out_active
 
     def backward(self, record, cts_out):
+        if isinstance(record.sub, _Branches):
+            return self._backward_branches(record, cts_out)
         eqn = record.eqn
         st = record.sub
         splits, slot_of = st["splits"], st["slot_of"]
@@ -98,6 +105,88 @@ class CondCall:
         for i, ct in zip(nonzero, cts_in):
             result[1 + i] = ct
         return [c if a else None for c, a in zip(result, record.active)]
+
+
+    # --------------------------------------------------- observed path (tools)
+    # While a tool steps the sweeps (``context.steps("all")``), every branch is
+    # swept in place and the taken branch's results are selected (the same
+    # numbers): observers see each branch's equations, and are told which
+    # branch each result comes from (``"pick"``), so a non-finite value in a
+    # branch not taken is never reported.
+    def evaluate(self, eqn, invals):
+        """The stepped forward of a cond nothing differentiates (``None``: bound
+        as a whole)."""
+        if not (context.steps("all", linear_ok=True) and _steppable(eqn)):
+            return None
+        return self._forward_branches(eqn, invals, [False] * len(invals))[0]
+
+    def _forward_branches(self, eqn, invals, active):
+        branches = eqn.params["branches"]
+        index, ops, act = invals[0], list(invals[1:]), list(active[1:])
+        where = short_where(eqn)
+        kind = "cond" if len(branches) == 2 else "switch"
+        per, tapes = [], []
+        for b, branch in enumerate(branches):
+            context.notify("enter", kind, b, where)
+            try:
+                outs_b, tape = sweeps.forward(branch.jaxpr, branch.consts, ops, act)
+            finally:
+                context.notify("exit")
+            per.append(outs_b)
+            tapes.append(tape)
+        outs = []
+        for k in range(len(eqn.outvars)):
+            parts = [o[k] for o in per]
+            with compat.user_context(eqn):
+                out = lax.select_n(index, *[jnp.asarray(x) for x in parts]) \
+                    if len(parts) > 1 else parts[0]
+            context.notify("pick", out, parts, index)
+            outs.append(out)
+        out_act = [any(t.out_active[k] for t in tapes) for k in range(len(eqn.outvars))]
+        return outs, _Branches(tapes, where), out_act
+
+    def _backward_branches(self, record, cts_out):
+        tapes, where = record.sub.tapes, record.sub.where
+        branches = record.eqn.params["branches"]
+        kind = "cond" if len(branches) == 2 else "switch"
+        index = record.invals[0]
+        per = []
+        for b, (branch, tape) in enumerate(zip(branches, tapes)):
+            context.notify("enter", kind, b, where)
+            try:
+                context.notify("seed", branch.jaxpr.outvars, cts_out)
+                cts_in = sweeps.backward(tape, list(cts_out))
+                context.notify("end_sweep", branch.jaxpr, cts_in)
+            finally:
+                context.notify("exit")
+            per.append(cts_in)
+        in_avals = [v.aval for v in branches[0].jaxpr.invars]
+        result = [None]
+        for i, aval in enumerate(in_avals):
+            parts = [c[i] for c in per]
+            if all(c is None for c in parts):
+                result.append(None)
+                continue
+            parts = [c if c is not None else jnp.zeros(aval.shape, aval.dtype) for c in parts]
+            with compat.user_context(record.eqn):
+                total = lax.select_n(index, *parts) if len(parts) > 1 else parts[0]
+            context.notify("pick", total, parts, index)
+            result.append(total)
+        return [c if a else None for c, a in zip(result, record.active)]
+
+
+class _Branches:
+    """What a stepped cond keeps: each branch's tape."""
+
+    def __init__(self, tapes, where):
+        self.tapes, self.where = tapes, where
+
+
+def _steppable(eqn) -> bool:
+    """A cond small enough to sweep every branch for a tool, with no effects."""
+    branches = eqn.params["branches"]
+    return not any(b.jaxpr.effects for b in branches) and \
+        sum(control.unrolled_size(b.jaxpr) for b in branches) <= control.UNROLL_LIMIT
 
 
 call_handlers_reverse["cond"] = CondCall()

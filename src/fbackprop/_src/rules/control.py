@@ -43,10 +43,11 @@ from __future__ import annotations
 
 import weakref
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .. import compat, residuals
+from .. import compat, context, residuals, trace
 from ..engine import tangents as _forward
 from ..registry import (call_handlers_forward, call_handlers_reverse,
                         is_differentiable_dtype, nondiff_primitives)
@@ -71,6 +72,32 @@ def _strong(x):
 def _is_var(v) -> bool:
     return type(v) is not compat.Literal and type(v) is not compat.DropVar
 
+
+
+# ============================================================== stepped sweeps
+# While a tool steps the sweeps (``context.steps``: fb.explain, fb.checked_grad)
+# the handlers run each step of a scan, each branch of a cond, ... in place, so
+# observers see every equation of a body with the step it ran in. Unrolling
+# costs compile time in proportion to steps x body size, so larger loops and
+# branches run as a whole.
+UNROLL_LIMIT = 20_000          # equations (body size x steps) a stepped loop may unroll to
+
+
+def unrolled_size(jaxpr) -> int:
+    """Equations of ``jaxpr`` with every scan unrolled (sub-jaxprs counted)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        if eqn.primitive.name == "scan":
+            n += eqn.params["length"] * unrolled_size(eqn.params["jaxpr"].jaxpr)
+        else:
+            n += sum(unrolled_size(sub) for sub in trace.sub_jaxprs(eqn))
+    return n
+
+
+def short_where(eqn) -> str:
+    """``file.py:12``: an equation's source line without folders or function."""
+    return compat.source_line(eqn).split(" (")[0].rsplit("/", 1)[-1]
 
 
 _nonzero_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -142,6 +169,58 @@ class WhileCall:
             f"cannot be laid out in advance. Use lax.fori_loop with static Python int "
             f"bounds (it lowers to lax.scan, which fbackprop differentiates), or lax.scan "
             f"with a fixed length. Forward mode (fbackprop.jvp) does work on while_loop.")
+
+    # --------------------------------------------------- observed path (tools)
+    def evaluate(self, eqn, invals):
+        """A loop nothing differentiates, while a tool steps the sweeps: the body
+        runs equation by equation inside the loop, and each observer's
+        ``watch_while(eqn)`` (``None``, or an object with ``init``, ``step(state,
+        i, env) -> state`` and ``finish(state)``) carries its state through the
+        iterations (``env``: the body's variables and their values in iteration
+        ``i``). ``None`` (the loop is bound as it is) when nothing watches it."""
+        if not context.steps("all", linear_ok=True):
+            return None
+        p = eqn.params
+        body_closed, cond_closed = p["body_jaxpr"], p["cond_jaxpr"]
+        body = body_closed.jaxpr
+        if body.effects or cond_closed.jaxpr.effects or unrolled_size(body) > UNROLL_LIMIT:
+            return None
+        watches = [w for obs in context.current().observers
+                   for w in [getattr(obs, "watch_while", lambda eqn: None)(eqn)]
+                   if w is not None]
+        if not watches:
+            return None
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        cconsts, bconsts = list(invals[:cn]), list(invals[cn:cn + bn])
+
+        def weak(x, v):
+            return compat.with_weak_type(x, bool(getattr(v.aval, "weak_type", False))) \
+                if hasattr(x, "dtype") else x
+
+        def body_fn(state):
+            carry, i, states = state
+            env = dict(zip(body.constvars, body_closed.consts))
+            env.update(zip(body.invars, bconsts + list(carry)))
+            for e in body.eqns:
+                ins = [v.val if type(v) is compat.Literal else env[v] for v in e.invars]
+                for v, x in zip(e.outvars, compat.bind_eqn(e, ins)):
+                    if type(v) is not compat.DropVar:
+                        env[v] = x
+            new = [weak(v.val if type(v) is compat.Literal else env[v], v)
+                   for v in body.outvars]
+            return new, i + 1, [w.step(s, i, env) for w, s in zip(watches, states)]
+
+        def cond_fn(state):
+            return compat.eval_jaxpr(cond_closed.jaxpr, cond_closed.consts, *cconsts,
+                                     *state[0])[0]
+
+        carry0 = [weak(jnp.asarray(x), v) for x, v in zip(invals[cn + bn:], body.invars[bn:])]
+        with compat.user_context(eqn):
+            carry, _, states = lax.while_loop(
+                cond_fn, body_fn, (carry0, jnp.int32(0), [w.init for w in watches]))
+        for w, s in zip(watches, states):
+            w.finish(s)
+        return list(carry)
 
 
 call_handlers_reverse["while"] = WhileCall()

@@ -38,7 +38,7 @@ import weakref
 import jax.numpy as jnp
 from jax import lax
 
-from .. import compat, memplan, residuals
+from .. import compat, context, memplan, residuals
 from ..engine import sweeps
 
 
@@ -63,8 +63,9 @@ def split_for_policy(joint: residuals.Joint, policy) -> residuals.Split:
 
 
 class _Inlined:
-    """A checkpoint region swept in place (inside a memory-budget plan, or for
-    ``fb.explain``): the sub-tape of its equations."""
+    """A checkpoint region swept in place (inside a memory-budget plan, for
+    ``fb.explain``, or while a tool steps the sweeps): the sub-tape of its
+    equations."""
 
     def __init__(self, tape):
         self.tape = tape
@@ -82,9 +83,10 @@ class RematCall:
         in_avals = [v.aval for v in jaxpr.invars]
         consts = list(getattr(jaxpr, "consts", []))
         jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-        if memplan.planning():
+        if memplan.planning() or context.steps("all"):
             # Inside a region being planned for a memory budget, a nested
-            # checkpoint is part of that region: the outer plan decides.
+            # checkpoint is part of that region: the outer plan decides. While a
+            # tool steps the sweeps, observers see the region's equations.
             outs, tape = sweeps.forward(jaxpr, consts, invals, active)
             return outs, _Inlined(tape), tape.out_active
         marks = memplan.explain_marks()
@@ -111,6 +113,16 @@ class RematCall:
         computed = outs[joint.n_out:]
         saved = [invals[i] if kind == "input" else computed[i] for kind, i in split.saved]
         return outs[:joint.n_out], (split, saved, prevent_cse), list(joint.out_active)
+
+    def evaluate(self, eqn, invals):
+        """A region nothing differentiates, while a tool steps the sweeps: swept
+        in place (``None`` otherwise: bound as a whole)."""
+        if not context.steps("all", linear_ok=True):
+            return None
+        jaxpr, _ = compat.remat_inner(eqn.params)
+        consts = list(getattr(jaxpr, "consts", []))
+        jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+        return sweeps.forward(jaxpr, consts, invals, [False] * len(invals))[0]
 
     def backward(self, record, cts_out):
         if isinstance(record.sub, _Inlined):

@@ -9,9 +9,11 @@ from jax import lax
 
 from .. import compat, memplan, residuals
 from .. import context
+from ..engine import sweeps
 from ..engine import tangents as _forward
 from ..registry import call_handlers_forward, call_handlers_reverse
-from .control import _differentiable, _jvp_out_nonzero, _strong, _zeros
+from . import control
+from .control import _differentiable, _jvp_out_nonzero, _strong, _zeros, short_where
 from .scan_bodies import (_backward_body_jaxpr, _forward_body_jaxpr, _index,
                           _loop_invariant, _scan_joint, _scan_splits, _SegmentCall,
                           _Segments, _update)
@@ -30,6 +32,8 @@ class ScanCall:
     """
 
     def forward(self, eqn, invals, active):
+        if context.steps("scan") and _steppable(eqn):
+            return self._forward_steps(eqn, invals, active)
         # Inside a region planned for a memory budget the plan decides which
         # per-step values the loop stacks (see fbackprop._src.memplan).
         hook = memplan.scan_hook(eqn)
@@ -174,6 +178,8 @@ class ScanCall:
         return list(carry_out) + list(ys), state, out_active
 
     def backward(self, record, cts_out):
+        if isinstance(record.sub, _Steps):
+            return self._backward_steps(record, cts_out)
         if isinstance(record.sub, _Segments):
             return self._backward_segments(record, cts_out)
         return self._backward(record, cts_out)[0]
@@ -301,6 +307,122 @@ class ScanCall:
         for j, ct in zip(xs_nz, ct_xs):
             result[nc + nk + j] = ct
         return [c if a else None for c, a in zip(result, record.active)], ct_bufs_out
+
+    # --------------------------------------------------- observed path (tools)
+    # While a tool steps the sweeps (``context.steps("scan")``), a scan runs as
+    # one in-place sweep of its body per step, forward and backward (the same
+    # numbers as the loops above), and observers are told each step's context
+    # and how the steps' values make the scan's (``context.notify``).
+    def evaluate(self, eqn, invals):
+        """The stepped forward of a scan nothing differentiates (``None``: bound
+        as a whole)."""
+        if not (context.steps("scan", linear_ok=True) and _steppable(eqn)):
+            return None
+        return self._forward_steps(eqn, invals, [False] * len(invals))[0]
+
+    def _forward_steps(self, eqn, invals, active):
+        p = eqn.params
+        body = p["jaxpr"]
+        nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
+        consts, carry, xs = list(invals[:nc]), list(invals[nc:nc + nk]), list(invals[nc + nk:])
+        c_act, k_act, x_act = list(active[:nc]), list(active[nc:nc + nk]), \
+            list(active[nc + nk:])
+        n_ys = len(eqn.outvars) - nk
+        where = short_where(eqn)
+        order = range(length - 1, -1, -1) if p["reverse"] else range(length)
+        steps, ys_at, y_act = [], {}, [False] * n_ys
+        for t in order:
+            with compat.user_context(eqn):
+                x_t = [lax.index_in_dim(x, t, keepdims=False) for x in xs]
+            for x, xt in zip(xs, x_t):
+                context.notify("link", xt, [x])
+            context.notify("enter", "scan", t, where)
+            try:
+                outs, tape = sweeps.forward(body.jaxpr, body.consts, consts + carry + x_t,
+                                            c_act + k_act + x_act)
+            finally:
+                context.notify("exit")
+            carry = list(outs[:nk])
+            k_act = list(tape.out_active[:nk])
+            y_act = [a or b for a, b in zip(y_act, tape.out_active[nk:])]
+            ys_at[t] = list(outs[nk:])
+            steps.append((t, tape))
+        ys = []
+        for j in range(n_ys):
+            parts = [ys_at[t][j] for t in range(length)]
+            with compat.user_context(eqn):
+                y = jnp.stack(parts)
+            context.notify("link", y, parts)
+            ys.append(y)
+        return carry + ys, _Steps(steps, where), k_act + y_act
+
+    def _backward_steps(self, record, cts_out):
+        steps, where = record.sub.steps, record.sub.where
+        p = record.eqn.params
+        body = p["jaxpr"].jaxpr
+        nc, nk = p["num_consts"], p["num_carry"]
+        n_xs = len(record.invals) - nc - nk
+        ct_carry, ct_ys = list(cts_out[:nk]), list(cts_out[nk:])
+        const_parts = [[] for _ in range(nc)]
+        xs_ct: dict = {}
+        for t, tape in reversed(steps):
+            cts_y = []
+            for y in ct_ys:
+                if y is None:
+                    cts_y.append(None)
+                    continue
+                with compat.user_context(record.eqn):
+                    yt = lax.index_in_dim(y, t, keepdims=False)
+                context.notify("link", yt, [y])
+                cts_y.append(yt)
+            context.notify("enter", "scan", t, where)
+            try:
+                cts = ct_carry + cts_y
+                context.notify("seed", body.outvars, cts)
+                cts_in = sweeps.backward(tape, cts)
+                context.notify("end_sweep", body, cts_in)
+            finally:
+                context.notify("exit")
+            for i in range(nc):
+                if cts_in[i] is not None:
+                    const_parts[i].append(cts_in[i])
+            ct_carry = list(cts_in[nc:nc + nk])
+            xs_ct[t] = cts_in[nc + nk:]
+        result = []
+        for parts in const_parts:
+            total = None
+            for c in parts:
+                total = c if total is None else lax.add(total, c)
+            if len(parts) > 1:
+                context.notify("link", total, parts)
+            result.append(total)
+        result += ct_carry
+        in_avals = [v.aval for v in body.invars]
+        for j in range(n_xs):
+            per = [xs_ct[t][j] for t in range(len(steps))]
+            if all(c is None for c in per):
+                result.append(None)
+                continue
+            aval = in_avals[nc + nk + j]
+            parts = [c if c is not None else jnp.zeros(aval.shape, aval.dtype) for c in per]
+            stacked = jnp.stack(parts)
+            context.notify("link", stacked, parts)
+            result.append(stacked)
+        return [c if a else None for c, a in zip(result, record.active)]
+
+
+class _Steps:
+    """What a stepped scan keeps: per step, in run order, ``(t, tape)``."""
+
+    def __init__(self, steps, where):
+        self.steps, self.where = steps, where
+
+
+def _steppable(eqn) -> bool:
+    """A scan small enough to run step by step for a tool (``control.UNROLL_LIMIT``)."""
+    p = eqn.params
+    return p["length"] > 0 and \
+        p["length"] * control.unrolled_size(p["jaxpr"].jaxpr) <= control.UNROLL_LIMIT
 
 
 call_handlers_reverse["scan"] = ScanCall()
