@@ -318,3 +318,27 @@ def test_saved_residuals_name_the_line_calling_a_jitted_helper():
     both = [r for r in res if r.primitive == "sub"]
     assert both and all(f"test_explain.py:{first}" in r.source and
                         f"test_explain.py:{first + 1}" in r.source for r in both)
+
+
+def test_the_tools_run_python_control_flow_on_values_as_fb_grad_does():
+    # The tools record the function as fb.grad runs it: eagerly, a branch on a
+    # differentiated value takes the side the value selects.
+    def f(x):
+        if x > 0:
+            return jnp.sin(x) * 2.0
+        return jnp.cos(x)
+
+    for x in (0.5, -0.5):
+        want = jax.grad(f)(x)
+        ex = fb.explain(f, x)
+        assert [r.primitive for r in ex.rows if r.primitive in ("sin", "cos")] == \
+            (["sin"] if x > 0 else ["cos"])
+        np.testing.assert_allclose(ex.inputs[0].grad, want, rtol=1e-6)
+        report, g = fb.checked_grad(f)(x)
+        assert report.ok
+        np.testing.assert_allclose(g, want, rtol=1e-6)
+        g, inter = fb.grad_and_intermediates(lambda x: fb.tag(f(x), "y") ** 2)(x)
+        np.testing.assert_allclose(inter["y"], 2 * f(x), rtol=1e-6)
+        np.testing.assert_allclose(g, 2 * f(x) * want, rtol=1e-6)
+    res = fb.saved_residuals(lambda x: jnp.sum(jnp.sin(jnp.sin(x))), jnp.ones(3))
+    assert [(r.kind, r.primitive) for r in res] == [("argument", None), ("intermediate", "sin")]

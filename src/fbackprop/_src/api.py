@@ -189,34 +189,16 @@ class _Inputs:
         return [a is not None and jnp.issubdtype(a.dtype, jnp.inexact)
                 for a in self.diff_avals]
 
+    def static(self) -> list:
+        """Per leaf: neither differentiated nor an array or number (a string, a
+        callable...): the tools pass it to the function as it is."""
+        return [not d and not _is_array_leaf(x) for x, d in zip(self.leaves, self.diff)]
+
     def grads(self, cts, diff_argnums):
         """One gradient pytree per entry of ``diff_argnums`` from one cotangent
         (``None`` = zero) per leaf."""
         return grads_per_argument(self.diff_avals, self.arg_index, cts, self.arg_trees,
                                   diff_argnums)
-
-
-class _Program(_Inputs):
-    """The arguments plus the function traced to a jaxpr (for the tools that read
-    the jaxpr: explain, saved_residuals, the debugging sweeps)."""
-
-    def __init__(self, fun, args, kwargs, diff_argnums, api, holomorphic=False,
-                 allow_int=False, vjp_mode=False):
-        super().__init__(args, kwargs, diff_argnums, api, holomorphic, allow_int, vjp_mode)
-        static = [not d and not _is_array_leaf(x) for x, d in zip(self.leaves, self.diff)]
-        self.static = static
-        self.dyn = [x for x, s in zip(self.leaves, static) if not s]
-        self.dyn_diff = [d for d, s in zip(self.diff, static) if not s]
-        self.traced = trace.trace_flat(fun, self.in_tree, self.leaves, static,
-                                       what=getattr(fun, "__name__", "fun"))
-        self.active = [a for a, s in zip(_Inputs.active(self), static) if not s]
-
-    def diff_cts_to_tree(self, dyn_cts, args, diff_argnums):
-        """Per differentiated argument, in the order of ``diff_argnums``, the pytree
-        of its gradients (``dyn_cts``: one per non-static leaf)."""
-        it = iter(dyn_cts)
-        cts = [None if s else next(it) for s in self.static]
-        return self.grads(cts, diff_argnums)
 
 
 def grads_per_argument(diff_avals, arg_index, cts, arg_trees, diff_argnums):

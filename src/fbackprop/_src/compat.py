@@ -203,11 +203,42 @@ def user_context(eqn: JaxprEqn):
 
 
 def bind_eqn(eqn: JaxprEqn, invals: list) -> list:
-    """Apply an equation's primitive to values in the current trace; always a list."""
+    """Apply an equation's primitive to values in the current trace; always a list.
+
+    Also for a custom_jvp / custom_vjp call recorded define-by-run, whose
+    parameters hold the bind's Python functions (``subfuns``)."""
+    if "subfuns" in eqn.params:
+        params = {k: v for k, v in eqn.params.items() if k != "name"}
+        return bind_in(current_trace(), eqn.primitive, list(invals), params)
     params = eqn.primitive.get_bind_params(eqn.params)
     with user_context(eqn):
         out = eqn.primitive.bind(*invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def staged_away(eqn: JaxprEqn, invals: list) -> list | None:
+    """What JAX's staging (``jax.make_jaxpr``) makes of an equation it does not
+    keep, so a tool reading a define-by-run recording shows what a staged
+    program shows: ``None`` when staging keeps the equation; otherwise, per
+    output, the index of the input it passes on (a no-op conversion), or
+    ``None`` for a constant it computes (a Python scalar converted to an array).
+    """
+    from jax._src.interpreters import partial_eval as pe
+    prim = eqn.primitive
+    fold = pe.const_fold_rules.get(prim)
+    if fold is not None and not any(is_tracer(x) for x in invals):
+        try:
+            out = fold(list(invals), eqn.params, [v.aval for v in eqn.outvars])
+        except Exception:  # noqa: BLE001 - a rule that cannot fold these keeps the eqn
+            out = None
+        if out is not None:
+            return [None] * len(eqn.outvars)
+    forward = pe.forwarding_rules.get(prim)
+    if forward is not None and prim.name not in JIT_NAMES:
+        index, kept = forward(eqn)
+        if kept is None:
+            return list(index)
+    return None
 
 
 def bind(prim: Primitive, *args, **params):

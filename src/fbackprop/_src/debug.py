@@ -35,7 +35,7 @@ from jax import lax, tree_util
 
 from . import api, compat, perturb, trace
 from . import context
-from .engine import sweeps
+from .engine import recording, sweeps
 from .registry import vjp_rules
 from .rules import control
 from .rules.debug import NAMED_PRIMITIVES, tag_p
@@ -61,6 +61,10 @@ def inlined_jaxpr(eqn):
     name = eqn.primitive.name
     if name in compat.JIT_NAMES:
         return compat.jit_inner(eqn.params).jaxpr
+    if name in compat.CALL_BODIES:
+        # A call a define-by-run recording staged (core.call, shard_map, an
+        # eager custom_jvp function): its body is swept in place.
+        return compat.CALL_BODIES[name](eqn.params).jaxpr
     # Checkpoint regions, loops and custom rules run their own programs.
     return None
 
@@ -121,11 +125,6 @@ def leaf_labels(args, kwargs, static) -> list[str]:
         head = "args" if path[0].idx == 0 else "kwargs"
         labels.append(head + tree_util.keystr(path[1:]))
     return labels
-
-
-def _split_output(traced, has_aux: bool, api_name: str):
-    """(main_tree, aux_tree) of a traced scalar-loss function, checked like fb.grad."""
-    return api.split_scalar_output(traced.out_tree, traced.out_avals, has_aux, api_name)
 
 
 # ================================================================= 1. tags
@@ -207,12 +206,8 @@ def _alternatives(a: TagSite, b: TagSite) -> bool:
     return False
 
 
-def find_tags(jaxpr, names: Sequence[str] | None = None) -> list[TagSite]:
-    """Every ``tag``/``checkpoint_name`` in ``jaxpr`` (and its sub-jaxprs), in order.
-
-    The same name in different branches of one ``cond``/``switch`` is one tag.
-    Raises ValueError when a selected name occurs more than once otherwise.
-    """
+def tag_sites(jaxpr, blocked_by=None, path=()) -> list[TagSite]:
+    """Every ``tag``/``checkpoint_name`` in ``jaxpr`` and its sub-jaxprs, in order."""
     sites: list[TagSite] = []
 
     def walk(j, blocked_by, path):
@@ -229,7 +224,17 @@ def find_tags(jaxpr, names: Sequence[str] | None = None) -> list[TagSite]:
                 for sub in _sub_jaxprs(eqn):
                     walk(sub, blocked_by or eqn.primitive.name, path + ((id(eqn), None),))
 
-    walk(jaxpr, None, ())
+    walk(jaxpr, blocked_by, path)
+    return sites
+
+
+def select_tags(sites: list[TagSite], names: Sequence[str] | None = None) -> list[TagSite]:
+    """The sites of the selected names (default: all), one per name.
+
+    The same name in different branches of one ``cond``/``switch`` is one tag.
+    Raises ValueError when a selected name is not found, or occurs more than
+    once otherwise.
+    """
     if names is not None:
         wanted = set(names)
         missing = sorted(wanted - {s.name for s in sites})
@@ -263,27 +268,125 @@ def find_tags(jaxpr, names: Sequence[str] | None = None) -> list[TagSite]:
     return unique
 
 
-class _TagCollector:
-    """Observer keeping the cotangent that arrives at each tagged value."""
+class _Tags:
+    """Observer of :func:`grad_and_intermediates`: the cotangent arriving at each
+    tagged value of the recording.
 
-    def __init__(self, sites):
-        self.by_eqn = {id(s.eqn): s for s in sites}
+    A tag the recording binds itself (or sweeps in place, in a nested jit) is
+    seen on the way forward and its cotangent read on the way back, before its
+    hook. A tag inside a loop, branch or checkpoint body lives in a program the
+    body's handler runs as a whole: :meth:`rewrite` adds a perturbation input
+    at it (:mod:`fbackprop._src.perturb`, applied to the one equation holding
+    the body) as an input of the recording, whose cotangent the backward sweep
+    returns.
+    """
+
+    def __init__(self, names, parent):
+        self.names = None if names is None else set(names)
+        self.parent = parent                 # the trace the recording runs in
         self.state = _trace_state()
-        self.seen: set = set()
+        self.sites: list[TagSite] = []       # every tag met, in order
+        self.top: dict = {}                  # id(eqn) -> site: read off the sweeps
         self.cts: dict = {}
+        self.eps: list = []                  # perturbation inputs (perturb.Eps), in order
+        self.depth = 0                       # inside custom rules (their own code)
+        self.rewriting = False
+        self.recording = True
 
     def _here(self) -> bool:
         return self.state is None or _trace_state() == self.state
 
+    def enter(self, kind, index, where):
+        self.depth += 1
+
+    def exit(self):
+        self.depth -= 1
+
     def on_forward(self, eqn, invals, outvals):
-        site = self.by_eqn.get(id(eqn))
-        if site is not None and self._here():
-            self.seen.add(site.name)
+        if eqn.primitive.name in NAMED_PRIMITIVES and not self.depth and self._here():
+            site = TagSite(str(eqn.params["name"]), eqn, None)
+            self.sites.append(site)
+            self.top[id(eqn)] = site
 
     def on_backward(self, eqn, cts_out, cts_in, record):
-        site = self.by_eqn.get(id(eqn))
+        site = self.top.get(id(eqn))
         if site is not None and self._here():
             self.cts[site.name] = cts_out[0]      # before the tag's hook, if any
+
+    def _wanted(self, sites) -> set:
+        names = {s.name for s in sites}
+        return names if self.names is None else names & self.names
+
+    def rewrite(self, trace, prim, params, tracers):
+        """A body holding selected tags gets their perturbation inputs."""
+        if (self.rewriting or not self.recording or trace.parent is not self.parent
+                or trace.linear is not None):
+            return None
+        if prim.name in (compat.CUSTOM_JVP_CALL, compat.CUSTOM_VJP_CALL):
+            self._custom_call(trace, prim, params, tracers)
+            return None
+        if not any(True for _ in _sub_jaxprs(_ParamsOnly(params))):
+            return None
+        vals = trace.unpack(tracers)[0]
+        invars = [compat.Var(compat.typeof(x)) for x in vals]
+        eqn = compat.typed_eqn(prim, params, invars, compat.current_source_info())
+        one = compat.new_jaxpr([], invars, list(eqn.outvars), [eqn])
+        inside = [s for s in tag_sites(one) if s.blocked_by is not None]
+        self.sites.extend(inside)
+        wanted = self._wanted(inside)
+        if not wanted:
+            return None
+        closed, eps = perturb.perturbed(compat.ClosedJaxpr(one, []), wanted)
+        if not eps:
+            return None
+        with compat.set_current_trace(trace.parent):
+            zeros = [jnp.zeros(e.aval.shape, e.aval.dtype) for e in eps]
+        added = [trace.new_input(z) for z in zeros]
+        self.eps += eps
+        self.rewriting = True
+        try:
+            with compat.set_current_trace(trace):
+                outs = compat.eval_jaxpr(closed.jaxpr, closed.consts, *tracers, *added)
+        finally:
+            self.rewriting = False
+        return outs if prim.multiple_results else outs[0]
+
+    def _custom_call(self, trace, prim, params, tracers):
+        """A tag inside a custom_jvp / custom_vjp function has no cotangent of its
+        own (the custom rule replaces that code's derivative): a clear error.
+        The call is staged to look inside it (and its functions made ready to
+        run again)."""
+        subfuns = params["subfuns"]
+        rest = {k: v for k, v in params.items() if k != "subfuns"}
+        if prim.name == compat.CUSTOM_JVP_CALL:
+            def process(t, xs):
+                return t.process_custom_jvp_call(prim, *subfuns, xs, **rest)
+        else:
+            def process(t, xs):
+                return t.process_custom_vjp_call(prim, *subfuns, xs, **rest)
+        jaxpr = recording.stage_call(process, trace.unpack(tracers)[0])[0]
+        for f in subfuns:
+            compat.reset_stores(f)
+        sites = tag_sites(jaxpr)
+        self.sites.extend(s for s in sites if s.blocked_by is not None)
+        wanted = self._wanted(sites)
+        if wanted:
+            perturb.make_plan(jaxpr, wanted, True)     # raises the error
+
+    def intermediates(self, tape, eps_cts) -> dict:
+        """Per selected tag name, its cotangent (checked by :func:`select_tags`)."""
+        sites = select_tags(self.sites, self.names)
+        found = _collect([s for s in sites if s.blocked_by is None], self, tape)
+        for e, ct in zip(self.eps, eps_cts):
+            found[e.name] = ct if ct is not None else jnp.zeros(e.aval.shape, e.aval.dtype)
+        return {s.name: found[s.name] for s in sites if s.name in found}
+
+
+class _ParamsOnly:
+    """An object with an equation's ``params`` (to look for its sub-jaxprs)."""
+
+    def __init__(self, params):
+        self.params = params
 
 
 def _recorded_eqns(tape) -> set:
@@ -297,20 +400,16 @@ def _recorded_eqns(tape) -> set:
     return ids
 
 
-def _collect(sites, collector, tape) -> dict:
+def _collect(sites, tags, tape) -> dict:
     recorded = None
     out = {}
     for s in sites:
         aval = s.eqn.outvars[0].aval
         if not jnp.issubdtype(aval.dtype, jnp.inexact):
             continue                      # integer/bool values carry no cotangent
-        if s.name in collector.cts:
-            out[s.name] = collector.cts[s.name]
+        if s.name in tags.cts:
+            out[s.name] = tags.cts[s.name]
             continue
-        if s.name not in collector.seen:
-            raise NotImplementedError(
-                f"grad_and_intermediates: tag '{s.name}' (at {s.where}) was not reached by "
-                f"fbackprop's forward sweep, so its cotangent is not available.")
         if recorded is None:
             recorded = _recorded_eqns(tape)
         if id(s.eqn) not in recorded:
@@ -322,6 +421,35 @@ def _collect(sites, collector, tape) -> dict:
                 f"function's arguments.")
         out[s.name] = jnp.zeros(aval.shape, aval.dtype)    # does not reach the loss
     return out
+
+
+def run_intermediates(fun, argnums, has_aux, names, api_name, args, kwargs):
+    """``(grads, intermediates, aux or None, tags)``: what
+    :func:`grad_and_intermediates` returns, from one recording of ``fun``, and
+    its tag observer (``tags.eps``: the tags inside loop bodies, with their
+    steps)."""
+    nums = api._normalize_argnums(argnums, len(args), api_name)
+    inputs = api._Inputs(args, kwargs, nums, api_name)
+    static = inputs.static()
+    # Every float input is active, so a tagged value that depends only on a
+    # non-differentiated argument is on the tape too.
+    active = [not s and jnp.issubdtype(api._dtype_of(x), jnp.inexact)
+              for x, s in zip(inputs.leaves, static)]
+    tags = _Tags(names, compat.current_trace())
+    with observing(tags):
+        run = recording.record(fun, inputs.in_tree, inputs.leaves, active)
+        tags.recording = False
+        trace.check_outputs(run.out_tree, run.out_vals, getattr(fun, "__name__", "fun"))
+        _, aux_tree = api.split_scalar_output(run.out_tree, run.out_vals, has_aux, api_name)
+        outs = run.out_vals
+        one = jnp.ones((), api._dtype_of(outs[0]))
+        cts = sweeps.backward(run.tape, [one] + [None] * (len(outs) - 1))
+    n = len(inputs.leaves)
+    inter = tags.intermediates(run.tape, cts[n:])
+    grads = inputs.grads([ct if d else None for ct, d in zip(cts[:n], inputs.diff)], nums)
+    grads = grads[0] if isinstance(argnums, (int, np.integer)) else tuple(grads)
+    aux = tree_util.tree_unflatten(aux_tree, outs[1:]) if has_aux else None
+    return grads, inter, aux, tags
 
 
 def grad_and_intermediates(fun: Callable, argnums: int | Sequence[int] = 0,
@@ -371,48 +499,10 @@ def grad_and_intermediates(fun: Callable, argnums: int | Sequence[int] = 0,
 
     @functools.wraps(fun)
     def wrapped(*args, **kwargs):
-        nums = api._normalize_argnums(argnums, len(args), api_name)
-        prog = api._Program(fun, args, kwargs, nums, api_name)
-        traced = prog.traced
-        main_tree, aux_tree = _split_output(traced, has_aux, api_name)
-        closed = traced.closed
-        sites = find_tags(closed.jaxpr, names)
-        # Tags inside loop, branch and checkpoint bodies are read off the
-        # gradients of perturbation inputs (see fbackprop._src.perturb); the
-        # others straight off the sweep.
-        nested = [s.name for s in sites if s.blocked_by is not None]
-        closed_p, eps = perturb.perturbed(closed, nested) if nested else (closed, [])
-        top_names = [s.name for s in sites if s.blocked_by is None]
-        top_sites = [s for s in find_tags(closed_p.jaxpr, top_names) if s.blocked_by is None] \
-            if top_names else []
-        # Every float input is active, so a tagged value that depends only on a
-        # non-differentiated argument is on the tape too.
-        active = tuple(jnp.issubdtype(api._dtype_of(x), jnp.inexact) for x in prog.dyn)
-        n_dyn = len(prog.dyn)
-
-        def make_run():
-            def run(dyn):
-                collector = _TagCollector(top_sites)
-                zeros = [jnp.zeros(e.aval.shape, e.aval.dtype) for e in eps]
-                with observing(collector):
-                    outs, tape = sweeps.forward(closed_p.jaxpr, closed_p.consts,
-                                                 list(dyn) + zeros,
-                                                 active + (True,) * len(eps))
-                    one = jnp.ones((), api._dtype_of(outs[0]))
-                    cts = sweeps.backward(tape, [one] + [None] * (len(outs) - 1))
-                found = _collect(top_sites, collector, tape)
-                for e, zero, ct in zip(eps, zeros, cts[n_dyn:]):
-                    found[e.name] = ct if ct is not None else zero
-                inter = {s.name: found[s.name] for s in sites if s.name in found}
-                return outs, cts[:n_dyn], inter
-            return run
-
-        outs, cts, inter = make_run()(prog.dyn)
-        cts = [ct if d else None for ct, d in zip(cts, prog.dyn_diff)]
-        grads = prog.diff_cts_to_tree(cts, args, nums)
-        grads = grads[0] if isinstance(argnums, (int, np.integer)) else tuple(grads)
+        grads, inter, aux, _ = run_intermediates(fun, argnums, has_aux, names, api_name,
+                                                 args, kwargs)
         if has_aux:
-            return grads, inter, tree_util.tree_unflatten(aux_tree, outs[1:])
+            return grads, inter, aux
         return grads, inter
 
     return wrapped
@@ -853,7 +943,7 @@ class _FiniteWatch:
     the origin runs on the host over this static graph.
     """
 
-    def __init__(self, leaf_labels, dyn, consts):
+    def __init__(self, leaf_labels, leaves):
         self.state = _trace_state()
         self.context: list = []      # enclosing loop steps, outermost first
         self.extra: list = []        # [k, 4] rows of statistics kept by loop bodies
@@ -868,10 +958,10 @@ class _FiniteWatch:
         self.pending: dict = collections.defaultdict(list)
         self.phase = "forward"
         self.skipped = 0
-        for label, x in zip(leaf_labels, dyn):
-            self._value(x, label)
-        for k, c in enumerate(consts):
-            self._value(c, f"constant {k} captured by the function")
+        self.alive: list = []        # values only aliased in ``index`` (kept alive)
+        for label, x in zip(leaf_labels, leaves):
+            if label is not None:
+                self._value(x, label)
 
     def _here(self) -> bool:
         return self.state is None or _trace_state() == self.state
@@ -886,9 +976,37 @@ class _FiniteWatch:
         return i
 
     def _literal(self, v) -> int:
-        val = np.asarray(v.val)
-        text = _fmt_num(val) if val.size == 1 and np.isrealobj(val) else short_aval(v.val)
-        return self._value(v.val, f"literal {text}")
+        return self._constant(v.val)
+
+    def _constant(self, x) -> int:
+        """A value no equation produced: a literal (a concrete scalar), or a
+        constant the function captured, as in a staged program."""
+        if np.shape(x) == () and not compat.is_tracer(x):
+            val = np.asarray(x)
+            text = _fmt_num(val) if val.size == 1 and np.isrealobj(val) else short_aval(x)
+            return self._value(x, f"literal {text}")
+        return self._value(x, "a constant captured by the function")
+
+    def _operand(self, v, x) -> int:
+        if type(v) is compat.Literal:
+            return self._literal(v)
+        i = self.index.get(id(x))
+        return self._constant(x) if i is None else i
+
+    def _staged_away(self, eqn, invals, outvals) -> bool:
+        """An equation a staged program would not hold (a Python scalar made an
+        array, a no-op conversion): no node; its outputs are its operand or a
+        constant."""
+        away = compat.staged_away(eqn, invals)
+        if away is None:
+            return False
+        for x, k in zip(outvals, away):
+            if k is None:
+                self._constant(x)
+            else:
+                self.index[id(x)] = self._operand(eqn.invars[k], invals[k])
+                self.alive.append(x)
+        return True
 
     def _add_node(self, phase, eqn, inputs, outputs, deps=None):
         n = len(self.nodes)
@@ -983,10 +1101,10 @@ class _FiniteWatch:
         if not self._here():
             self.skipped += 1
             return
-        inputs = []
-        for k, (v, x) in enumerate(zip(eqn.invars, invals)):
-            i = self._literal(v) if type(v) is compat.Literal else self._value(x)
-            inputs.append((f"input {k}", i))
+        if self._staged_away(eqn, invals, outvals):
+            return
+        inputs = [(f"input {k}", self._operand(v, x))
+                  for k, (v, x) in enumerate(zip(eqn.invars, invals))]
         outputs = [(f"output {k}", self._value(x)) for k, x in enumerate(outvals)]
         phase = "forward" if self.phase == "forward" else "backward (re-running a custom rule)"
         self._add_node(phase, eqn, inputs, outputs)
@@ -1004,8 +1122,7 @@ class _FiniteWatch:
                 self._sum(i, v)
             inputs.append((f"upstream cotangent of output {k}", i))
         for k, (v, x) in enumerate(zip(eqn.invars, record.invals)):
-            i = self._literal(v) if type(v) is compat.Literal else self._value(x)
-            inputs.append((f"forward input {k}", i))
+            inputs.append((f"forward input {k}", self._operand(v, x)))
         for k, x in enumerate(record.outvals):
             inputs.append((f"forward output {k}", self._value(x)))
         used = _rule_uses(eqn, cts_out, record)
@@ -1173,32 +1290,32 @@ def _checked(fun, argnums, has_aux, api_name, with_value):
     @functools.wraps(fun)
     def wrapped(*args, **kwargs):
         nums = api._normalize_argnums(argnums, len(args), api_name)
-        prog = api._Program(fun, args, kwargs, nums, api_name)
-        traced = prog.traced
-        main_tree, aux_tree = _split_output(traced, has_aux, api_name)
-        closed = traced.closed
-        active = tuple(prog.active)
-        labels = leaf_labels(args, kwargs, prog.static)
+        inputs = api._Inputs(args, kwargs, nums, api_name)
+        static = inputs.static()
+        # The leaves as the function sees them (NumPy arrays as JAX arrays, as a
+        # differentiated argument is given), so the watch knows them by identity.
+        leaves = [jnp.asarray(x) if not s and isinstance(x, (np.ndarray, np.generic)) else x
+                  for x, s in zip(inputs.leaves, static)]
+        it = iter(leaf_labels(args, kwargs, static))
+        labels = [None if s else next(it) for s in static]
+        active = inputs.active()
         grad_labels = [label if a else None for label, a in zip(labels, active)]
         fun_name = getattr(fun, "__name__", "fun")
-
-        def make_run():
-            def run(dyn):
-                watch = _FiniteWatch(labels, dyn, closed.consts)
-                with observing(watch), stepping():
-                    outs, tape = sweeps.forward(closed.jaxpr, closed.consts, dyn, active)
-                    one = jnp.ones((), api._dtype_of(outs[0]))
-                    watch._value(one, "the seed cotangent 1.0")
-                    watch.phase = "backward"
-                    cts = sweeps.backward(tape, [one] + [None] * (len(outs) - 1))
-                report = watch.finish(fun_name, outs[0], cts, closed.jaxpr.invars, grad_labels)
-                return report, outs, cts
-            return run
-
-        report, outs, cts = make_run()(prog.dyn)
+        watch = _FiniteWatch(labels, leaves)
+        with observing(watch), stepping():
+            run = recording.record(fun, inputs.in_tree, leaves, active)
+            trace.check_outputs(run.out_tree, run.out_vals, fun_name)
+            _, aux_tree = api.split_scalar_output(run.out_tree, run.out_vals, has_aux,
+                                                  api_name)
+            outs = run.out_vals
+            one = jnp.ones((), api._dtype_of(outs[0]))
+            watch._value(one, "the seed cotangent 1.0")
+            watch.phase = "backward"
+            cts = sweeps.backward(run.tape, [one] + [None] * (len(outs) - 1))
+        report = watch.finish(fun_name, outs[0], cts, run.tape.jaxpr.invars, grad_labels)
         if not api._any_tracer(jax.tree_util.tree_leaves(report)):
             report.throw()
-        grads = prog.diff_cts_to_tree(cts, args, nums)
+        grads = inputs.grads(cts, nums)
         grads = grads[0] if isinstance(argnums, (int, np.integer)) else tuple(grads)
         result = grads
         if with_value:

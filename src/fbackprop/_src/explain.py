@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from . import api, compat, memplan
-from .engine import sweeps
-from .debug import (_split_output, _trace_state, inlined_jaxpr, observing,
-                    short_aval, source_code, source_parts, stepping)
+from . import api, compat, memplan, trace
+from .engine import recording, sweeps
+from .debug import (_trace_state, inlined_jaxpr, observing, short_aval, source_code,
+                    source_parts, stepping)
 from .rules import foreign
 from .rules import scan as scan_rules
 from .rules.debug import NAMED_PRIMITIVES
@@ -262,7 +262,8 @@ class Row:
 
     ``inputs`` holds one reference per operand: ``("input", j)``,
     ``("row", r, k)`` (output ``k`` of row ``r``), ``("literal", value)``,
-    ``("const", k)`` or ``("unknown",)``.
+    ``("const", k)`` (a constant the function captured) or ``("step", ref)``
+    (a scan's per-step slice of ``ref``).
     """
     index: int
     primitive: str
@@ -342,36 +343,92 @@ def _swept_in_place(eqn):
 
 
 class _Observer:
-    def __init__(self, expected, keep, input_objs, consts, marks=None,
-                 show_integer_ops=False):
-        self.expected = expected
+    """Makes the rows as the recording and its backward sweep run.
+
+    Values are kept for the rows the table and the graph show: the first
+    ``head`` rows shown, and a window of the last ``window`` ones (``None``:
+    every row keeps its values); a row that leaves the window drops them.
+    """
+
+    def __init__(self, head, window, input_objs, marks=None, show_integer_ops=False):
+        self.head, self.window = head, window
         self.show_integer_ops = show_integer_ops
         self.shown = 0               # rows shown so far
         self.marks = marks if marks is not None else {}
-        self.keep = keep
         self.state = _trace_state()
         self.rows: list[Row] = []
         self.by_key: dict = {}
         self.ref: dict = {}
         self.alive: list = []
         self.paused = False
+        self.kinds: list = []        # the enclosing steps and custom rules, innermost last
         self.context: list = []      # enclosing scan steps, outermost first
         self.row_of_eqn: dict = {}   # equations of scan bodies -> their one row
+        self.tail: collections.deque = collections.deque()   # kept rows past the head
+        self.n_consts = 0
         for j, x in enumerate(input_objs):
             self.ref[id(x)] = ("input", j)
-        for k, c in enumerate(consts):
-            self.ref[id(c)] = ("const", k)
 
     def _skip(self, eqn) -> bool:
-        return (self.paused or id(eqn) not in self.expected or _swept_in_place(eqn) is not None
+        # A custom rule's own equations (its JVP rule, run by the handler) are
+        # not the program's.
+        return (self.paused or len(self.kinds) > len(self.context)
+                or _swept_in_place(eqn) is not None
                 or (self.state is not None and _trace_state() != self.state))
 
-    # -- called by the stepped scan around each step's sweeps
+    # -- events of the handlers: scan steps, custom rules
     def enter(self, kind, step, where):
-        self.context.append((step, where))
+        self.kinds.append(kind)
+        if kind == "scan":
+            self.context.append((step, where))
 
     def exit(self):
-        self.context.pop()
+        if self.kinds.pop() == "scan":
+            self.context.pop()
+
+    def _operand(self, v, x):
+        """The reference of an operand; a value produced by no equation seen is a
+        literal (a scalar) or a constant the function captured, as in a staged
+        program."""
+        if type(v) is compat.Literal:
+            return ("literal", v.val)
+        ref = self.ref.get(id(x))
+        if ref is None:
+            ref = self._constant(x)
+        return ref
+
+    def _constant(self, x):
+        if np.shape(x) == ():
+            ref = ("literal", x)
+        else:
+            ref = ("const", self.n_consts)
+            self.n_consts += 1
+        self.ref[id(x)] = ref
+        self.alive.append(x)
+        return ref
+
+    def _staged_away(self, eqn, invals, outvals) -> bool:
+        """An equation a staged program would not hold (a Python scalar made an
+        array, a no-op conversion): no row; its outputs read as its operand or
+        a constant."""
+        away = compat.staged_away(eqn, invals)
+        if away is None:
+            return False
+        for x, k in zip(outvals, away):
+            if k is None:
+                self._constant(x)
+            else:
+                self.ref[id(x)] = self._operand(eqn.invars[k], invals[k])
+                self.alive.append(x)
+        return True
+
+    def _drop(self, r):
+        """Row ``r`` is neither among the first nor the last rows shown: its
+        values (and its code, which names rows) are not kept."""
+        row = self.rows[r]
+        row.kept, row.value, row.code = False, None, ""
+        if row.steps is not None:
+            row.steps = {}
 
     def link(self, total, parts):
         """``total`` is computed from ``parts`` outside any equation: a step's slice
@@ -395,8 +452,9 @@ class _Observer:
             row = self.rows[r]
             for k, (v, x) in enumerate(zip(eqn.invars, invals)):
                 # A carry that came in as a literal reads as the body value it is later.
-                if row.inputs[k] == ("unknown",) and type(v) is not compat.Literal:
-                    row.inputs[k] = self.ref.get(id(x), ("unknown",))
+                if row.inputs[k][0] in ("literal", "const") and type(v) is not compat.Literal \
+                        and self.ref.get(id(x), ("const",))[0] not in ("literal", "const"):
+                    row.inputs[k] = self.ref[id(x)]
             if row.kept:
                 row.steps.setdefault(self._step_key(), {})["value"] = list(outvals)
             for k, x in enumerate(outvals):
@@ -405,18 +463,20 @@ class _Observer:
             if outvals:
                 self.by_key[(id(eqn), id(outvals[0]))] = r
             return
+        if self._staged_away(eqn, invals, outvals):
+            return
         r = len(self.rows)
         plumbing = _integer_only(eqn)
         # Values are kept for the rows the table and the graph show.
-        keep = self.keep(r if self.show_integer_ops else self.shown) and not (
-            plumbing and not self.show_integer_ops)
-        self.shown += not plumbing or self.show_integer_ops
-        inputs = []
-        for v, x in zip(eqn.invars, invals):
-            if type(v) is compat.Literal:
-                inputs.append(("literal", v.val))
-            else:
-                inputs.append(self.ref.get(id(x), ("unknown",)))
+        shown = not plumbing or self.show_integer_ops
+        keep = shown
+        if shown:
+            if self.window is not None and self.shown >= self.head:
+                self.tail.append(r)
+                if len(self.tail) > self.window:
+                    self._drop(self.tail.popleft())
+            self.shown += 1
+        inputs = [self._operand(v, x) for v, x in zip(eqn.invars, invals)]
         file, line, _ = source_parts(eqn)
         name = eqn.primitive.name
         op = name + _short_params(eqn)
@@ -478,26 +538,6 @@ class _Observer:
                 row.local = None
             finally:
                 self.paused = False
-
-
-def _walk_expected(jaxpr, show_integer_ops: bool):
-    """Ids of the equations the observer reports (call bodies flattened), the row
-    count and the count of rows shown."""
-    ids, rows, shown = set(), 0, 0
-    stack = [jaxpr]
-    while stack:
-        j = stack.pop()
-        for eqn in j.eqns:
-            ids.add(id(eqn))
-            inner = _swept_in_place(eqn)
-            if inner is not None:
-                stack.append(inner)
-            else:
-                rows += 1
-                shown += show_integer_ops or not _integer_only(eqn)
-                if _stepped(eqn):
-                    stack.append(eqn.params["jaxpr"].jaxpr)
-    return ids, rows, shown
 
 
 def _input_names(fun, args, kwargs, static) -> list[str]:
@@ -1292,27 +1332,28 @@ def explain(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
             raise ValueError(f"explain: `{opt}` must be a positive int or None, got {val!r}.")
     nums = tuple(range(len(args))) if argnums is None else argnums
     nums = api._normalize_argnums(nums, len(args), "explain")
-    prog = api._Program(fun, args, kwargs, nums, "explain", allow_int=True)
-    traced = prog.traced
-    _split_output(traced, False, "explain")
-    closed = traced.closed
-    names = _input_names(fun, args, kwargs, prog.static)
+    inputs = api._Inputs(args, kwargs, nums, "explain", allow_int=True)
+    static = inputs.static()
+    names = _input_names(fun, args, kwargs, static)
     # Fresh copies: every input is a distinct object, so uses are told apart.
-    dyn = [jnp.array(x, copy=True) for x in prog.dyn]
-    active = list(prog.active)
-    expected, total, shown = _walk_expected(closed.jaxpr, show_integer_ops)
-    if max_rows is None or shown <= max_rows:
-        keep = lambda r: True  # noqa: E731
-    else:       # ``r`` counts the rows shown
-        head, tail = max_rows // 2, max_rows - max_rows // 2
-        last_drawn = shown - (max_nodes if max_nodes is not None else shown)
-        keep = lambda r: r < head or r >= shown - tail or r >= last_drawn  # noqa: E731
+    leaves = [x if s else jnp.array(x, copy=True) for x, s in zip(inputs.leaves, static)]
+    dyn = [x for x, s in zip(leaves, static) if not s]
+    active = inputs.active()
+    head = window = None
+    if max_rows is not None and max_nodes is not None:
+        head, window = max_rows // 2, max(max_rows - max_rows // 2, max_nodes)
+    what = getattr(fun, "__name__", "fun")
     with memplan.explaining() as marks, stepping(checkpoints=False):
-        obs = _Observer(expected, keep, dyn, closed.consts, marks, show_integer_ops)
+        obs = _Observer(head, window, dyn, marks, show_integer_ops)
         with observing(obs):
-            outs, tape = sweeps.forward(closed.jaxpr, closed.consts, dyn, active)
+            run = recording.record(fun, inputs.in_tree, leaves, active)
+            trace.check_outputs(run.out_tree, run.out_vals, what)
+            api.split_scalar_output(run.out_tree, run.out_vals, False, "explain")
+            outs = run.out_vals
             one = jnp.ones((), api._dtype_of(outs[0]))
-            cts = sweeps.backward(tape, [one] + [None] * (len(outs) - 1))
+            cts = sweeps.backward(run.tape, [one] + [None] * (len(outs) - 1))
+    cts = [ct for ct, s in zip(cts, static) if not s]
+    active = [a for a, s in zip(active, static) if not s]
     rows = obs.rows
     out_ref = obs.ref.get(id(outs[0]))
     if out_ref is not None and out_ref[0] == "row":
@@ -1326,8 +1367,8 @@ def explain(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
             if ref[0] == "input":
                 inputs[ref[1]].uses.append((r, g))
     _label_rows(rows, {i.name for i in inputs}, show_integer_ops)
-    return Explanation(getattr(fun, "__name__", "fun"), rows, inputs, outs[0], total,
-                       max_rows, max_nodes, bool(show_integer_ops))
+    return Explanation(what, rows, inputs, outs[0], len(rows), max_rows, max_nodes,
+                       bool(show_integer_ops))
 
 
 # ------------------------------------------------------------ the command line

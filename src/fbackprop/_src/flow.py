@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from . import api, perturb, plotting
-from .debug import find_tags, grad_and_intermediates
+from . import api, plotting
+from .debug import run_intermediates
 
 
 class GradientFlow(Mapping):
@@ -130,31 +130,37 @@ def gradient_flow(fun: Callable, *args, names: str | Sequence[str] | None = None
         if not all(isinstance(n, str) for n in names):
             raise TypeError(f"gradient_flow: `names` must be a string or a sequence of "
                             f"strings, got {names!r}.")
-    nums = api._normalize_argnums(argnums, len(args), "gradient_flow")
-    closed = api._Program(fun, args, kwargs, nums, "gradient_flow").traced.closed
-    sites = find_tags(closed.jaxpr, names)
-    plan = perturb.make_plan(closed.jaxpr, {s.name for s in sites}, True)
-    loops = {e.name: e.steps[0][0] for e in plan.eps if e.steps}
-    not_in_scan = [s.name for s in sites if s.name not in loops]
+    api._normalize_argnums(argnums, len(args), "gradient_flow")
+    found: list = []
+
+    def run(*args, **kwargs):
+        grads, inter, aux, tags = run_intermediates(fun, argnums, has_aux, names,
+                                                    "gradient_flow", args, kwargs)
+        found.append(tags)
+        return inter
+
+    leaves = jax.tree_util.tree_leaves((args, kwargs))
+    if all(isinstance(x, (jax.Array, np.ndarray, np.generic, float, int)) for x in leaves):
+        inter = jax.jit(lambda a, k: run(*a, **k))(args, kwargs)
+    else:
+        inter = run(*args, **kwargs)
+    tags = found[0]
+    # The tags inside a scan body are those whose perturbation is stacked over steps.
+    loops = {e.name: e.steps[0][0] for e in tags.eps if e.steps}
     if names is None:
-        sites = [s for s in sites if s.name in loops]
-        if not sites:
+        selected = [n for n in inter if n in loops]
+        if not selected:
             raise ValueError(
                 "gradient_flow: the function has no tagged value inside a lax.scan / "
                 "fori_loop body. Tag the value whose gradient flow through the steps you "
                 "want to see, e.g. h = fb.tag(h, 'h') in the scan's body.")
-    elif not_in_scan:
-        raise ValueError(
-            f"gradient_flow: tag(s) {not_in_scan} are not inside a lax.scan / fori_loop body, "
-            f"so they have no steps; use fb.grad_and_intermediates for them.")
-    selected = [s.name for s in sites]
-    run = grad_and_intermediates(fun, argnums, has_aux, names=selected)
-    leaves = jax.tree_util.tree_leaves((args, kwargs))
-    if all(isinstance(x, (jax.Array, np.ndarray, np.generic, float, int)) for x in leaves):
-        out = jax.jit(lambda a, k: run(*a, **k))(args, kwargs)
     else:
-        out = run(*args, **kwargs)
-    inter = out[1]
+        not_in_scan = [n for n in names if n not in loops]
+        if not_in_scan:
+            raise ValueError(
+                f"gradient_flow: tag(s) {not_in_scan} are not inside a lax.scan / fori_loop "
+                f"body, so they have no steps; use fb.grad_and_intermediates for them.")
+        selected = list(names)
     norms = {}
     for name in selected:
         ct = np.asarray(inter[name], np.float64)

@@ -506,10 +506,16 @@ class _Probe:
 
 
 def _probe(jaxpr, consts, in_avals, active) -> _Probe:
+    """The probe pass over a checkpoint region's program."""
+    return _probe_joint(lambda: residuals.trace_joint(jaxpr, consts, in_avals, active))
+
+
+def _probe_joint(trace_joint: Callable[[], residuals.Joint]) -> _Probe:
+    """The probe pass over the joint program ``trace_joint()`` traces."""
     root = _Level(1)
     with _frame(root):
         root.begin_trace()
-        joint = residuals.trace_joint(jaxpr, consts, in_avals, active)
+        joint = trace_joint()
     root.joint = joint
     plain = residuals.split_joint(joint)
     t0 = time.perf_counter()
@@ -883,12 +889,9 @@ def memory_plan(fun: Callable, *args, budgets: Sequence | None = None,
     for x, s in zip(leaves, static):
         if not s:
             trace.check_leaf(x, "memory_plan: an argument")
-    traced = trace.trace_flat(fun, in_tree, leaves, static,
-                              what=getattr(fun, "__name__", "fun"))
-    closed = traced.closed
-    in_avals = [v.aval for v in closed.jaxpr.invars]
-    active = [True] * len(in_avals)
-    probe = _probe(closed.jaxpr, closed.consts, in_avals, active)
+    # The program fb.grad runs: the recording of ``fun`` and its backward sweep.
+    probe = _probe_joint(lambda: residuals.record_joint(
+        fun, in_tree, leaves, static, what=getattr(fun, "__name__", "fun"))[0])
     t1 = time.perf_counter()
     search = probe.search
     plain = probe.plain_bytes

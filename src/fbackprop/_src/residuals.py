@@ -169,6 +169,67 @@ def trace_joint(jaxpr, consts: Sequence, in_avals: Sequence, in_active: Sequence
     return result
 
 
+def record_joint(fun: Callable, in_tree, leaves: list, static: Sequence[bool], *,
+                 what: str = "fun") -> tuple[Joint, Any]:
+    """Traces what ``fb.grad`` runs for a whole function into one joint jaxpr.
+
+    Like :func:`trace_joint`, but the forward sweep is the define-by-run
+    recording (:func:`engine.recording.record`) of ``fun(*args, **kwargs)``,
+    ``(args, kwargs) = tree_unflatten(in_tree, leaves)``, followed by the
+    backward sweep over its tape, traced together with ``jax.make_jaxpr``.
+    The jaxpr's primal inputs are the leaves that are not ``static`` (every
+    float one differentiated); its cotangent inputs, those of the float
+    outputs.
+
+    Returns:
+      ``(joint, recorded)``: the :class:`Joint`, and a jaxpr holding the
+      recorded equations (calls with their bodies, for ``compat.calls_in``: the
+      joint holds the bodies' equations swept in place).
+    """
+    from .engine import recording
+    dyn_avals = [compat.typeof(x) for x, s in zip(leaves, static) if not s]
+    in_active = tuple(_differentiable(a) for a in dyn_avals)
+
+    def call(*dyn):
+        it = iter(dyn)
+        full = [x if s else next(it) for x, s in zip(leaves, static)]
+        args, kwargs = tree_util.tree_unflatten(in_tree, full)
+        out = fun(*args, **kwargs)
+        out_leaves, out_tree = tree_util.tree_flatten(out)
+        trace.check_outputs(out_tree, out_leaves, what)
+        return out
+
+    # The cotangent inputs need the outputs' types before the joint is traced.
+    out_avals = [compat.typeof(x) for x in tree_util.tree_leaves(
+        jax.eval_shape(call, *[spec_of(a) for a in dyn_avals]))]
+    ct_outputs = tuple(i for i, a in enumerate(out_avals) if _differentiable(a))
+    n_in, n_out = len(dyn_avals), len(out_avals)
+    cell: dict = {}
+
+    def joint(*args):
+        primals, cts = list(args[:n_in]), args[n_in:]
+        run = recording.record(lambda *xs: call(*xs), tree_util.tree_structure(
+            (tuple(primals), {})), primals, list(in_active))
+        full = [None] * n_out
+        for i, ct in zip(ct_outputs, cts):
+            if run.out_active[i]:
+                full[i] = ct
+        cts_in = sweeps.backward(run.tape, full)
+        nonzero = tuple(i for i, c in enumerate(cts_in) if c is not None and in_active[i])
+        cell["out_active"] = tuple(run.out_active)
+        cell["nonzero"] = nonzero
+        cell["eqns"] = [rec.eqn for rec in run.tape.records]
+        return list(run.out_vals) + [cts_in[i] for i in nonzero]
+
+    specs = [spec_of(a) for a in dyn_avals] + [spec_of(out_avals[i], False)
+                                                for i in ct_outputs]
+    with context.using(in_place=True):
+        closed = jax.make_jaxpr(joint)(*specs)
+    return (Joint(closed.jaxpr, list(closed.consts), n_in, n_out, in_active,
+                  cell["out_active"], ct_outputs, cell["nonzero"]),
+            compat.new_jaxpr([], [], [], cell["eqns"]))
+
+
 def policy_saves(policy, eqn) -> bool:
     """Whether a checkpoint ``policy`` saves ``eqn``'s outputs, called as JAX calls it."""
     decision = policy(eqn.primitive, *[v.aval for v in eqn.invars], **eqn.params)
@@ -698,8 +759,6 @@ def saved_residuals(fun: Callable, *args, **kwargs) -> SavedResiduals:
     for (path, x), s in zip(leaves_with_path, static):
         if not s:
             trace.check_leaf(x, f"saved_residuals: argument {tree_util.keystr(path)}")
-    traced = trace.trace_flat(fun, in_tree, leaves, static,
-                              what=getattr(fun, "__name__", "fun"))
     params = _param_names(fun, len(args))
     names = []
     for (path, x), s in zip(leaves_with_path, static):
@@ -711,10 +770,9 @@ def saved_residuals(fun: Callable, *args, **kwargs) -> SavedResiduals:
             names.append(f"{name} ({param})" if param else name)
         else:
             names.append("kwargs" + tree_util.keystr(path[1:]))
-    closed = traced.closed
-    in_avals = [v.aval for v in closed.jaxpr.invars]
     from . import memplan   # (it imports this module)
     with memplan.collecting() as plans:
-        joint = trace_joint(closed.jaxpr, closed.consts, in_avals, [True] * len(in_avals))
-    with compat.calls_in(closed.jaxpr):      # a library helper's values: its call's line
+        joint, recorded = record_joint(fun, in_tree, leaves, static,
+                                       what=getattr(fun, "__name__", "fun"))
+    with compat.calls_in(recorded):      # a library helper's values: its call's line
         return report_split(split_joint(joint), names, plans)

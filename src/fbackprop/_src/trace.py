@@ -77,6 +77,20 @@ def _path_str(path) -> str:
     return tree_util.keystr(path) if path else ""
 
 
+def check_outputs(out_tree, out_leaves: list, what: str):
+    """Raises TypeError for an output leaf of ``what`` that is not an array or a
+    number, naming its path."""
+    for k, leaf in enumerate(out_leaves):
+        if not (isinstance(leaf, (bool, int, float, complex, np.ndarray, np.generic,
+                                  jax.Array)) or compat.is_tracer(leaf)):
+            paths = [p for p, _ in tree_util.tree_flatten_with_path(
+                tree_util.tree_unflatten(out_tree, list(range(len(out_leaves)))))[0]]
+            raise TypeError(
+                f"{what} returned a {type(leaf).__name__} at output{_path_str(paths[k])} "
+                f"({leaf!r:.60}); differentiated functions must return arrays or "
+                f"numbers (pytrees of them).")
+
+
 def trace_flat(fun: Callable, in_tree, leaves: list, static: list | None = None, *,
                what: str = "fun") -> Traced:
     """Traces ``fun(*args, **kwargs)`` to a closed jaxpr, where ``(args, kwargs) =
@@ -122,16 +136,10 @@ def trace_flat(fun: Callable, in_tree, leaves: list, static: list | None = None,
         full = [x if s else next(it) for x, s in zip(leaves, static)]
         args, kwargs = tree_util.tree_unflatten(in_tree, full)
         out = fun(*args, **kwargs)
-        out_leaves_with_path, out_tree = tree_util.tree_flatten_with_path(out)
-        for path, leaf in out_leaves_with_path:
-            if not (isinstance(leaf, (bool, int, float, complex, np.ndarray, np.generic,
-                                      jax.Array)) or compat.is_tracer(leaf)):
-                raise TypeError(
-                    f"{what} returned a {type(leaf).__name__} at output{_path_str(path)} "
-                    f"({leaf!r:.60}); differentiated functions must return arrays or "
-                    f"numbers (pytrees of them).")
+        out_leaves, out_tree = tree_util.tree_flatten(out)
+        check_outputs(out_tree, out_leaves, what)
         out_tree_cell.append(out_tree)
-        return [leaf for _, leaf in out_leaves_with_path]
+        return out_leaves
 
     # JAX's error messages ("... while tracing the function f at model.py:3")
     # then name the user's function, not this wrapper.

@@ -277,15 +277,32 @@ class RecordingTrace(StagingCalls, compat.Trace):
         staged = self.parent.stage_value(x)
         return RecordingTracer(self, staged, v) if a else staged
 
+    def _rewritten(self, prim, params, tracers):
+        """What an observer's ``rewrite(trace, prim, params, tracers)`` binds in
+        place of this primitive (a tool's change to one equation, e.g. a
+        perturbation input for a tag inside a loop body), or None."""
+        for obs in context.current().observers:
+            rewrite = getattr(obs, "rewrite", None)
+            outs = None if rewrite is None else rewrite(self, prim, params, tracers)
+            if outs is not None:
+                return outs
+        return None
+
+    def _unrecorded_call(self, prim, vals, invars, params, name):
+        """A custom_jvp / custom_vjp call nothing differentiates, while observers
+        watch: shown to them as one equation, and run by its handler's stepped
+        path when a tool steps the sweeps (else bound as it is)."""
+        eqn = compat.new_eqn(self._vars(vals, invars), [], prim, dict(params, name=name),
+                             compat.no_effects, compat.current_source_info())
+        return self._step(eqn, vals, [False] * len(vals), True)[0]
+
     def process_primitive(self, prim, tracers, params):
         vals, act, invars = self.unpack(tracers)
         observers = context.current().observers
         if observers:
-            for obs in observers:
-                rewrite = getattr(obs, "rewrite", None)
-                outs = None if rewrite is None else rewrite(self, prim, params, tracers)
-                if outs is not None:
-                    return outs
+            outs = self._rewritten(prim, params, tracers)
+            if outs is not None:
+                return outs
         elif not any(act):
             return prim.bind_with_trace(self.parent, vals,
                                         tuple(compat.typeof(x) for x in vals), params)
@@ -327,12 +344,15 @@ class RecordingTrace(StagingCalls, compat.Trace):
     def process_custom_jvp_call(self, prim, fun, jvp, tracers, *, symbolic_zeros):
         params = dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
         vals, act, invars = self.unpack(tracers)
+        observed = bool(context.current().observers)
+        if observed:
+            outs = self._rewritten(prim, params, tracers)
+            if outs is not None:
+                return outs
         if not any(act):
-            if context.current().stepping == "all":
-                # A tool looks inside custom rules: the function's own code runs
-                # on this trace, so each of its equations is seen.
-                with compat.set_current_trace(self):
-                    return fun.call_wrapped(*tracers)
+            if observed:
+                return self._unrecorded_call(prim, vals, invars, params,
+                                             compat.function_name(fun))
             with compat.set_current_trace(self.parent):
                 return compat.bind_in(self.parent, prim, vals, params)
         if self.linear is not None:
@@ -375,7 +395,15 @@ class RecordingTrace(StagingCalls, compat.Trace):
         vals, act, invars = self.unpack(tracers)
         params = dict(subfuns=(fun, fwd, bwd), out_trees=out_trees,
                       symbolic_zeros=symbolic_zeros)
+        observed = bool(context.current().observers)
+        if observed:
+            outs = self._rewritten(prim, params, tracers)
+            if outs is not None:
+                return outs
         if not any(act):
+            if observed:
+                return self._unrecorded_call(prim, vals, invars, params,
+                                             compat.function_name(fun))
             return compat.bind_in(self.parent, prim, vals, params)
         # The user's fwd runs on the values themselves (Python control flow on
         # them works, as in jax.grad); bwd runs in the backward sweep.

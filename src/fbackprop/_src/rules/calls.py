@@ -224,9 +224,9 @@ class CustomJVPCall(CallHandler):
     """
 
     def forward(self, eqn, invals, active):
-        if context.steps("all"):
-            # A tool looks inside custom rules: the rule's equations are seen
-            # inside a "custom_jvp" context.
+        if context.current().observers:
+            # Observers see the rule's equations (a recording), inside a
+            # "custom_jvp" context: not the program's own.
             with _inside("custom_jvp", eqn):
                 return self._forward(eqn, invals, active)
         return self._forward(eqn, invals, active)
@@ -271,7 +271,7 @@ class CustomJVPCall(CallHandler):
     def backward(self, record, cts_out):
         if isinstance(record.sub, KnownCustomJVP):
             return record.sub.backward(record, cts_out)
-        if context.steps("all"):
+        if context.current().observers:
             with _inside("custom_jvp rule", record.eqn):
                 return self._backward(record, cts_out)
         return self._backward(record, cts_out)
