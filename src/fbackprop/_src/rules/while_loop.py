@@ -265,21 +265,21 @@ def region(request):
 
 # ============================================================= the schedule
 # Binomial numbers beta(s, r) = C(s + r, s) for the schedule arithmetic. For
-# s <= 3 they have closed forms (r + 1, (r+1)(r+2)/2, (r+1)(r+2)(r+3)/6); rows
-# s >= 4 are a small float32 table: row s holds beta(s, 0..) up to the first
-# entry >= _L_MAX (padded with +inf), and its prefix sums sum_{j<r} beta(s, j) =
-# beta(s+1, r-1) (the hockey-stick identity), which give t(l, s) directly. The
-# least r with beta(s, r) >= l is then the number of row entries below l: no
-# search loop. The arithmetic is exact for gaps shorter than _L_MAX; longer ones
-# are still reversed correctly (positions are clamped into range), only possibly
-# less economically.
+# s <= 2 they have closed forms (r + 1 and (r+1)(r+2)/2); rows s >= 3 are a
+# small float32 table: row s holds beta(s, 0..) up to the first entry >= _L_MAX
+# (padded with +inf), and its prefix sums sum_{j<r} beta(s, j) = beta(s+1, r-1)
+# (the hockey-stick identity), which give t(l, s) directly. The least r with
+# beta(s, r) >= l is then the number of row entries below l: no search loop.
+# The arithmetic is exact for gaps shorter than _L_MAX; longer ones are still
+# reversed correctly (positions are clamped into range), only possibly less
+# economically.
 _L_MAX = 2 ** 20
 
 
 class _Table:
     def __init__(self, max_s: int):
         rows = {}
-        for s in range(4, max_s + 1):
+        for s in range(3, max_s + 1):
             row, r = [], 0
             while True:
                 row.append(math.comb(s + r, s))
@@ -309,39 +309,26 @@ def _f32(x):
 
 
 def _reps2(l):
-    """Least ``r`` with ``(r+1)(r+2)/2 >= l``."""
+    """Least ``r`` with ``(r+1)(r+2)/2 >= l``: the root of the quadratic, then
+    one correction step each way for rounding."""
     l = jnp.minimum(l, _L_MAX)
     r = jnp.maximum(jnp.ceil((jnp.sqrt(_f32(8 * l + 1)) - 3) / 2).astype(jnp.int32), 0)
     r = jnp.where((r + 1) * (r + 2) // 2 < l, r + 1, r)
     return jnp.where((r >= 1) & (r * (r + 1) // 2 >= l), r - 1, r)
 
 
-def _reps3(l):
-    """Least ``r`` with ``(r+1)(r+2)(r+3)/6 >= l``."""
-    l = jnp.minimum(l, _L_MAX)
-    b = lambda r: (r + 1) * (r + 2) * (r + 3) // 6  # noqa: E731
-    r = jnp.maximum(jnp.ceil(jnp.cbrt(_f32(6 * l))).astype(jnp.int32) - 2, 0)
-    for _ in range(2):
-        r = jnp.where(b(r) < l, r + 1, r)
-        r = jnp.where((r >= 1) & (b(r - 1) >= l), r - 1, r)
-    return r
-
-
 def _reps(tab: _Table, l, s):
-    """Least ``r`` with ``beta(s, r) >= l`` (``s >= 1``, ``l >= 1``)."""
-    row = jnp.asarray(tab.beta)[jnp.maximum(s, 4)]
-    big = jnp.sum(row < _f32(l)[..., None], axis=-1).astype(jnp.int32)
-    return jnp.where(s == 1, l - 1, jnp.where(s == 2, _reps2(l),
-                                              jnp.where(s == 3, _reps3(l), big)))
+    """Least ``r`` with ``beta(s, r) >= l`` (``s >= 2``, ``l >= 1``)."""
+    row = jnp.asarray(tab.beta)[jnp.maximum(s, 3)]
+    big = jnp.sum(row < _f32(l)[..., None], axis=-1, dtype=jnp.int32)
+    return jnp.where(s == 2, _reps2(l), big)
 
 
 def _beta(tab: _Table, s, r):
     """``beta(s, r)`` (``s >= 1``; 0 for ``r < 0``), as float32."""
-    row = jnp.asarray(tab.beta)[jnp.maximum(s, 4), jnp.clip(r, 0, tab.width - 1)]
+    row = jnp.asarray(tab.beta)[jnp.maximum(s, 3), jnp.clip(r, 0, tab.width - 1)]
     rf = _f32(r)
-    val = jnp.where(s == 1, rf + 1, jnp.where(
-        s == 2, (rf + 1) * (rf + 2) / 2, jnp.where(s == 3, (rf + 1) * (rf + 2) * (rf + 3) / 6,
-                                                   row)))
+    val = jnp.where(s == 1, rf + 1, jnp.where(s == 2, (rf + 1) * (rf + 2) / 2, row))
     return jnp.where(r < 0, np.float32(0), val)
 
 
@@ -360,12 +347,12 @@ def _cost2(l):
 def _cost(tab: _Table, l, s):
     """``t(l, s) = r l - beta(s + 1, r - 1)``: forward steps to reverse ``l``
     steps with ``s >= 2`` snapshots."""
-    r = _reps(tab, l, s)
-    rf = _f32(r)
-    pref = jnp.asarray(tab.pref)[jnp.maximum(s, 4), jnp.clip(r, 0, tab.width)]
-    sub = jnp.where(s == 2, rf * (rf + 1) * (rf + 2) / 6,
-                    jnp.where(s == 3, rf * (rf + 1) * (rf + 2) * (rf + 3) / 24, pref))
-    return jnp.where(l <= 1, np.float32(0), rf * _f32(l) - sub)
+    s3 = jnp.maximum(s, 3)
+    row = jnp.asarray(tab.beta)[s3]
+    r = jnp.sum(row < _f32(l)[..., None], axis=-1, dtype=jnp.int32)
+    pref = jnp.asarray(tab.pref)[s3, r]
+    general = jnp.where(l <= 1, np.float32(0), _f32(r) * _f32(l) - pref)
+    return jnp.where(s == 2, _cost2(l), general)
 
 
 def _split(tab: _Table, l, s):
@@ -542,6 +529,7 @@ class _Programs:
     backward: object
     slots: int
     n_carry: int
+    n_bconsts: int
     stored: tuple          # per carry: copied into the slots (not passed through)
     carry_active: tuple
     const_nz: tuple        # body constants whose cotangents accumulate
@@ -557,11 +545,13 @@ class _Kept:
     steps: object
     order: object
     slots: list
+    bconst_start: int      # where the body's constants start in the record's inputs
 
 
 tree_util.register_pytree_node(
-    _Kept, lambda s: ((s.trip_count, s.k, s.steps, s.order, s.slots), s.programs),
-    lambda p, ch: _Kept(p, *ch))
+    _Kept, lambda s: ((s.trip_count, s.k, s.steps, s.order, s.slots),
+                      (s.programs, s.bconst_start)),
+    lambda aux, ch: _Kept(aux[0], *ch, aux[1]))
 
 
 def _carry_activity(jaxpr, in_active):
@@ -583,10 +573,74 @@ def _nbytes(aval) -> int:
 _programs_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_scalar_pred_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _scalar_predicate(eqn):
+    """A ``while`` whose cond returns a batch of booleans (what ``vmap`` of a loop
+    with a batched condition makes: it runs while any is true, and a carry
+    element changes only while its own condition holds) as a loop with one
+    boolean: the body selects, per element, the new or the old carry, so
+    finished elements are left as they are and get the identity's derivative.
+
+    Returns ``eqn`` unchanged when its cond returns one boolean; otherwise an
+    equation over ``(cond consts, cond consts + body consts, carry)``: its body
+    reads the cond's constants too (they decide the selection; no cotangent
+    reaches them through a boolean).
+    """
+    p = eqn.params
+    cond_closed, body_closed = p["cond_jaxpr"], p["body_jaxpr"]
+    if not cond_closed.jaxpr.outvars[0].aval.shape:
+        return eqn
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    per = _scalar_pred_cache.setdefault(body_closed.jaxpr, {})
+    hit = per.get(id(cond_closed.jaxpr))
+    if hit is None or hit[0] is not cond_closed:
+        c_avals = [v.aval for v in cond_closed.jaxpr.invars[:cn]]
+        b_avals = [v.aval for v in body_closed.jaxpr.invars[:bn]]
+        k_avals = [v.aval for v in body_closed.jaxpr.invars[bn:]]
+
+        def pred_of(cconsts, carry):
+            return compat.eval_jaxpr(cond_closed.jaxpr, cond_closed.consts, *cconsts,
+                                     *carry)[0]
+
+        def cond(*args):
+            return jnp.any(pred_of(args[:cn], args[cn:]))
+
+        def body(*args):
+            cconsts, bconsts, carry = args[:cn], args[cn:cn + bn], args[cn + bn:]
+            pred = pred_of(cconsts, carry)
+            new = compat.eval_jaxpr(body_closed.jaxpr, body_closed.consts, *bconsts, *carry)
+            return [lax.select(lax.broadcast_in_dim(pred, jnp.shape(x), tuple(range(pred.ndim))),
+                               y, x) for y, x in zip(_like(new, k_avals), carry)]
+
+        spec = residuals.spec_of
+        new_cond = jax.make_jaxpr(cond)(*map(spec, c_avals + k_avals))
+        new_body = jax.make_jaxpr(body)(*map(spec, c_avals + b_avals + k_avals))
+        hit = per[id(cond_closed.jaxpr)] = (cond_closed, new_cond, new_body)
+    _, new_cond, new_body = hit
+    invars = list(eqn.invars)
+    return eqn.replace(
+        invars=invars[:cn] + invars[:cn + bn] + invars[cn + bn:],
+        params=dict(p, cond_jaxpr=new_cond, body_jaxpr=new_body, body_nconsts=cn + bn))
+
+
 class WhileCall:
     """Reverse mode of ``lax.while_loop`` by online checkpointing (module doc)."""
 
     def forward(self, eqn, invals, active):
+        scalar = _scalar_predicate(eqn)
+        if scalar is not eqn:
+            cn, bn = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+            invals = list(invals[:cn]) + list(invals[:cn + bn]) + list(invals[cn + bn:])
+            active = list(active[:cn]) + list(active[:cn + bn]) + list(active[cn + bn:])
+            outs, sub, out_active = self._forward(scalar, invals, active)
+            if isinstance(sub, _Kept):
+                sub.bconst_start = 0      # its body constants are the record's first inputs
+            return outs, sub, out_active
+        return self._forward(eqn, invals, active)
+
+    def _forward(self, eqn, invals, active):
         p = eqn.params
         cn, bn = p["cond_nconsts"], p["body_nconsts"]
         body_closed, cond_closed = p["body_jaxpr"], p["cond_jaxpr"]
@@ -606,11 +660,12 @@ class WhileCall:
                                        (body.effects or cond_closed.jaxpr.effects)))
             message = (
                 f"fbackprop cannot reverse the lax.while_loop at {compat.source_line(eqn)}: "
-                f"its {which} has side effects ({effects}). Reversing a while loop "
-                f"recomputes iterations from saved loop states, which would repeat them. "
-                f"Move the side effect (jax.debug.print, a callback, stateful RNG) out of "
-                f"the loop, or wrap it in lax.stop_gradient-free code outside the "
-                f"differentiated path; for a loop with a known bound, lax.scan works too.")
+                f"its {which} has side effects ({effects}). The backward sweep of a while "
+                f"loop recomputes iterations from saved loop states, which would run the "
+                f"side effects again. Take them out of the loop (e.g. return the values "
+                f"and print them after it), or, if the loop has a known bound, write it "
+                f"as lax.scan or lax.fori_loop with static bounds, whose reverse mode "
+                f"keeps every step instead of recomputing.")
             return (compat.bind_eqn(eqn, invals), _Unsupported(message),
                     [a and _differentiable(v.aval) for a, v in zip(carry_active, eqn.outvars)])
         in_avals = [v.aval for v in body.invars]
@@ -622,7 +677,7 @@ class WhileCall:
             outs = programs.forward(list(invals))
         carry_out = outs[:nk]
         T, k, steps, order = outs[nk:nk + 4]
-        kept = _Kept(programs, T, k, steps, order, list(outs[nk + 4:]))
+        kept = _Kept(programs, T, k, steps, order, list(outs[nk + 4:]), cn)
         return carry_out, kept, [a and _differentiable(v.aval)
                                  for a, v in zip(carry_active, eqn.outvars)]
 
@@ -634,11 +689,12 @@ class WhileCall:
         p = record.eqn.params
         cn, bn = p["cond_nconsts"], p["body_nconsts"]
         nk = prog.n_carry
+        start, n_bconsts = kept.bconst_start, prog.n_bconsts
         out_avals = [v.aval for v in record.eqn.outvars]
         act = [k for k in range(nk) if prog.carry_active[k]]
         ct0 = [_strong(cts_out[k]) if cts_out[k] is not None else _zeros(out_avals[k])
                for k in act]
-        bconsts = list(record.invals[cn:cn + bn])
+        bconsts = list(record.invals[start:start + n_bconsts])
         init = list(record.invals[cn + bn:])
         with compat.user_context(record.eqn):
             outs = prog.backward(bconsts + init + [kept.trip_count, kept.k, kept.steps,
@@ -654,7 +710,7 @@ class WhileCall:
             jax.debug.callback(report, kept.trip_count, evals)
         result = [None] * len(record.invals)
         for i, acc in zip(prog.const_nz, accs):
-            result[cn + i] = acc
+            result[start + i] = acc
         for k, ct in zip(act, ct_init):
             result[cn + bn + k] = ct
         return [c if a else None for c, a in zip(result, record.active)]
@@ -685,7 +741,7 @@ class WhileCall:
         if cacheable:
             fwd = compat.StagedFunction(fwd, False, "while_forward")
             bwd = compat.StagedFunction(bwd, False, "while_backward")
-        programs = _Programs(fwd, bwd, S, nk, stored, tuple(carry_active), const_nz, where)
+        programs = _Programs(fwd, bwd, S, nk, bn, stored, tuple(carry_active), const_nz, where)
         if cacheable:
             per[key] = (cond_closed, programs)
         return programs
@@ -782,6 +838,8 @@ def _backward_program(bn, body_closed, joint, S, stored, carry_active, const_nz)
 
             def inner_body(st):
                 a, x, k, steps, slots, nxt, evals = st
+                # Where the next state goes: planned on entry and after each store.
+                nxt = lax.cond(nxt < 0, lambda: next_state(a, g, S - k), lambda: nxt)
                 x = _like(compat.eval_jaxpr(body, body_closed.consts, *bconsts, *x),
                           carry_avals)
                 a = a + 1
@@ -793,13 +851,11 @@ def _backward_program(bn, body_closed, joint, S, stored, carry_active, const_nz)
                     buf, jnp.where(push, xi, lax.dynamic_index_in_dim(buf, sid, 0, False)),
                     sid, 0) for buf, xi in zip(slots, xs)]
                 steps = jnp.where(push, steps.at[pos].set(a), steps)
-                k = jnp.where(push, k + 1, k)
-                nxt = lax.cond(push, lambda: next_state(a, g, S - k), lambda: nxt)
-                return a, x, k, steps, slots, nxt, evals + 1
+                return (a, x, jnp.where(push, k + 1, k), steps, slots,
+                        jnp.where(push, -1, nxt), evals + 1)
 
             a, x, k, steps, slots, _, evals = lax.while_loop(
-                inner_cond, inner_body,
-                (a0, x0, k, steps, slots, next_state(a0, g, S - k), evals))
+                inner_cond, inner_body, (a0, x0, k, steps, slots, jnp.int32(-1), evals))
             # One step back: our own sweeps over the body at x_{g-1}.
             ct_of = dict(zip(act, ct))
             cts = [ct_of[o] if o in ct_of else _zeros(carry_avals[o]) for o in ct_outputs]
@@ -825,6 +881,12 @@ call_handlers_reverse["while"] = WhileCall()
 # ============================================================== forward mode
 def _while_jvp(eqn, invals, tangents):
     """Forward mode of ``lax.while_loop``: the loop carries primals and tangents."""
+    scalar = _scalar_predicate(eqn)
+    if scalar is not eqn:
+        cn, bn = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+        eqn = scalar
+        invals = list(invals[:cn]) + list(invals[:cn + bn]) + list(invals[cn + bn:])
+        tangents = list(tangents[:cn]) + list(tangents[:cn + bn]) + list(tangents[cn + bn:])
     p = eqn.params
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
     cond_closed, body_closed = p["cond_jaxpr"], p["body_jaxpr"]
