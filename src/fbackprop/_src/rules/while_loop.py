@@ -192,7 +192,8 @@ def stats():
     """Collects one ``dict`` per loop reversal run while the block is active:
     ``trip_count``, ``slots``, ``backward_evals`` (body evaluations in the
     backward loop) and ``where``. Values arrive when the program runs (under
-    ``jax.jit``: when the compiled program executes)."""
+    ``jax.jit``: when the compiled program executes). Loops inside checkpoint
+    regions or other loops' bodies are not reported."""
     sink: list = []
     token = _stats_sink.set(sink)
     try:
@@ -287,7 +288,11 @@ class _Table:
                     break
                 r += 1
             rows[s] = row
-        width = max([len(r) for r in rows.values()] + [1])
+        longest = max([len(r) for r in rows.values()] + [1])
+        # Rows are searched in two steps (which block of `block` entries, then
+        # where in it), so no [lanes, width] comparison is ever materialized.
+        self.block = block = max(1, int(math.ceil(math.sqrt(longest))))
+        width = block * int(math.ceil(longest / block))
         beta = np.full((max_s + 1, width), np.inf, np.float64)
         pref = np.zeros((max_s + 1, width + 1), np.float64)
         for s, row in rows.items():
@@ -295,6 +300,7 @@ class _Table:
             pref[s, 1:len(row) + 1] = np.cumsum(row)
             pref[s, len(row) + 1:] = pref[s, len(row)]
         self.beta = beta.astype(np.float32)
+        self.block_last = self.beta[:, block - 1::block]      # each block's largest entry
         self.pref = pref.astype(np.float32)
         self.width = width
 
@@ -317,11 +323,20 @@ def _reps2(l):
     return jnp.where((r >= 1) & (r * (r + 1) // 2 >= l), r - 1, r)
 
 
+def _count_below(tab: _Table, l, s):
+    """The number of entries of row ``s >= 3`` below ``l``: the least ``r`` with
+    ``beta(s, r) >= l``."""
+    lf = _f32(l)[..., None]
+    blocks = jnp.sum(jnp.asarray(tab.block_last)[s] < lf, axis=-1, dtype=jnp.int32)
+    idx = jnp.minimum(blocks[..., None] * tab.block + jnp.arange(tab.block, dtype=jnp.int32),
+                      tab.width - 1)
+    inner = jnp.sum(jnp.asarray(tab.beta)[s[..., None], idx] < lf, axis=-1, dtype=jnp.int32)
+    return blocks * tab.block + inner
+
+
 def _reps(tab: _Table, l, s):
     """Least ``r`` with ``beta(s, r) >= l`` (``s >= 2``, ``l >= 1``)."""
-    row = jnp.asarray(tab.beta)[jnp.maximum(s, 3)]
-    big = jnp.sum(row < _f32(l)[..., None], axis=-1, dtype=jnp.int32)
-    return jnp.where(s == 2, _reps2(l), big)
+    return jnp.where(s == 2, _reps2(l), _count_below(tab, l, jnp.maximum(s, 3)))
 
 
 def _beta(tab: _Table, s, r):
@@ -348,9 +363,8 @@ def _cost(tab: _Table, l, s):
     """``t(l, s) = r l - beta(s + 1, r - 1)``: forward steps to reverse ``l``
     steps with ``s >= 2`` snapshots."""
     s3 = jnp.maximum(s, 3)
-    row = jnp.asarray(tab.beta)[s3]
-    r = jnp.sum(row < _f32(l)[..., None], axis=-1, dtype=jnp.int32)
-    pref = jnp.asarray(tab.pref)[s3, r]
+    r = _count_below(tab, l, s3)
+    pref = jnp.asarray(tab.pref)[s3, jnp.minimum(r, tab.width)]
     general = jnp.where(l <= 1, np.float32(0), _f32(r) * _f32(l) - pref)
     return jnp.where(s == 2, _cost2(l), general)
 
@@ -701,7 +715,10 @@ class WhileCall:
                                                    kept.order] + list(kept.slots) + ct0)
         ct_init, accs, evals = outs[:len(act)], outs[len(act):-1], outs[-1]
         sink = _stats_sink.get()
-        if sink is not None:
+        # Not from inside a joint trace (a checkpoint region's, a loop body's):
+        # a callback is an effect, which would tie the backward part to the
+        # forward part there.
+        if sink is not None and not reverse._in_place:
             where, slots = prog.where, prog.slots
             def report(T, e):
                 for t_, e_ in zip(np.ravel(T).tolist(), np.ravel(e).tolist()):
@@ -757,7 +774,10 @@ def _forward_program(cn, bn, body_closed, cond_closed, S, stored):
 
     def run(args):
         cconsts, bconsts, init = args[:cn], args[cn:cn + bn], args[cn + bn:]
-        slots0 = [jnp.zeros((S,) + tuple(carry_avals[k].shape), carry_avals[k].dtype)
+        # One spare slot (index S) takes the writes of iterations that keep
+        # nothing: every iteration writes unconditionally, which XLA does in
+        # place (a conditional write that reads the old slot makes it copy).
+        slots0 = [jnp.zeros((S + 1,) + tuple(carry_avals[k].shape), carry_avals[k].dtype)
                   for k in range(nk) if stored[k]]
         state0 = (jnp.int32(0), list(init), jnp.int32(0), jnp.zeros((S,), jnp.int32),
                   jnp.arange(S, dtype=jnp.int32), jnp.zeros((S,), jnp.float32),
@@ -772,9 +792,8 @@ def _forward_program(cn, bn, body_closed, cond_closed, S, stored):
             k2, ck2, order2 = _keep(S, t, k, ck, order, pos)
             sid = order2[jnp.clip(k2 - 1, 0, S - 1)]
             xs = [xi for xi, st in zip(x, stored) if st]
-            slots = [lax.dynamic_update_index_in_dim(
-                buf, jnp.where(save, xi, lax.dynamic_index_in_dim(buf, sid, 0, False)),
-                sid, 0) for buf, xi in zip(slots, xs)]
+            slots = [lax.dynamic_update_index_in_dim(buf, xi, jnp.where(save, sid, S), 0)
+                     for buf, xi in zip(slots, xs)]
             A, E = lax.cond(save, lambda: _gap_costs(tab, S, k2, ck2), lambda: (A, E))
             new = _like(compat.eval_jaxpr(body, body_closed.consts, *bconsts, *x),
                         carry_avals)
@@ -847,9 +866,8 @@ def _backward_program(bn, body_closed, joint, S, stored, carry_active, const_nz)
                 pos = jnp.minimum(k, S - 1)
                 sid = order[pos]
                 xs = [xi for xi, st_ in zip(x, stored) if st_]
-                slots = [lax.dynamic_update_index_in_dim(
-                    buf, jnp.where(push, xi, lax.dynamic_index_in_dim(buf, sid, 0, False)),
-                    sid, 0) for buf, xi in zip(slots, xs)]
+                slots = [lax.dynamic_update_index_in_dim(buf, xi, jnp.where(push, sid, S), 0)
+                         for buf, xi in zip(slots, xs)]
                 steps = jnp.where(push, steps.at[pos].set(a), steps)
                 return (a, x, jnp.where(push, k + 1, k), steps, slots,
                         jnp.where(push, -1, nxt), evals + 1)
