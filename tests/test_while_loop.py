@@ -241,7 +241,7 @@ def test_while_loop_checkpoints_sets_the_slots(loop_stats):
     x = jnp.ones(3)
     few = fb.checkpoint(loop, while_loop_checkpoints=4)
     _close(fb.grad(lambda x: jnp.sum(few(x)))(x), jax.grad(ref)(x))
-    _close(fb.grad(lambda x: jnp.sum(loop(x)))(x), jax.grad(ref)(x))
+    _close(jax.jit(fb.grad(lambda x: jnp.sum(loop(x))))(x), jax.grad(ref)(x))
     (st,) = loop_stats            # the loop in the region is not reported
     assert st["slots"] == wl.DEFAULT_SLOTS and st["backward_evals"] == 50
     with pytest.raises(ValueError, match="while_loop_checkpoints"):
@@ -435,6 +435,26 @@ def test_vjp_fn_leaves_jit_and_eager_calls_repeat():
     _close(vjp_fn(jnp.ones(2))[0], want)
     for _ in range(4):            # the eager engine compiles repeated programs
         _close(fb.grad(lambda x: jnp.sum(g(x)))(jnp.ones(2)), want)
+
+
+def test_eager_calls_record_each_iteration_up_to_a_size(monkeypatch, loop_stats):
+    from fbackprop._src.registry import call_handlers_reverse
+
+    def f(x, n):
+        return jnp.sum(lax.while_loop(lambda c: c[0] < n,
+                                      lambda c: (c[0] + 1, jnp.sin(c[1]) * 1.1), (0, x))[1])
+
+    def ref(x, n):
+        return jnp.sum(lax.fori_loop(0, n, lambda i, h: jnp.sin(h) * 1.1, x))
+
+    x = jnp.array([0.3, -0.2])
+    _close(fb.grad(f)(x, 30), jax.grad(ref)(x, 30))
+    assert loop_stats == []               # recorded iteration by iteration
+    handler = call_handlers_reverse["while"]
+    monkeypatch.setattr(handler, "max_eqns", 3 * 20)
+    _close(fb.grad(f)(x, 30), jax.grad(ref)(x, 30))
+    (st,) = loop_stats                    # too long: the compiled loops ran
+    assert st["trip_count"] == 30
 
 
 def test_side_effects_in_the_body_raise_naming_the_loop():

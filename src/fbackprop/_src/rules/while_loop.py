@@ -585,6 +585,7 @@ def _nbytes(aval) -> int:
 
 
 _programs_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # body jaxpr -> cond ids
 
 
 _scalar_pred_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -761,7 +762,14 @@ class WhileCall:
         programs = _Programs(fwd, bwd, S, nk, bn, stored, tuple(carry_active), const_nz, where)
         if cacheable:
             per[key] = (cond_closed, programs)
+            _built.setdefault(body_closed.jaxpr, set()).add(id(cond_closed.jaxpr))
         return programs
+
+    @staticmethod
+    def has_programs(eqn) -> bool:
+        """Whether compiled loops exist for this loop's body and cond already."""
+        p = _scalar_predicate(eqn).params
+        return id(p["cond_jaxpr"].jaxpr) in _built.get(p["body_jaxpr"].jaxpr, ())
 
 
 def _forward_program(cn, bn, body_closed, cond_closed, S, stored):
@@ -893,7 +901,131 @@ def _backward_program(bn, body_closed, joint, S, stored, carry_active, const_nz)
     return run
 
 
-call_handlers_reverse["while"] = WhileCall()
+
+
+# ================================================== one sweep per iteration
+class SteppedWhile:
+    """Reverse mode of a while loop whose values are concrete, as one in-place
+    forward sweep of the body per iteration (kept, like a Python loop under
+    ``jax.grad``) and one backward sweep each, with ``enter("while", i, where)``
+    / ``exit()`` notices around them: what tools that watch the sweeps (the
+    NaN checker, ``fb.explain``) need to name the iteration. The same numbers as
+    :class:`WhileCall`; memory grows with the trip count.
+
+    Falls back to ``whole`` (the checkpointed handler) when the values are
+    traced (the trip count is unknown), when the body has side effects, or once
+    the iterations recorded exceed ``max_eqns`` body equations or ``max_bytes``
+    of loop states (the loop is then run again as a whole). With
+    ``prefer_compiled``, a loop whose compiled loops exist already runs them.
+    """
+
+    def __init__(self, whole, max_eqns: int | None = None, max_bytes: int | None = None,
+                 prefer_compiled: bool = False, where=None):
+        self.whole = whole
+        self.max_eqns = max_eqns
+        self.max_bytes = max_bytes
+        self.prefer_compiled = prefer_compiled
+        self.where = where or compat.source_line
+
+    def evaluate(self, eqn, invals):
+        return compat.bind_eqn(eqn, invals)
+
+    def forward(self, eqn, invals, active):
+        p = eqn.params
+        body_closed = p["body_jaxpr"]
+        if (any(compat.is_tracer(x) for x in invals) or not compat.is_eager()
+                or body_closed.jaxpr.effects or p["cond_jaxpr"].jaxpr.effects
+                or (self.prefer_compiled and self.whole.has_programs(eqn))):
+            outs, sub, out_act = self.whole.forward(eqn, invals, active)
+            return outs, ("whole", sub), out_act
+        scalar = _scalar_predicate(eqn)
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        start, n_b = cn, bn
+        whole_args = (eqn, list(invals), list(active))
+        if scalar is not eqn:
+            invals = list(invals[:cn]) + list(invals[:cn + bn]) + list(invals[cn + bn:])
+            active = list(active[:cn]) + list(active[:cn + bn]) + list(active[cn + bn:])
+            start, n_b = 0, cn + bn
+        sp = scalar.params
+        cond_closed, body_closed = sp["cond_jaxpr"], sp["body_jaxpr"]
+        body = body_closed.jaxpr
+        cconsts, bconsts = list(invals[:cn]), list(invals[cn:cn + n_b])
+        b_act, k_act = list(active[cn:cn + n_b]), list(active[cn + n_b:])
+        carry = list(invals[cn + n_b:])
+        where = self.where(eqn)
+        tapes, size, nbytes = [], 0, 0
+        n_eqns = max(1, len(body.eqns))
+        state_bytes = sum(_nbytes(v.aval) for v in body.invars[n_b:])
+        while bool(np.asarray(compat.eval_jaxpr(cond_closed.jaxpr, cond_closed.consts,
+                                                *cconsts, *carry)[0])):
+            size += n_eqns
+            nbytes += state_bytes
+            if (self.max_eqns is not None and size > self.max_eqns) or (
+                    self.max_bytes is not None and nbytes > self.max_bytes):
+                outs, sub, out_act = self.whole.forward(*whole_args)
+                return outs, ("whole", sub), out_act
+            i = len(tapes)
+            reverse.notify("enter", "while", i, where)
+            try:
+                carry, tape = reverse.forward(body, body_closed.consts, bconsts + carry,
+                                              b_act + k_act)
+            finally:
+                reverse.notify("exit")
+            carry = list(carry)
+            k_act = [a or b for a, b in zip(k_act, tape.out_active)]
+            tapes.append(tape)
+        out_act = [a and _differentiable(v.aval) for a, v in zip(k_act, eqn.outvars)]
+        return carry, ("steps", (tapes, where, start, n_b, body)), out_act
+
+    def backward(self, record, cts_out):
+        kind, sub = record.sub
+        if kind == "whole":
+            return self.whole.backward(dataclasses.replace(record, sub=sub), cts_out)
+        tapes, where, start, n_b, body = sub
+        p = record.eqn.params
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        ct = list(cts_out)
+        const_parts: list = [[] for _ in range(n_b)]
+        for i in range(len(tapes) - 1, -1, -1):
+            reverse.notify("enter", "while", i, where)
+            try:
+                reverse.notify("seed", body.outvars, ct)
+                cts_in = reverse.backward(tapes[i], ct)
+                reverse.notify("end_sweep", body, cts_in)
+            finally:
+                reverse.notify("exit")
+            for j in range(n_b):
+                if cts_in[j] is not None:
+                    const_parts[j].append(cts_in[j])
+            ct = list(cts_in[n_b:])
+        result = [None] * len(record.invals)
+        for j, parts in enumerate(const_parts):
+            total = None
+            for c in parts:
+                total = c if total is None else lax.add(total, c)
+            if len(parts) > 1:
+                reverse.notify("link", total, parts)
+            if total is not None:
+                prev = result[start + j]
+                result[start + j] = total if prev is None else lax.add(prev, total)
+        for k, c in enumerate(ct):
+            result[cn + bn + k] = c
+        return [c if a else None for c, a in zip(result, record.active)]
+
+
+# Called eagerly, a loop is recorded iteration by iteration up to this size
+# (body equations x iterations, and bytes of loop states kept): with the body's
+# closures made afresh in each call (the usual way), the compiled loops would be
+# traced and compiled again in every call, which costs more than sweeping that
+# many equations op by op. Longer loops, and loops compiled already, run the
+# compiled checkpointed loops (memory bounded). `python -m fbackprop bench
+# --while` measures both.
+EAGER_RECORD_EQNS = 20_000
+EAGER_RECORD_BYTES = 256 * 2 ** 20
+
+call_handlers_reverse["while"] = SteppedWhile(
+    WhileCall(), max_eqns=EAGER_RECORD_EQNS, max_bytes=EAGER_RECORD_BYTES,
+    prefer_compiled=True)
 
 
 # ============================================================== forward mode
