@@ -457,6 +457,52 @@ def test_eager_calls_record_each_iteration_up_to_a_size(monkeypatch, loop_stats)
     assert st["trip_count"] == 30
 
 
+# ------------------------------------------------------------------- the tools
+def _looped(x, a):
+    def body(c):
+        i, h = c
+        return i + 1, jnp.sin(fb.tag(h * a, "ha")) + h
+    return jnp.sum(lax.while_loop(lambda c: c[0] < 4, body, (0, x))[1])
+
+
+def test_tags_in_the_body_get_one_cotangent_per_iteration():
+    def as_scan(x, a):
+        def body(h, _):
+            return jnp.sin(fb.tag(h * a, "ha")) + h, None
+        return jnp.sum(lax.scan(body, x, None, length=4)[0])
+
+    x = jnp.array([0.5, 1.0])
+    grads, inter = fb.grad_and_intermediates(_looped, (0, 1))(x, 0.7)
+    want_grads, want = fb.grad_and_intermediates(as_scan, (0, 1))(x, 0.7)
+    assert inter["ha"].shape == (4, 2)
+    _close(inter["ha"], want["ha"])
+    _close(grads, want_grads)
+
+
+def test_explain_summarizes_the_body_over_iterations():
+    ex = fb.explain(_looped, jnp.array([0.5, 1.0]), 0.7)
+    body_rows = [r for r in ex.rows if r.loop]
+    assert body_rows and all("while_loop" in r.loop and len(r.steps) == 4 for r in body_rows)
+    _close(ex.inputs[1].grad, fb.grad(_looped, 1)(jnp.array([0.5, 1.0]), 0.7))
+    assert "in the while_loop at" in str(ex)
+
+
+def test_checked_grad_names_the_iteration():
+    def f(x):
+        def body(c):
+            i, h = c
+            return i + 1, jnp.where(i == 2, jnp.log(h - 10.0), h * 1.5)
+        return jnp.sum(lax.while_loop(lambda c: c[0] < 4, body, (0, x))[1])
+
+    x = jnp.array([0.5, 1.0])
+    with pytest.raises(fb.NonFiniteError, match="in iteration 2 of the while_loop") as info:
+        fb.checked_grad(f)(x)
+    assert info.value.site.primitive == "log"
+    report, _ = jax.jit(fb.checked_grad(f))(x)
+    assert report.first().primitive == "log"
+    assert "in iteration 2 of the while_loop" in report.first().where
+
+
 def test_side_effects_in_the_body_raise_naming_the_loop():
     def f(a):
         def body(c):

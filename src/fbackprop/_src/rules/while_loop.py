@@ -1023,9 +1023,17 @@ class SteppedWhile:
 EAGER_RECORD_EQNS = 20_000
 EAGER_RECORD_BYTES = 256 * 2 ** 20
 
+_checkpointed = WhileCall()
 call_handlers_reverse["while"] = SteppedWhile(
-    WhileCall(), max_eqns=EAGER_RECORD_EQNS, max_bytes=EAGER_RECORD_BYTES,
+    _checkpointed, max_eqns=EAGER_RECORD_EQNS, max_bytes=EAGER_RECORD_BYTES,
     prefer_compiled=True)
+
+
+def stepped(max_eqns: int | None, where=None) -> SteppedWhile:
+    """A handler that sweeps each iteration of a loop with concrete values in
+    place (for tools that watch the sweeps), up to ``max_eqns`` body equations;
+    ``where(eqn)`` names the loop in the ``enter`` notices."""
+    return SteppedWhile(_checkpointed, max_eqns=max_eqns, where=where)
 
 
 # ============================================================== forward mode
