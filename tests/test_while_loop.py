@@ -433,6 +433,8 @@ def test_vjp_fn_leaves_jit_and_eager_calls_repeat():
         jnp.ones(2))
     vjp_fn = jax.jit(lambda x: fb.vjp(g, x)[1])(jnp.ones(2))
     _close(vjp_fn(jnp.ones(2))[0], want)
+    eager_vjp_fn = fb.vjp(g, jnp.ones(2))[1]          # recorded iteration by iteration
+    _close(jax.jit(lambda f, ct: f(ct))(eager_vjp_fn, jnp.ones(2))[0], want)
     for _ in range(4):            # the eager engine compiles repeated programs
         _close(fb.grad(lambda x: jnp.sum(g(x)))(jnp.ones(2)), want)
 

@@ -123,8 +123,11 @@ def trace_joint(jaxpr, consts: Sequence, in_avals: Sequence, in_active: Sequence
       A :class:`Joint`.
     """
     in_active = tuple(bool(a) and _differentiable(av) for a, av in zip(in_active, in_avals))
+    from .rules import while_loop   # (it imports this module)
+    # The while loops in the jaxpr keep as many loop states as the enclosing
+    # checkpoint region asks for: the joint depends on that request too.
     key = (tuple(_aval_key(a) for a in in_avals), in_active,
-           bool(jax.config.jax_enable_x64))
+           bool(jax.config.jax_enable_x64), while_loop.request_key())
     cacheable = (trace.cache_enabled and not cache_bypass[0]
                  and not any(compat.is_tracer(c) for c in consts))
     per = None

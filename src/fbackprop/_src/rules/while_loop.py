@@ -904,6 +904,21 @@ def _backward_program(bn, body_closed, joint, S, stored, carry_active, const_nz)
 
 
 # ================================================== one sweep per iteration
+@dataclasses.dataclass
+class _Steps:
+    """The tapes of a loop swept iteration by iteration (a pytree of their values)."""
+    tapes: list
+    where: str
+    start: int
+    n_b: int
+    body: object
+
+
+tree_util.register_pytree_node(
+    _Steps, lambda s: ((s.tapes,), (s.where, s.start, s.n_b, s.body)),
+    lambda aux, ch: _Steps(ch[0], *aux))
+
+
 class SteppedWhile:
     """Reverse mode of a while loop whose values are concrete, as one in-place
     forward sweep of the body per iteration (kept, like a Python loop under
@@ -975,13 +990,13 @@ class SteppedWhile:
             k_act = [a or b for a, b in zip(k_act, tape.out_active)]
             tapes.append(tape)
         out_act = [a and _differentiable(v.aval) for a, v in zip(k_act, eqn.outvars)]
-        return carry, ("steps", (tapes, where, start, n_b, body)), out_act
+        return carry, ("steps", _Steps(tapes, where, start, n_b, body)), out_act
 
     def backward(self, record, cts_out):
         kind, sub = record.sub
         if kind == "whole":
             return self.whole.backward(dataclasses.replace(record, sub=sub), cts_out)
-        tapes, where, start, n_b, body = sub
+        tapes, where, start, n_b, body = sub.tapes, sub.where, sub.start, sub.n_b, sub.body
         p = record.eqn.params
         cn, bn = p["cond_nconsts"], p["body_nconsts"]
         ct = list(cts_out)
