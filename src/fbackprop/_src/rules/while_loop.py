@@ -44,10 +44,14 @@ state whose removal, together with keeping ``x_t``, lowers the cost *if the loop
 stopped after this iteration*, when any does. Each candidate's cost change
 splits into a part that changes only when a state is kept (cached, recomputed
 then, ``O(S)``) and a part of the last gap (three scalar ``t`` evaluations per
-iteration). Measured against the offline optimum (the best kept set knowing
-``T``, a dynamic program) it is within 1% for ``S`` = 8 to 128 and ``T`` up to
-10^4, where the Stumm-Walther/Wang-Moin combination (as Equinox implements it)
-costs 20-70% more beyond ``(S+1)(S+2)/2`` steps (:func:`reference_schedule`).
+iteration). Against the offline optimum (the best kept set knowing ``T``, a
+dynamic program, ``T <= 1200``) the backward costs at most 6% more with 4
+slots, 4% with 8, 3% with 16, 1% with 32 and nothing with 64; at ``T = 10^4``
+it is within 0.1% of the lower bound ``t(T, S+1) + 1`` for 16 to 256 slots
+(:func:`reference_schedule`; tests/test_while_loop.py). Equinox's
+checkpointed while loop (Stumm-Walther, then Wang-Moin, and bisection in the
+backward) evaluates the body 20-75% more often beyond ``(S+1)(S+2)/2``
+steps, as ``python -m fbackprop bench --while`` counts.
 
 Body evaluations in the backward per loop step (``S = 64``): 1.0 up to 65
 steps, 1.35 at 100, 1.94 at 1,000, 2.77 at 10,000 (the lower bound is
@@ -77,13 +81,18 @@ by the region's handler while it sweeps the region.
 Eager calls
 -----------
 Called eagerly, the trip count is concrete, and the alternative is recording
-every iteration (one op-by-op forward sweep per iteration and one backward
-sweep each, memory ``T`` times the residuals). The forward and backward loops
-here are each traced once per loop and types and compiled, so an eager call
-costs two dispatches; recording costs the body's operations times ``T``
-dispatches. The compiled loops are faster from a few iterations on
-(``python -m fbackprop bench --while`` measures both), and give the same
-numbers, so eager calls use them too.
+every iteration (:class:`SteppedWhile`: one op-by-op forward sweep per iteration
+and one backward sweep each, memory ``T`` times the residuals). The compiled
+loops cost two dispatches once compiled, but they are traced and compiled per
+body jaxpr, and a loop's body is usually a closure made afresh in each call
+(then every call compiles, about a second); recording costs the body's
+operations times ``T`` dispatches and no compilation. So eager calls record,
+up to ``EAGER_RECORD_EQNS`` body equations and ``EAGER_RECORD_BYTES`` of loop
+states, and run the compiled loops beyond that, or when they exist already for
+the loop (``python -m fbackprop bench --while`` measures both). The numbers are
+the same either way. Inside a compiled eager program (fbackprop's eager engine
+compiles programs that repeat) the values are traced, and the compiled loops
+run.
 
 Loops this cannot reverse
 -------------------------
