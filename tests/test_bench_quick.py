@@ -132,3 +132,11 @@ def test_floors_script_measures_the_floors_under_the_ratios():
     assert f["trace_lower_floor"] == pytest.approx((f["forward_trace"] + f["fb_lower"]) / jax_first_call)
     assert f["eager_ratio"] == pytest.approx(f["fb_eager"] / f["jax_eager"])
     assert f["eager_floor"] == pytest.approx(f["fb_jitted"] / f["jax_eager"])
+
+
+def test_while_bench_rejects_unknown_problems(capsys):
+    with pytest.raises(SystemExit) as info:
+        harness.main(["--while", "--only", "nope"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown problem(s) nope" in err and "sinkhorn" in err

@@ -9,13 +9,13 @@ tolerance) it reports:
   under ``jax.jit``: the reference is ``jax.grad`` of the same computation with
   the loop replaced by a ``lax.scan`` of ``T`` steps (JAX cannot reverse the
   while loop itself);
-* the recompute ratio, body evaluations in the backward loop per iteration
-  (measured in the compiled program at ``T``; at the forced trip counts below,
-  from the schedule's reference implementation, which the tests check against
-  the compiled counts), and the lower bound any schedule with ``S`` slots needs;
+* the recompute ratio, body evaluations in the backward loop per iteration,
+  counted in the compiled program, at ``T`` and at the forced trip counts
+  below, with the lower bound any schedule with ``S`` slots needs and
+  Equinox's count (a callback in its body) at the same trip counts;
 * compiled temp bytes (``memory_analysis``) of the gradient with the loop forced
   to 100, 1,000 and 10,000 iterations, against ``jax.grad`` of a ``lax.scan`` of
-  the same length;
+  the same length (and Equinox's, in the JSON);
 * the jitted gradient's step time against Equinox's checkpointed while loop
   (``eqx.internal.while_loop(kind="checkpointed", checkpoints=S)``) under
   ``jax.grad``, same body, same ``S`` (Equinox counts the initial state among
@@ -305,26 +305,47 @@ def measure_problem(name, fn, args, S, forced, reps, log=sys.stderr) -> dict:
     row["fb_seconds"], row["equinox_seconds"] = _time_pair(ours_jit, eqx_jit, args, reps)
     row["time_vs_equinox"] = row["fb_seconds"] / row["equinox_seconds"]
     n = 1_000
+
+    def eqx_forced_at(n, counter=None):
+        def loop(c, b, i):
+            return equinox_loop(S, counter)(lambda s: s[0] < n, lambda s: (s[0] + 1, b(s[1])),
+                                            (0, i))[1]
+        return functools.partial(fn, loop=loop)
+
     ours_n = jax.jit(fb.grad(_with_slots(functools.partial(fn, loop=forced_loop(n)), S)))
-    eqx_n = jax.jit(jax.grad(functools.partial(
-        fn, loop=lambda c, b, i: equinox_loop(S)(lambda s: s[0] < n, lambda s: (
-            s[0] + 1, b(s[1])), (0, i))[1])))
+    eqx_n = jax.jit(jax.grad(eqx_forced_at(n)))
     row["fb_seconds_1000"], row["equinox_seconds_1000"] = _time_pair(ours_n, eqx_n, args, reps)
     row["time_vs_equinox_1000"] = row["fb_seconds_1000"] / row["equinox_seconds_1000"]
-    row["recompute_1000"] = wl.reference_schedule(n, S)["backward_evals"] / n
 
-    # Compiled memory at forced trip counts, against jax.grad of a scan.
+    # At forced trip counts: compiled memory against jax.grad of a scan, body
+    # evaluations in the backward (ours counted in the compiled program,
+    # Equinox's by a callback in its body).
     row["memory"] = []
     for n in forced:
-        fb_bytes = _temp_bytes(fb.grad(_with_slots(functools.partial(fn, loop=forced_loop(n)),
-                                                   S)), *args)
+        forced_fn = _with_slots(functools.partial(fn, loop=forced_loop(n)), S)
+        fb_bytes = _temp_bytes(fb.grad(forced_fn), *args)
         scan_bytes = _temp_bytes(jax.grad(functools.partial(fn, loop=scan_loop(n))), *args)
+        eqx_bytes = _temp_bytes(jax.grad(eqx_forced_at(n)), *args)
+        sink.clear()
+        token = wl._stats_sink.set(sink)
+        try:
+            jax.block_until_ready(jax.jit(fb.grad(forced_fn))(*args))
+        finally:
+            wl._stats_sink.reset(token)
+        (st,) = sink
+        counter.clear()
+        jax.block_until_ready(jax.grad(eqx_forced_at(n, counter))(*args))
         sched = wl.reference_schedule(n, S)
+        assert st["backward_evals"] == sched["backward_evals"], (st, sched)
         row["memory"].append({"trip_count": n, "fb_temp_bytes": fb_bytes,
-                              "scan_temp_bytes": scan_bytes,
-                              "recompute": sched["backward_evals"] / n,
+                              "scan_temp_bytes": scan_bytes, "equinox_temp_bytes": eqx_bytes,
+                              "recompute": st["backward_evals"] / n,
+                              "equinox_recompute": (len(counter) - n) / n,
                               "lower_bound": sched["lower_bound"] / n})
-        print(f"    T={n}: fb {fb_bytes:,} B, scan {scan_bytes:,} B", file=log, flush=True)
+        print(f"    T={n}: fb {fb_bytes:,} B, equinox {eqx_bytes:,} B, scan {scan_bytes:,} B, "
+              f"recompute fb "
+              f"{st['backward_evals'] / n:.2f}, equinox {(len(counter) - n) / n:.2f}",
+              file=log, flush=True)
 
     # Eager: first call with fresh closures (a new function object each time, as
     # a script's loss would be) and repeated calls, recorded vs compiled.
@@ -369,14 +390,15 @@ def table(rows: list[dict]) -> str:
             f"{b(10000):>9} {b(10000, 'scan_temp_bytes'):>11} {r['time_vs_equinox']:>6.2f} "
             f"{r['time_vs_equinox_1000']:>5.2f}")
     lines.append("")
-    lines.append(f"{'problem':<16} {'recompute @100':>14} {'@1k':>6} {'@10k':>6}   "
+    lines.append(f"{'problem':<16} {'recompute fb/eqx @100':>21} {'@1k':>11} {'@10k':>11}   "
                  f"{'eager 1st call: recorded':>24} {'compiled':>9}   "
                  f"{'repeated: recorded':>18} {'compiled':>9}")
     for r in rows:
-        rec = {m["trip_count"]: m["recompute"] for m in r["memory"]}
+        rec = {m["trip_count"]: f"{m['recompute']:.2f}/{m['equinox_recompute']:.2f}"
+               for m in r["memory"]}
         lines.append(
-            f"{r['problem']:<16} {rec.get(100, float('nan')):>14.2f} "
-            f"{rec.get(1000, float('nan')):>6.2f} {rec.get(10000, float('nan')):>6.2f}   "
+            f"{r['problem']:<16} {rec.get(100, '-'):>21} {rec.get(1000, '-'):>11} "
+            f"{rec.get(10000, '-'):>11}   "
             f"{r['eager_recorded_first_seconds']:>22.3f} s {r['eager_compiled_first_seconds']:>7.3f} s"
             f"   {r['eager_recorded_seconds']:>16.3f} s {r['eager_compiled_seconds']:>7.3f} s")
     return "\n".join(lines)
