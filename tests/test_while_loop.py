@@ -380,6 +380,23 @@ def test_stop_gradient_and_integer_carries():
     _close(fb.grad(f)(0.8), jax.grad(ref)(0.8))
 
 
+def test_random_keys_in_the_carry():
+    def f(x, loop):
+        def body(c):
+            key, h = c
+            key, sub = jax.random.split(key)
+            return key, h * (1.0 + 0.1 * jax.random.normal(sub, h.shape))
+        return jnp.sum(loop(lambda c: True, body, (jax.random.key(0), x))[1])
+
+    def loop(cond, body, init):          # five iterations, counted in the carry
+        return lax.while_loop(lambda c: c[0] < 5, lambda c: (c[0] + 1, body(c[1])),
+                              (0, init))[1]
+
+    x = jnp.ones(3)
+    _close(jax.jit(fb.grad(functools.partial(f, loop=loop)))(x),
+           jax.grad(functools.partial(f, loop=_scan_loop(5)))(x))
+
+
 def test_a_loop_nothing_differentiates_is_bound_as_it_is():
     def f(x):
         count = lax.while_loop(lambda c: c * 1.5 < lax.stop_gradient(x), lambda c: c + 1.0, 0.0)

@@ -590,7 +590,8 @@ def _carry_activity(jaxpr, in_active):
 
 
 def _nbytes(aval) -> int:
-    return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+    # (``dtype.itemsize`` covers extended dtypes too, e.g. PRNG keys.)
+    return int(np.prod(aval.shape, dtype=np.int64)) * int(aval.dtype.itemsize)
 
 
 _programs_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -794,7 +795,9 @@ def _forward_program(cn, bn, body_closed, cond_closed, S, stored):
         # One spare slot (index S) takes the writes of iterations that keep
         # nothing: every iteration writes unconditionally, which XLA does in
         # place (a conditional write that reads the old slot makes it copy).
-        slots0 = [jnp.zeros((S + 1,) + tuple(carry_avals[k].shape), carry_avals[k].dtype)
+        # (Broadcast from the initial value rather than zeros: PRNG keys and
+        # other extended dtypes have no zeros.)
+        slots0 = [jnp.broadcast_to(init[k], (S + 1,) + tuple(carry_avals[k].shape))
                   for k in range(nk) if stored[k]]
         state0 = (jnp.int32(0), list(init), jnp.int32(0), jnp.zeros((S,), jnp.int32),
                   jnp.arange(S, dtype=jnp.int32), jnp.zeros((S,), jnp.float32),
