@@ -602,6 +602,9 @@ def _describe_var(v, jaxpr, steps: list[str]) -> tuple[str | None, str, list[str
     details = list(steps)
     if name == "name":
         details.append(f"named {e.params['name']!r}")
+    elif name in compat.JIT_NAMES and e.params.get("name") == "while_forward":
+        details.append("kept by the lax.while_loop's forward loop for its backward "
+                       "(loop states, their steps, the trip count)")
     elif name in compat.JIT_NAMES:
         details.append(f"output of jitted function {e.params.get('name', '?')!r}")
     from .rules import foreign
