@@ -203,10 +203,8 @@ def test_online_schedule_is_near_the_offline_optimum():
 
 @pytest.fixture
 def loop_stats():
-    sink: list = []
-    token = wl._stats_sink.set(sink)
-    yield sink
-    wl._stats_sink.reset(token)
+    with wl.stats() as sink:
+        yield sink
 
 
 def test_compiled_schedule_counts_what_the_reference_counts(loop_stats):

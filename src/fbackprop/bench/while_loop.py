@@ -273,13 +273,8 @@ def measure_problem(name, fn, args, S, forced, reps, log=sys.stderr) -> dict:
     row["trip_count"] = T
     ref = jax.grad(functools.partial(fn, loop=scan_loop(T)))(*args)
     ours = _with_slots(fn, S)
-    sink: list = []
-    token = wl._stats_sink.set(sink)
-    try:
-        g_jit = jax.jit(fb.grad(ours))(*args)
-        jax.block_until_ready(g_jit)
-    finally:
-        wl._stats_sink.reset(token)
+    with wl.stats() as sink:
+        g_jit = jax.block_until_ready(jax.jit(fb.grad(ours))(*args))
     g_eager = fb.grad(ours)(*args)
     row["max_err_jit"] = _max_err(g_jit, ref)
     row["max_err_eager"] = _max_err(g_eager, ref)
@@ -328,12 +323,8 @@ def measure_problem(name, fn, args, S, forced, reps, log=sys.stderr) -> dict:
         fb_bytes = _temp_bytes(fb.grad(forced_fn), *args)
         scan_bytes = _temp_bytes(jax.grad(functools.partial(fn, loop=scan_loop(n))), *args)
         eqx_bytes = _temp_bytes(jax.grad(eqx_forced_at(n)), *args)
-        sink.clear()
-        token = wl._stats_sink.set(sink)
-        try:
+        with wl.stats() as sink:
             jax.block_until_ready(jax.jit(fb.grad(forced_fn))(*args))
-        finally:
-            wl._stats_sink.reset(token)
         (st,) = sink
         counter.clear()
         jax.block_until_ready(jax.grad(eqx_forced_at(n, counter))(*args))
