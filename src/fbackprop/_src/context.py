@@ -35,7 +35,9 @@ class SweepContext:
       stepping: handlers run loop steps, every branch of a ``cond`` and custom
         rules' own code in place, so observers see each of their equations with
         the step it ran in (``fb.checked_grad``); ``"all"`` also checkpoint
-        regions and custom rules, ``"scan"`` only scans.
+        regions and custom rules, ``"scan"`` only scans and while loops
+        (``fb.explain``), ``"while"`` only while loops, each iteration of any
+        length (tags in a while body: one cotangent per iteration).
       in_place: nested calls (``jit``) are swept equation by equation rather than
         bound as memoized sweeps (analyses that read the traced program).
       linear: the custom JVP rule being transposed by a linear sweep (its name,
@@ -54,6 +56,14 @@ class SweepContext:
         an equation of a library's jitted helper, which has no user frame.
       call_tables: for a program read after its sweeps, tables from an
         equation's traceback to the calls that ran it (``compat.calls_in``).
+      while_slots: the saved loop states the enclosing checkpoint region asks
+        for its ``lax.while_loop`` calls (set by the region's handler while it
+        sweeps the region): ``None`` (the default count), ``("count", n)``
+        (``while_loop_checkpoints=n``) or ``("budget", bytes or fraction)``
+        (``memory_budget``). Joint traces depend on it (their cache key has it).
+      while_stats: lists receiving one entry per while-loop reversal (trip
+        count, slots, body evaluations in its backward loop), for benchmarks
+        and tests (``rules.while_loop.stats``).
     """
     observers: tuple = ()
     stepping: str | None = None
@@ -67,6 +77,8 @@ class SweepContext:
     cache: bool = True
     call_sites: tuple = ()
     call_tables: tuple = ()
+    while_slots: tuple | None = None
+    while_stats: tuple = ()
 
 
 _DEFAULT = SweepContext(eager_programs=os.environ.get("FBACKPROP_EAGER_PROGRAMS", "1") != "0")

@@ -22,6 +22,7 @@ equation of a body with the step it ran in.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import linecache
@@ -37,6 +38,7 @@ from . import api, compat, perturb, trace
 from . import context
 from .engine import sweeps
 from .registry import vjp_rules
+from .rules import while_loop
 from .rules.debug import NAMED_PRIMITIVES, tag_p
 
 # ============================================================ shared machinery
@@ -285,6 +287,59 @@ class _TagCollector:
             self.cts[site.name] = cts_out[0]      # before the tag's hook, if any
 
 
+# ------------------------------------- while loops: per-iteration tag cotangents
+# (grad_and_intermediates of a tag in a while body: the loop is stepped with
+# ``stepping="while"``, the stepping handler below, and this observer reads each
+# iteration's cotangent off the enter/exit notices of rules.while_loop.stepped.)
+class _IterationTags:
+    """Observer keeping, per iteration, the cotangent arriving at each tag in
+    the body of a while loop that is swept iteration by iteration."""
+
+    def __init__(self, sites):
+        self.by_eqn = {id(s.eqn): s for s in sites}
+        self.context: list = []
+        self.cts: dict = {s.name: {} for s in sites}
+        self.counts: dict = {}
+
+    def enter(self, kind, index, where):
+        self.context.append((kind, index))
+
+    def exit(self):
+        self.context.pop()
+
+    def on_forward(self, eqn, invals, outvals):
+        site = self.by_eqn.get(id(eqn))
+        if site is not None and self.context:
+            self.counts[site.name] = max(self.counts.get(site.name, 0),
+                                         self.context[-1][1] + 1)
+
+    def on_backward(self, eqn, cts_out, cts_in, record):
+        site = self.by_eqn.get(id(eqn))
+        if site is not None and self.context and cts_out[0] is not None:
+            self.cts[site.name][self.context[-1][1]] = cts_out[0]
+
+    def stacked(self) -> dict:
+        out = {}
+        for site in self.by_eqn.values():
+            aval = site.eqn.outvars[0].aval
+            if not jnp.issubdtype(aval.dtype, jnp.inexact):
+                continue
+            per = self.cts[site.name]
+            n = self.counts.get(site.name, 0)
+            zero = jnp.zeros(aval.shape, aval.dtype)
+            out[site.name] = jnp.stack([per.get(i, zero) for i in range(n)]) if n else \
+                jnp.zeros((0,) + tuple(aval.shape), aval.dtype)
+        return out
+
+
+def _loop_line(jaxpr, site) -> str:
+    for e in jaxpr.eqns:
+        if id(e) == site.path[0][0]:
+            return compat.source_line(e)
+    return "?"
+# ------------------------------------------------------------------------------
+
+
 def _recorded_eqns(tape) -> set:
     ids, stack = set(), [tape]
     while stack:
@@ -349,7 +404,9 @@ def grad_and_intermediates(fun: Callable, argnums: int | Sequence[int] = 0,
       tag name to its cotangent (zeros if the value does not reach the loss).
       A tag inside ``lax.scan`` bodies gets one leading axis per enclosing
       scan, outermost first, indexed like the scan's ``xs`` (also with
-      ``reverse=True``); a tag in an untaken branch reports zeros.
+      ``reverse=True``); a tag in an untaken branch reports zeros. A tag in
+      the body of a ``lax.while_loop`` (of the function itself, called
+      eagerly) gets a leading axis of the iterations it ran.
 
     Example:
       >>> import fbackprop as fb, jax.numpy as jnp
@@ -376,10 +433,21 @@ def grad_and_intermediates(fun: Callable, argnums: int | Sequence[int] = 0,
         main_tree, aux_tree = _split_output(traced, has_aux, api_name)
         closed = traced.closed
         sites = find_tags(closed.jaxpr, names)
+        # Tags in the body of a while loop of the function itself: the loop is
+        # swept iteration by iteration, and their cotangents are read off each
+        # iteration's sweep (the trip count is known only when it runs).
+        in_while = [s for s in sites if s.blocked_by == "while" and len(s.path) == 1]
+        if in_while and any(compat.is_tracer(x) for x in prog.dyn):
+            raise NotImplementedError(
+                f"grad_and_intermediates: tag '{in_while[0].name}' is inside the "
+                f"lax.while_loop at {_loop_line(closed.jaxpr, in_while[0])}; its cotangent "
+                f"has one entry per iteration, and the number of iterations is known only "
+                f"when the loop runs. Call grad_and_intermediates eagerly (outside jax.jit "
+                f"and jax.vmap), or tag a value outside the loop.")
         # Tags inside loop, branch and checkpoint bodies are read off the
         # gradients of perturbation inputs (see fbackprop._src.perturb); the
         # others straight off the sweep.
-        nested = [s.name for s in sites if s.blocked_by is not None]
+        nested = [s.name for s in sites if s.blocked_by is not None and s not in in_while]
         closed_p, eps = perturb.perturbed(closed, nested) if nested else (closed, [])
         top_names = [s.name for s in sites if s.blocked_by is None]
         top_sites = [s for s in find_tags(closed_p.jaxpr, top_names) if s.blocked_by is None] \
@@ -392,14 +460,19 @@ def grad_and_intermediates(fun: Callable, argnums: int | Sequence[int] = 0,
         def make_run():
             def run(dyn):
                 collector = _TagCollector(top_sites)
+                per_iteration = _IterationTags(in_while)
                 zeros = [jnp.zeros(e.aval.shape, e.aval.dtype) for e in eps]
-                with observing(collector):
+                # While loops swept iteration by iteration, whatever their length.
+                stepped = context.using(stepping="while") if in_while \
+                    else contextlib.nullcontext()
+                with observing(collector), observing(per_iteration), stepped:
                     outs, tape = sweeps.forward(closed_p.jaxpr, closed_p.consts,
                                                  list(dyn) + zeros,
                                                  active + (True,) * len(eps))
                     one = jnp.ones((), api._dtype_of(outs[0]))
                     cts = sweeps.backward(tape, [one] + [None] * (len(outs) - 1))
                 found = _collect(top_sites, collector, tape)
+                found.update(per_iteration.stacked())
                 for e, zero, ct in zip(eps, zeros, cts[n_dyn:]):
                     found[e.name] = ct if ct is not None else zero
                 inter = {s.name: found[s.name] for s in sites if s.name in found}
@@ -1290,17 +1363,34 @@ class _AllBranchesCond:
 
 
 class _WatchedWhile:
-    """``lax.while_loop`` that nothing differentiates, run with the statistics of
-    every body value kept at the first iteration whose carry turns non-finite."""
+    """``lax.while_loop`` while the tools step (one handler for every stepping
+    kind, which it reads from the sweep context).
 
-    def __init__(self, whole):
-        self.whole = whole
+    A differentiated loop with concrete values is swept iteration by iteration
+    in place (:func:`rules.while_loop.stepped`, with ``enter("while",
+    i, where)`` notices): up to ``UNROLL_LIMIT`` body equations for the checker
+    and ``fb.explain`` (``"all"``, ``"scan"``), without limit for tags in the
+    body (``"while"``). For the checker (``"all"``) a loop nothing
+    differentiates, and the forward of one with traced values (then reversed
+    as a whole), run with the statistics of every body value kept at the first
+    iteration whose carry turns non-finite.
+    """
+
+    def __init__(self):
+        self.limited = while_loop.stepped(UNROLL_LIMIT, _short_where)
+        self.unlimited = while_loop.stepped(None, _short_where)
 
     def forward(self, eqn, invals, active):
-        return self.whole.forward(eqn, invals, active)
+        stepping = context.current().stepping
+        if stepping == "all" and (any(compat.is_tracer(x) for x in invals)
+                                  or not compat.is_eager()):
+            self.evaluate(eqn, invals)
+        handler = self.unlimited if stepping == "while" else self.limited
+        return handler.forward(eqn, invals, active)
 
     def backward(self, record, cts_out):
-        return self.whole.backward(record, cts_out)
+        # (The record says how its forward ran; the limit does not matter here.)
+        return self.limited.backward(record, cts_out)
 
     @staticmethod
     def _describe(body):
@@ -1333,6 +1423,8 @@ class _WatchedWhile:
         p = eqn.params
         body_closed, cond_closed = p["body_jaxpr"], p["cond_jaxpr"]
         body = body_closed.jaxpr
+        if context.current().stepping != "all":
+            return compat.bind_eqn(eqn, invals)
         if body.effects or cond_closed.jaxpr.effects or _unrolled_size(body) > UNROLL_LIMIT:
             return compat.bind_eqn(eqn, invals)
         cn, bn = p["cond_nconsts"], p["body_nconsts"]
@@ -1504,7 +1596,7 @@ def _register_stepping_handlers():
         _WatchedCustomJVP(call_handlers_reverse[compat.CUSTOM_JVP_CALL]), ("all",))
     stepping_handlers[compat.CUSTOM_VJP_CALL] = (
         _WatchedCustomVJP(call_handlers_reverse[compat.CUSTOM_VJP_CALL]), ("all",))
-    stepping_handlers["while"] = (_WatchedWhile(call_handlers_reverse["while"]), ("all",))
+    stepping_handlers["while"] = (_WatchedWhile(), ("while", "scan", "all"))
 
 
 _register_stepping_handlers()
@@ -1587,10 +1679,13 @@ def checked_value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0,
     37 of the scan at model.py:30"), ``lax.cond`` / ``switch`` branches (each
     branch is swept, the taken one's results are kept and only it is
     reported), checkpoint regions and custom_jvp / custom_vjp functions (their
-    code on the way forward; the JVP rule or the bwd on the way back). In a
-    ``while_loop`` (forward only: reverse mode does not differentiate it) the
-    report names the body's operation and the iteration that first made the
-    loop's carry non-finite. A loop or cond whose size exceeds
+    code on the way forward; the JVP rule or the bwd on the way back). A
+    ``while_loop`` called eagerly is swept iteration by iteration, forward and
+    backward, and the report names the iteration ("in iteration 12 of the
+    while_loop at model.py:40", ``site.context``); under ``jax.jit`` (the trip
+    count unknown) the report names the body's operation and the iteration that
+    first made the loop's carry non-finite, or the loop as a whole for its
+    backward. A loop or cond whose size exceeds
     20 000 equations (for a scan, steps x body size) and
     bodies with side effects are checked as a whole (the report then names
     the enclosing operation). The values and gradients are the same as
