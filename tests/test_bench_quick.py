@@ -166,3 +166,11 @@ def test_quick_eager_figures_are_timed_after_warm_up(name, monkeypatch):
         if event != "compile":
             warming = event == "warm-up"
         assert warming or event != "compile", events
+
+
+def test_while_bench_rejects_unknown_problems(capsys):
+    with pytest.raises(SystemExit) as info:
+        harness.main(["--while", "--only", "nope"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown problem(s) nope" in err and "sinkhorn" in err

@@ -247,8 +247,19 @@ def test_unsupported_bodies_are_clear_errors():
             return c[0] + 1, fb.tag(c[1] * x, "w")
         return lax.while_loop(lambda c: c[0] < 3, body, (0, 1.0))[1]
 
+    # One cotangent per iteration eagerly; under jit the count is unknown.
+    assert fb.grad_and_intermediates(looped)(2.0)[1]["w"].shape == (3,)
     with pytest.raises(NotImplementedError, match="while_loop"):
-        fb.grad_and_intermediates(looped)(2.0)
+        jax.jit(fb.grad_and_intermediates(looped))(2.0)
+
+    def nested(x):
+        def body(c, _):
+            return lax.while_loop(lambda c: c[0] < 3,
+                                  lambda c: (c[0] + 1, fb.tag(c[1] * x, "w")), (0, c))[1], None
+        return lax.scan(body, 1.0, None, length=2)[0]
+
+    with pytest.raises(NotImplementedError, match="while_loop"):
+        fb.grad_and_intermediates(nested)(2.0)
 
 
 # ------------------------------------------------- NaN/Inf provenance in loops

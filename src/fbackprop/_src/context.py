@@ -35,8 +35,10 @@ class SweepContext:
       stepping: handlers run loop steps, every branch of a ``cond`` and custom
         rules' own code in place, so observers see each of their equations with
         the step it ran in (``fb.checked_grad``); ``"all"`` also checkpoint
-        regions and custom rules, ``"scan"`` only scans. Each handler reads it
-        with :func:`steps` and takes its observed path.
+        regions and custom rules, ``"scan"`` only scans and while loops
+        (``fb.explain``), ``"while"`` only while loops, each iteration of any
+        length (tags in a while body: one cotangent per iteration). Each handler
+        reads it with :func:`steps` and takes its observed path.
       in_place: nested calls (``jit``) are swept equation by equation rather than
         bound as memoized sweeps (analyses that read the traced program).
       linear: the custom JVP rule being transposed by a linear sweep (its name,
@@ -56,6 +58,14 @@ class SweepContext:
         of a library's jitted helper, which has no user frame.
       call_tables: for a program read after its sweeps, tables from an
         equation's traceback to the calls that ran it (``compat.calls_in``).
+      while_slots: the saved loop states the enclosing checkpoint region asks
+        for its ``lax.while_loop`` calls (set by the region's handler while it
+        sweeps the region): ``None`` (the default count), ``("count", n)``
+        (``while_loop_checkpoints=n``) or ``("budget", bytes or fraction)``
+        (``memory_budget``). Joint traces depend on it (their cache key has it).
+      while_stats: lists receiving one entry per while-loop reversal (trip
+        count, slots, body evaluations in its backward loop), for benchmarks
+        and tests (``rules.while_loop.stats``).
     """
     observers: tuple = ()
     stepping: str | None = None
@@ -69,6 +79,8 @@ class SweepContext:
     cache: bool = True
     call_sites: tuple = ()
     call_tables: tuple = ()
+    while_slots: tuple | None = None
+    while_stats: tuple = ()
 
 
 _DEFAULT = SweepContext(eager_programs=os.environ.get("FBACKPROP_EAGER_PROGRAMS", "1") != "0")
@@ -114,14 +126,15 @@ def notify(method: str, *args) -> None:
 
 def steps(kind: str, linear_ok: bool = False) -> bool:
     """Whether a handler takes its stepped path: ``kind`` is ``"scan"`` (scans
-    are stepped for ``stepping="scan"`` and ``"all"``) or ``"all"`` (cond
-    branches, checkpoint regions, custom rules, while loops: only for
-    ``"all"``). A sweep transposing a custom JVP rule steps nothing it
-    differentiates (``linear_ok``: the step has no differentiated input)."""
+    are stepped for ``stepping="scan"`` and ``"all"``), ``"while"`` (while
+    loops: for ``"while"``, ``"scan"`` and ``"all"``) or ``"all"`` (cond
+    branches, checkpoint regions, custom rules: only for ``"all"``). A sweep
+    transposing a custom JVP rule steps nothing it differentiates (``linear_ok``: the step has no differentiated input)."""
     ctx = _current.get()
     if ctx.stepping is None or (ctx.linear is not None and not linear_ok):
         return False
-    return ctx.stepping == "all" or kind == ctx.stepping
+    return (ctx.stepping == "all" or kind == ctx.stepping
+            or (kind == "while" and ctx.stepping == "scan"))
 
 
 def unwatched(linear_ok: bool = False) -> bool:

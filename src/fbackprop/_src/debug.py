@@ -292,6 +292,7 @@ class _Tags:
         self.depth = 0                       # inside custom rules (their own code)
         self.rewriting = False
         self.recording = True
+        self.per_iteration = _IterationTags()   # tags directly in while bodies
 
     def _here(self) -> bool:
         return self.state is None or _trace_state() == self.state
@@ -336,6 +337,26 @@ class _Tags:
         wanted = self._wanted(inside)
         if not wanted:
             return None
+        # Tags directly in the body of a while loop: the loop is swept iteration
+        # by iteration (the trip count is known only when it runs), and their
+        # cotangents are read off each iteration's sweep.
+        direct = [s for s in inside if prim.name == "while" and s.blocked_by == "while"
+                  and len(s.path) == 1 and s.name in wanted]
+        if direct and wanted == {s.name for s in direct}:
+            if not compat.is_eval_trace(trace.parent):
+                raise NotImplementedError(
+                    f"grad_and_intermediates: tag '{direct[0].name}' is inside the "
+                    f"lax.while_loop at {compat.source_line(eqn)}; its cotangent has one "
+                    f"entry per iteration, and the number of iterations is known only "
+                    f"when the loop runs. Call grad_and_intermediates eagerly (outside "
+                    f"jax.jit and jax.vmap), or tag a value outside the loop.")
+            self.per_iteration.add(direct)
+            self.rewriting = True
+            try:
+                with context.using(stepping="while"):
+                    return trace.process_primitive(prim, tracers, params)
+            finally:
+                self.rewriting = False
         closed, eps = perturb.perturbed(compat.ClosedJaxpr(one, []), wanted)
         if not eps:
             return None
@@ -377,6 +398,7 @@ class _Tags:
         """Per selected tag name, its cotangent (checked by :func:`select_tags`)."""
         sites = select_tags(self.sites, self.names)
         found = _collect([s for s in sites if s.blocked_by is None], self, tape)
+        found.update(self.per_iteration.stacked())
         for e, ct in zip(self.eps, eps_cts):
             found[e.name] = ct if ct is not None else jnp.zeros(e.aval.shape, e.aval.dtype)
         return {s.name: found[s.name] for s in sites if s.name in found}
@@ -387,6 +409,56 @@ class _ParamsOnly:
 
     def __init__(self, params):
         self.params = params
+
+
+class _IterationTags:
+    """Observer keeping, per iteration, the cotangent arriving at each tag in
+    the body of a while loop that is swept iteration by iteration (the while
+    handler's observed path with ``stepping="while"``; each iteration's sweeps
+    come between its ``enter("while", i, where)`` and ``exit()`` notices)."""
+
+    def __init__(self):
+        self.by_eqn: dict = {}
+        self.context: list = []
+        self.cts: dict = {}
+        self.counts: dict = {}
+
+    def add(self, sites):
+        for s in sites:
+            self.by_eqn[id(s.eqn)] = s
+            self.cts.setdefault(s.name, {})
+
+    def enter(self, kind, index, where):
+        self.context.append((kind, index))
+
+    def exit(self):
+        self.context.pop()
+
+    def on_forward(self, eqn, invals, outvals):
+        site = self.by_eqn.get(id(eqn))
+        if site is not None and self.context:
+            self.counts[site.name] = max(self.counts.get(site.name, 0),
+                                         self.context[-1][1] + 1)
+
+    def on_backward(self, eqn, cts_out, cts_in, record):
+        site = self.by_eqn.get(id(eqn))
+        if site is not None and self.context and cts_out[0] is not None:
+            self.cts[site.name][self.context[-1][1]] = cts_out[0]
+
+    def stacked(self) -> dict:
+        out = {}
+        for site in self.by_eqn.values():
+            aval = site.eqn.outvars[0].aval
+            if not jnp.issubdtype(aval.dtype, jnp.inexact):
+                continue
+            per = self.cts[site.name]
+            n = self.counts.get(site.name, 0)
+            zero = jnp.zeros(aval.shape, aval.dtype)
+            out[site.name] = jnp.stack([per.get(i, zero) for i in range(n)]) if n else \
+                jnp.zeros((0,) + tuple(aval.shape), aval.dtype)
+        return out
+
+
 
 
 def _recorded_eqns(tape) -> set:
@@ -436,7 +508,7 @@ def run_intermediates(fun, argnums, has_aux, names, api_name, args, kwargs):
     active = [not s and jnp.issubdtype(api._dtype_of(x), jnp.inexact)
               for x, s in zip(inputs.leaves, static)]
     tags = _Tags(names, compat.current_trace())
-    with observing(tags):
+    with observing(tags), observing(tags.per_iteration):
         run = recording.record(fun, inputs.in_tree, inputs.leaves, active)
         tags.recording = False
         trace.check_outputs(run.out_tree, run.out_vals, getattr(fun, "__name__", "fun"))
@@ -478,7 +550,9 @@ def grad_and_intermediates(fun: Callable, argnums: int | Sequence[int] = 0,
       tag name to its cotangent (zeros if the value does not reach the loss).
       A tag inside ``lax.scan`` bodies gets one leading axis per enclosing
       scan, outermost first, indexed like the scan's ``xs`` (also with
-      ``reverse=True``); a tag in an untaken branch reports zeros.
+      ``reverse=True``); a tag in an untaken branch reports zeros. A tag in
+      the body of a ``lax.while_loop`` (of the function itself, called
+      eagerly) gets a leading axis of the iterations it ran.
 
     Example:
       >>> import fbackprop as fb, jax.numpy as jnp
@@ -1347,10 +1421,13 @@ def checked_value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0,
     37 of the scan at model.py:30"), ``lax.cond`` / ``switch`` branches (each
     branch is swept, the taken one's results are kept and only it is
     reported), checkpoint regions and custom_jvp / custom_vjp functions (their
-    code on the way forward; the JVP rule or the bwd on the way back). In a
-    ``while_loop`` (forward only: reverse mode does not differentiate it) the
-    report names the body's operation and the iteration that first made the
-    loop's carry non-finite. A loop or cond whose size exceeds
+    code on the way forward; the JVP rule or the bwd on the way back). A
+    ``while_loop`` called eagerly is swept iteration by iteration, forward and
+    backward, and the report names the iteration ("in iteration 12 of the
+    while_loop at model.py:40", ``site.context``); under ``jax.jit`` (the trip
+    count unknown) the report names the body's operation and the iteration that
+    first made the loop's carry non-finite, or the loop as a whole for its
+    backward. A loop or cond whose size exceeds
     20 000 equations (for a scan, steps x body size) and
     bodies with side effects are checked as a whole (the report then names
     the enclosing operation). The values and gradients are the same as

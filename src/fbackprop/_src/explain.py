@@ -9,9 +9,10 @@ value used twice receives two downstream gradients, which add up.
 Checkpoint regions (``jax.checkpoint``/``fb.checkpoint``, with a policy or a
 memory budget) are swept in place so their equations are rows too; the rows
 whose values the checkpointed backward sweep recomputes are marked (``↻``).
-A ``lax.scan`` is swept step by step: its body's equations are rows once
-(marked ``⟳``), holding their values and gradients at every step, shown as
-first, last, min and max over the steps; the scan itself stays a row too.
+A ``lax.scan`` (or ``lax.while_loop``) is swept step by step: its body's
+equations are rows once (marked ``⟳``), holding their values and gradients at
+every step (iteration), shown as first, last, min and max over the steps; the
+loop itself stays a row too.
 
 The result renders as a text table, Graphviz DOT, a self-contained SVG (no
 Graphviz needed; Graphviz's ``dot`` is used when installed) and an HTML page.
@@ -329,7 +330,13 @@ def _steps_summary(values, short=False) -> str:
 
 
 def _stepped(eqn) -> bool:
-    """Whether explain sweeps this scan step by step (its body gets rows)."""
+    """Whether explain sweeps this loop step by step (its body gets rows). A
+    while loop's trip count is known only when it runs: it is stepped unless its
+    body has side effects (or, when it runs, the iterations exceed the limit:
+    then the loop stays one row)."""
+    if eqn.primitive.name == "while":
+        p = eqn.params
+        return not (p["body_jaxpr"].jaxpr.effects or p["cond_jaxpr"].jaxpr.effects)
     return eqn.primitive.name == "scan" and scan_rules._steppable(eqn)
 
 
@@ -379,11 +386,11 @@ class _Observer:
     # -- events of the handlers: scan steps, custom rules
     def enter(self, kind, step, where):
         self.kinds.append(kind)
-        if kind == "scan":
-            self.context.append((step, where))
+        if kind in ("scan", "while"):
+            self.context.append((step, where, kind))
 
     def exit(self):
-        if self.kinds.pop() == "scan":
+        if self.kinds.pop() in ("scan", "while"):
             self.context.pop()
 
     def _operand(self, v, x):
@@ -442,7 +449,7 @@ class _Observer:
         self.alive.append(total)
 
     def _step_key(self):
-        return tuple(t for t, _ in self.context)
+        return tuple(c[0] for c in self.context)
 
     def on_forward(self, eqn, invals, outvals):
         if self._skip(eqn):
@@ -490,12 +497,13 @@ class _Observer:
                   shapes=[short_aval(x) for x in outvals], inputs=inputs, kept=keep,
                   recomputed=self.marks.get(id(eqn), ""), plumbing=plumbing)
         if self.context:
-            row.loop = f"the scan at {self.context[-1][1]}"
+            step, where, kind = self.context[-1]
+            row.loop = f"the {'while_loop' if kind == 'while' else 'scan'} at {where}"
             row.steps = {self._step_key(): {"value": list(outvals)} if keep else {}}
             self.row_of_eqn[id(eqn)] = r
         elif keep:
             row.value = list(outvals)
-        if name == "scan" and _stepped(eqn):
+        if name in ("scan", "while") and _stepped(eqn):
             row.whole = True
         self.rows.append(row)
         for k, x in enumerate(outvals):

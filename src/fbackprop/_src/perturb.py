@@ -190,10 +190,12 @@ def make_plan(jaxpr, wanted, top: bool) -> Plan:
                 f"outputs instead.")
         elif name == "while":
             raise NotImplementedError(
-                f"grad_and_intermediates: a tag is inside the lax.while_loop at {where}. "
-                f"Reverse mode differentiates loops with a trip count known when tracing: "
-                f"use lax.fori_loop with static Python int bounds or lax.scan, whose tags "
-                f"report one cotangent per step.")
+                f"grad_and_intermediates: a tag is inside the lax.while_loop at {where}, "
+                f"which is itself inside a loop, branch or checkpoint body (or the tag is "
+                f"in a loop nested in the while loop). Per-iteration cotangents are "
+                f"reported for tags directly in the body of a while loop of the "
+                f"differentiated function itself, called eagerly; tag a value there, or "
+                f"outside the loop.")
         else:
             raise NotImplementedError(
                 f"grad_and_intermediates: a tag is inside a '{name}' computation (at "

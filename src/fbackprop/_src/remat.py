@@ -18,6 +18,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name  # noqa: F401  (re-exported)
 
 from . import memplan
+from .rules import while_loop
 
 
 def _resolve_policy(policy):
@@ -42,7 +43,8 @@ def _resolve_policy(policy):
 
 
 def checkpoint(fun: Callable, *, policy=None, prevent_cse: bool = True,
-               static_argnums: int | Sequence[int] = (), memory_budget=None) -> Callable:
+               static_argnums: int | Sequence[int] = (), memory_budget=None,
+               while_loop_checkpoints: int | None = None) -> Callable:
     """Marks ``fun`` for gradient checkpointing: its backward sweep recomputes
     instead of keeping.
 
@@ -64,7 +66,16 @@ def checkpoint(fun: Callable, *, policy=None, prevent_cse: bool = True,
     whose own policies it overrides. ``fb.saved_residuals`` shows the plan and
     ``fb.memory_plan`` the trade-off curve. Under JAX's own autodiff
     (``jax.grad``) the marked function behaves like ``jax.checkpoint`` with
-    ``nothing_saveable``.
+    ``nothing_saveable``. A ``lax.while_loop`` in a budgeted region keeps
+    ``memory_budget // (bytes of its loop state)`` saved loop states (for a
+    fraction, that fraction of the default 64).
+
+    ``while_loop_checkpoints=n`` sets how many loop states each
+    ``lax.while_loop`` (or ``fori_loop`` with traced bounds) in ``fun`` keeps for
+    its backward sweep (default 64): memory ``n`` copies of the loop state,
+    recompute a few body evaluations per iteration (see the docs page on while
+    loops). Given alone, it changes nothing else: the rest of the region keeps
+    what it would without the checkpoint.
 
     Args:
       fun: the function to checkpoint.
@@ -80,6 +91,8 @@ def checkpoint(fun: Callable, *, policy=None, prevent_cse: bool = True,
         fraction in (0, 1]; not together with ``policy``. A budget below what
         the smallest plan keeps is an error (raised when the region is
         differentiated) that names that smallest number of bytes.
+      while_loop_checkpoints: ``None`` or an ``int`` >= 1: the number of loop
+        states each while loop in ``fun`` saves for its backward sweep.
 
     Returns:
       A function with ``fun``'s signature.
@@ -102,6 +115,10 @@ def checkpoint(fun: Callable, *, policy=None, prevent_cse: bool = True,
         resolved = memplan.MemoryBudget(memory_budget)
     else:
         resolved = _resolve_policy(policy)
+    if while_loop_checkpoints is not None:
+        if policy is None and memory_budget is None:
+            resolved = None       # only the loops' slots change
+        resolved = while_loop.WhileLoopCheckpoints(while_loop_checkpoints, resolved)
     return jax.checkpoint(fun, prevent_cse=prevent_cse, policy=resolved,
                           static_argnums=static_argnums)
 

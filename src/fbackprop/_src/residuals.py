@@ -125,9 +125,12 @@ def trace_joint(jaxpr, consts: Sequence, in_avals: Sequence, in_active: Sequence
       A :class:`Joint`.
     """
     in_active = tuple(bool(a) and _differentiable(av) for a, av in zip(in_active, in_avals))
+    # The while loops in the jaxpr keep as many loop states as the enclosing
+    # checkpoint region asks for: the joint depends on that request too.
+    ctx = context.current()
     key = (tuple(_aval_key(a) for a in in_avals), in_active,
-           bool(jax.config.jax_enable_x64))
-    cacheable = (context.current().cache
+           bool(jax.config.jax_enable_x64), ctx.while_slots)
+    cacheable = (ctx.cache
                  and not any(compat.is_tracer(c) for c in consts))
     per = None
     if cacheable:
@@ -681,6 +684,9 @@ def _describe_var(v, jaxpr, steps: list[str]) -> tuple[str | None, str, list[str
     details = list(steps)
     if name == "name":
         details.append(f"named {e.params['name']!r}")
+    elif name in compat.JIT_NAMES and e.params.get("name") == "while_forward":
+        details.append("kept by the lax.while_loop's forward loop for its backward "
+                       "(loop states, their steps, the trip count)")
     elif name in compat.JIT_NAMES:
         details.append(f"output of jitted function {e.params.get('name', '?')!r}")
     from .rules import foreign

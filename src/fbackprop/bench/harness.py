@@ -562,6 +562,10 @@ def build_parser(prog: str = "python -m fbackprop bench") -> argparse.ArgumentPa
     parser.add_argument("--depth", action="store_true",
                         help="instead: tracing time against depth (1k/10k/100k layers of "
                              "deep_narrow, cost per layer; see fbackprop/bench/depth.py)")
+    parser.add_argument("--while", dest="while_loops", action="store_true",
+                        help="instead: reverse mode through while loops (solver loops "
+                             "against references and Equinox: errors, recompute, compiled "
+                             "memory, time; see fbackprop/bench/while_loop.py)")
     return parser
 
 
@@ -647,6 +651,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m fbackprop bench")
         from . import depth
         rest = [a for a in argv_list if a != "--depth"]
         return depth.main(rest, prog=f"{prog} --depth")
+    if "--while" in argv_list:
+        from . import while_loop
+        rest = [a for a in argv_list if a != "--while"]
+        return while_loop.main(rest, prog=f"{prog} --while", environment=environment)
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.list:

@@ -1,4 +1,4 @@
-"""Control flow: scan, cond/switch, while_loop (and fori_loop, which lowers to them).
+"""Control flow: scan and cond/switch (and fori_loop, which lowers to scan).
 
 Reverse mode of a loop or a branch needs the backward sweep of its body as a
 program to run inside a reverse ``lax.scan`` or the taken branch of a
@@ -32,8 +32,8 @@ residuals, laid out in shared slots (one slot per shape/dtype per branch
 position); the backward is a ``lax.switch`` running only the taken branch's
 backward part.
 
-``while_loop`` - forward mode only; reverse mode raises an error naming
-``fori_loop`` with static bounds (which lowers to ``scan``) and ``scan``.
+``while_loop`` (and ``fori_loop`` with traced bounds) - see while_loop.py:
+reverse mode by online checkpointing, and forward mode.
 
 (The markers checkpointing uses have their rules with their families:
 ``checkpoint_name`` in debug.py, ``optimization_barrier`` in structural.py.)
@@ -49,8 +49,7 @@ from jax import lax
 
 from .. import compat, context, residuals, trace
 from ..engine import tangents as _forward
-from ..registry import (call_handlers_forward, call_handlers_reverse,
-                        is_differentiable_dtype, nondiff_primitives)
+from ..registry import is_differentiable_dtype
 
 
 def _differentiable(aval) -> bool:
@@ -125,148 +124,3 @@ def _jvp_out_nonzero(jaxpr, consts, in_avals, nonzero):
                       *[residuals.spec_of(in_avals[i], False) for i in nz_idx])
     per[key] = cell["nz"]
     return cell["nz"]
-
-
-# ================================================================= while_loop
-def _active_outputs(jaxpr, in_active):
-    """Conservative activity: an output is active if it depends, through
-    primitives that carry gradients, on an active input."""
-    active = {v for v, a in zip(jaxpr.invars, in_active) if a and _differentiable(v.aval)}
-    for e in jaxpr.eqns:
-        if e.primitive.name in nondiff_primitives:
-            continue
-        if any(_is_var(v) and v in active for v in e.invars):
-            active.update(v for v in e.outvars if _is_var(v) and _differentiable(v.aval))
-    return [_is_var(v) and v in active for v in jaxpr.outvars]
-
-
-class WhileCall:
-    """Reverse mode of ``lax.while_loop``: an error when a carry is differentiated."""
-
-    def forward(self, eqn, invals, active):
-        p = eqn.params
-        cn, bn = p["cond_nconsts"], p["body_nconsts"]
-        body = p["body_jaxpr"].jaxpr
-        carry_active = [bool(a) for a in active[cn + bn:]]
-        while True:
-            out = _active_outputs(body, list(active[cn:cn + bn]) + carry_active)
-            new = [a or b for a, b in zip(carry_active, out)]
-            if new == carry_active:
-                break
-            carry_active = new
-        outvals = compat.bind_eqn(eqn, invals)
-        # The error waits for a cotangent to reach the loop (none does through
-        # stop_gradient, or when the loop's outputs are not used).
-        return outvals, eqn, [a and _differentiable(v.aval)
-                              for a, v in zip(carry_active, eqn.outvars)]
-
-    def backward(self, record, cts_out):
-        raise ValueError(
-            f"Reverse-mode differentiation does not work for lax.while_loop or "
-            f"lax.fori_loop with dynamic start/stop values (the loop at "
-            f"{compat.source_line(record.eqn)}): its number of iterations is only known "
-            f"at run time, so the values each iteration needs for the backward sweep "
-            f"cannot be laid out in advance. Use lax.fori_loop with static Python int "
-            f"bounds (it lowers to lax.scan, which fbackprop differentiates), or lax.scan "
-            f"with a fixed length. Forward mode (fbackprop.jvp) does work on while_loop.")
-
-    # --------------------------------------------------- observed path (tools)
-    def evaluate(self, eqn, invals):
-        """A loop nothing differentiates, while a tool steps the sweeps: the body
-        runs equation by equation inside the loop, and each observer's
-        ``watch_while(eqn)`` (``None``, or an object with ``init``, ``step(state,
-        i, env) -> state`` and ``finish(state)``) carries its state through the
-        iterations (``env``: the body's variables and their values in iteration
-        ``i``). ``None`` (the loop is bound as it is) when nothing watches it."""
-        if not context.steps("all", linear_ok=True):
-            return None
-        p = eqn.params
-        body_closed, cond_closed = p["body_jaxpr"], p["cond_jaxpr"]
-        body = body_closed.jaxpr
-        if body.effects or cond_closed.jaxpr.effects or unrolled_size(body) > UNROLL_LIMIT:
-            return None
-        watches = [w for obs in context.current().observers
-                   for w in [getattr(obs, "watch_while", lambda eqn: None)(eqn)]
-                   if w is not None]
-        if not watches:
-            return None
-        cn, bn = p["cond_nconsts"], p["body_nconsts"]
-        cconsts, bconsts = list(invals[:cn]), list(invals[cn:cn + bn])
-
-        def weak(x, v):
-            return compat.with_weak_type(x, bool(getattr(v.aval, "weak_type", False))) \
-                if hasattr(x, "dtype") else x
-
-        def body_fn(state):
-            carry, i, states = state
-            env = dict(zip(body.constvars, body_closed.consts))
-            env.update(zip(body.invars, bconsts + list(carry)))
-            for e in body.eqns:
-                ins = [v.val if type(v) is compat.Literal else env[v] for v in e.invars]
-                for v, x in zip(e.outvars, compat.bind_eqn(e, ins)):
-                    if type(v) is not compat.DropVar:
-                        env[v] = x
-            new = [weak(v.val if type(v) is compat.Literal else env[v], v)
-                   for v in body.outvars]
-            return new, i + 1, [w.step(s, i, env) for w, s in zip(watches, states)]
-
-        def cond_fn(state):
-            return compat.eval_jaxpr(cond_closed.jaxpr, cond_closed.consts, *cconsts,
-                                     *state[0])[0]
-
-        carry0 = [weak(jnp.asarray(x), v) for x, v in zip(invals[cn + bn:], body.invars[bn:])]
-        with compat.user_context(eqn):
-            carry, _, states = lax.while_loop(
-                cond_fn, body_fn, (carry0, jnp.int32(0), [w.init for w in watches]))
-        for w, s in zip(watches, states):
-            w.finish(s)
-        return list(carry)
-
-
-call_handlers_reverse["while"] = WhileCall()
-
-
-def _while_jvp(eqn, invals, tangents):
-    """Forward mode of ``lax.while_loop``: the loop carries primals and tangents."""
-    p = eqn.params
-    cn, bn = p["cond_nconsts"], p["body_nconsts"]
-    cond_closed, body_closed = p["cond_jaxpr"], p["body_jaxpr"]
-    body = body_closed.jaxpr
-    in_avals = [v.aval for v in body.invars]
-    nz = [t is not None and _differentiable(a) for t, a in zip(tangents[cn:], in_avals)]
-    while True:
-        out_nz = _jvp_out_nonzero(body, body_closed.consts, in_avals, nz)
-        new = nz[:bn] + [a or b for a, b in zip(nz[bn:], out_nz)]
-        if new == nz:
-            break
-        nz = new
-    cconsts, bconsts = list(invals[:cn]), list(invals[cn:cn + bn])
-    bconst_t = [tangents[cn + i] if nz[i] else None for i in range(bn)]
-    carry_nz = [k for k in range(len(in_avals) - bn) if nz[bn + k]]
-    init_t = [_strong(tangents[cn + bn + k]) if tangents[cn + bn + k] is not None
-              else _zeros(in_avals[bn + k]) for k in carry_nz]
-    n_carry = len(in_avals) - bn
-
-    def cond_fn(state):
-        carry, _ = state
-        return compat.eval_jaxpr(cond_closed.jaxpr, cond_closed.consts, *cconsts, *carry)[0]
-
-    def body_fn(state):
-        carry, ts = state
-        t_carry = [None] * n_carry
-        for k, t in zip(carry_nz, ts):
-            t_carry[k] = t
-        outs, touts = _forward.jvp_jaxpr(body, body_closed.consts, bconsts + list(carry),
-                                         bconst_t + t_carry)
-        return list(outs), [_strong(touts[k]) if touts[k] is not None
-                            else _zeros(in_avals[bn + k]) for k in carry_nz]
-
-    with compat.user_context(eqn):
-        carry, carry_t = lax.while_loop(cond_fn, body_fn, (list(invals[cn + bn:]), init_t))
-    touts = [None] * n_carry
-    for k, t in zip(carry_nz, carry_t):
-        touts[k] = t
-    return list(carry), touts
-
-
-call_handlers_forward["while"] = _while_jvp

@@ -40,6 +40,7 @@ from jax import lax
 
 from .. import compat, context, memplan, residuals
 from ..engine import sweeps
+from . import while_loop
 
 
 def _nothing_saveable(*_, **__) -> bool:
@@ -75,8 +76,18 @@ class RematCall:
     """Reverse mode of a ``remat2`` (checkpoint) equation."""
 
     def forward(self, eqn, invals, active):
+        # The region's request for the while loops in it (while_loop_checkpoints,
+        # or slots from a memory budget) is in force while the region is swept;
+        # a region without one leaves the enclosing request in force.
+        request, _ = while_loop.unwrap_policy(compat.remat_inner(eqn.params)[1]["policy"])
+        if request is None:
+            return self._forward(eqn, invals, active)
+        with context.using(while_slots=request):
+            return self._forward(eqn, invals, active)
+
+    def _forward(self, eqn, invals, active):
         jaxpr, opts = compat.remat_inner(eqn.params)
-        policy = opts["policy"] or _nothing_saveable
+        policy = while_loop.unwrap_policy(opts["policy"])[1] or _nothing_saveable
         prevent_cse = opts["prevent_cse"]
         if not isinstance(prevent_cse, bool):
             prevent_cse = any(prevent_cse)
