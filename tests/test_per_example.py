@@ -233,8 +233,11 @@ def _close(got, want, rtol, what):
                                    rtol=0, atol=rtol * scale, err_msg=what)
 
 
-def _check_all(loss, params, batch, wrap, rtol=2e-5, clip=1.0, methods=("auto",)):
-    ref = _reference(loss, params, batch, clip)
+def _check_all(loss, params, batch, wrap, rtol=2e-5, clip=1.0, methods=("auto",),
+               ref_loss=None):
+    """``ref_loss``: the same loss written so that ``jax.grad`` can differentiate it
+    (default ``loss``)."""
+    ref = _reference(loss if ref_loss is None else ref_loss, params, batch, clip)
     norms = wrap(fb.per_example_grad_norms(loss))(params, *batch)
     _close(norms, ref["norms"], rtol, "per_example_grad_norms")
     for method in methods:
@@ -268,6 +271,43 @@ def test_against_vmap_of_grad_under_jit(name):
 def test_against_vmap_of_grad_eagerly(name):
     loss, params, batch = MODELS[name]()
     _check_all(loss, params, batch, lambda f: f, methods=("auto",))
+
+
+def _while_loops(realized):
+    """A weight used at every iteration of a ``lax.while_loop`` whose trip count
+    differs per example, a loop over parameters only (a matrix power, whose
+    cotangents are the same for every example: the second sweep's sums go
+    through it), and a while loop in a checkpointed ``lax.scan`` step with
+    ``while_loop_checkpoints``. ``realized``: the same loops as ``fori_loop``s
+    of fixed length with masked steps, which ``jax.grad`` differentiates."""
+    def apply(h, w, b, n, n_max):
+        step = lambda h: jnp.tanh(h @ w + b)      # noqa: E731
+        if realized:
+            return lax.fori_loop(0, n_max, lambda i, h: jnp.where(i < n, step(h), h), h)
+        return lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, step(c[1])), (0, h))[1]
+
+    def loss(p, x, n, xs):
+        h = apply(x, p["w"], p["b"], n, 4)
+        m = apply(p["v"], p["v"], 0.0, 2, 2)
+        check = (jax.checkpoint if realized else
+                 lambda f: fb.checkpoint(f, while_loop_checkpoints=2))
+
+        def scan_step(g, x_t):
+            return check(lambda g, w: apply(g + x_t, w, 0.0, n, 4))(g, p["w"]), None
+        g, _ = lax.scan(scan_step, h, xs)
+        return jnp.sum(jnp.tanh(g @ m) ** 2)
+    return loss
+
+
+def test_through_while_loops_against_realized_loops():
+    # jax.grad refuses lax.while_loop: the reference differentiates the realized
+    # loops. Both methods ("auto" picks one of them) go through the while loop's
+    # reverse handler (the per-example cotangents of the weights used in a loop
+    # body are formed there, not factored) and must agree.
+    params = _init(26, {"w": (5, 5), "b": (5,), "v": (5, 5)})
+    batch = (_normal(27, (3, 5)), jnp.array([0, 2, 4]), _normal(28, (3, 3, 5)))
+    _check_all(_while_loops(False), params, batch, jax.jit,
+               methods=("reuse", "second_sweep"), ref_loss=_while_loops(True))
 
 
 def test_mixed_precision_bfloat16_compute():
