@@ -43,7 +43,7 @@ $(VENV)/.installed-examples: pyproject.toml | $(PY)
 
 # examples/neural_ode.py needs diffrax and optimistix.
 $(VENV)/.installed-ecosystem: pyproject.toml | $(PY)
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[examples,ecosystem]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[examples,ecosystem,privacy]"
 	@touch $@
 
 $(VENV)/.installed-docs: pyproject.toml | $(PY)
@@ -51,7 +51,7 @@ $(VENV)/.installed-docs: pyproject.toml | $(PY)
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,ecosystem]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,ecosystem,privacy]"
 	@touch $@
 
 $(VENV)/.installed-conformance: pyproject.toml | $(PY)

@@ -110,6 +110,26 @@ def test_depth_scaling_reports_cost_per_layer(tmp_path, capsys):
     assert exc.value.code == 2
 
 
+def test_per_example_bench_measures_errors_memory_and_time(tmp_path, capsys):
+    from fbackprop.bench import per_example
+    path = tmp_path / "per_example.json"
+    assert harness.main(["--per-example", "--quick", "--only", "mlp,rnn", "--batches", "8",
+                         "--reps", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(path.read_text())
+    assert [r["name"] for r in doc["results"]] == ["mlp", "rnn"] and doc["device"]
+    for res in doc["results"]:
+        row, = res["rows"]
+        assert set(row["temp"]) == set(per_example.STEP_NAMES)
+        assert max(row["err_norms"], row["err_clipped"], row["err_clipped_reuse"],
+                   row["err_clipped_second"]) < 1e-4
+        assert all(row["seconds"][k] > 0 for k in row["ran"])
+    assert "temp bytes" in out and "step time" in out and "device: " in out
+    with pytest.raises(SystemExit) as exc:
+        per_example.main(["--only", "resnet"])
+    assert exc.value.code == 2
+
+
 def test_floors_script_measures_the_floors_under_the_ratios():
     # benchmarks/floors.py measures every figure and derives the two floors from them.
     # Which time is smaller is the benchmark's finding, printed by the script; it is not

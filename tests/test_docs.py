@@ -54,7 +54,8 @@ def code_blocks(path):
 def test_every_topic_page_exists():
     names = {os.path.basename(p)[:-3] for p in PAGES}
     assert {"index", "differentiation", "forward_and_higher_order", "checkpointing_and_memory",
-            "mixed_precision", "seeing_backprop", "nn_and_train", "extending"} <= names
+            "mixed_precision", "seeing_backprop", "nn_and_train", "extending",
+            "per_example"} <= names
 
 
 def _blocks_of_every_page():
@@ -89,7 +90,8 @@ def test_block_runs_on_its_own(name, kind, line, source, tmp_path, monkeypatch):
 
 def public_names():
     modules = {"fbackprop": fb, "fbackprop.nn": fb.nn, "fbackprop.train": fb.train,
-               "fbackprop.precision": fb.precision, "fbackprop.extend": fb.extend}
+               "fbackprop.precision": fb.precision, "fbackprop.extend": fb.extend,
+               "fbackprop.privacy": fb.privacy}
     names = []
     for mod_name, module in modules.items():
         for name in module.__all__:

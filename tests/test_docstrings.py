@@ -1,10 +1,11 @@
 """Every ``>>>`` example in a public docstring runs and prints what it says.
 
 The public API is everything in ``fbackprop.__all__`` and in the ``__all__`` of
-``fbackprop.nn``, ``fbackprop.train``, ``fbackprop.precision`` and
-``fbackprop.extend`` (classes with their methods). Each example runs with only
-what it imports itself (plus ``fbackprop`` as ``fb``, ``jax`` and ``jnp``, which
-the examples take as given), so pasting it after ``help(...)`` works. Examples
+``fbackprop.nn``, ``fbackprop.train``, ``fbackprop.precision``, ``fbackprop.extend``
+and, with its extra installed, ``fbackprop.privacy`` (classes with their
+methods). Each example runs with only what it imports itself (plus ``fbackprop``
+as ``fb``, ``jax`` and ``jnp``, which the examples take as given), so pasting it
+after ``help(...)`` works. Examples
 marked ``# doctest: +SKIP`` are not run. They run with 64-bit types off, the
 default a user has (the test suite turns them on for its own tests).
 """
@@ -12,6 +13,7 @@ default a user has (the test suite turns them on for its own tests).
 from __future__ import annotations
 
 import doctest
+import importlib.util
 import inspect
 import types
 
@@ -23,6 +25,9 @@ import fbackprop as fb
 
 MODULES = {"fbackprop": fb, "fbackprop.nn": fb.nn, "fbackprop.train": fb.train,
            "fbackprop.precision": fb.precision, "fbackprop.extend": fb.extend}
+# fbackprop.privacy's accounting examples need its extra (dp-accounting).
+if importlib.util.find_spec("dp_accounting") is not None:
+    MODULES["fbackprop.privacy"] = fb.privacy
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """fbackprop: functional backpropagation for JAX with its own reverse-mode engine."""
 
 from fbackprop import extend, precision
-from fbackprop import nn, train
+from fbackprop import nn, privacy, train
 from fbackprop._src.api import grad, value_and_grad, vjp
 from fbackprop._src.derivatives import (hessian, hvp, jacfwd, jacobian, jacrev, jvp,
                                         linearize)
@@ -18,6 +18,8 @@ from fbackprop._src.explain import Explanation, explain
 from fbackprop._src.flow import GradientFlow, gradient_flow
 from fbackprop._src.health import (HealthReport, gradient_health, gradient_stats,
                                    plot_gradient_norms)
+from fbackprop._src.per_example.api import (PerExampleStats, clipped_grad,
+                                            per_example_grad_norms, per_example_stats)
 
 __version__ = "0.1.0"
 
@@ -28,4 +30,5 @@ __all__ += ["Explanation", "GradientFlow", "HealthReport", "NonFiniteError", "No
             "gradient_flow", "gradient_health", "gradient_stats", "plot_gradient_norms", "tag"]
 __all__ += ["BudgetPlan", "MemoryPlan", "PlanPoint", "Residual", "SavedResiduals", "checkpoint",
             "checkpoint_name", "checkpoint_policies", "memory_plan", "remat", "saved_residuals"]
-__all__ += ["nn", "train"]
+__all__ += ["PerExampleStats", "clipped_grad", "per_example_grad_norms", "per_example_stats"]
+__all__ += ["nn", "privacy", "train"]

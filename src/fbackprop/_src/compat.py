@@ -512,6 +512,13 @@ def dce_keep_inputs(jaxpr, used_outputs) -> Jaxpr:
     return new
 
 
+def dce_used_inputs(jaxpr) -> list:
+    """Per input of ``jaxpr``: does any output depend on it."""
+    from jax._src.interpreters import partial_eval as pe
+    _, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+    return list(used)
+
+
 def dce_jaxpr(jaxpr, used_outputs, instantiate=False):
     """JAX's dead-code elimination of a jaxpr: (new jaxpr, used inputs)."""
     from jax._src.interpreters import partial_eval as pe
@@ -918,6 +925,26 @@ def add_eqn(x, y, outvar: Var) -> JaxprEqn:
     """An equation defining ``outvar = x + y`` (all of ``outvar``'s type)."""
     template = _glue_template("add", outvar.aval)
     return template.replace(invars=[x, y], outvars=[outvar])
+
+
+# ------------------------------------------------------ per-example sweeps
+def mapped_by(trace, x) -> bool:
+    """``x`` is a value of the ``vmap`` whose trace is ``trace``, batched along an
+    axis (a value the vmap does not batch is the same for every example)."""
+    from jax._src.interpreters import batching as _batching
+    return isinstance(trace, _batching.BatchTrace) and trace.to_batch_info(x)[1] is not None
+
+
+def batched_value(trace, x) -> tuple:
+    """``(value, axis)``: a value of the ``vmap`` whose trace is ``trace``, as the
+    array of all examples in the enclosing trace (``vmap_parent(trace)``) and its
+    examples' axis (``None``: the same for every example, ``value`` is ``x``)."""
+    return trace.to_batch_info(x)
+
+
+def vmap_parent(trace):
+    """The trace enclosing a ``vmap``'s and its number of examples."""
+    return trace.parent_trace, trace.axis_data.size
 
 
 # fbackprop's rules are written with jax.numpy and rely on its broadcasting; a

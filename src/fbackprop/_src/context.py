@@ -66,6 +66,13 @@ class SweepContext:
       while_stats: lists receiving one entry per while-loop reversal (trip
         count, slots, body evaluations in its backward loop), for benchmarks
         and tests (``rules.while_loop.stats``).
+      per_example: the per-example sweep running now (a
+        ``fbackprop._src.per_example.sweep.Sweep``, set by
+        ``per_example_grad_norms`` and the like around their sweeps under
+        ``jax.vmap``), or ``None``. The engine asks it for the handler of a call
+        primitive it replaces (``handler(name)``), lets it apply every rule
+        (``apply_rule(rec, cts_out, plain_apply)``) and add cotangents it keeps
+        in a form of its own (``symbolic(ct)``, ``add(prev, ct)``).
     """
     observers: tuple = ()
     stepping: str | None = None
@@ -81,6 +88,7 @@ class SweepContext:
     call_tables: tuple = ()
     while_slots: tuple | None = None
     while_stats: tuple = ()
+    per_example: Any = None
 
 
 _DEFAULT = SweepContext(eager_programs=os.environ.get("FBACKPROP_EAGER_PROGRAMS", "1") != "0")

@@ -566,6 +566,10 @@ def build_parser(prog: str = "python -m fbackprop bench") -> argparse.ArgumentPa
                         help="instead: reverse mode through while loops (solver loops "
                              "against references and Equinox: errors, recompute, compiled "
                              "memory, time; see fbackprop/bench/while_loop.py)")
+    parser.add_argument("--per-example", action="store_true",
+                        help="instead: per-example gradient norms and clipping against "
+                             "jax.vmap(jax.grad) and jax.grad (see "
+                             "fbackprop/bench/per_example.py)")
     return parser
 
 
@@ -655,6 +659,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m fbackprop bench")
         from . import while_loop
         rest = [a for a in argv_list if a != "--while"]
         return while_loop.main(rest, prog=f"{prog} --while", environment=environment)
+    if "--per-example" in argv_list:
+        from . import per_example
+        rest = [a for a in argv_list if a != "--per-example"]
+        return per_example.main(rest, prog=f"{prog} --per-example")
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.list:

@@ -16,9 +16,10 @@ fans out. Zero cotangents stay ``None``. Both sweeps are loops, so graph depth
 is bounded by memory, not by the stack.
 
 Which path a step takes (a handler's memoized sweeps or an in-place sweep, a
-linear check, a handler's stepped path for a tool) is read from the sweep context
-(:mod:`fbackprop._src.engine.context`); observers attached there see every
-equation on the way forward and every rule application on the way back.
+linear check, a handler's stepped path for a tool, a per-example sweep's handlers
+and rule application) is read from the sweep context (:mod:`fbackprop._src.context`);
+observers attached there see every equation on the way forward and every rule
+application on the way back.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def forward_eqn(eqn, invals: list, act: list, late_outvars: bool = False,
         if ctx.linear is not None:
             handler = call_handlers_linear.get(name) or call_handlers_reverse.get(name)
         else:
-            handler = call_handlers_reverse.get(name)
+            handler = ((ctx.per_example is not None and ctx.per_example.handler(name))
+                       or call_handlers_reverse.get(name))
         if handler is None and name not in vjp_rules:
             handler = foreign_rules["reverse_handler"](eqn.primitive, ctx.linear is not None)
         if handler is not None:
@@ -219,10 +221,15 @@ def _check_ct(eqn, i, v, ct):
             f"A cotangent must have its primal's shape and dtype; fix the rule.")
 
 
-def accumulate(ct_env: dict, v, ct):
+def accumulate(ct_env: dict, v, ct, per_example=None):
+    """Adds ``ct`` to the cotangent of ``v`` in ``ct_env``. ``per_example``: the
+    per-example sweep running now (``context.current().per_example``), which adds
+    the cotangents it keeps in a form of its own (factors, sums over examples)."""
     prev = ct_env.get(v)
     if prev is None:
         ct_env[v] = ct
+    elif per_example is not None and (per_example.symbolic(prev) or per_example.symbolic(ct)):
+        ct_env[v] = per_example.add(prev, ct)
     elif prev.dtype == ct.dtype:
         ct_env[v] = lax.add(prev, ct)
     else:
@@ -234,6 +241,15 @@ def accumulate(ct_env: dict, v, ct):
 
 def apply_rule(rec: Record, cts_out: list) -> list:
     """Runs one recorded equation's VJP rule; one cotangent (or None) per input."""
+    per_example = context.current().per_example
+    if per_example is not None:
+        # A per-example sweep makes, passes on or materializes the cotangents it
+        # keeps in a form of its own around the rule.
+        return per_example.apply_rule(rec, cts_out, _apply_rule)
+    return _apply_rule(rec, cts_out)
+
+
+def _apply_rule(rec: Record, cts_out: list) -> list:
     eqn = rec.eqn
     if rec.handler is not None:
         try:
@@ -271,12 +287,14 @@ def backward(tape: Tape, cts_out: list) -> list:
 
 def _backward(tape: Tape, cts_out: list) -> list:
     jaxpr = tape.jaxpr
+    ctx = context.current()
+    per_example = ctx.per_example
     ct_env: dict = {}
     for v, ct, a in zip(jaxpr.outvars, cts_out, tape.out_active):
         if ct is not None and a:
-            accumulate(ct_env, v, ct)
+            accumulate(ct_env, v, ct, per_example)
 
-    observers = context.current().observers
+    observers = ctx.observers
     DropVar = compat.DropVar
     for rec in reversed(tape.records):
         eqn = rec.eqn
@@ -291,7 +309,7 @@ def _backward(tape: Tape, cts_out: list) -> list:
             if ct is None or not a:
                 continue
             _check_ct(eqn, i, v, ct)
-            accumulate(ct_env, v, ct)
+            accumulate(ct_env, v, ct, per_example)
         for obs in observers:
             obs.on_backward(eqn, cts, cts_in, rec)
 
