@@ -18,6 +18,10 @@ A JVP rule::
 
 ``tangents`` holds ``None`` for inputs with a zero tangent; for a single-result
 primitive ``outs``/``out_tangents`` are single values.
+
+Other libraries' own rules for their primitives (lineax, equinox...) are read
+from JAX's tables by :func:`rules_for` (``rules/foreign.py`` differentiates with
+them); :func:`rule_owner` names the library, for the tools' reports.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from .. import compat
 from .. import registry
 from .. import context
 from ..engine import sweeps
-from ..registry import ForeignRules, MissingRuleError, rules_for  # noqa: F401  (rules_for: re-exported)
+from ..registry import ForeignRules, MissingRuleError, rules_for
 
 # The tables JAX keeps of other libraries' rules (read, never written here).
 from jax._src.interpreters import ad as _jax_ad  # noqa: E402
