@@ -71,7 +71,7 @@ INTERNAL_ATTRIBUTES = frozenset({"args", "func", "keywords", "args_res", "opaque
 STACK_PSEUDO_EXCEPTIONS = ("JaxStackTraceBeforeTransformation",)
 # fbackprop modules whose TypeError/ValueError are argument checks (user errors).
 ARGUMENT_CHECK_FILES = ("fbackprop/_src/api.py", "fbackprop/_src/derivatives.py",
-                        "fbackprop/_src/gradcheck.py", "fbackprop/_src/trace.py")
+                        "fbackprop/_src/tools/gradcheck.py", "fbackprop/_src/trace.py")
 
 
 @dataclasses.dataclass(frozen=True)

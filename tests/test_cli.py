@@ -14,7 +14,8 @@ import sys
 import pytest
 
 from fbackprop import __main__ as cli
-from fbackprop._src import explain as explain_mod
+from fbackprop._src import cli as explain_cli
+from fbackprop._src.tools.explain import explain
 from fbackprop.bench import report as bench_report
 from fbackprop.bench.harness import FIGURES
 
@@ -44,8 +45,8 @@ def assert_usage_error(result, prog, *words):
 
 @pytest.fixture
 def no_graphviz(monkeypatch):
-    real = explain_mod.shutil.which
-    monkeypatch.setattr(explain_mod.shutil, "which",
+    real = explain_cli.shutil.which
+    monkeypatch.setattr(explain_cli.shutil, "which",
                         lambda name, *a, **k: None if name == "dot" else real(name, *a, **k))
 
 
@@ -114,9 +115,9 @@ def test_output_path_check_leaves_files_as_they_were(tmp_path):
 
 
 def test_explain_png_with_graphviz(tmp_path, monkeypatch):
-    if explain_mod.shutil.which("dot") is None:
+    if explain_cli.shutil.which("dot") is None:
         pytest.skip("Graphviz is not installed")
-    ex = explain_mod.explain(explain_mod.seed_example, 2.0, 3.0)
+    ex = explain(explain_cli.seed_example, 2.0, 3.0)
     path = ex.save(str(tmp_path / "sub" / "g.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

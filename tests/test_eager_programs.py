@@ -205,7 +205,7 @@ class _Counter:
 
 
 def test_watched_sweeps_are_never_compiled():
-    from fbackprop._src.debug import observing
+    from fbackprop._src.tools.common import observing
     f = lambda x: jnp.sum(jnp.sin(x) * x)  # noqa: E731
     counts = []
     for _ in range(4):

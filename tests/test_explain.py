@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import fbackprop as fb
-from fbackprop._src import explain as explain_mod
+from fbackprop._src import cli as explain_cli
+from fbackprop._src.tools import explain_format
 
 
 def seed(x, y):
@@ -131,7 +132,7 @@ def test_argnums_and_integer_inputs():
 
 def test_command_line(tmp_path, capsys):
     out = tmp_path / "seed.html"
-    assert explain_mod.main(["explain", "--out", str(out), "--engine", "builtin"]) == 0
+    assert explain_cli.explain_main(["explain", "--out", str(out), "--engine", "builtin"]) == 0
     printed = capsys.readouterr().out
     assert "grad 64 = 48" in printed and "seed_example.py:2" in printed
     assert "z = x * y" in printed and str(out) in printed
@@ -186,7 +187,7 @@ def _table_cells(table):
 def test_table_fits_120_columns_and_cuts_no_gradient(classified):
     ex = classified
     table = ex.table()
-    assert max(len(line) for line in table.splitlines()) <= explain_mod.TABLE_WIDTH == 120
+    assert max(len(line) for line in table.splitlines()) <= explain_format.TABLE_WIDTH == 120
     # Cells wrap at spaces only: joined again, each cell is the whole text.
     cells = _table_cells(table)
     shown = ex._visible_rows()

@@ -24,7 +24,7 @@ LAYERS = [
                   "fbackprop._src.plotting"]),
     ("rule tables", ["fbackprop._src.registry"]),
     ("engine", ["fbackprop._src.engine", "fbackprop._src.engine.*"]),
-    ("programs", ["fbackprop._src.trace", "fbackprop._src.joint",
+    ("programs", ["fbackprop._src.trace", "fbackprop._src.residuals",
                   "fbackprop._src.planning", "fbackprop._src.planning.*"]),
     ("rules", ["fbackprop._src.rules", "fbackprop._src.rules.*"]),
     ("front ends", ["fbackprop._src.api", "fbackprop._src.derivatives",

@@ -16,7 +16,7 @@ from jax import lax
 from jax._src.ad_checkpoint import saved_residuals as jax_saved_residuals  # the oracle
 
 import fbackprop as fb
-from fbackprop._src import memcut, memplan
+from fbackprop._src.planning import memcut, memplan
 from fbackprop.bench.memplan import (mlp_block, mlp_params, stack_of, transformer_block,
                                      transformer_params)
 

@@ -201,7 +201,7 @@ def test_every_tool_on_nonfinite_values(name, tmp_path):
 
 def test_scalar_formatting_of_every_dtype():
     """The numbers explain prints, for each dtype and the values that broke it."""
-    from fbackprop._src.explain import _fmt_scalar, summarize, summarize_short
+    from fbackprop._src.tools.explain_format import _fmt_scalar, summarize, summarize_short
     cases = [
         (np.float32(np.inf), "inf"), (np.float32(-np.inf), "-inf"), (np.float32(np.nan), "nan"),
         (np.float64(1e300), "1e+300"), (np.float64(-1e-300), "-1e-300"),

@@ -16,7 +16,7 @@ SUBCOMMANDS = {
              "train a small MLP on scikit-learn's digits with fbackprop gradients"),
     "bench": ("fbackprop.bench.harness", "main",
               "benchmark fbackprop against jax (step time, FLOPs, memory, tracing, eager)"),
-    "explain": ("fbackprop._src.explain", "main",
+    "explain": ("fbackprop._src.cli", "explain_main",
                 "show how a gradient is computed, equation by equation"),
 }
 

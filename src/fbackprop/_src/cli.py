@@ -1,4 +1,5 @@
-"""What the ``python -m fbackprop`` subcommands share: their argument parser.
+"""What the ``python -m fbackprop`` subcommands share (their argument parser), and the
+``explain`` subcommand.
 
 A user mistake on the command line (an unknown option, a bad value, an output
 file that cannot be written) prints one line, ``<prog>: error: <what> (see
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import sys
+from typing import Sequence
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -82,3 +86,74 @@ def check_output_dir(parser: ArgumentParser, option: str, path: str) -> str:
         parser.error(f"{option} {path!r}: cannot write in this folder "
                      f"({exc.strerror or exc}); give a writable folder")
     return path
+
+
+# ------------------------------------------------- python -m fbackprop explain
+# The graph every backprop tutorial starts with (loss 64, dloss/dx 64, dloss/dy 32
+# at x=2, y=3). It is compiled from text under its own file name (registered with
+# linecache) because source lines inside fbackprop itself are hidden from reports.
+SEED_EXAMPLE_FILE = "seed_example.py"
+SEED_EXAMPLE_SOURCE = """\
+def seed_example(x, y):
+    z = x * y
+    w = z + x
+    loss = w ** 2
+    return loss
+"""
+
+
+def _make_seed_example():
+    import linecache
+    linecache.cache[SEED_EXAMPLE_FILE] = (len(SEED_EXAMPLE_SOURCE), None,
+                                          SEED_EXAMPLE_SOURCE.splitlines(True),
+                                          SEED_EXAMPLE_FILE)
+    namespace: dict = {}
+    exec(compile(SEED_EXAMPLE_SOURCE, SEED_EXAMPLE_FILE, "exec"), namespace)
+    return namespace["seed_example"]
+
+
+seed_example = _make_seed_example()
+
+
+def explain_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fbackprop explain``: render the seed example's backward pass."""
+    from .tools.explain import explain
+    from .tools.explanation import GRAPHVIZ_MISSING, PNG_NEEDS_GRAPHVIZ, output_format
+    if argv is None:
+        argv = sys.argv[1:]
+    argv = list(argv)
+    if argv and argv[0] == "explain":
+        argv = argv[1:]
+    parser = ArgumentParser(
+        prog="python -m fbackprop explain",
+        description="Explain the backward pass of  z = x*y; w = z + x; loss = w**2  "
+                    "(at x=2, y=3 unless given):\nprints a table of every operation's "
+                    "upstream, local and downstream gradients and writes the graph to a "
+                    "file.")
+    parser.add_argument("--out", default=os.path.join("out", "fbackprop_explain.html"),
+                        metavar="FILE",
+                        help="output file, its folder created if missing; the suffix picks "
+                             "the format: .html (graph and table), .svg, .dot, .txt, or .png "
+                             "(needs Graphviz)")
+    parser.add_argument("--x", type=float, default=2.0, help="value of x")
+    parser.add_argument("--y", type=float, default=3.0, help="value of y")
+    parser.add_argument("--engine", choices=("auto", "builtin", "graphviz"), default="auto",
+                        help="graph layout for .html/.svg: Graphviz when installed (auto), "
+                             "pure Python (builtin), or Graphviz only (graphviz)")
+    opts = parser.parse_args(argv)
+    try:
+        fmt = output_format(opts.out)
+    except ValueError:
+        parser.error(f"--out {opts.out!r}: unknown format; use a .html, .svg, .dot, .txt or "
+                     f".png file name")
+    has_dot = shutil.which("dot") is not None
+    if fmt == "png" and not has_dot:
+        parser.error(f"--out {opts.out!r}: {PNG_NEEDS_GRAPHVIZ}")
+    if opts.engine == "graphviz" and not has_dot:
+        parser.error(f"--engine graphviz: {GRAPHVIZ_MISSING}; use --engine auto or builtin")
+    check_output_path(parser, "--out", opts.out)
+    ex = explain(seed_example, opts.x, opts.y)
+    print(ex.table())
+    path = ex.save(opts.out, engine=opts.engine)
+    print(f"\nwrote {os.path.abspath(path)}")
+    return 0

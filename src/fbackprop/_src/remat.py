@@ -5,8 +5,8 @@ region: it stages the function into a ``remat2`` equation holding the region's
 jaxpr, its policy and ``prevent_cse``. The differentiation is fbackprop's: see
 :mod:`fbackprop._src.rules.remat` for what the forward sweep keeps and how the
 backward sweep recomputes the rest. ``checkpoint(fun, memory_budget=N)`` stages
-the region with a :class:`~fbackprop._src.memplan.MemoryBudget` policy: fbackprop
-plans the whole region for a number of bytes (see :mod:`fbackprop._src.memplan`);
+the region with a :class:`~fbackprop._src.planning.memplan.MemoryBudget` policy: fbackprop
+plans the whole region for a number of bytes (see :mod:`fbackprop._src.planning.memplan`);
 JAX's own autodiff sees a policy that saves nothing.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import jax
 from jax.ad_checkpoint import checkpoint_name  # noqa: F401  (re-exported)
 
-from . import memplan
+from .planning import memplan
 from .rules import while_loop
 
 

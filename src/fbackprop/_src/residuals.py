@@ -30,25 +30,23 @@ sweep of a sub-jaxpr as a *program* they can place elsewhere: inside a reverse
    (``transpose``, ``reshape``, ``name``, ...) is re-derived in the backward
    part instead of being kept twice.
 
-:func:`saved_residuals` applies the same split to a whole function and reports
-the residuals: one row per kept value with shape, dtype, bytes, producing
-primitive and the user's source line.
+:func:`fbackprop.saved_residuals` (:mod:`fbackprop._src.tools.residuals`) applies
+the same split to what ``fb.grad`` runs for a whole function and reports the
+residuals (:mod:`fbackprop._src.planning.residual_rows`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax import tree_util
 from jax.ad_checkpoint import Offloadable, Recompute, Saveable
 
-from . import compat, staging, trace
+from . import compat, staging
 from . import context
 from .engine import sweeps
 from .registry import is_differentiable_dtype
@@ -97,7 +95,7 @@ class Joint:
     ct_in_nonzero: tuple
 
 
-# While a memory-budget plan is being made (fbackprop._src.memplan), joints are
+# While a memory-budget plan is being made (fbackprop._src.planning.memplan), joints are
 # traced afresh and not cached (the sweep context's ``cache`` is off): the same
 # jaxpr then gives different joints (its nested scans split by the plan), which
 # must not leak into ordinary traces.
@@ -171,66 +169,6 @@ def trace_joint(jaxpr, consts: Sequence, in_avals: Sequence, in_active: Sequence
         per[key] = (list(consts), result)
     return result
 
-
-def record_joint(fun: Callable, in_tree, leaves: list, static: Sequence[bool], *,
-                 what: str = "fun") -> tuple[Joint, Any]:
-    """Traces what ``fb.grad`` runs for a whole function into one joint jaxpr.
-
-    Like :func:`trace_joint`, but the forward sweep is the define-by-run
-    recording (:func:`engine.recording.record`) of ``fun(*args, **kwargs)``,
-    ``(args, kwargs) = tree_unflatten(in_tree, leaves)``, followed by the
-    backward sweep over its tape, traced together with ``jax.make_jaxpr``.
-    The jaxpr's primal inputs are the leaves that are not ``static`` (every
-    float one differentiated); its cotangent inputs, those of the float
-    outputs.
-
-    Returns:
-      ``(joint, recorded)``: the :class:`Joint`, and a jaxpr holding the
-      recorded equations (calls with their bodies, for ``compat.calls_in``: the
-      joint holds the bodies' equations swept in place).
-    """
-    from .engine import recording
-    dyn_avals = [compat.typeof(x) for x, s in zip(leaves, static) if not s]
-    in_active = tuple(_differentiable(a) for a in dyn_avals)
-
-    def call(*dyn):
-        it = iter(dyn)
-        full = [x if s else next(it) for x, s in zip(leaves, static)]
-        args, kwargs = tree_util.tree_unflatten(in_tree, full)
-        out = fun(*args, **kwargs)
-        out_leaves, out_tree = tree_util.tree_flatten(out)
-        trace.check_outputs(out_tree, out_leaves, what)
-        return out
-
-    # The cotangent inputs need the outputs' types before the joint is traced.
-    out_avals = [compat.typeof(x) for x in tree_util.tree_leaves(
-        jax.eval_shape(call, *[spec_of(a) for a in dyn_avals]))]
-    ct_outputs = tuple(i for i, a in enumerate(out_avals) if _differentiable(a))
-    n_in, n_out = len(dyn_avals), len(out_avals)
-    cell: dict = {}
-
-    def joint(*args):
-        primals, cts = list(args[:n_in]), args[n_in:]
-        run = recording.record(lambda *xs: call(*xs), tree_util.tree_structure(
-            (tuple(primals), {})), primals, list(in_active))
-        full = [None] * n_out
-        for i, ct in zip(ct_outputs, cts):
-            if run.out_active[i]:
-                full[i] = ct
-        cts_in = sweeps.backward(run.tape, full)
-        nonzero = tuple(i for i, c in enumerate(cts_in) if c is not None and in_active[i])
-        cell["out_active"] = tuple(run.out_active)
-        cell["nonzero"] = nonzero
-        cell["eqns"] = [rec.eqn for rec in run.tape.records]
-        return list(run.out_vals) + [cts_in[i] for i in nonzero]
-
-    specs = [spec_of(a) for a in dyn_avals] + [spec_of(out_avals[i], False)
-                                                for i in ct_outputs]
-    with context.using(in_place=True):
-        closed = jax.make_jaxpr(joint)(*specs)
-    return (Joint(closed.jaxpr, list(closed.consts), n_in, n_out, in_active,
-                  cell["out_active"], ct_outputs, cell["nonzero"]),
-            compat.new_jaxpr([], [], [], cell["eqns"]))
 
 
 def policy_saves(policy, eqn) -> bool:
@@ -542,243 +480,3 @@ def eval_jaxpr(jaxpr, consts, *args) -> list:
     args = list(consts) + list(args)
     outs = direct(args)
     return traced(args) if outs is None else outs
-
-
-# ---------------------------------------------------------- the residual report
-@dataclasses.dataclass(frozen=True)
-class Residual:
-    """One value the forward sweep keeps for the backward sweep.
-
-    Attributes:
-      shape: its shape (with the leading steps axis for values kept per step
-        of a scan).
-      dtype: its dtype.
-      nbytes: its size in bytes.
-      kind: ``"argument"``, ``"constant"`` or ``"intermediate"``.
-      primitive: the primitive that produced it (``None`` for arguments).
-      source: the user's ``file:line`` that produced it, or the argument's path.
-      detail: e.g. ``"named 'h'"``, ``"per step of scan (length 64)"``.
-    """
-    shape: tuple
-    dtype: np.dtype
-    nbytes: int
-    kind: str
-    primitive: str | None
-    source: str
-    detail: str = ""
-
-    def describe(self) -> str:
-        """One line: what produced the value, where, and how it is kept."""
-        if self.primitive is None:
-            text = f"the {self.kind} {self.source}"
-        else:
-            text = f"{self.primitive} at {self.source}"
-        return text + (f" ({self.detail})" if self.detail else "")
-
-
-class SavedResiduals(tuple):
-    """The residuals of a function, as a tuple of :class:`Residual` rows.
-
-    ``str()`` gives a table with a total; ``total_bytes`` counts every row and
-    ``intermediate_bytes`` leaves out arguments and constants (which exist
-    whether or not a backward sweep follows). ``plans`` holds one
-    :class:`fbackprop.BudgetPlan` per ``fb.checkpoint(..., memory_budget=...)``
-    region met (what it keeps, what it recomputes, the budget and the
-    recompute FLOPs); ``str()`` prints them below the table.
-    """
-
-    def __new__(cls, rows=(), plans=()):
-        self = super().__new__(cls, rows)
-        unique = {id(p): p for p in plans}      # a body traced twice reports its plan twice
-        self.plans = tuple(unique.values())
-        return self
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(r.nbytes for r in self)
-
-    @property
-    def intermediate_bytes(self) -> int:
-        return sum(r.nbytes for r in self if r.kind == "intermediate")
-
-    def as_dicts(self) -> list[dict]:
-        return [dataclasses.asdict(r) for r in self]
-
-    def __str__(self) -> str:
-        header = ("shape", "dtype", "bytes", "kind", "produced by")
-        rows = [(str(list(r.shape)), np.dtype(r.dtype).name, f"{r.nbytes:,}", r.kind,
-                 r.describe()) for r in self]
-        widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in
-                  enumerate(header[:-1])]
-
-        def line(cells):
-            return "  ".join(c.rjust(w) if i == 2 else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(cells, widths))) \
-                + "  " + cells[-1]
-
-        out = [line(header), line(tuple("-" * w for w in widths) + ("-" * 11,))]
-        out += [line(row) for row in rows]
-        out.append(f"total: {len(self)} residuals, {self.total_bytes:,} bytes "
-                   f"({self.intermediate_bytes:,} bytes of intermediates, the rest "
-                   f"arguments/constants)")
-        for plan in self.plans:
-            out.append("")
-            out.append(plan.describe())
-        return "\n".join(out)
-
-    def __repr__(self) -> str:
-        return f"SavedResiduals({len(self)} rows, {self.total_bytes} bytes)"
-
-
-def _nbytes(aval) -> int:
-    return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
-
-
-def _producers(jaxpr) -> dict:
-    return {v: e for e in jaxpr.eqns for v in e.outvars if _is_var(v)}
-
-
-def _describe_var(v, jaxpr, steps: list[str]) -> tuple[str | None, str, list[str]]:
-    """(primitive, source line, details) of the equation that produced ``v``,
-    looking through the loops our handlers emit to the per-step producer."""
-    e = _producers(jaxpr).get(v)
-    if e is None:
-        return None, "<input>", steps
-    name = e.primitive.name
-    if name == "reduce_precision" and _is_var(e.invars[0]):
-        # A checkpoint rounds what it saves (compat.round_residuals): the value
-        # is its input's, as in JAX's report of saved residuals.
-        return _describe_var(e.invars[0], jaxpr, steps)
-    if name == "scan":
-        k = list(e.outvars).index(v)
-        num_carry = e.params["num_carry"]
-        body = e.params["jaxpr"].jaxpr
-        if k >= num_carry:
-            inner = body.outvars[k]
-            note = f"x{e.params['length']} steps of the scan at {compat.source_line(e)}"
-            if _is_var(inner):
-                prim, src, details = _describe_var(inner, body, steps + [note])
-                if prim is not None:
-                    return prim, src, details
-                idx = list(body.invars).index(inner) if inner in body.invars else None
-                if idx is not None and idx >= e.params["num_consts"] + num_carry:
-                    return "scan", compat.source_line(e), steps + [
-                        f"its xs slice, x{e.params['length']} steps"]
-                if idx is not None:
-                    return "scan", compat.source_line(e), steps + [
-                        f"its carry, x{e.params['length']} steps"]
-            return "scan", compat.source_line(e), steps + [note]
-        return "scan", compat.source_line(e), steps + ["its final carry"]
-    if name == "cond":
-        k = list(e.outvars).index(v)
-        found = []
-        for b, branch in enumerate(e.params["branches"]):
-            inner = branch.jaxpr.outvars[k]
-            if _is_var(inner) and inner in _producers(branch.jaxpr):
-                prim, src, _ = _describe_var(inner, branch.jaxpr, [])
-                found.append((b, prim, src))
-        if len(found) == 1:
-            b, prim, src = found[0]
-            where = f"in branch {b} of the cond at {compat.source_line(e)}"
-            return prim, src, [*steps, where]
-    details = list(steps)
-    if name == "name":
-        details.append(f"named {e.params['name']!r}")
-    elif name in compat.JIT_NAMES and e.params.get("name") == "while_forward":
-        details.append("kept by the lax.while_loop's forward loop for its backward "
-                       "(loop states, their steps, the trip count)")
-    elif name in compat.JIT_NAMES:
-        details.append(f"output of jitted function {e.params.get('name', '?')!r}")
-    from .rules import foreign
-    owner = foreign.rule_owner(e.primitive)
-    if owner is not None:
-        details.append(f"rule from {owner}")
-    return name, compat.source_line(e), details
-
-
-def report_split(split: Split, arg_names: Sequence[str], plans=()) -> SavedResiduals:
-    """The residual rows of a split (``arg_names``: one per primal input)."""
-    rows = []
-    joint_jaxpr = split.joint.jaxpr
-    for (kind, idx), v in zip(split.saved, split.saved_vars):
-        aval = v.aval
-        if kind == "input":
-            rows.append(Residual(tuple(aval.shape), np.dtype(aval.dtype), _nbytes(aval),
-                                 "argument", None, arg_names[idx]))
-            continue
-        prim, src, details = _describe_var(v, joint_jaxpr, [])
-        rows.append(Residual(tuple(aval.shape), np.dtype(aval.dtype), _nbytes(aval),
-                             "intermediate", prim, src, "; ".join(details)))
-    return SavedResiduals(rows, plans)
-
-
-def _param_names(fun, nargs: int) -> list:
-    """The names of ``fun``'s first ``nargs`` positional parameters (best effort)."""
-    try:
-        params = list(inspect.signature(fun).parameters.values())
-    except (TypeError, ValueError):
-        return []
-    names = []
-    for p in params:
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            names.append(p.name)
-        elif p.kind is p.VAR_POSITIONAL:
-            names += [None] * (nargs - len(names))
-            break
-    return names[:nargs]
-
-
-def saved_residuals(fun: Callable, *args, **kwargs) -> SavedResiduals:
-    """Lists what the forward sweep keeps for the backward sweep of ``fun``.
-
-    Every float argument leaf is differentiated (like
-    ``jax.ad_checkpoint.saved_residuals``). A residual is a value computed (or
-    received) in the forward sweep and read by the backward sweep, after
-    checkpoint policies and scan bookkeeping have decided what to keep. Values
-    kept per step of a ``lax.scan`` appear once, with the steps axis in front.
-
-    Args:
-      fun: the function (pytrees of arrays in, pytree of arrays out).
-      *args: positional arguments to trace it with.
-      **kwargs: keyword arguments to trace it with.
-
-    Returns:
-      A :class:`SavedResiduals`: a tuple of :class:`Residual` rows (shape,
-      dtype, nbytes, kind, primitive, source line) whose ``str()`` is a table with
-      the total, and whose ``total_bytes`` / ``intermediate_bytes`` give sums;
-      ``plans`` describes each memory-budget checkpoint region (kept and
-      recomputed values, budget, recompute FLOPs).
-
-    Example:
-      >>> import fbackprop as fb, jax.numpy as jnp
-      >>> res = fb.saved_residuals(lambda x: jnp.sum(jnp.sin(jnp.sin(x))), jnp.ones(3))
-      >>> [(r.kind, r.primitive, r.shape) for r in res]
-      [('argument', None, (3,)), ('intermediate', 'sin', (3,))]
-      >>> res.total_bytes
-      24
-    """
-    leaves_with_path, in_tree = tree_util.tree_flatten_with_path((args, kwargs))
-    leaves = [x for _, x in leaves_with_path]
-    static = [not (isinstance(x, (np.ndarray, np.generic, jax.Array))
-                   or compat.is_tracer(x) or isinstance(x, (bool, int, float, complex)))
-              for x in leaves]
-    for (path, x), s in zip(leaves_with_path, static):
-        if not s:
-            trace.check_leaf(x, f"saved_residuals: argument {tree_util.keystr(path)}")
-    params = _param_names(fun, len(args))
-    names = []
-    for (path, x), s in zip(leaves_with_path, static):
-        if s:
-            continue
-        if path[0].idx == 0:
-            name = "args" + tree_util.keystr(path[1:])
-            param = params[path[1].idx] if path[1].idx < len(params) else None
-            names.append(f"{name} ({param})" if param else name)
-        else:
-            names.append("kwargs" + tree_util.keystr(path[1:]))
-    from . import memplan   # (it imports this module)
-    with memplan.collecting() as plans:
-        joint, recorded = record_joint(fun, in_tree, leaves, static,
-                                       what=getattr(fun, "__name__", "fun"))
-    with compat.calls_in(recorded):      # a library helper's values: its call's line
-        return report_split(split_joint(joint), names, plans)

@@ -23,7 +23,7 @@ strategy, keeping only the per-step carries and recomputing the body in the
 backward loop, is what a checkpointed body gives: ``lax.scan(jax.checkpoint(
 body), ...)``.) Compiled memory against ``jax.grad``: tests/test_memory.py.
 Inside a region planned for a memory budget (``fb.checkpoint(...,
-memory_budget=...)``, :mod:`fbackprop._src.memplan`) the plan chooses which
+memory_budget=...)``, :mod:`fbackprop._src.planning.memplan`) the plan chooses which
 body values are stacked and which recomputed in every backward step, and may
 run the scan as segments of steps planned differently.
 
@@ -36,7 +36,7 @@ backward part.
 reverse mode by online checkpointing, and forward mode.
 
 (The markers checkpointing uses have their rules with their families:
-``checkpoint_name`` in debug.py, ``optimization_barrier`` in structural.py.)
+``checkpoint_name`` in rules/debug.py, ``optimization_barrier`` in structural.py.)
 """
 
 from __future__ import annotations

@@ -15,13 +15,12 @@ them the same way it honors a ``custom_jvp`` function:
 
 Only primitives fbackprop has no rule for take this path, and never JAX's own
 primitives (a rule registered by a ``jax`` module): those keep fbackprop's own
-rules or are a missing-rule error. :func:`rules_for` is the one place that
-decides; the next library needs no change anywhere else.
+rules or are a missing-rule error. :func:`registry.rules_for` is the one place
+that decides; the next library needs no change anywhere else.
 """
 
 from __future__ import annotations
 
-import functools
 
 import jax
 
@@ -29,87 +28,10 @@ from .. import compat
 from .. import registry
 from .. import context
 from ..engine import sweeps
-from ..registry import MissingRuleError
+from ..registry import ForeignRules, MissingRuleError, rules_for
 
 # The tables JAX keeps of other libraries' rules (read, never written here).
 from jax._src.interpreters import ad as _jax_ad  # noqa: E402
-
-
-class ForeignRules:
-    """A library primitive's own rules, and which library they come from."""
-
-    def __init__(self, prim, jvp, transpose, owner):
-        self.prim, self.jvp, self.transpose, self.owner = prim, jvp, transpose, owner
-
-
-def _is_jax_module(module: str) -> bool:
-    return module == "jax" or module.startswith(("jax.", "jaxlib"))
-
-
-def _module_of(fn) -> str:
-    if isinstance(fn, functools.partial):
-        # ``ad.defjvp(p, rule)`` registers ``partial(standard_jvp, [rule], p)``:
-        # whose rule it is shows in the functions the partial holds.
-        held = [fn.func] + [f for a in fn.args
-                            for f in (a if isinstance(a, (list, tuple)) else [a]) if callable(f)]
-        modules = [_module_of(f) for f in held]
-        return next((m for m in modules if m and not _is_jax_module(m)), modules[0])
-    return getattr(fn, "__module__", None) or ""
-
-
-def _owner(fn) -> str:
-    """The top-level package whose code the rule is: a generic wrapper's module
-    is skipped for the function it wraps (equinox wraps lineax's rules)."""
-    seen, stack, modules = set(), [fn], []
-    while stack and len(seen) < 20:
-        f = stack.pop()
-        if id(f) in seen or not callable(f):
-            continue
-        seen.add(id(f))
-        modules.append(_module_of(f))
-        stack.extend(c.cell_contents for c in (getattr(f, "__closure__", None) or ())
-                     if callable(getattr(c, "cell_contents", None)))
-        wrapped = getattr(f, "__wrapped__", None)
-        if wrapped is not None:
-            stack.append(wrapped)
-    tops = [m.split(".")[0] for m in modules if m]
-    for top in reversed(tops):
-        if top and top != tops[0]:
-            return top
-    return tops[0] if tops else "unknown"
-
-
-def _is_jax_own(fn) -> bool:
-    return _is_jax_module(_module_of(fn))
-
-
-@functools.lru_cache(maxsize=None)
-def _rules_for(prim):
-    jvp = _jax_ad.primitive_jvps.get(prim)
-    transpose = _jax_ad.primitive_transposes.get(prim)
-    fn = jvp or transpose
-    if fn is None or _is_jax_own(fn):
-        return None
-    return ForeignRules(prim, jvp, transpose, _owner(fn))
-
-
-def rules_for(prim) -> ForeignRules | None:
-    """Another library's rules for ``prim``, or None (no rules, or JAX's own)."""
-    try:
-        return _rules_for(prim)
-    except TypeError:        # an unhashable primitive object
-        return None
-
-
-def rule_owner(prim) -> str | None:
-    """The library whose rules fbackprop uses for ``prim`` (None: fbackprop's own
-    rule, or no rule). What ``fb.explain`` and ``fb.saved_residuals`` show."""
-    name = getattr(prim, "name", None)
-    if (name in registry.vjp_rules or name in registry.call_handlers_reverse
-            or name in registry.jvp_rules):
-        return None
-    rules = rules_for(prim)
-    return rules.owner if rules is not None else None
 
 
 def _zero(aval):

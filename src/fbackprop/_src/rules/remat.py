@@ -25,9 +25,9 @@ to offload to on CPU; the gradient is the same). A nested ``lax.scan`` is one
 equation to a policy: saved whole or recomputed whole.
 
 ``checkpoint(fun, memory_budget=N)`` instead stages the region with a
-:class:`~fbackprop._src.memplan.MemoryBudget` policy: fbackprop plans the whole
+:class:`~fbackprop._src.planning.memplan.MemoryBudget` policy: fbackprop plans the whole
 region (scan bodies and nested checkpoints included) to keep at most ``N``
-bytes with the least recomputation (see :mod:`fbackprop._src.memplan`); JAX's
+bytes with the least recomputation (see :mod:`fbackprop._src.planning.memplan`); JAX's
 own autodiff sees a policy that saves nothing.
 """
 
@@ -38,7 +38,8 @@ import weakref
 import jax.numpy as jnp
 from jax import lax
 
-from .. import compat, context, memplan, residuals
+from .. import compat, context, residuals
+from ..planning import frames, memplan
 from ..engine import sweeps
 from . import while_loop
 
@@ -94,13 +95,13 @@ class RematCall:
         in_avals = [v.aval for v in jaxpr.invars]
         consts = list(getattr(jaxpr, "consts", []))
         jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-        if memplan.planning() or context.steps("all"):
+        if frames.planning() or context.steps("all"):
             # Inside a region being planned for a memory budget, a nested
             # checkpoint is part of that region: the outer plan decides. While a
             # tool steps the sweeps, observers see the region's equations.
             outs, tape = sweeps.forward(jaxpr, consts, invals, active)
             return outs, _Inlined(tape), tape.out_active
-        marks = memplan.explain_marks()
+        marks = frames.explain_marks()
         if isinstance(policy, memplan.MemoryBudget):
             planned = memplan.plan_region(jaxpr, consts, in_avals, active, policy.budget,
                                           compat.source_line(eqn))

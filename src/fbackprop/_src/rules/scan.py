@@ -7,7 +7,8 @@ import contextlib
 import jax.numpy as jnp
 from jax import lax
 
-from .. import compat, memplan, residuals
+from .. import compat, residuals
+from ..planning import frames
 from .. import context
 from ..engine import sweeps
 from ..engine import tangents as _forward
@@ -24,7 +25,7 @@ class ScanCall:
     residuals, a backward scan in the opposite direction that consumes them.
 
     A memory-budget plan may split the steps into segments planned
-    differently (:mod:`fbackprop._src.memplan`): each segment is then a scan
+    differently (:mod:`fbackprop._src.planning.memplan`): each segment is then a scan
     over its step numbers that reads ``xs`` (and ``ys``, and their
     cotangents) from the full arrays and writes ``ys`` (and the ``xs``
     cotangents) into full-length buffers carried from segment to segment, so
@@ -35,8 +36,8 @@ class ScanCall:
         if context.steps("scan") and _steppable(eqn):
             return self._forward_steps(eqn, invals, active)
         # Inside a region planned for a memory budget the plan decides which
-        # per-step values the loop stacks (see fbackprop._src.memplan).
-        hook = memplan.scan_hook(eqn)
+        # per-step values the loop stacks (see fbackprop._src.planning.memplan).
+        hook = frames.scan_hook(eqn)
         if hook is not None and hook.segments:
             return self._forward_segments(eqn, invals, active, hook.segments)
         return self._forward(eqn, invals, active, hook)

@@ -23,7 +23,8 @@ import math
 import jax
 import numpy as np
 
-from ... import context, memplan
+from ... import context
+from ...planning import memplan
 
 DEFAULT_SLOTS = 64
 DEFAULT_SLOT_BYTES = 256 * 2 ** 20

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from .registry import jax_float0
+from ..registry import jax_float0
 
 # Default tolerance per dtype (used as both atol and rtol) for comparing
 # derivatives with central differences; the same values as JAX's gradient checks.
@@ -286,7 +286,7 @@ class _Checker:
 
     # ------------------------------------------------------------- recursion
     def check(self, f, point: _Point, order: int, prefix: str):
-        from . import api, derivatives
+        from .. import api, derivatives
         if "fwd" in self.modes:
             label = f"JVP of {prefix}" if prefix else "JVP"
             self.check_jvp(f, point, label)
@@ -313,7 +313,7 @@ class _Checker:
 
     # ------------------------------------------------------------ forward mode
     def check_jvp(self, f, point: _Point, label: str):
-        from . import derivatives
+        from .. import derivatives
         rng = np.random.default_rng(self.seed)
         for i in point.inexact():
             x = point.leaves[i]
@@ -379,7 +379,7 @@ class _Checker:
                 self._scalar(f, point, i, u, minus.reshape(x.shape))) / step
 
     def check_vjp(self, f, point: _Point, label: str):
-        from . import api, derivatives
+        from .. import api, derivatives
         rng = np.random.default_rng(self.seed)
         out, vjp_fn = api.vjp(f, *point.args())
         out_leaves, out_tree = tree_util.tree_flatten(out)
@@ -492,7 +492,7 @@ def check_grads(fun: Callable, args: Sequence, order: int = 1,
       >>> report.passed
       True
     """
-    from . import api
+    from .. import api
     api._check_callable(fun, "check_grads")
     if not isinstance(args, (tuple, list)):
         raise TypeError(f"check_grads: `args` must be a tuple of positional arguments, "

@@ -1,6 +1,6 @@
 """The solver behind memory-budget plans: level graphs, min-cut, search.
 
-:mod:`fbackprop._src.memplan` explains the problem and the algorithm; this
+:mod:`fbackprop._src.planning.memplan` explains the problem and the algorithm; this
 module holds the machinery: the FLOP estimates of equations, one
 :class:`LevelGraph` per level of a region (the region, each scan body) with
 its cut-graph edges, the :class:`Model` over all levels (max-flow with SciPy,
@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from . import compat, residuals, trace
+from .. import compat, residuals, trace
 
 
 # Above this many graph nodes the planner uses the greedy rule instead of min-cut.

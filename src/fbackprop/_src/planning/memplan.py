@@ -64,7 +64,7 @@ misses that recomputing one value needs its inputs, which may be shared by
 several values or themselves recomputed; the min-cut counts those chains
 exactly. An integer program (Checkmate) also optimises the schedule, which XLA
 does for us, at a solver's cost. For graphs beyond ``MAX_CUT_NODES`` nodes
-(:mod:`fbackprop._src.memcut`, which holds the solver) the planner falls back
+(:mod:`fbackprop._src.planning.memcut`, which holds the solver) the planner falls back
 to a greedy rule (recompute an equation when its FLOPs cost less than keeping
 its outputs at price ``lam``; binary search on ``lam``), linear in the graph
 size. Planning a 1000-layer net takes about 0.1 s (tests/test_memplan.py).
@@ -91,22 +91,22 @@ What the plan covers
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import itertools
 import math
-
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-from . import compat, memcut, plotting, residuals, trace
-from . import context
+from .. import compat, residuals
+from .. import context
+from . import memcut
+from .frames import _frame, _Level, _Node
 from .memcut import eqn_flops, nbytes
+from .residual_rows import report_split
 
 
 # ===================================================================== budgets
@@ -173,226 +173,6 @@ def _describe_budget(budget, nbytes: int, plain: int) -> str:
         return f"{budget:,} bytes"
     return f"{budget!r} x {plain:,} = {nbytes:,} bytes"
 
-
-# ============================================================ planning context
-# The planner's frames (a _Level in the probe pass, a _Node in the apply pass),
-# the lists receiving the plans made (saved_residuals) and the dicts receiving
-# recomputed-equation marks (explain) are fields of the sweep context.
-_tags = itertools.count()
-_TAG = memcut.TAG
-
-
-@contextlib.contextmanager
-def _frame(frame):
-    ctx = context.current()
-    with context.using(planning=ctx.planning + (frame,), cache=False):
-        yield frame
-
-
-def planning() -> bool:
-    """Whether a memory-budget plan is being made (nested checkpoints inline then)."""
-    return bool(context.current().planning)
-
-
-@contextlib.contextmanager
-def collecting():
-    """Collects the region plans made (or reused) while the block runs."""
-    plans: list = []
-    ctx = context.current()
-    with context.using(collectors=ctx.collectors + (plans,), cache=False):
-        yield plans
-
-
-@contextlib.contextmanager
-def explaining():
-    """While active, checkpoint regions are swept in place (so ``fb.explain``
-    sees their equations) and the equations their backward recomputes are
-    recorded in the yielded dict: ``id(eqn) -> note``."""
-    marks: dict = {}
-    with context.using(explain_marks=context.current().explain_marks + (marks,)):
-        yield marks
-
-
-def explain_marks():
-    """The innermost dict of :func:`explaining`, or None."""
-    marks = context.current().explain_marks
-    return marks[-1] if marks else None
-
-
-class _Counter:
-    """Keys the scans swept at one level: (equation, occurrence)."""
-
-    def __init__(self):
-        self._counts: dict = {}
-
-    def next_key(self, eqn):
-        occ = self._counts.get(id(eqn), 0)
-        self._counts[id(eqn)] = occ + 1
-        return (id(eqn), occ)
-
-    def reset_counts(self):
-        self._counts = {}
-
-
-@dataclasses.dataclass
-class _ScanInfo:
-    tag: str
-    nc: int
-    nk: int
-    ny: int
-    length: int
-    where: str
-
-
-class _Level(_Counter):
-    """Probe pass: one level of the region (the region, or a scan body)."""
-
-    def __init__(self, multiplier: int, scan: _ScanInfo | None = None, key=None):
-        super().__init__()
-        self.multiplier = multiplier
-        self.scan = scan
-        self.key = key
-        self.joint = None
-        self.invariant = None
-        self.children: list = []
-
-    def begin_trace(self):
-        self.children = []
-        self.reset_counts()
-
-    def levels(self):
-        out, stack = [], [self]
-        while stack:
-            lev = stack.pop()
-            out.append(lev)
-            stack.extend(reversed(lev.children))
-        return out
-
-
-class _Node(_Counter):
-    """Apply pass: the plan of one level (joint equation indices to recompute)."""
-
-    def __init__(self, level: _Level | None, recompute: frozenset):
-        super().__init__()
-        self.level = level
-        self.recompute = recompute
-        self.children: dict = {}
-        self.split = None
-        self.mismatch = False
-        self.fraction = 1.0      # the share of the level's steps this node plans
-        self.segments = None     # [(steps, _Node), ...] when a scan's steps are split
-
-    def begin_trace(self):
-        self.reset_counts()
-
-    def ids_in(self, joint) -> set:
-        """The ids of ``joint``'s equations to recompute (``joint``: this level's
-        apply-pass trace). It mirrors the probe's trace equation by equation,
-        unless a scan in it now runs as segments; then equations are matched by
-        the user frame that emitted them, primitive and occurrence."""
-        if self.level is None or not self.recompute:
-            return set()
-        eqns = joint.jaxpr.eqns
-        probe = self.level.joint.jaxpr.eqns
-        if len(eqns) == len(probe) and all(
-                eqns[i].primitive is probe[i].primitive for i in self.recompute):
-            return {id(eqns[i]) for i in self.recompute}
-
-        def keys(es):
-            seen, out = {}, []
-            for e in es:
-                k = (id(e.source_info.traceback), e.primitive.name)
-                seen[k] = seen.get(k, -1) + 1
-                out.append(k + (seen[k],))
-            return out
-
-        where = {k: j for j, k in enumerate(keys(eqns))}
-        probe_keys = keys(probe)
-        ids = set()
-        for i in self.recompute:
-            j = where.get(probe_keys[i])
-            if j is None:
-                self.mismatch = True
-            else:
-                ids.add(id(eqns[j]))
-        return ids
-
-
-class _ProbeScan:
-    segments = None
-
-    def __init__(self, level):
-        self.level = level
-
-    def body(self):
-        return _frame(self.level)
-
-    def begin_trace(self):
-        self.level.begin_trace()
-
-    def scope(self):
-        return jax.named_scope(self.level.scan.tag)
-
-    def split(self, joint, invariant, costly):
-        self.level.joint = joint
-        self.level.invariant = invariant
-        return residuals.split_joint(joint, recompute=invariant, costly_inputs=costly)
-
-
-class _ApplyScan:
-    def __init__(self, node):
-        self.node = node
-        self.segments = None
-        if node.segments:
-            self.segments = [(n, _ApplyScan(sub)) for n, sub in node.segments]
-
-    def body(self):
-        return _frame(self.node)
-
-    def begin_trace(self):
-        self.node.begin_trace()
-
-    def scope(self):
-        return contextlib.nullcontext()
-
-    def split(self, joint, invariant, costly):
-        ids = self.node.ids_in(joint)
-        split = residuals.split_joint(
-            joint, recompute=lambda e: invariant(e) or id(e) in ids, costly_inputs=costly)
-        self.node.split = split
-        self.node.invariant = invariant
-        return split
-
-
-def scan_hook(eqn):
-    """How a ``lax.scan`` being differentiated takes part in the current plan.
-
-    Returns None outside planning. Otherwise an object with ``body()`` (context
-    for tracing the body's joint), ``begin_trace()`` (before each such trace),
-    ``split(joint, invariant, costly)`` (the body's split: plain in the probe,
-    as planned in the apply pass) and ``scope()`` (context around emitting the
-    forward loop, which tags it so the planner can find it in the region's
-    trace). In the apply pass ``segments`` may be a list of ``(steps, hook)``:
-    the scan is then run as consecutive scans of those lengths (in index
-    order), each planned by its own hook.
-    """
-    frames = context.current().planning
-    if not frames:
-        return None
-    frame = frames[-1]
-    p = eqn.params
-    key = frame.next_key(eqn)
-    if isinstance(frame, _Level):
-        info = _ScanInfo(f"{_TAG}{next(_tags)}", p["num_consts"], p["num_carry"],
-                         len(eqn.outvars) - p["num_carry"], int(p["length"]),
-                         compat.source_line(eqn))
-        child = _Level(frame.multiplier * int(p["length"]), info, key)
-        frame.children.append(child)
-        return _ProbeScan(child)
-    node = frame.children.get(key)
-    if node is None:
-        node = _Node(None, frozenset())
-    return _ApplyScan(node)
 
 
 # ========================================================== region planning
@@ -674,7 +454,7 @@ def plan_region(jaxpr, consts, in_avals, active, budget, where: str = "") -> Reg
     rows = _recomputed_rows(root, nodes) if root is not None else ()
     flops = float(sum(r.flops for r in rows))
     names = [f"args[{i}]" for i in range(len(in_avals))]
-    kept_rows = tuple(r for r in residuals.report_split(split, names)
+    kept_rows = tuple(r for r in report_split(split, names)
                       if r.kind == "intermediate")
     report = BudgetPlan(where, budget, target, probe.plain_bytes,
                         int(min(search.least.nbytes, kept)), kept, flops,
@@ -720,211 +500,3 @@ def recomputed_primal_eqns(jaxpr, split) -> dict:
         if prim is not None:
             marks[id(prim)] = "recomputed in the backward sweep"
     return marks
-
-
-# ======================================================= the trade-off curve
-@dataclasses.dataclass(frozen=True)
-class PlanPoint:
-    """One plan on the trade-off curve.
-
-    Attributes:
-      budget_bytes: the budget it was planned for (``None`` for hull vertices
-        and policies).
-      kept_bytes: bytes of intermediates it keeps.
-      recompute_flops: estimated FLOPs it recomputes.
-      label: ``""``, or the policy's name.
-      feasible: False for a budget below the smallest plan, which
-        ``fb.checkpoint`` refuses; ``kept_bytes`` and ``recompute_flops`` are
-        then those of the smallest plan.
-    """
-    budget_bytes: int | None
-    kept_bytes: int
-    recompute_flops: float
-    label: str = ""
-    feasible: bool = True
-
-
-class MemoryPlan:
-    """The memory / recompute trade-off of a function, as fbackprop plans it.
-
-    Attributes:
-      plain_bytes: intermediates kept without checkpointing.
-      min_bytes: the fewest bytes any plan keeps.
-      recompute_all_flops: FLOPs of recomputing everything recomputable.
-      points: a :class:`PlanPoint` per requested budget (smallest first).
-      hull: the vertices of the lower convex hull (each optimal for its bytes).
-      policies: ``name -> PlanPoint`` for checkpoint policies applied to the
-        region and to every scan body in it.
-      seconds: planning time (after tracing).
-    """
-
-    def __init__(self, name, plain_bytes, min_bytes, recompute_all_flops, points, hull,
-                 policies, seconds, trace_seconds):
-        self.name = name
-        self.plain_bytes = plain_bytes
-        self.min_bytes = min_bytes
-        self.recompute_all_flops = recompute_all_flops
-        self.points = tuple(points)
-        self.hull = tuple(hull)
-        self.policies = dict(policies)
-        self.seconds = seconds
-        self.trace_seconds = trace_seconds
-
-    def __repr__(self):
-        return (f"MemoryPlan({self.name}: {len(self.points)} budgets, plain "
-                f"{self.plain_bytes:,} bytes, min {self.min_bytes:,} bytes)")
-
-    def __str__(self):
-        rows = [(f"{p.budget_bytes:,}", p) for p in self.points]
-        width = max([len("budget (bytes)")] + [len(head) for head, _ in rows] +
-                    [len(name) for name in self.policies])
-        out = [f"memory plan of {self.name}: {self.plain_bytes:,} bytes of intermediates kept "
-               f"without checkpointing, the smallest plan keeps {self.min_bytes:,}; "
-               f"recomputing everything costs {_fmt_flops(self.recompute_all_flops)} FLOPs "
-               f"(planned in {self.seconds * 1e3:.0f} ms)",
-               f"{'budget (bytes)':>{width}s} {'kept bytes':>14s} {'kept/plain':>10s} "
-               f"{'recompute FLOPs':>16s} {'of all':>7s}"]
-        if self.policies:
-            rows.append(("JAX's checkpoint policies, on the region and every scan body in it:",
-                         None))
-            rows += [(f"{name:<{width}s}", p) for name, p in self.policies.items()]
-        for head, p in rows:
-            if p is None:
-                out.append(head)
-            elif not p.feasible:
-                out.append(f"{head:>{width}s} {'infeasible':>14s}  (below the smallest plan, "
-                           f"{self.min_bytes:,} bytes; fb.checkpoint refuses it)")
-            else:
-                frac = p.kept_bytes / self.plain_bytes if self.plain_bytes else 1.0
-                share = (p.recompute_flops / self.recompute_all_flops
-                         if self.recompute_all_flops else 0.0)
-                out.append(f"{head:>{width}s} {p.kept_bytes:14,d} {frac:10.3f} "
-                           f"{_fmt_flops(p.recompute_flops):>16s} {share:7.1%}")
-        return "\n".join(out)
-
-    def as_dicts(self) -> dict:
-        return {"plain_bytes": self.plain_bytes, "min_bytes": self.min_bytes,
-                "recompute_all_flops": self.recompute_all_flops,
-                "points": [dataclasses.asdict(p) for p in self.points],
-                "hull": [dataclasses.asdict(p) for p in self.hull],
-                "policies": {k: dataclasses.asdict(p) for k, p in self.policies.items()},
-                "seconds": self.seconds}
-
-    def plot(self, ax=None, *, path: str | None = None, title: str | None = None):
-        """Draws the curve: kept bytes against recompute FLOPs (needs matplotlib).
-
-        Args:
-          ax: a matplotlib ``Axes`` to draw on; a new figure when omitted.
-          path: save the figure to this file.
-          title: the axes title.
-
-        Returns:
-          The ``Axes``.
-        """
-        fig, ax = plotting.axes(ax, "a memory plan", (7.0, 4.6))
-        mib = 2.0 ** 20
-        hull = sorted(self.hull, key=lambda p: p.kept_bytes)
-        ax.plot([p.kept_bytes / mib for p in hull], [p.recompute_flops / 1e6 for p in hull],
-                color="#1f77b4", alpha=0.35, linewidth=1, label="convex hull")
-        pts = sorted((p for p in self.points if p.feasible), key=lambda p: p.kept_bytes)
-        ax.plot([p.kept_bytes / mib for p in pts], [p.recompute_flops / 1e6 for p in pts],
-                marker="o", color="#1f77b4", drawstyle="steps-post",
-                label="fbackprop memory_budget")
-        markers = iter("sD^vP*Xh")
-        for name, p in self.policies.items():
-            ax.scatter([p.kept_bytes / mib], [p.recompute_flops / 1e6], marker=next(markers, "o"),
-                       s=60, zorder=3, label=name)
-        ax.axvline(self.plain_bytes / mib, color="grey", linestyle=":", linewidth=1)
-        ax.set_xlabel("residual bytes kept (MiB)")
-        ax.set_ylabel("recompute FLOPs (M)")
-        ax.set_title(title or f"memory plan of {self.name}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        return plotting.finish(ax, fig, path)
-
-
-_DEFAULT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
-
-
-def memory_plan(fun: Callable, *args, budgets: Sequence | None = None,
-                policies: Sequence[str] | dict | None = None, **kwargs) -> MemoryPlan:
-    """The trade-off between residual memory and recomputation for ``fun``.
-
-    Plans ``fun`` as if it were ``fb.checkpoint(fun, memory_budget=b)`` for each
-    budget ``b`` (every float argument leaf differentiated, like
-    :func:`fbackprop.saved_residuals`), with the planner's own figures: bytes of
-    intermediates kept and FLOPs recomputed. Scans inside ``fun`` are planned
-    per step.
-
-    Args:
-      fun: the function (pytrees of arrays in, pytree of arrays out).
-      *args: positional arguments to trace it with.
-      budgets: budgets to plan for: floats in [0, 1] (fractions of the plain
-        bytes) or ints (bytes). A budget below the smallest plan (which
-        ``fb.checkpoint`` refuses) gives a point marked ``feasible=False``.
-        Default: the smallest plan's bytes, then those of the fractions 0.05,
-        0.1, ..., 1 that lie above it.
-      policies: names of ``jax.checkpoint_policies`` (or ``name -> policy``)
-        to place on the same axes, applied to ``fun`` and to every scan body in
-        it. Default: nothing_saveable, dots_saveable,
-        dots_with_no_batch_dims_saveable.
-      **kwargs: keyword arguments to trace it with.
-
-    Returns:
-      A :class:`MemoryPlan` (``print`` it for a table; ``.plot()`` draws it).
-
-    Example:
-      >>> import fbackprop as fb, jax.numpy as jnp
-      >>> f = lambda w, x: jnp.sum(jnp.tanh(jnp.tanh(x @ w) @ w))
-      >>> curve = fb.memory_plan(f, jnp.ones((8, 8)), jnp.ones((4, 8)), budgets=[0.0, 1.0])
-      >>> [p.kept_bytes for p in curve.points], curve.plain_bytes
-      ([0, 256], 256)
-    """
-    from jax import tree_util
-    t0 = time.perf_counter()
-    leaves, in_tree = tree_util.tree_flatten((args, kwargs))
-    static = [not (isinstance(x, (np.ndarray, np.generic, jax.Array))
-                   or compat.is_tracer(x) or isinstance(x, (bool, int, float, complex)))
-              for x in leaves]
-    for x, s in zip(leaves, static):
-        if not s:
-            trace.check_leaf(x, "memory_plan: an argument")
-    # The program fb.grad runs: the recording of ``fun`` and its backward sweep.
-    probe = _probe_joint(lambda: residuals.record_joint(
-        fun, in_tree, leaves, static, what=getattr(fun, "__name__", "fun"))[0])
-    t1 = time.perf_counter()
-    search = probe.search
-    plain = probe.plain_bytes
-    least = int(min(search.least.nbytes, plain))
-    if budgets is None:
-        budgets = [least] + [k / 20 for k in range(21) if budget_bytes(k / 20, plain) > least]
-    points = []
-    for b in budgets:
-        if isinstance(b, bool) or not isinstance(b, (int, float, np.integer, np.floating)):
-            raise TypeError(f"memory_plan: each budget must be an int (bytes) or a float "
-                            f"in [0, 1], got {b!r}.")
-        if isinstance(b, (float, np.floating)):
-            if not 0.0 <= b <= 1.0:
-                raise ValueError(f"memory_plan: a float budget is a fraction in [0, 1], "
-                                 f"got {b!r}.")
-            target = budget_bytes(float(b), plain)
-        else:
-            target = int(b)
-        p = search.none if plain <= target else search.plan(target)
-        kept = plain if p is search.none else int(p.nbytes)
-        points.append(PlanPoint(target, kept, 0.0 if p is search.none else p.flops,
-                                feasible=kept <= target))
-    points.sort(key=lambda p: p.budget_bytes)
-    hull = [PlanPoint(None, int(p.nbytes), p.flops) for p in search.hull()]
-    hull[0] = PlanPoint(None, plain, 0.0)
-    if policies is None:
-        policies = _DEFAULT_POLICIES
-    if not isinstance(policies, dict):
-        policies = {n: getattr(jax.checkpoint_policies, n) for n in policies}
-    pol_points = {}
-    for name, pol in policies.items():
-        p = probe.model.policy_plan(lambda e, pol=pol: not residuals.policy_saves(pol, e))
-        pol_points[name] = PlanPoint(None, int(p.nbytes), p.flops, name)
-    return MemoryPlan(getattr(fun, "__name__", "fun"), plain, least,
-                      probe.model.everything().flops, points, hull, pol_points,
-                      time.perf_counter() - t1, t1 - t0)

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import compat, residuals, trace
-from . import context
-from .rules.debug import NAMED_PRIMITIVES
+from .. import compat, residuals, trace
+from .. import context
+from ..rules.debug import NAMED_PRIMITIVES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from . import api, plotting
-from .debug import run_intermediates
+from .. import api, plotting
+from .tags import run_intermediates
 
 
 class GradientFlow(Mapping):
@@ -118,7 +118,7 @@ def gradient_flow(fun: Callable, *args, names: str | Sequence[str] | None = None
       [0.002, 0.0179, 0.178, 1.7902]
     """
     api._check_callable(fun, "gradient_flow")
-    from . import compat
+    from .. import compat
     if any(compat.is_tracer(x) for x in jax.tree_util.tree_leaves((args, kwargs))):
         raise TypeError(
             "gradient_flow returns concrete per-step norms (NumPy arrays, for plotting), but "

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from . import compat, plotting
+from .. import compat, plotting
 
 _STAT_NAMES = ("norm", "mean", "std", "max_abs", "zero_fraction", "nonfinite")
 
