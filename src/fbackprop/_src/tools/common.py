@@ -72,7 +72,10 @@ def aval_str(x) -> str:
 
 
 def _short_dtype(dtype) -> str:
-    name = np.dtype(dtype).name
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:   # an extended dtype (a PRNG key's key<fry>) is no NumPy dtype
+        return str(dtype)
     return {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16",
             "int32": "i32", "int64": "i64", "bool": "bool", "complex64": "c64",
             "complex128": "c128"}.get(name, name)
