@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from fbackprop._src import compat
+from fbackprop.bench import cli as bench_cli
 from fbackprop.bench import harness
 from fbackprop.bench.workloads import Problem, Workload
 
@@ -77,7 +78,7 @@ def test_failing_workload_is_an_error_row_not_a_crash():
 
 def test_unknown_workload_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
-        harness.main(["--only", "no_such_workload"])
+        bench_cli.main(["--only", "no_such_workload"])
     assert exc.value.code == 2
     assert "no_such_workload" in capsys.readouterr().err
 
@@ -94,7 +95,7 @@ def test_main_dispatch_lists_subcommands(capsys):
 def test_depth_scaling_reports_cost_per_layer(tmp_path, capsys):
     from fbackprop.bench import depth
     path = tmp_path / "depth.json"
-    assert harness.main(["--depth", "--depths", "20,60", "--json", str(path)]) == 0
+    assert bench_cli.main(["--depth", "--depths", "20,60", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     doc = json.loads(path.read_text())
     rows = doc["rows"]
@@ -113,7 +114,7 @@ def test_depth_scaling_reports_cost_per_layer(tmp_path, capsys):
 def test_per_example_bench_measures_errors_memory_and_time(tmp_path, capsys):
     from fbackprop.bench import per_example
     path = tmp_path / "per_example.json"
-    assert harness.main(["--per-example", "--quick", "--only", "mlp,rnn", "--batches", "8",
+    assert bench_cli.main(["--per-example", "--quick", "--only", "mlp,rnn", "--batches", "8",
                          "--reps", "1", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     doc = json.loads(path.read_text())
@@ -190,7 +191,7 @@ def test_quick_eager_figures_are_timed_after_warm_up(name, monkeypatch):
 
 def test_while_bench_rejects_unknown_problems(capsys):
     with pytest.raises(SystemExit) as info:
-        harness.main(["--while", "--only", "nope"])
+        bench_cli.main(["--while", "--only", "nope"])
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "unknown problem(s) nope" in err and "sinkhorn" in err

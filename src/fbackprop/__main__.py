@@ -14,7 +14,7 @@ import sys
 SUBCOMMANDS = {
     "demo": ("fbackprop.demo", "main",
              "train a small MLP on scikit-learn's digits with fbackprop gradients"),
-    "bench": ("fbackprop.bench.harness", "main",
+    "bench": ("fbackprop.bench.cli", "main",
               "benchmark fbackprop against jax (step time, FLOPs, memory, tracing, eager)"),
     "explain": ("fbackprop._src.cli", "explain_main",
                 "show how a gradient is computed, equation by equation"),

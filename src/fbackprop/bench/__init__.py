@@ -4,7 +4,8 @@ Run ``python -m fbackprop bench`` (or ``python benchmarks/run.py``); see
 ``benchmarks/README.md`` for what each figure means.
 """
 
-from .harness import TARGETS, main, run, run_workload
+from .cli import main
+from .harness import TARGETS, run, run_workload
 from .workloads import WORKLOADS, Problem, Workload
 
 __all__ = ["TARGETS", "WORKLOADS", "Problem", "Workload", "main", "run", "run_workload"]
