@@ -391,6 +391,22 @@ DIFFERENTIATED = object.__new__(_Differentiated)
 DIFFERENTIATED.tangent = None   # not a symbolic zero: "perturbed"
 
 
+# fbackprop's forward-mode tracers are JAX JVP tracers as far as code that
+# inspects tracer types can tell: Equinox's ``filter_jvp`` keeps only outputs
+# that are ``ad.JVPTracer``s of the current trace (``x._trace.main``, i.e. the
+# trace's ``tag``), and would otherwise drop every tangent; ``lax.stop_gradient``
+# and ``jax.closure_convert`` read ``.primal``/``.tangent`` the same way. A trace
+# of ours gets a fresh ``TraceTag``, so JAX's own JVP traces never take it for
+# one of theirs.
+JVPTracer = jax_ad.JVPTracer
+TraceTag = jcore.TraceTag
+
+
+def init_tracer(tracer, trace, aval) -> None:
+    """JAX's base ``Tracer.__init__`` (a JVPTracer subclass sets its own fields)."""
+    jcore.Tracer.__init__(tracer, trace, aval)
+
+
 def custom_vjp_closure_error():
     """JAX's error for differentiating a custom_vjp function through a closed-over value."""
     return jax_ad.CustomVJPException()
