@@ -303,3 +303,17 @@ def test_library_jvps_under_fbackprop_give_jax_gradients(libraries_call_fbackpro
     assert float(jnp.max(jnp.abs(ours[0][0]))) > 0.1     # not a silent zero
     jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6),
                  ours, theirs)
+
+
+def test_library_jvp_rules_get_tuples_under_vmap():
+    """Equinox's vprim JVP rule (lineax's batched linear_solve) vmaps over the
+    primals and tangents it gets with in_axes made of tuples, as JAX passes them."""
+    lx = pytest.importorskip("lineax")
+
+    def loss(a, b):
+        solve = lambda a, b: lx.linear_solve(lx.MatrixLinearOperator(a), b, lx.LU()).value  # noqa: E731,E501
+        return jnp.sum(jax.vmap(solve)(a, b) ** 2)
+
+    a = jnp.array([[[3.0, 1.0], [1.0, 2.0]], [[2.0, 0.5], [0.1, 4.0]]], F32)
+    b = jnp.array([[1.0, 2.0], [0.5, -1.0]], F32)
+    _check(loss, a, b, rtol=1e-5, atol=1e-6, argnums=(0, 1))

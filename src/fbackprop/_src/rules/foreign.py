@@ -128,10 +128,14 @@ def _as_traced(record):
 
 # ---------------------------------------------------------------- forward mode
 def jvp(rules: ForeignRules, eqn_params, primals, tangents):
-    """The library's JVP rule: ``(outs, out_tangents)`` as lists, None for zeros."""
+    """The library's JVP rule: ``(outs, out_tangents)`` as lists, None for zeros.
+
+    The rule gets what JAX's JVP trace gives it: tuples of primals and tangents,
+    JAX's ``Zero`` for a zero tangent (Equinox's rules pass them on to ``vmap``
+    as a pytree, whose ``in_axes`` must then match container for container)."""
     prim = rules.prim
-    ts = [_zero(compat.typeof(x)) if t is None else t for x, t in zip(primals, tangents)]
-    outs, touts = rules.jvp(list(primals), ts, **eqn_params)
+    ts = tuple(_zero(compat.typeof(x)) if t is None else t for x, t in zip(primals, tangents))
+    outs, touts = rules.jvp(tuple(primals), ts, **eqn_params)
     if not prim.multiple_results:
         outs, touts = [outs], [touts]
     return list(outs), [None if _is_zero(t) else t for t in touts]
