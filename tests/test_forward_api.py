@@ -232,6 +232,36 @@ def test_linearize_tangent_errors():
         f_jvp(np.ones(3), np.ones(4))
 
 
+def test_linearize_of_custom_vjp_as_jax():
+    """jax.linearize accepts a custom_vjp function: the primal outputs are its fwd
+    rule's, and only evaluating the linear map on a tangent that reaches it raises
+    (a linear map whose outputs it does not reach runs)."""
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    # fwd's primal output differs from f's on purpose: JAX returns fwd's.
+    f.defvjp(lambda x: (jnp.sin(x) + 100.0, jnp.cos(x)), lambda c, g: (2 * g * c,))
+    reaching = lambda x, y: (f(x) * 2 + y ** 2, y * 3)  # noqa: E731
+    not_reaching = [lambda x, y: (f(x), y * 3)[1],
+                    lambda x, y: jax.lax.stop_gradient(f(x)) + y]
+    x, y, t = np.float32(1.0), np.float32(2.0), (np.float32(0.5), np.float32(1.0))
+    for fn in [reaching] + not_reaching:
+        for lin in (fb.linearize, jax.jit(fb.linearize, static_argnums=0)):
+            out, f_jvp = lin(fn, x, y)
+            out_ref, f_jvp_ref = jax.linearize(fn, x, y)
+            assert_trees_match(out, out_ref, tol=1e-6)
+            if fn is reaching:
+                with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+                    f_jvp(*t)
+                with pytest.raises(TypeError, match=r"custom_vjp function \('f' at "):
+                    jax.jit(f_jvp)(*t)
+            else:
+                assert_trees_match(f_jvp(*t), f_jvp_ref(*t), tol=1e-6)
+    with pytest.raises(TypeError, match="custom_vjp"):        # jvp itself still refuses
+        fb.jvp(reaching, (x, y), t)
+
+
 # ----------------------------------------------------------------- Jacobians
 @pytest.mark.parametrize("argnums", [0, 1, (0, 1), (1,)])
 @pytest.mark.parametrize("jac", ["jacfwd", "jacrev", "jacobian"])

@@ -336,6 +336,14 @@ def custom_jvp_rule(params) -> tuple[int, Callable]:
 
 
 # ------------------------------------------------------------------- custom_vjp
+def custom_vjp_name(params) -> str:
+    """The user's function name of a ``custom_vjp_call`` equation (either form)."""
+    if "name" in params:
+        return params["name"]
+    debug = getattr(getattr(params.get("call_jaxpr"), "jaxpr", None), "debug_info", None)
+    return getattr(debug, "func_name", None) or "?"
+
+
 def custom_vjp_parts(params):
     """(num_consts, fwd, bwd) of a ``custom_vjp_call`` in either form.
 

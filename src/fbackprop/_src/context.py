@@ -64,6 +64,11 @@ class SweepContext:
       while_stats: lists receiving one entry per while-loop reversal (trip
         count, slots, body evaluations in its backward loop), for benchmarks
         and tests (``rules.while_loop.stats``).
+      linearizing: the tangent sweep being traced is ``fb.linearize``'s: a
+        ``custom_vjp`` function's outputs are its fwd rule's and its output
+        tangents an error deferred to the evaluation of the linear map (as
+        under ``jax.linearize``), instead of an error at once. Staged tangent
+        sweeps depend on it (their cache keys have it).
     """
     observers: tuple = ()
     stepping: str | None = None
@@ -79,6 +84,7 @@ class SweepContext:
     call_tables: tuple = ()
     while_slots: tuple | None = None
     while_stats: tuple = ()
+    linearizing: bool = False
 
 
 _DEFAULT = SweepContext(eager_programs=os.environ.get("FBACKPROP_EAGER_PROGRAMS", "1") != "0")

@@ -332,7 +332,7 @@ def linearize(fun: Callable, *primals, has_aux: bool = False):
         # Run the function on the values (Python control flow on them works, as
         # in jax.linearize) and linearize the program it ran.
         run = recording.record(fun, in_tree, leaves, mask, tape_only=True,
-                               bind=eager_programs.bind)
+                               bind=eager_programs.bind, stage_custom_vjp=True)
         closed, out_tree = recording.recorded_jaxpr(run), run.out_tree
         prog = LinearizedProgram(closed.jaxpr, closed.consts, in_avals, mask)
     else:

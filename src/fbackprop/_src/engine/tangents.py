@@ -277,7 +277,8 @@ def push_tangents(fun: Callable, args_tree, primals: list, tangents: list) -> tu
                      for x, t in zip(primals, tangents)]
         args, kwargs = tree_util.tree_unflatten(args_tree, in_leaves)
         try:
-            with compat.set_current_trace(trace):
+            # fb.jvp's sweep is never fb.linearize's, even inside a rule it runs.
+            with compat.set_current_trace(trace), context.using(linearizing=False):
                 out = fun(*args, **kwargs)
             out_leaves, out_tree = tree_util.tree_flatten(out)
         finally:
