@@ -317,3 +317,21 @@ def test_library_jvp_rules_get_tuples_under_vmap():
     a = jnp.array([[[3.0, 1.0], [1.0, 2.0]], [[2.0, 0.5], [0.1, 4.0]]], F32)
     b = jnp.array([[1.0, 2.0], [0.5, -1.0]], F32)
     _check(loss, a, b, rtol=1e-5, atol=1e-6, argnums=(0, 1))
+
+
+def test_a_library_transpose_rule_for_a_jax_primitive_is_honored():
+    """lineax registers a transpose rule for stop_gradient (JAX #22011): a custom
+    JVP rule applying stop_gradient to a tangent is then transposable, in JAX and
+    in fbackprop alike."""
+    pytest.importorskip("lineax")
+
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    @f.defjvp
+    def f_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return jnp.sin(x), jnp.cos(x) * jax.lax.stop_gradient(t) + 2.0 * t
+
+    _check(lambda x: jnp.sum(f(x) ** 2), jnp.array([0.3, 1.2], F32))
