@@ -335,3 +335,30 @@ def test_a_library_transpose_rule_for_a_jax_primitive_is_honored():
         return jnp.sin(x), jnp.cos(x) * jax.lax.stop_gradient(t) + 2.0 * t
 
     _check(lambda x: jnp.sum(f(x) ** 2), jnp.array([0.3, 1.2], F32))
+
+
+def test_equinox_nondifferentiable_errors_come_in_jax_order():
+    """An error raised by a custom JVP rule at the call (Equinox's
+    `nondifferentiable`) comes before what follows the call, as under jax.grad."""
+    eqx = pytest.importorskip("equinox")
+    eqxi = pytest.importorskip("equinox.internal")
+
+    @eqx.filter_custom_vjp
+    def f(x, y):
+        return x + y
+
+    @f.def_fwd
+    def f_fwd(perturbed, x, y):
+        return x + y, None
+
+    @f.def_bwd
+    def f_bwd(res, ct, perturbed, x, y):
+        return ct
+
+    nonscalar = lambda x: eqxi.nondifferentiable(jnp.stack([x, x]))  # noqa: E731
+    for fn in (lambda x: f(x, x), nonscalar):
+        for grad in (jax.grad, fb.grad):
+            with pytest.raises(RuntimeError, match="Unexpected tangent"):
+                grad(fn)(1.0)
+            with pytest.raises(RuntimeError, match="Unexpected tangent"):
+                jax.jit(grad(fn))(1.0)

@@ -125,12 +125,23 @@ def stage_call(process: Callable, vals: list):
     return jaxpr, consts, restructure
 
 
-def _rule_keeps_types(jaxpr, in_active) -> bool:
-    """Whether the ``custom_jvp_call`` staged in ``jaxpr`` (``in_active``: per
-    input of ``jaxpr``, whether it is differentiated) has a JVP rule whose primal
-    outputs have the call's own shapes and dtypes. The rule is traced for the
-    zero tangents the backward sweep will give it (the trace is memoized)."""
+def _trace_rules(jaxpr, in_active) -> tuple[bool, list]:
+    """Traces the JVP rule of the ``custom_jvp_call`` staged in ``jaxpr``
+    (``in_active``: per input of ``jaxpr``, whether it is differentiated) for the
+    zero tangents the backward sweep will give it (the trace is memoized), now,
+    at the call, where JAX runs it: an error the rule raises (Equinox's
+    ``nondifferentiable``) comes from the call, before what the function does
+    next.
+
+    Returns:
+      ``(keeps_types, zero)``: whether the rule's primal outputs have the call's
+      own shapes and dtypes; per output of ``jaxpr``, whether the rule gives its
+      tangent as a symbolic zero (under ``jax.grad`` such an output is no JVP
+      tracer: it is not differentiated).
+    """
     active = dict(zip(jaxpr.invars, in_active))
+    zero_vars: set = set()
+    keeps_types = True
     for eqn in jaxpr.eqns:
         if eqn.primitive.name != compat.CUSTOM_JVP_CALL:
             continue
@@ -140,12 +151,14 @@ def _rule_keeps_types(jaxpr, in_active) -> bool:
             zeros = [type(v) is compat.Literal or not active.get(v, False) for v in args]
         else:
             zeros = [False] * len(args)
-        rule, _, _ = jvp_jaxpr_of(zeros)
+        rule, _, out_zeros = jvp_jaxpr_of(zeros)
         rule_avals = [v.aval for v in rule.outvars[:len(eqn.outvars)]]
         if any((a.shape, a.dtype) != (v.aval.shape, v.aval.dtype)
                for a, v in zip(rule_avals, eqn.outvars)):
-            return False
-    return True
+            keeps_types = False
+        zero_vars.update(v for v, z in zip(eqn.outvars, out_zeros) if z)
+    return keeps_types, [type(v) is not compat.Literal and v in zero_vars
+                         for v in jaxpr.outvars]
 
 
 class RecordingTracer(ValueTracer):
@@ -322,10 +335,13 @@ class RecordingTrace(StagingCalls, compat.Trace):
         return self._record_staged(tracers, *stage_call(process, vals))
 
     def _record_staged(self, tracers, jaxpr, consts, restructure,
-                       evaluate: Callable | None = None):
+                       evaluate: Callable | None = None, not_differentiated=None):
         """Records a call staged by :func:`stage_call` as one ``closed_call``
         (``evaluate(jaxpr, vals, active) -> outvals``: how a program-only
-        recording computes its values; default: it is bound)."""
+        recording computes its values, default: it is bound;
+        ``not_differentiated``: per output, whether it carries no cotangent
+        whatever the handler says, e.g. a custom_jvp rule's symbolic zero,
+        which a program-only recording runs no handler to learn)."""
         vals, act, invars = self.unpack(tracers)
         call = compat.ClosedJaxpr(jaxpr, [])
         c_vals, c_act, c_vars = self.unpack(consts)
@@ -336,7 +352,12 @@ class RecordingTrace(StagingCalls, compat.Trace):
                              compat.join_effects(jaxpr.eqns), compat.current_source_info())
         bind = None if evaluate is None else (
             lambda eqn, xs: evaluate(jaxpr, xs, all_act))
-        return restructure(self._add(*self._step(eqn, all_vals, all_act, False, bind)))
+        outvals, rec, out_act = self._step(eqn, all_vals, all_act, False, bind)
+        if rec is not None and not_differentiated is not None:
+            out_act = [a and not n for a, n in zip(out_act, not_differentiated)]
+            if not any(out_act):
+                rec = None
+        return restructure(self._add(outvals, rec, out_act))
 
     def process_custom_jvp_call(self, prim, fun, jvp, tracers, *, symbolic_zeros):
         params = dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
@@ -362,8 +383,9 @@ class RecordingTrace(StagingCalls, compat.Trace):
             staged = stage_call(
                 lambda t, xs: t.process_custom_jvp_call(prim, fun, jvp, xs,
                                                         symbolic_zeros=symbolic_zeros), vals)
-            if _rule_keeps_types(staged[0], self.unpack(staged[1])[1] + act):
-                out = self._record_staged(tracers, *staged)
+            keeps_types, zero = _trace_rules(staged[0], self.unpack(staged[1])[1] + act)
+            if keeps_types:
+                out = self._record_staged(tracers, *staged, not_differentiated=zero)
                 # The staged function was traced; if an enclosing forward-mode
                 # trace also ran the rule, custom_jvp expects only one of the two
                 # to report its output structure.
