@@ -338,8 +338,9 @@ def test_a_library_transpose_rule_for_a_jax_primitive_is_honored():
 
 
 def test_equinox_nondifferentiable_errors_come_in_jax_order():
-    """An error raised by a custom JVP rule at the call (Equinox's
-    `nondifferentiable`) comes before what follows the call, as under jax.grad."""
+    """An error raised by a custom JVP rule or a library primitive's JVP rule at
+    the call (Equinox's `nondifferentiable`, `nontraceable`) comes before what
+    follows the call (the scalar-output check), as under jax.grad."""
     eqx = pytest.importorskip("equinox")
     eqxi = pytest.importorskip("equinox.internal")
 
@@ -356,9 +357,13 @@ def test_equinox_nondifferentiable_errors_come_in_jax_order():
         return ct
 
     nonscalar = lambda x: eqxi.nondifferentiable(jnp.stack([x, x]))  # noqa: E731
-    for fn in (lambda x: f(x, x), nonscalar):
+    # A library primitive whose JVP rule raises, in a function returning a list.
+    as_list = lambda x: [jnp.sum(2 * eqxi.nontraceable(x))]  # noqa: E731
+    for fn, error in [(lambda x: f(x, x), "Unexpected tangent"),
+                      (nonscalar, "Unexpected tangent"),
+                      (as_list, "Detected differentiation of nontraceable")]:
         for grad in (jax.grad, fb.grad):
-            with pytest.raises(RuntimeError, match="Unexpected tangent"):
+            with pytest.raises(RuntimeError, match=error):
                 grad(fn)(1.0)
-            with pytest.raises(RuntimeError, match="Unexpected tangent"):
+            with pytest.raises(RuntimeError, match=error):
                 jax.jit(grad(fn))(1.0)
