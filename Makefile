@@ -4,12 +4,16 @@
 #   make demo    train an MLP on scikit-learn's digits with fbackprop gradients
 #   make test    run the test suite
 #   make conformance   JAX's own test files with fbackprop's differentiation (see README)
+#   make conformance-libs   the same with Equinox's, lineax's and optimistix's tests
 #
 # Variables: PYTHON (interpreter for the venv, default python3.11), VENV (default
 # .venv), ARGS (extra arguments for the demo/bench), PYTEST_ARGS (for pytest);
 # for `make conformance`: FILES (e.g. api_test,nn_test), WORKERS (pytest-xdist workers,
 # default 2), CONFORMANCE_ARGS (e.g. "-k grad --rerun-baseline"), JAX_GIT or
-# JAX_ARCHIVE (where `make conformance-tests` copies JAX's tests/ from).
+# JAX_ARCHIVE (where `make conformance-tests` copies JAX's tests/ from); for `make
+# conformance-libs`: LIBS (default equinox,lineax,optimistix), FILES (e.g. test_jvp or
+# lineax/test_jvp), and LIB_GIT / LIB_ARCHIVE ("equinox=<repo> lineax=<repo> ...",
+# where `make conformance-lib-tests` copies the libraries' tests/ from).
 
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -21,8 +25,12 @@ WORKERS ?= 2
 CONFORMANCE_ARGS ?=
 JAX_GIT ?=
 JAX_ARCHIVE ?=
+LIBS ?= equinox,lineax,optimistix
+LIB_GIT ?=
+LIB_ARCHIVE ?=
 
-.PHONY: help demo test test-full bench examples docs clean conformance conformance-record conformance-tests
+.PHONY: help demo test test-full bench examples docs clean conformance conformance-record \
+	conformance-tests conformance-libs conformance-libs-record conformance-lib-tests
 
 help:
 	@echo "make demo      train an MLP on digits with fbackprop (writes out/)"
@@ -32,6 +40,7 @@ help:
 	@echo "make examples  run every script in examples/"
 	@echo "make docs      build the documentation into docs/_build/html"
 	@echo "make conformance  JAX's tests with fbackprop's differentiation (FILES=api_test,...)"
+	@echo "make conformance-libs  Equinox's, lineax's, optimistix's tests (LIBS=lineax FILES=test_jvp)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -105,6 +114,22 @@ conformance-record: $(VENV)/.installed-conformance
 conformance-tests: $(VENV)/.installed-conformance
 	$(PY) -m conformance.get_jax_tests $(if $(JAX_GIT),--git $(JAX_GIT)) \
 		$(if $(JAX_ARCHIVE),--archive $(JAX_ARCHIVE))
+
+# The libraries' own tests, with the entry points their tests and their code call
+# rerouted. Needs their tests in conformance/lib_tests/ (make conformance-lib-tests);
+# writes out/conformance/libs/report.{json,md}.
+CONFORMANCE_LIBS_RUN = $(PY) -m conformance.run_libs -n $(WORKERS) --libs $(LIBS) \
+	$(if $(FILES),--files $(FILES))
+
+conformance-libs: $(VENV)/.installed-conformance $(VENV)/.installed-ecosystem
+	$(CONFORMANCE_LIBS_RUN) $(CONFORMANCE_ARGS)
+
+conformance-libs-record: $(VENV)/.installed-conformance $(VENV)/.installed-ecosystem
+	$(CONFORMANCE_LIBS_RUN) --record $(CONFORMANCE_ARGS)
+
+conformance-lib-tests: $(VENV)/.installed-conformance $(VENV)/.installed-ecosystem
+	$(PY) -m conformance.get_lib_tests $(foreach g,$(LIB_GIT),--git $(g)) \
+		$(foreach a,$(LIB_ARCHIVE),--archive $(a))
 
 clean:
 	rm -rf out build dist docs/_build .pytest_cache .hypothesis src/*.egg-info

@@ -78,9 +78,11 @@ def _baseline_key(test_file: str, select_k: str | None) -> dict:
 
 
 def run_pytest(test_file: str, mode: str, results: str, log: str, *, workers: int,
-               timeout: float, k: str | None, select: str | None, extra: list[str]) -> float:
-    """One pytest run of ``test_file``; returns its wall time in seconds."""
-    cmd = [sys.executable, "-m", "pytest", "-c", PYTEST_INI, "-p", "conformance.plugin",
+               timeout: float, k: str | None, select: str | None, extra: list[str],
+               ini: str = PYTEST_INI) -> float:
+    """One pytest run of ``test_file`` (with the pytest configuration ``ini``);
+    returns its wall time in seconds."""
+    cmd = [sys.executable, "-m", "pytest", "-c", ini, "-p", "conformance.plugin",
            f"--fbconf-mode={mode}", f"--fbconf-results={results}", "-q", "--tb=short",
            "-o", "console_output_style=count"]
     if workers > 0:
@@ -147,28 +149,29 @@ def _fb_calls(rec) -> int:
 
 
 # ------------------------------------------------------------------ output
-def format_table(rows: dict[str, dict]) -> str:
+def format_table(rows: dict[str, dict], columns=COLUMNS) -> str:
     names = list(rows)
-    total = {c: sum(rows[n][c] for n in names) for c in COLUMNS}
+    total = {c: sum(rows[n][c] for n in names) for c in columns}
+    short = {c: SHORT.get(c, c) for c in columns}
     width = max([len(n) for n in names] + [5]) + 2
-    head = "file".ljust(width) + "".join(SHORT[c].rjust(max(len(SHORT[c]), 5) + 2)
-                                        for c in COLUMNS)
+    head = "file".ljust(width) + "".join(short[c].rjust(max(len(short[c]), 5) + 2)
+                                        for c in columns)
     lines = [head, "-" * len(head)]
     for n, r in list(rows.items()) + [("TOTAL", total)]:
         if n == "TOTAL":
             lines.append("-" * len(head))
-        lines.append(n.ljust(width) + "".join(str(r[c]).rjust(max(len(SHORT[c]), 5) + 2)
-                                              for c in COLUMNS))
+        lines.append(n.ljust(width) + "".join(str(r[c]).rjust(max(len(short[c]), 5) + 2)
+                                              for c in columns))
     return "\n".join(lines)
 
 
-def format_markdown_table(rows: dict[str, dict]) -> str:
+def format_markdown_table(rows: dict[str, dict], columns=COLUMNS) -> str:
     names = list(rows)
-    total = {c: sum(rows[n][c] for n in names) for c in COLUMNS}
-    lines = ["| file | " + " | ".join(COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 1) + "|"]
+    total = {c: sum(rows[n][c] for n in names) for c in columns}
+    lines = ["| file | " + " | ".join(columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
     for n, r in list(rows.items()) + [("**total**", total)]:
-        lines.append(f"| {n} | " + " | ".join(str(r[c]) for c in COLUMNS) + " |")
+        lines.append(f"| {n} | " + " | ".join(str(r[c]) for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -196,6 +199,10 @@ def failure_lists(name: str, summary: dict, markdown: bool = False) -> list[str]
         out.append(f"\n  {name}: WARNING: passed without calling fbackprop although JAX's "
                    f"run called an entry point ({len(summary['unrouted'])})")
         out += [f"    {t}" for t in summary["unrouted"]]
+    if summary.get("not_exercised"):
+        out.append(f"\n  {name}: not exercised: passed without reaching fbackprop although "
+                   f"JAX's run called an entry point ({len(summary['not_exercised'])})")
+        out += [f"    {t}" for t in summary["not_exercised"]]
     for err in summary["collect_errors"]:
         out.append(f"\n  {name}: collection error in {err['nodeid']}:\n"
                    + "\n".join("    " + l for l in err["longrepr"].splitlines()[-8:]))
@@ -213,9 +220,11 @@ def root_causes(summaries: dict[str, dict]) -> list[tuple[str, str, list[str]]]:
                   key=lambda x: (order[x[0]], -len(x[2]), x[1]))
 
 
-def write_reports(out_dir, meta, summaries, changes, fb_records) -> tuple[str, str]:
+def write_reports(out_dir, meta, summaries, changes, fb_records, *,
+                  title="Conformance with JAX's test suite", columns=COLUMNS,
+                  help_text=HELP_COLUMNS) -> tuple[str, str]:
     rows = {n: s["row"] for n, s in summaries.items()}
-    data = {"meta": meta, "columns": list(COLUMNS), "files": {}}
+    data = {"meta": meta, "columns": list(columns), "files": {}}
     for name, s in summaries.items():
         failures = []
         for test_id, v in s["verdicts"].items():
@@ -230,16 +239,17 @@ def write_reports(out_dir, meta, summaries, changes, fb_records) -> tuple[str, s
                              if C._deepest_fb_frame(excs) else None})
         data["files"][name] = {"counts": s["row"], "failures": failures,
                                "not_reported": s["not_reported"], "unrouted": s["unrouted"],
+                               "not_exercised": s.get("not_exercised", []),
                                "changes_vs_recorded": changes.get(name)}
     json_path = os.path.join(out_dir, "report.json")
     with open(json_path, "w") as f:
         json.dump(data, f, indent=1)
 
-    md = [f"# Conformance with JAX's test suite", "",
+    md = [f"# {title}", "",
           f"JAX {meta['jax_version']}, fbackprop {meta['fbackprop_version']} "
           f"(commit {meta['commit']}), python {meta['python']}; "
           f"{meta['seconds']:.0f} s on {meta['workers']} worker(s).", "",
-          format_markdown_table(rows), "", HELP_COLUMNS, ""]
+          format_markdown_table(rows, columns), "", help_text, ""]
     wrong = [(n, t, v) for n, s in summaries.items() for t, v in s["verdicts"].items()
              if v.cls == C.WRONG_NUMBERS]
     if wrong:

@@ -168,6 +168,47 @@ def test_custom_jvp_relu_at_zero_like_jax():
     assert fb.grad(jax.nn.relu)(2.0) == 1.0
 
 
+def test_custom_jvp_output_with_a_symbolic_zero_tangent_is_not_differentiated():
+    """An output whose tangent the custom_jvp rule gives as a symbolic zero is no
+    differentiated value (under jax.grad it is no JVP tracer), also in a
+    program-only recording (eager fb.linearize), which runs no rule handler: a
+    custom_jvp function that refuses a tangent can take it."""
+    from jax.custom_derivatives import SymbolicZero
+
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x), jnp.cos(x)
+
+    def f_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return f(x), (jnp.cos(x) * t, SymbolicZero(jax.typeof(x).to_tangent_aval()))
+    f.defjvp(f_jvp, symbolic_zeros=True)
+
+    @jax.custom_jvp
+    def refuses_tangents(y):
+        return y * 2.0
+
+    def refuses_jvp(primals, tangents):
+        if type(tangents[0]) is not SymbolicZero:
+            raise RuntimeError("refuses_tangents got a tangent")
+        return refuses_tangents(primals[0]), tangents[0]
+    refuses_tangents.defjvp(refuses_jvp, symbolic_zeros=True)
+
+    def loss(x):
+        a, b = f(x)
+        return jnp.sum(a * refuses_tangents(b))
+
+    x, t = jnp.array([0.3, 1.2]), jnp.array([1.0, -0.5])
+    expected = jax.grad(loss)(x)
+    for grad in (fb.grad(loss), jax.jit(fb.grad(loss))):
+        np.testing.assert_allclose(grad(x), expected, rtol=1e-12)
+    for lin in (fb.linearize, jax.jit(fb.linearize, static_argnums=0)):
+        y, f_lin = lin(loss, x)
+        y_ref, f_lin_ref = jax.linearize(loss, x)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-12)
+        np.testing.assert_allclose(f_lin(t), f_lin_ref(t), rtol=1e-12)
+
+
 @pytest.mark.parametrize("act", [jax.nn.relu, jax.nn.relu6], ids=["relu", "relu6"])
 def test_known_custom_jvp_activations_match_jax_at_their_kinks(act):
     # Under jit, relu and relu6 use fbackprop's own VJP (not JAX's rule run and

@@ -245,3 +245,50 @@ def test_plugin_helpers():
         "eqns", "jaxpr", "make_jaxpr"]
     assert plugin.internals_features("self.assertAllClose(jax.grad(f)(x), 2.)") == []
     assert plugin.test_id("a/b/api_test.py::T::t[1]") == "api_test.py::T::t[1]"
+
+
+# ------------------------------------------------------- the libraries' suites
+def test_library_summary_counts_not_exercised_tests_apart():
+    from conformance import run_libs
+    calls = {"jvp": {"jax (test side)": 2}}
+    baseline = {"results": {"test_jvp.py::a": {"outcome": "passed", "calls": calls},
+                            "test_jvp.py::b": {"outcome": "passed", "calls": calls},
+                            "test_jvp.py::c": {"outcome": "passed", "calls": {}},
+                            "test_jvp.py::d": {"outcome": "passed", "calls": calls}}}
+    fb = {"results": {
+        "test_jvp.py::a": {"outcome": "passed", "calls": {"jvp": {"fbackprop": 2}}},
+        # passed, but only JAX's internal calls happened: fbackprop was never reached
+        "test_jvp.py::b": {"outcome": "passed", "calls": {"jvp": {"jax (internal)": 1}}},
+        "test_jvp.py::d": record("builtins.AssertionError", "Not equal to tolerance",
+                                 [TEST_FRAME, NP_CLOSE])}}
+    s = run_libs.summarize("lineax/test_jvp", "lineax", baseline, fb, rules=[],
+                           run_all=False)
+    assert s["row"] == {"tests": 4, "JAX pass": 4, "use AD": 3, "fb pass": 1,
+                        run_libs.NOT_EXERCISED: 1, C.WRONG_NUMBERS: 1, C.MISSING_RULE: 0,
+                        C.API_DIFFERENCE: 0, C.CRASH: 0, C.INTERNALS: 0, "other": 0}
+    # Test ids name the library: file names repeat across libraries.
+    assert s["not_exercised"] == ["lineax/test_jvp.py::b"]
+    assert list(s["verdicts"]) == ["lineax/test_jvp.py::d"]
+    assert s["fb_passed"] == {"lineax/test_jvp.py::a"}
+    table = run.format_table({"lineax/test_jvp.py": s["row"]}, run_libs.COLUMNS)
+    assert "not exercised" in table and "TOTAL" in table
+    assert any("not exercised" in line for line in run.failure_lists("lineax/test_jvp.py", s))
+
+
+def test_library_list_is_valid_and_library_sources_are_named():
+    from conformance import get_lib_tests, run_libs
+    assert all(rule.cls in C.CLASSES for rule in C.load_rules(run_libs.CLASSIFICATION_FILE))
+    assert get_lib_tests._pairs(["lineax=/src/lineax"], "git") == {"lineax": "/src/lineax"}
+    with pytest.raises(SystemExit, match="LIBRARY=PATH"):
+        get_lib_tests._pairs(["/src/lineax"], "git")
+    with pytest.raises(SystemExit, match="one of equinox, lineax, optimistix"):
+        get_lib_tests._pairs(["numpy=/src/numpy"], "git")
+
+
+def test_library_code_is_the_test_side():
+    """Library code that calls an entry point by name (eqx.filter_jvp calling
+    jax.jvp) is rerouted; JAX's own code calling it by name is not."""
+    assert reroute.called_from_test_side(_frame_in("equinox._ad", "jvp"), "jvp")
+    assert reroute.called_from_test_side(_frame_in("optimistix._solver.bfgs", "linearize"),
+                                         "linearize")
+    assert not reroute.called_from_test_side(_frame_in("jax._src.lax.lax", "api.jvp"), "jvp")

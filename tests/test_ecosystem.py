@@ -11,6 +11,7 @@ Needs the ``ecosystem`` extra (``make test`` installs it); a missing library
 skips its cases.
 """
 
+import contextlib
 import functools
 
 import jax
@@ -239,3 +240,130 @@ def test_explain_and_saved_residuals_name_the_library_whose_rule_runs():
     assert "rule from lineax" in report
     # fbackprop's own rules are never attributed to a library.
     assert "rule from" not in str(fb.saved_residuals(lambda a: jnp.sum(jnp.sin(a) ** 2), a))
+
+
+# ------------------------------------- library code that calls jax.jvp/linearize
+@pytest.fixture
+def libraries_call_fbackprop(monkeypatch):
+    """``jax.jvp`` & co. as library code reaches them (the ``jax`` package's
+    attributes) are fbackprop's for the test's duration; JAX's own code calls its
+    internal ``api`` module and keeps JAX's. Returns JAX's originals."""
+    originals = {}
+    for name in ("grad", "value_and_grad", "vjp", "jvp", "linearize"):
+        originals[name] = getattr(jax, name)
+        monkeypatch.setattr(jax, name, getattr(fb, name))
+    return originals
+
+
+@contextlib.contextmanager
+def _jax_s_own(originals):
+    """JAX's own entry points back on ``jax`` inside the block (the reference)."""
+    rerouted = {n: getattr(jax, n) for n in originals}
+    for n, f in originals.items():
+        setattr(jax, n, f)
+    try:
+        yield
+    finally:
+        for n, f in rerouted.items():
+            setattr(jax, n, f)
+
+
+def test_equinox_filter_jvp_keeps_fbackprop_tangents(libraries_call_fbackprop):
+    """eqx.filter_jvp keeps the outputs that are JVP tracers of its trace: with
+    fbackprop's jvp underneath, its tracers must count as such (else every tangent
+    is silently None)."""
+    eqx = pytest.importorskip("equinox")
+    f = lambda x, y, s: (jnp.sin(x) * y, 5.0, x, s)  # noqa: E731
+    x, y = jnp.array([1.0, 2.0], F32), jnp.array(3.0, F32)
+    ours = eqx.filter_jvp(f, (x, y, "tag"), (jnp.ones(2, F32), None, None))
+    with _jax_s_own(libraries_call_fbackprop):
+        theirs = eqx.filter_jvp(f, (x, y, "tag"), (jnp.ones(2, F32), None, None))
+    assert ours[1][0] is not None and ours[1][2] is not None
+    # Same structure, values, and types (the Python 5.0 stays a Python float).
+    assert bool(eqx.tree_equal(ours, theirs, typematch=True, rtol=1e-6, atol=1e-6))
+
+
+def test_library_jvps_under_fbackprop_give_jax_gradients(libraries_call_fbackprop):
+    """lineax's operator gradient and eqx.internal.noinline's go through
+    eqx.filter_jvp inside the libraries' rules: with jax.jvp rerouted they were 0."""
+    eqx = pytest.importorskip("equinox")
+    lx = pytest.importorskip("lineax")
+
+    def solve_loss(a, b):
+        return jnp.sum(lx.linear_solve(lx.MatrixLinearOperator(a), b, lx.LU()).value ** 2)
+
+    def noinline_loss(x):
+        return jnp.sum(eqx.internal.noinline(lambda x: jnp.sin(x) * 2)(x))
+
+    a, b = jnp.array([[3.0, 1.0], [1.0, 2.0]], F32), jnp.array([1.0, 2.0], F32)
+    x = jnp.array([1.0, 2.0], F32)
+    ours = (fb.grad(solve_loss, argnums=(0, 1))(a, b), fb.grad(noinline_loss)(x))
+    with _jax_s_own(libraries_call_fbackprop):
+        theirs = (jax.grad(solve_loss, argnums=(0, 1))(a, b), jax.grad(noinline_loss)(x))
+    assert float(jnp.max(jnp.abs(ours[0][0]))) > 0.1     # not a silent zero
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6),
+                 ours, theirs)
+
+
+def test_library_jvp_rules_get_tuples_under_vmap():
+    """Equinox's vprim JVP rule (lineax's batched linear_solve) vmaps over the
+    primals and tangents it gets with in_axes made of tuples, as JAX passes them."""
+    lx = pytest.importorskip("lineax")
+
+    def loss(a, b):
+        solve = lambda a, b: lx.linear_solve(lx.MatrixLinearOperator(a), b, lx.LU()).value  # noqa: E731,E501
+        return jnp.sum(jax.vmap(solve)(a, b) ** 2)
+
+    a = jnp.array([[[3.0, 1.0], [1.0, 2.0]], [[2.0, 0.5], [0.1, 4.0]]], F32)
+    b = jnp.array([[1.0, 2.0], [0.5, -1.0]], F32)
+    _check(loss, a, b, rtol=1e-5, atol=1e-6, argnums=(0, 1))
+
+
+def test_a_library_transpose_rule_for_a_jax_primitive_is_honored():
+    """lineax registers a transpose rule for stop_gradient (JAX #22011): a custom
+    JVP rule applying stop_gradient to a tangent is then transposable, in JAX and
+    in fbackprop alike."""
+    pytest.importorskip("lineax")
+
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    @f.defjvp
+    def f_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return jnp.sin(x), jnp.cos(x) * jax.lax.stop_gradient(t) + 2.0 * t
+
+    _check(lambda x: jnp.sum(f(x) ** 2), jnp.array([0.3, 1.2], F32))
+
+
+def test_equinox_nondifferentiable_errors_come_in_jax_order():
+    """An error raised by a custom JVP rule or a library primitive's JVP rule at
+    the call (Equinox's `nondifferentiable`, `nontraceable`) comes before what
+    follows the call (the scalar-output check), as under jax.grad."""
+    eqx = pytest.importorskip("equinox")
+    eqxi = pytest.importorskip("equinox.internal")
+
+    @eqx.filter_custom_vjp
+    def f(x, y):
+        return x + y
+
+    @f.def_fwd
+    def f_fwd(perturbed, x, y):
+        return x + y, None
+
+    @f.def_bwd
+    def f_bwd(res, ct, perturbed, x, y):
+        return ct
+
+    nonscalar = lambda x: eqxi.nondifferentiable(jnp.stack([x, x]))  # noqa: E731
+    # A library primitive whose JVP rule raises, in a function returning a list.
+    as_list = lambda x: [jnp.sum(2 * eqxi.nontraceable(x))]  # noqa: E731
+    for fn, error in [(lambda x: f(x, x), "Unexpected tangent"),
+                      (nonscalar, "Unexpected tangent"),
+                      (as_list, "Detected differentiation of nontraceable")]:
+        for grad in (jax.grad, fb.grad):
+            with pytest.raises(RuntimeError, match=error):
+                grad(fn)(1.0)
+            with pytest.raises(RuntimeError, match=error):
+                jax.jit(grad(fn))(1.0)

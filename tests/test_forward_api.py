@@ -75,6 +75,45 @@ def test_jvp_python_scalars_and_weak_types():
     assert ours[1].weak_type == theirs[1].weak_type
 
 
+def _same_values_and_types(ours, theirs):
+    """Equal trees whose leaves have the same Python type, dtype and weak type."""
+    la, ta = tree_util.tree_flatten(ours)
+    lb, tb = tree_util.tree_flatten(theirs)
+    assert ta == tb, (ta, tb)
+    for a, b in zip(la, lb):
+        assert type(a) is type(b) or (isinstance(a, jax.Array) and isinstance(b, jax.Array)), \
+            (a, b)
+        if isinstance(b, jax.Array):
+            assert (a.dtype, a.weak_type) == (b.dtype, b.weak_type), (a, b)
+        if getattr(b, "dtype", None) != float0:
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("f, primals, tangents", [
+    (lambda x: (jnp.sin(x), 5.0), (1.0,), (1.0,)),                  # a Python output
+    (lambda x, y: (x * 2, y), (1.0, 2.0), (1.0, 1.0)),               # Python pass-through
+    (lambda x, y: (x, y), (jnp.float32(1.0), np.float32(2.0)),       # NumPy pass-through
+     (jnp.float32(1.0), np.float32(1.0))),
+    (lambda x: (x * 2, np.ones(2)), (1.0,), (1.0,)),                 # a NumPy output
+    (lambda x: x, (1.0,), (np.float64(0.5),)),                        # NumPy tangent
+])
+def test_jvp_and_linearize_return_what_the_function_returned(f, primals, tangents):
+    """Outputs the function returns as they are (Python numbers, NumPy values,
+    arguments) come back as they are, and a zero tangent has its primal's weak
+    type, as from JAX (library code compares types, e.g. eqx.tree_equal(typematch))."""
+    _same_values_and_types(fb.jvp(f, primals, tangents), jax.jvp(f, primals, tangents))
+    y, f_jvp = fb.linearize(f, *primals)
+    y_ref, f_jvp_ref = jax.linearize(f, *primals)
+    _same_values_and_types((y, f_jvp(*tangents)), (y_ref, f_jvp_ref(*tangents)))
+
+
+def test_jvp_returns_arrays_for_computed_outputs():
+    """Only an argument passed through is returned as given: a computed output
+    is an array even when its rule forwards the input tangent (add's), as in JAX."""
+    f = lambda x: x + 1  # noqa: E731
+    _same_values_and_types(fb.jvp(f, (1.0,), (1.0,)), jax.jvp(f, (1.0,), (1.0,)))
+
+
 def test_jvp_integer_primal_and_output_use_float0():
     f = lambda x, n: (x * n, n + 1)  # noqa: E731
     t = (2.0, np.zeros((), float0))
@@ -191,6 +230,36 @@ def test_linearize_tangent_errors():
         f_jvp(np.ones(3))
     with pytest.raises(ValueError, match=r"float64\[4\].*tangents\[1\].*float64\[3\]"):
         f_jvp(np.ones(3), np.ones(4))
+
+
+def test_linearize_of_custom_vjp_as_jax():
+    """jax.linearize accepts a custom_vjp function: the primal outputs are its fwd
+    rule's, and only evaluating the linear map on a tangent that reaches it raises
+    (a linear map whose outputs it does not reach runs)."""
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    # fwd's primal output differs from f's on purpose: JAX returns fwd's.
+    f.defvjp(lambda x: (jnp.sin(x) + 100.0, jnp.cos(x)), lambda c, g: (2 * g * c,))
+    reaching = lambda x, y: (f(x) * 2 + y ** 2, y * 3)  # noqa: E731
+    not_reaching = [lambda x, y: (f(x), y * 3)[1],
+                    lambda x, y: jax.lax.stop_gradient(f(x)) + y]
+    x, y, t = np.float32(1.0), np.float32(2.0), (np.float32(0.5), np.float32(1.0))
+    for fn in [reaching] + not_reaching:
+        for lin in (fb.linearize, jax.jit(fb.linearize, static_argnums=0)):
+            out, f_jvp = lin(fn, x, y)
+            out_ref, f_jvp_ref = jax.linearize(fn, x, y)
+            assert_trees_match(out, out_ref, tol=1e-6)
+            if fn is reaching:
+                with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+                    f_jvp(*t)
+                with pytest.raises(TypeError, match=r"custom_vjp function \('f' at "):
+                    jax.jit(f_jvp)(*t)
+            else:
+                assert_trees_match(f_jvp(*t), f_jvp_ref(*t), tol=1e-6)
+    with pytest.raises(TypeError, match="custom_vjp"):        # jvp itself still refuses
+        fb.jvp(reaching, (x, y), t)
 
 
 # ----------------------------------------------------------------- Jacobians

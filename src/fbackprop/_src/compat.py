@@ -372,6 +372,14 @@ def custom_jvp_rule(params) -> tuple[int, Callable]:
 
 
 # ------------------------------------------------------------------- custom_vjp
+def custom_vjp_name(params) -> str:
+    """The user's function name of a ``custom_vjp_call`` equation (either form)."""
+    if "name" in params:
+        return params["name"]
+    debug = getattr(getattr(params.get("call_jaxpr"), "jaxpr", None), "debug_info", None)
+    return getattr(debug, "func_name", None) or "?"
+
+
 def custom_vjp_parts(params):
     """(num_consts, fwd, bwd) of a ``custom_vjp_call`` in either form.
 
@@ -425,6 +433,22 @@ class _Differentiated(jax_ad.JVPTracer):
 
 DIFFERENTIATED = object.__new__(_Differentiated)
 DIFFERENTIATED.tangent = None   # not a symbolic zero: "perturbed"
+
+
+# fbackprop's forward-mode tracers are JAX JVP tracers as far as code that
+# inspects tracer types can tell: Equinox's ``filter_jvp`` keeps only outputs
+# that are ``ad.JVPTracer``s of the current trace (``x._trace.main``, i.e. the
+# trace's ``tag``), and would otherwise drop every tangent; ``lax.stop_gradient``
+# and ``jax.closure_convert`` read ``.primal``/``.tangent`` the same way. A trace
+# of ours gets a fresh ``TraceTag``, so JAX's own JVP traces never take it for
+# one of theirs.
+JVPTracer = jax_ad.JVPTracer
+TraceTag = jcore.TraceTag
+
+
+def init_tracer(tracer, trace, aval) -> None:
+    """JAX's base ``Tracer.__init__`` (a JVPTracer subclass sets its own fields)."""
+    jcore.Tracer.__init__(tracer, trace, aval)
 
 
 def custom_vjp_closure_error():

@@ -73,6 +73,11 @@ class SweepContext:
         primitive it replaces (``handler(name)``), lets it apply every rule
         (``apply_rule(rec, cts_out, plain_apply)``) and add cotangents it keeps
         in a form of its own (``symbolic(ct)``, ``add(prev, ct)``).
+      linearizing: the tangent sweep being traced is ``fb.linearize``'s: a
+        ``custom_vjp`` function's outputs are its fwd rule's and its output
+        tangents an error deferred to the evaluation of the linear map (as
+        under ``jax.linearize``), instead of an error at once. Staged tangent
+        sweeps depend on it (their cache keys have it).
     """
     observers: tuple = ()
     stepping: str | None = None
@@ -89,6 +94,7 @@ class SweepContext:
     while_slots: tuple | None = None
     while_stats: tuple = ()
     per_example: Any = None
+    linearizing: bool = False
 
 
 _DEFAULT = SweepContext(eager_programs=os.environ.get("FBACKPROP_EAGER_PROGRAMS", "1") != "0")

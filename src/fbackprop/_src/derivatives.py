@@ -57,9 +57,46 @@ def _as_array(x):
 
 
 def _zero_tangent(aval):
+    """JAX's instantiated zero tangent: the primal's dtype and weak type (float0
+    for integer and boolean primals)."""
     if jnp.issubdtype(aval.dtype, jnp.inexact):
-        return jnp.zeros(aval.shape, aval.dtype)
+        return compat.with_weak_type(jnp.zeros(aval.shape, aval.dtype), bool(aval.weak_type))
     return np.zeros(aval.shape, jax_float0)
+
+
+def _as_given(outs: list, converted: list, given: list) -> list:
+    """``outs`` with every value that is one of the ``converted`` inputs (Python
+    scalars and NumPy values made arrays so they can be bound) replaced by the
+    input as it was given: a function that returns an argument unchanged gets
+    it back unchanged, as from JAX."""
+    back = {id(c): g for c, g in zip(converted, given) if c is not g}
+    if not back:
+        return list(outs)
+    return [back.get(id(o), o) for o in outs]
+
+
+def _weak_like(t, aval):
+    """An output tangent with its primal's weak type, as JAX gives it; a tangent
+    handed back as it was given (a Python or NumPy value) stays as it is."""
+    if isinstance(t, jax.Array) or compat.is_tracer(t):
+        return compat.with_weak_type(t, bool(aval.weak_type))
+    return t
+
+
+def _passed_through(outs, touts, primals, tangents, given_primals, given_tangents):
+    """``(outs, touts)`` where an output that is an input passed through unchanged
+    (its primal and its tangent the very objects the sweep started from) is that
+    input as it was given, tangent included; other outputs stay as computed (JAX
+    returns arrays for them, even when a rule forwards an input tangent)."""
+    index = {id(p): j for j, p in enumerate(primals)}
+    outs, touts = list(outs), list(touts)
+    for i, (o, t) in enumerate(zip(outs, touts)):
+        j = index.get(id(o))
+        if j is not None and t is tangents[j]:
+            outs[i] = given_primals[j]
+            if t is not None:
+                touts[i] = given_tangents[j]
+    return outs, touts
 
 
 def _check_primal_leaves(leaves_with_path, api_name: str, what: str = "primals"):
@@ -141,9 +178,11 @@ def _jvp(fun, primals, tangents, has_aux=False, api_name="jvp"):
             f"jax.tree_util.tree_map(jnp.ones_like, primals)).")
     _check_primal_leaves(p_leaves_with_path, api_name)
     tangent_vals = _validate_tangents(p_leaves_with_path, t_leaves, api_name, fun)
-    leaves = [_as_array(x) for _, x in p_leaves_with_path]
+    given = [x for _, x in p_leaves_with_path]
+    leaves = [_as_array(x) for x in given]
     in_tree = tree_util.tree_structure((tuple(primals), {}))
     outs, out_tree, touts = push_tangents(fun, in_tree, leaves, tangent_vals)
+    outs, touts = _passed_through(outs, touts, leaves, tangent_vals, given, t_leaves)
     main_tree, aux_tree = api.split_aux(out_tree, api_name, has_aux)
 
     n_main = main_tree.num_leaves
@@ -153,7 +192,7 @@ def _jvp(fun, primals, tangents, has_aux=False, api_name="jvp"):
         if t is None:
             t = _zero_tangent(aval)
         elif jnp.issubdtype(aval.dtype, jnp.inexact):
-            t = compat.with_weak_type(t, bool(aval.weak_type))
+            t = _weak_like(t, aval)
         out_tangents.append(t)
     primal_out = tree_util.tree_unflatten(main_tree, outs[:n_main])
     tangent_out = tree_util.tree_unflatten(main_tree, out_tangents)
@@ -227,7 +266,7 @@ class _Lifted:
                 f"match the primals given to linearize: it takes one tangent per primal, "
                 f"each with that primal's structure.\n  expected: {self.primal_tree}\n"
                 f"  got:      {t_tree}")
-        nz = []
+        nz, given = [], []
         for (path, t), aval, m in zip(t_leaves_with_path, self.in_avals, self.prog.tangent_mask):
             trace.check_leaf(t, f"linearized function: tangent{tree_util.keystr(path)}")
             t_aval = _aval(t)
@@ -240,16 +279,16 @@ class _Lifted:
                     f"{_fmt(aval.shape, aval.dtype)}, but expected "
                     f"{_fmt(aval.shape, want)}.")
             if m:
+                given.append(t)
                 nz.append(t if isinstance(t, jax.Array) or compat.is_tracer(t)
                           else jnp.asarray(t, aval.dtype))
-        touts = iter(self.prog.eval_tangent(residuals, nz))
+        touts = iter(_as_given(self.prog.eval_tangent(residuals, nz), nz, given))
         n_main = self.main_tree.num_leaves
         out = []
         for aval, nonzero in zip(self.out_avals, self.prog.out_tangent_nonzero):
             t = next(touts) if nonzero else None
             out.append(t)
-        out = [(_zero_tangent(a) if t is None else
-                compat.with_weak_type(t, bool(a.weak_type)))
+        out = [_zero_tangent(a) if t is None else _weak_like(t, a)
                for a, t in zip(self.out_avals[:n_main], out[:n_main])]
         return tree_util.tree_unflatten(self.main_tree, out)
 
@@ -283,7 +322,8 @@ def linearize(fun: Callable, *primals, has_aux: bool = False):
     _check_callable(fun, "linearize")
     p_leaves_with_path, p_tree = tree_util.tree_flatten_with_path(primals)
     _check_primal_leaves(p_leaves_with_path, "linearize")
-    leaves = [_as_array(x) for _, x in p_leaves_with_path]
+    given = [x for _, x in p_leaves_with_path]
+    leaves = [_as_array(x) for x in given]
     in_tree = tree_util.tree_structure((tuple(primals), {}))
     in_avals = [_aval(x) for x in leaves]
     mask = [jnp.issubdtype(a.dtype, jnp.inexact) for a in in_avals]
@@ -292,7 +332,7 @@ def linearize(fun: Callable, *primals, has_aux: bool = False):
         # Run the function on the values (Python control flow on them works, as
         # in jax.linearize) and linearize the program it ran.
         run = recording.record(fun, in_tree, leaves, mask, tape_only=True,
-                               bind=eager_programs.bind)
+                               bind=eager_programs.bind, stage_custom_vjp=True)
         closed, out_tree = recording.recorded_jaxpr(run), run.out_tree
         prog = LinearizedProgram(closed.jaxpr, closed.consts, in_avals, mask)
     else:
@@ -302,6 +342,11 @@ def linearize(fun: Callable, *primals, has_aux: bool = False):
     main_tree, aux_tree = api.split_aux(out_tree, "linearize", has_aux)
     out_avals = [v.aval for v in closed.jaxpr.outvars]
     outs, residuals = prog.eval_primal(leaves)
+    if eager:
+        # What the function returned without a dependence on the inputs (a
+        # Python number, a NumPy array) is returned as it is, as by JAX.
+        outs = [o if a else x for o, x, a in zip(outs, run.out_vals, run.out_active)]
+    outs = _as_given(outs, leaves, given)
 
     lifted = _Lifted(prog, p_tree, in_avals, out_avals, main_tree)
     jvp_fn = tree_util.Partial(lifted, list(residuals))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import jax
 
-from . import compat
+from . import compat, context
 from . import trace as trace_mod
+from .engine.recording import custom_vjp_forward_error
 from .engine.tangents import jvp_jaxpr
+from .rules.calls import custom_vjp_tangent_p
 
 
 # fb.linearize traces the tangent sweep once, over abstract primals and
@@ -31,6 +33,18 @@ def _outputs_independent_of(eqn, unknown) -> list:
         out.append(not any(u and type(x) is not compat.Literal and x in unknown
                            for x, u in zip(eqn.invars, used_inputs)))
     return out
+
+
+def _deferred_error(jaxpr):
+    """``(name, where)`` of the first custom_vjp tangent left in ``jaxpr``, or None."""
+    stack = [jaxpr]
+    while stack:
+        j = stack.pop()
+        for eqn in j.eqns:
+            if eqn.primitive is custom_vjp_tangent_p:
+                return eqn.params["name"], eqn.params["where"]
+            stack.extend(trace_mod.sub_jaxprs(eqn))
+    return None
 
 
 class LinearizedProgram:
@@ -63,7 +77,9 @@ class LinearizedProgram:
                  for a in in_avals]
         tspecs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
                   for a, m in zip(in_avals, self.tangent_mask) if m]
-        full = jax.make_jaxpr(jvp_flat)(*specs, *tspecs)
+        # A custom_vjp function's tangents are a deferred error (see rules/calls.py).
+        with context.using(linearizing=True):
+            full = jax.make_jaxpr(jvp_flat)(*specs, *tspecs)
         self.out_tangent_nonzero = nonzero_cell[0]
         self._split(full.jaxpr, full.consts, n_in, n_out)
         # Primal outputs that the tangent program computes together with
@@ -133,7 +149,13 @@ class LinearizedProgram:
         specs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype,
                                       weak_type=getattr(v.aval, "weak_type", False))
                  for v in tangent_in]
-        self.tangent_jaxpr = jax.make_jaxpr(tangent_fn)(*specs)
+        tangent_jaxpr = jax.make_jaxpr(tangent_fn)(*specs)
+        # A custom_vjp's tangent that reaches no output is dropped here, as JAX's
+        # linearize drops it; one that does makes the linear map an error.
+        dced, _ = compat.dce_jaxpr(tangent_jaxpr.jaxpr, [True] * len(tangent_outvars),
+                                   instantiate=True)
+        self.tangent_jaxpr = compat.ClosedJaxpr(dced, tangent_jaxpr.consts)
+        self._deferred_error = _deferred_error(dced)
 
     @staticmethod
     def _run(eqns, env):
@@ -168,5 +190,7 @@ class LinearizedProgram:
 
         ``tangents`` holds one array per input with ``tangent_mask`` set.
         """
+        if self._deferred_error is not None:
+            raise custom_vjp_forward_error(*self._deferred_error)
         closed = self.tangent_jaxpr
         return compat.eval_jaxpr(closed.jaxpr, closed.consts, *residuals, *tangents)

@@ -388,8 +388,15 @@ def _rules_for(prim):
     jvp = _jax_ad.primitive_jvps.get(prim)
     transpose = _jax_ad.primitive_transposes.get(prim)
     fn = jvp or transpose
-    if fn is None or _is_jax_own(fn):
+    if fn is None:
         return None
+    if _is_jax_own(fn):
+        # One of JAX's primitives keeps fbackprop's rules, except for a transpose
+        # rule a library registered for it (lineax's for stop_gradient, JAX
+        # #22011): transposing a linear map applies it, as JAX's transpose does.
+        if transpose is None or _is_jax_own(transpose):
+            return None
+        return ForeignRules(prim, None, transpose, _owner(transpose))
     return ForeignRules(prim, jvp, transpose, _owner(fn))
 
 
@@ -406,7 +413,7 @@ def rule_owner(prim) -> str | None:
     rule, or no rule). What ``fb.explain`` and ``fb.saved_residuals`` show."""
     name = getattr(prim, "name", None)
     if (name in vjp_rules or name in call_handlers_reverse
-            or name in jvp_rules):
+            or name in jvp_rules or name in nondiff_primitives):
         return None
     rules = rules_for(prim)
     return rules.owner if rules is not None else None

@@ -125,12 +125,23 @@ def stage_call(process: Callable, vals: list):
     return jaxpr, consts, restructure
 
 
-def _rule_keeps_types(jaxpr, in_active) -> bool:
-    """Whether the ``custom_jvp_call`` staged in ``jaxpr`` (``in_active``: per
-    input of ``jaxpr``, whether it is differentiated) has a JVP rule whose primal
-    outputs have the call's own shapes and dtypes. The rule is traced for the
-    zero tangents the backward sweep will give it (the trace is memoized)."""
+def _trace_rules(jaxpr, in_active) -> tuple[bool, list]:
+    """Traces the JVP rule of the ``custom_jvp_call`` staged in ``jaxpr``
+    (``in_active``: per input of ``jaxpr``, whether it is differentiated) for the
+    zero tangents the backward sweep will give it (the trace is memoized), now,
+    at the call, where JAX runs it: an error the rule raises (Equinox's
+    ``nondifferentiable``) comes from the call, before what the function does
+    next.
+
+    Returns:
+      ``(keeps_types, zero)``: whether the rule's primal outputs have the call's
+      own shapes and dtypes; per output of ``jaxpr``, whether the rule gives its
+      tangent as a symbolic zero (under ``jax.grad`` such an output is no JVP
+      tracer: it is not differentiated).
+    """
     active = dict(zip(jaxpr.invars, in_active))
+    zero_vars: set = set()
+    keeps_types = True
     for eqn in jaxpr.eqns:
         if eqn.primitive.name != compat.CUSTOM_JVP_CALL:
             continue
@@ -140,12 +151,14 @@ def _rule_keeps_types(jaxpr, in_active) -> bool:
             zeros = [type(v) is compat.Literal or not active.get(v, False) for v in args]
         else:
             zeros = [False] * len(args)
-        rule, _, _ = jvp_jaxpr_of(zeros)
+        rule, _, out_zeros = jvp_jaxpr_of(zeros)
         rule_avals = [v.aval for v in rule.outvars[:len(eqn.outvars)]]
         if any((a.shape, a.dtype) != (v.aval.shape, v.aval.dtype)
                for a, v in zip(rule_avals, eqn.outvars)):
-            return False
-    return True
+            keeps_types = False
+        zero_vars.update(v for v, z in zip(eqn.outvars, out_zeros) if z)
+    return keeps_types, [type(v) is not compat.Literal and v in zero_vars
+                         for v in jaxpr.outvars]
 
 
 class RecordingTracer(ValueTracer):
@@ -180,13 +193,19 @@ class RecordingTrace(StagingCalls, compat.Trace):
       bind: for an eager program-only recording, how an equation is bound
         (``bind(eqn, vals) -> outvals``; eager front ends run nested jits as
         cached compiled calls).
+      stage_custom_vjp: (with ``tape_only``) the program is differentiated in
+        forward mode (``fb.linearize``): a custom_vjp function is recorded as
+        its staged call, rules and all, with its fwd rule's primal outputs as
+        values (as under ``jax.linearize``), instead of running its fwd for a
+        reverse sweep.
     """
 
     def __init__(self, parent, tape_only: bool = False, linear: str | None = None,
-                 bind: Callable | None = None):
+                 bind: Callable | None = None, stage_custom_vjp: bool = False):
         super().__init__()
         self.parent = parent
         self.linear = linear
+        self.stage_custom_vjp = stage_custom_vjp
         self.records: list = []
         # Inputs added while recording (``new_input``): (variable, value).
         self.extra_inputs: list = []
@@ -244,17 +263,20 @@ class RecordingTrace(StagingCalls, compat.Trace):
                                    eqn.params)
         return list(out) if prim.multiple_results else [out]
 
-    def _step(self, eqn, vals, act, late):
+    def _step(self, eqn, vals, act, late, bind: Callable | None = None):
         """The forward step of ``eqn`` in the enclosing trace, with this trace's
         linear check (or none: an enclosing linear sweep's check is about the
-        equations of that sweep, not about what this trace records into it)."""
+        equations of that sweep, not about what this trace records into it).
+        ``bind``: how a program-only recording binds this equation (default:
+        the trace's)."""
         ctx = context.current()
+        bind = bind or self._bind
         with compat.set_current_trace(self.parent):
             if ctx.linear == self.linear:
-                out = sweeps.forward_eqn(eqn, vals, act, late, self.tape_only, self._bind)
+                out = sweeps.forward_eqn(eqn, vals, act, late, self.tape_only, bind)
             else:
                 with context.using(linear=self.linear):
-                    out = sweeps.forward_eqn(eqn, vals, act, late, self.tape_only, self._bind)
+                    out = sweeps.forward_eqn(eqn, vals, act, late, self.tape_only, bind)
             if ctx.observers:
                 # Observers see the equation in the trace its values belong to.
                 outvals, rec = out[0], out[1]
@@ -329,8 +351,14 @@ class RecordingTrace(StagingCalls, compat.Trace):
                 return prim_for_parent(vals)
         return self._record_staged(tracers, *stage_call(process, vals))
 
-    def _record_staged(self, tracers, jaxpr, consts, restructure):
-        """Records a call staged by :func:`stage_call` as one ``closed_call``."""
+    def _record_staged(self, tracers, jaxpr, consts, restructure,
+                       evaluate: Callable | None = None, not_differentiated=None):
+        """Records a call staged by :func:`stage_call` as one ``closed_call``
+        (``evaluate(jaxpr, vals, active) -> outvals``: how a program-only
+        recording computes its values, default: it is bound;
+        ``not_differentiated``: per output, whether it carries no cotangent
+        whatever the handler says, e.g. a custom_jvp rule's symbolic zero,
+        which a program-only recording runs no handler to learn)."""
         vals, act, invars = self.unpack(tracers)
         call = compat.ClosedJaxpr(jaxpr, [])
         c_vals, c_act, c_vars = self.unpack(consts)
@@ -339,7 +367,14 @@ class RecordingTrace(StagingCalls, compat.Trace):
         eqn = compat.new_eqn(all_vars, [Var(v.aval) for v in jaxpr.outvars],
                              compat.closed_call_p, dict(call_jaxpr=call),
                              compat.join_effects(jaxpr.eqns), compat.current_source_info())
-        return restructure(self._add(*self._step(eqn, all_vals, all_act, False)))
+        bind = None if evaluate is None else (
+            lambda eqn, xs: evaluate(jaxpr, xs, all_act))
+        outvals, rec, out_act = self._step(eqn, all_vals, all_act, False, bind)
+        if rec is not None and not_differentiated is not None:
+            out_act = [a and not n for a, n in zip(out_act, not_differentiated)]
+            if not any(out_act):
+                rec = None
+        return restructure(self._add(outvals, rec, out_act))
 
     def process_custom_jvp_call(self, prim, fun, jvp, tracers, *, symbolic_zeros):
         params = dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
@@ -368,8 +403,9 @@ class RecordingTrace(StagingCalls, compat.Trace):
             staged = stage_call(
                 lambda t, xs: t.process_custom_jvp_call(prim, fun, jvp, xs,
                                                         symbolic_zeros=symbolic_zeros), vals)
-            if _rule_keeps_types(staged[0], self.unpack(staged[1])[1] + act):
-                out = self._record_staged(tracers, *staged)
+            keeps_types, zero = _trace_rules(staged[0], self.unpack(staged[1])[1] + act)
+            if keeps_types:
+                out = self._record_staged(tracers, *staged, not_differentiated=zero)
                 # The staged function was traced; if an enclosing forward-mode
                 # trace also ran the rule, custom_jvp expects only one of the two
                 # to report its output structure.
@@ -405,6 +441,10 @@ class RecordingTrace(StagingCalls, compat.Trace):
                 return self._unrecorded_call(prim, vals, invars, params,
                                              compat.function_name(fun))
             return compat.bind_in(self.parent, prim, vals, params)
+        if self.stage_custom_vjp and self.tape_only:
+            return self._record_custom_vjp_call(tracers, lambda t, xs: t.process_custom_vjp_call(
+                prim, fun, fwd, bwd, xs, out_trees=out_trees, symbolic_zeros=symbolic_zeros),
+                fun)
         # The user's fwd runs on the values themselves (Python control flow on
         # them works, as in jax.grad); bwd runs in the backward sweep.
         n_records = len(self.records)
@@ -415,6 +455,44 @@ class RecordingTrace(StagingCalls, compat.Trace):
         if len(self.records) != n_records:
             raise compat.custom_vjp_closure_error()
         return self._add(*out)
+
+    def _record_custom_vjp_call(self, tracers, process: Callable, fun):
+        """A custom_vjp call in a program for a forward sweep (``fb.linearize``):
+        recorded as JAX stages it (its rules in its parameters); its values are
+        its fwd rule's primal outputs, as under ``jax.linearize``."""
+        vals = self.unpack(tracers)[0]
+        jaxpr, consts, restructure = stage_call(process, vals)
+        # custom_vjp expects its output structure from the function or from its
+        # fwd rule, not both: the fwd rule's (run when the values are made) is
+        # the one kept.
+        compat.reset_stores(fun)
+        # The staged equation's traceback ends in our staging code: it is the
+        # user's call, made here.
+        source_info = compat.current_source_info()
+        jaxpr = jaxpr.replace(eqns=[e.replace(source_info=source_info) for e in jaxpr.eqns])
+        return self._record_staged(tracers, jaxpr, consts, restructure,
+                                   evaluate=_eval_with_custom_vjp_fwd)
+
+
+def _eval_with_custom_vjp_fwd(jaxpr, vals: list, active: list) -> list:
+    """Evaluates ``jaxpr`` with every custom_vjp call that reads an active value
+    replaced by its fwd rule (its primal outputs, as a JVP of it computes them)."""
+    env = dict(zip(jaxpr.invars, vals))
+    perturbed = {v for v, a in zip(jaxpr.invars, active) if a}
+    read = lambda v: v.val if type(v) is compat.Literal else env[v]  # noqa: E731
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        nonzeros = [type(v) is not compat.Literal and v in perturbed for v in eqn.invars]
+        if eqn.primitive.name == compat.CUSTOM_VJP_CALL and any(nonzeros):
+            _, fwd, _ = compat.custom_vjp_parts(eqn.params)
+            with compat.user_context(eqn):
+                _, outs = fwd(invals, nonzeros)
+        else:
+            outs = compat.bind_eqn(eqn, invals)
+        env.update(zip(eqn.outvars, outs))
+        if any(nonzeros):
+            perturbed.update(eqn.outvars)
+    return [read(v) for v in jaxpr.outvars]
 
 
 def custom_vjp_forward_error(name, where):
@@ -455,17 +533,17 @@ def _is_value(x) -> bool:
 
 def record(fun: Callable, args_tree, leaves: list, active: list,
            tape_only: bool = False, linear: str | None = None,
-           bind: Callable | None = None) -> Recording:
+           bind: Callable | None = None, stage_custom_vjp: bool = False) -> Recording:
     """Runs ``fun`` on ``tree_unflatten(args_tree, leaves)`` with the active leaves
     as recording tracers; returns the flat outputs and the tape.
 
     ``args_tree`` flattens ``(args, kwargs)``. Leaves that are not active are
     passed as they are (Python scalars, NumPy arrays, strings...). ``tape_only``,
-    ``linear`` and ``bind`` are :class:`RecordingTrace`'s.
+    ``linear``, ``bind`` and ``stage_custom_vjp`` are :class:`RecordingTrace`'s.
     """
     from jax import tree_util
     with compat.take_current_trace() as parent:
-        trace = RecordingTrace(parent, tape_only, linear, bind)
+        trace = RecordingTrace(parent, tape_only, linear, bind, stage_custom_vjp)
         invars = []
         in_leaves = []
         for x, a in zip(leaves, active):

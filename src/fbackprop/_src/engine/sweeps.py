@@ -105,7 +105,10 @@ def forward_eqn(eqn, invals: list, act: list, late_outvars: bool = False,
         return compat.bind_eqn(eqn, invals), None, None
     if ctx.linear is not None and not tape_only:
         check_linear(eqn, act, ctx.linear)
-    if name in nondiff_primitives:
+    if name in nondiff_primitives and not (
+            ctx.linear is not None and foreign_rules["is_linear"](eqn.primitive)):
+        # (In a linear sweep, a library's transpose rule for one of JAX's
+        # non-differentiable primitives makes it linear: see rules/foreign.py.)
         return (bind or compat.bind_eqn)(eqn, invals), None, None
     if tape_only and "subfuns" not in eqn.params:
         outvals = (bind or compat.bind_eqn)(eqn, invals)

@@ -132,21 +132,31 @@ zero_tangent = compat.zero_tangent
 
 
 # ------------------------------------------------------- define-by-run forward mode
-class TangentTracer(ValueTracer):
-    """A primal value with a nonzero tangent."""
+class TangentTracer(ValueTracer, compat.JVPTracer):
+    """A primal value with a nonzero tangent.
+
+    A JAX ``JVPTracer`` to code that inspects tracer types (see compat): library
+    code written for ``jax.jvp`` (``eqx.filter_jvp``) sees its tangents, and
+    ``lax.stop_gradient`` / ``jax.closure_convert`` treat it as JAX's. Its own
+    fields are ``_fb_primal``/``_fb_tangent``; ``primal``/``tangent`` (JAX's
+    names, which no ``jax.Array`` attribute has) read them."""
     __slots__ = ["_fb_primal", "_fb_tangent"]
 
     def __init__(self, trace, primal, tangent):
-        super().__init__(trace, compat.typeof(primal))
+        # JAX's base Tracer.__init__: JVPTracer's would set its own slots.
+        compat.init_tracer(self, trace, compat.typeof(primal))
         self._fb_primal = primal
         self._fb_tangent = tangent
+
+    # What code written for JAX's JVPTracer reads.
+    primal = property(lambda self: self._fb_primal)
+    tangent = property(lambda self: self._fb_tangent)
 
     def _fb_value(self):
         return self._fb_primal
 
-    def _contents(self):
-        # Marks this value as differentiated for jax.closure_convert (see compat).
-        return [("primal", self._fb_primal), ("differentiated", compat.DIFFERENTIATED)]
+    def _short_repr(self):
+        return f"TangentTracer(primal={self._fb_primal!r}, tangent={self._fb_tangent!r})"
 
 
 class TangentTrace(StagingCalls, compat.Trace):
@@ -156,6 +166,8 @@ class TangentTrace(StagingCalls, compat.Trace):
         super().__init__()
         self.parent = parent
         self.requires_low = False
+        # What identifies this trace to code that checks ``x._trace.main``.
+        self.tag = compat.TraceTag()
 
     def unpack(self, tracers):
         primals, tangents = [], []
@@ -265,7 +277,8 @@ def push_tangents(fun: Callable, args_tree, primals: list, tangents: list) -> tu
                      for x, t in zip(primals, tangents)]
         args, kwargs = tree_util.tree_unflatten(args_tree, in_leaves)
         try:
-            with compat.set_current_trace(trace):
+            # fb.jvp's sweep is never fb.linearize's, even inside a rule it runs.
+            with compat.set_current_trace(trace), context.using(linearizing=False):
                 out = fun(*args, **kwargs)
             out_leaves, out_tree = tree_util.tree_flatten(out)
         finally:

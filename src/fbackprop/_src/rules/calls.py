@@ -18,7 +18,7 @@ from ..engine import recording, sweeps
 from ..engine import tangents as tangents_mod
 from ..engine.recording import custom_vjp_forward_error
 from ..registry import (KnownCustomJVP, call_handlers_forward, call_handlers_linear,
-                        call_handlers_reverse, known_custom_jvp_of)
+                        call_handlers_reverse, is_differentiable_dtype, known_custom_jvp_of)
 from .control import short_where
 
 
@@ -446,7 +446,7 @@ def _jit_jvp():
             present = tuple(t is not None for t in tangents)
             call_inline = bool(eqn.params.get("inline", False))
             key = (id(closed), present, tuple(compat.aval_key(x) for x in invals),
-                   call_inline, context.in_linear_sweep())
+                   call_inline, context.in_linear_sweep(), context.current().linearizing)
             hit = staged.get(key)
             if hit is None or hit[0] is not closed:
                 n = len(invals)
@@ -499,9 +499,44 @@ def _custom_jvp_forward(eqn, invals, tangents):
 call_handlers_forward[compat.CUSTOM_JVP_CALL] = _custom_jvp_forward
 
 
+# jax.linearize accepts a function that calls a custom_vjp function: the primal
+# outputs are the rule's fwd outputs, and only evaluating the linear map on a
+# tangent that reaches the function raises (library code linearizes just to
+# learn which outputs are perturbed, or to read the primal values). While
+# fb.linearize traces its tangent sweep (``context.current().linearizing``), a
+# custom_vjp's output tangents are this primitive's outputs; the linear map
+# refuses to run if one survives dead-code elimination (see linearization.py),
+# and its impl raises, should it ever be bound.
+custom_vjp_tangent_p = compat.primitive("custom_vjp_tangent")
+custom_vjp_tangent_p.multiple_results = True
+custom_vjp_tangent_p.def_abstract_eval(lambda *tangents, out_avals, name, where: list(out_avals))
+
+
+def _custom_vjp_tangent_impl(*tangents, out_avals, name, where):
+    raise custom_vjp_forward_error(name, where)
+
+
+custom_vjp_tangent_p.def_impl(_custom_vjp_tangent_impl)
+
+
 def _custom_vjp_forward(eqn, invals, tangents):
-    raise custom_vjp_forward_error(eqn.params.get("name", "?"),
-                                            compat.source_line(eqn))
+    """Forward mode of ``jax.custom_vjp``: an error, as in JAX; under linearize
+    the primal outputs are the rule's fwd outputs and the tangents an error
+    deferred to the evaluation of the linear map."""
+    name, where = compat.custom_vjp_name(eqn.params), compat.source_line(eqn)
+    if not context.current().linearizing:
+        raise custom_vjp_forward_error(name, where)
+    _, fwd, _ = compat.custom_vjp_parts(eqn.params)
+    with compat.user_context(eqn):
+        _, outs = fwd(list(invals), [t is not None for t in tangents])
+    avals = tuple(compat.typeof(x).to_tangent_aval() for x in outs)
+    touts = custom_vjp_tangent_p.bind(*[t for t in tangents if t is not None],
+                                      out_avals=avals, name=name, where=where)
+    return outs, [t if _is_differentiable(x) else None for x, t in zip(outs, touts)]
+
+
+def _is_differentiable(x) -> bool:
+    return is_differentiable_dtype(compat.typeof(x).dtype)
 
 
 call_handlers_forward[compat.CUSTOM_VJP_CALL] = _custom_vjp_forward

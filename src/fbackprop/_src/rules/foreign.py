@@ -50,10 +50,14 @@ def _as_traced(record):
 
 # ---------------------------------------------------------------- forward mode
 def jvp(rules: ForeignRules, eqn_params, primals, tangents):
-    """The library's JVP rule: ``(outs, out_tangents)`` as lists, None for zeros."""
+    """The library's JVP rule: ``(outs, out_tangents)`` as lists, None for zeros.
+
+    The rule gets what JAX's JVP trace gives it: tuples of primals and tangents,
+    JAX's ``Zero`` for a zero tangent (Equinox's rules pass them on to ``vmap``
+    as a pytree, whose ``in_axes`` must then match container for container)."""
     prim = rules.prim
-    ts = [_zero(compat.typeof(x)) if t is None else t for x, t in zip(primals, tangents)]
-    outs, touts = rules.jvp(list(primals), ts, **eqn_params)
+    ts = tuple(_zero(compat.typeof(x)) if t is None else t for x, t in zip(primals, tangents))
+    outs, touts = rules.jvp(tuple(primals), ts, **eqn_params)
     if not prim.multiple_results:
         outs, touts = [outs], [touts]
     return list(outs), [None if _is_zero(t) else t for t in touts]
@@ -75,18 +79,33 @@ class _ForeignCall:
         return outvals, None, [True] * len(outvals)
 
 
-class ForeignJVPCall(_ForeignCall):
-    """Reverse mode of a library primitive: its JVP rule, transposed by us."""
+class _TangentProgram:
+    """A library rule traced as a function of the active inputs' tangents: the
+    jaxpr and which outputs have a nonzero tangent are static, its constants
+    (the primal values it reads) are the tape's values."""
 
-    def backward(self, record, cts_out):
-        rules, eqn = self.rules, record.eqn
+    def __init__(self, jaxpr, consts, nonzero):
+        self.jaxpr, self.consts, self.nonzero = jaxpr, list(consts), nonzero
+
+
+jax.tree_util.register_pytree_node(
+    _TangentProgram, lambda p: ((p.consts,), (p.jaxpr, tuple(p.nonzero))),
+    lambda aux, ch: _TangentProgram(aux[0], ch[0], list(aux[1])))
+
+
+class ForeignJVPCall(_ForeignCall):
+    """Reverse mode of a library primitive: its JVP rule, transposed by us.
+
+    The rule is traced in the forward sweep, where JAX runs it: an error it
+    raises (Equinox's ``nontraceable``) comes from the call, before what the
+    function does next; the backward sweep transposes the traced rule."""
+
+    def forward(self, eqn, invals, active):
+        outvals, _, out_active = super().forward(eqn, invals, active)
+        rules = self.rules
         if rules.jvp is None:
-            raise MissingRuleError(
-                f"{_describe(rules)} at {compat.source_line(eqn)} has a transpose rule but "
-                f"no JVP rule, and a cotangent reached it outside a linear map.")
-        primals = _as_traced(record)
-        active = list(record.active)
-        wanted = [ct is not None for ct in cts_out]
+            return outvals, None, out_active
+        primals = [compat.as_array_like(x, v.aval) for x, v in zip(invals, eqn.invars)]
         nonzero_cell: list = []
 
         def tangent_outputs(*nz_tangents):
@@ -94,17 +113,30 @@ class ForeignJVPCall(_ForeignCall):
             tangents = [next(it) if a else None for a in active]
             _, touts = jvp(rules, eqn.params, primals, tangents)
             nonzero_cell.append([t is not None for t in touts])
-            return [t for t, w in zip(touts, wanted) if w and t is not None]
+            return [t for t in touts if t is not None]
 
         specs = [compat.spec_of(x) for x, act in zip(primals, active) if act]
         with compat.user_context(eqn):
             closed = jax.make_jaxpr(tangent_outputs)(*specs)
-        nonzero = nonzero_cell[0]
-        cts = [ct for ct, w, nz in zip(cts_out, wanted, nonzero) if w and nz]
-        zeros = [compat.zeros_like_aval(v.aval) for v in closed.jaxpr.invars]
+        return outvals, _TangentProgram(closed.jaxpr, closed.consts, nonzero_cell[0]), \
+            out_active
+
+    def backward(self, record, cts_out):
+        rules, eqn, program = self.rules, record.eqn, record.sub
+        if rules.jvp is None:
+            raise MissingRuleError(
+                f"{_describe(rules)} at {compat.source_line(eqn)} has a transpose rule but "
+                f"no JVP rule, and a cotangent reached it outside a linear map.")
+        active = list(record.active)
+        # Only the tangent outputs that receive a cotangent matter.
+        cts = [ct for ct, nz in zip(cts_out, program.nonzero) if nz]
+        jaxpr = compat.dce_keep_inputs(program.jaxpr, [ct is not None for ct in cts])
+        n_consts = len(program.consts)
+        zeros = [compat.zeros_like_aval(v.aval) for v in jaxpr.invars[n_consts:]]
         with context.using(linear=f"the {_describe(rules)} (at {compat.source_line(eqn)})"):
-            _, tape = sweeps.forward(closed.jaxpr, closed.consts, zeros, [True] * len(zeros))
-        cts_in = iter(sweeps.backward(tape, cts))
+            _, tape = sweeps.forward(jaxpr, [], program.consts + zeros,
+                                     [False] * n_consts + [True] * len(zeros))
+        cts_in = iter(sweeps.backward(tape, [ct for ct in cts if ct is not None])[n_consts:])
         return [next(cts_in) if a else None for a in active]
 
 
