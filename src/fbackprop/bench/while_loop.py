@@ -346,24 +346,24 @@ def measure_problem(name, fn, args, S, forced, reps, log=sys.stderr) -> dict:
     # iteration by iteration (the default) or run by the compiled loops (whose
     # body is traced afresh in each call, as a loss defines it). Repeated calls
     # of one program then run a compiled program (the loops inside it traced).
-    from fbackprop._src import eager
+    from fbackprop._src import context, eager
     handler = call_handlers_reverse["while"]
     grad_fn = fb.grad(ours)
 
     def eager_seconds(compiled: bool, calls: int, programs: bool) -> float:
-        saved = handler.max_eqns, eager.ENABLED
-        handler.max_eqns = 0 if compiled else saved[0]
-        eager.ENABLED = programs
+        saved = handler.max_eqns
+        handler.max_eqns = 0 if compiled else saved
         eager.clear()
         try:
             out = []
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                jax.block_until_ready(grad_fn(*args))
-                out.append(time.perf_counter() - t0)
+            with context.using(eager_programs=programs):
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(grad_fn(*args))
+                    out.append(time.perf_counter() - t0)
             return statistics.median(out[2:])
         finally:
-            handler.max_eqns, eager.ENABLED = saved
+            handler.max_eqns = saved
 
     row["eager_recorded_seconds"] = eager_seconds(False, 5, programs=False)
     row["eager_compiled_seconds"] = eager_seconds(True, 5, programs=False)
