@@ -873,6 +873,16 @@ def vmap_unrestricted(fun: Callable, args: list, in_axes: list, axis_size: int) 
                                  axis_name=jcore.no_axis_name, axis_size=axis_size)
 
 
+def _is_high(eqn) -> bool:
+    try:
+        return eqn.primitive.is_high(*[v.aval for v in eqn.invars], **eqn.params)
+    except TypeError:
+        # A call recorded define-by-run (a custom_jvp call holding its Python
+        # functions, not its jaxpr) has no staged parameters to ask: it is
+        # bound again as recorded, never lowered from this jaxpr.
+        return False
+
+
 def new_jaxpr(constvars, invars, outvars, eqns, fun_name: str = "fun") -> Jaxpr:
     """A jaxpr built by fbackprop (e.g. from a define-by-run recording)."""
     from jax._src import linear_util as lu
@@ -880,8 +890,7 @@ def new_jaxpr(constvars, invars, outvars, eqns, fun_name: str = "fun") -> Jaxpr:
     # A jaxpr holding a hi-level equation (a remat3 checkpoint, a custom_vjp3
     # function) says so, as JAX's own tracing does: a primitive whose body it
     # is (a scan) is then lowered to low-level JAX before compilation.
-    is_high = any(eqn.primitive.is_high(*[v.aval for v in eqn.invars], **eqn.params)
-                  for eqn in eqns)
+    is_high = any(_is_high(eqn) for eqn in eqns)
     return Jaxpr(constvars, invars, outvars, eqns, join_effects(eqns), debug_info=debug,
                  is_high=is_high)
 
