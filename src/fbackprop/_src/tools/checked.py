@@ -30,8 +30,8 @@ from ..engine import recording, sweeps
 from ..registry import vjp_rules
 from ..rules import control
 from ..rules.debug import NAMED_PRIMITIVES
-from .common import (_short_dtype, _trace_state, inlined_jaxpr, leaf_labels, observing,
-                     short_aval, source_code, stepping)
+from .common import (_short_dtype, _trace_state, fold_staged_away, inlined_jaxpr,
+                     leaf_labels, observing, short_aval, source_code, stepping)
 from .nonfinite import NonFiniteReport, _all_stats, _fmt_num
 
 
@@ -149,19 +149,7 @@ class _FiniteWatch:
         return self._constant(x) if i is None else i
 
     def _staged_away(self, eqn, invals, outvals) -> bool:
-        """An equation a staged program would not hold (a Python scalar made an
-        array, a no-op conversion): no node; its outputs are its operand or a
-        constant."""
-        away = compat.staged_away(eqn, invals)
-        if away is None:
-            return False
-        for x, k in zip(outvals, away):
-            if k is None:
-                self._constant(x)
-            else:
-                self.index[id(x)] = self._operand(eqn.invars[k], invals[k])
-                self.alive.append(x)
-        return True
+        return fold_staged_away(self, self.index, eqn, invals, outvals)
 
     def _add_node(self, phase, eqn, inputs, outputs, deps=None):
         n = len(self.nodes)

@@ -108,3 +108,19 @@ def stepping(checkpoints: bool = True):
     stepped paths."""
     return context.using(stepping="all" if checkpoints else "scan")
 
+
+def fold_staged_away(observer, table: dict, eqn, invals, outvals) -> bool:
+    """Whether ``eqn`` is one a staged program would not hold (a Python scalar made
+    an array, a no-op conversion); if so its outputs are recorded in ``table`` (the
+    observer's map from a value's id to what it reads as) as its operand, or as a
+    constant, and it gets no row or node of its own."""
+    away = compat.staged_away(eqn, invals)
+    if away is None:
+        return False
+    for x, k in zip(outvals, away):
+        if k is None:
+            observer._constant(x)
+        else:
+            table[id(x)] = observer._operand(eqn.invars[k], invals[k])
+            observer.alive.append(x)
+    return True

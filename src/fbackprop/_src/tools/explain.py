@@ -36,8 +36,8 @@ from ..engine import recording, sweeps
 from ..planning import frames
 from ..rules import scan as scan_rules
 from ..rules.debug import NAMED_PRIMITIVES
-from .common import (_trace_state, inlined_jaxpr, observing, short_aval, source_code,
-                     source_parts, stepping)
+from .common import (_trace_state, fold_staged_away, inlined_jaxpr, observing, short_aval,
+                     source_code, source_parts, stepping)
 from .explain_format import _integer_only, _is_scalar, _short_params
 from .explanation import Explanation
 
@@ -178,19 +178,7 @@ class _Observer:
         return ref
 
     def _staged_away(self, eqn, invals, outvals) -> bool:
-        """An equation a staged program would not hold (a Python scalar made an
-        array, a no-op conversion): no row; its outputs read as its operand or
-        a constant."""
-        away = compat.staged_away(eqn, invals)
-        if away is None:
-            return False
-        for x, k in zip(outvals, away):
-            if k is None:
-                self._constant(x)
-            else:
-                self.ref[id(x)] = self._operand(eqn.invars[k], invals[k])
-                self.alive.append(x)
-        return True
+        return fold_staged_away(self, self.ref, eqn, invals, outvals)
 
     def _drop(self, r):
         """Row ``r`` is neither among the first nor the last rows shown: its
