@@ -20,7 +20,7 @@ SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
 # Lowest first. A module belongs to the first layer with a pattern it matches.
 LAYERS = [
     ("sweep context", ["fbackprop._src.context"]),
-    ("JAX shim", ["fbackprop._src.compat", "fbackprop._src.staging",
+    ("JAX shim", ["fbackprop._src.compat", "fbackprop._src.compat.*", "fbackprop._src.staging",
                   "fbackprop._src.plotting"]),
     ("rule tables", ["fbackprop._src.registry"]),
     ("engine", ["fbackprop._src.engine", "fbackprop._src.engine.*"]),
