@@ -22,7 +22,7 @@ from jax import lax, tree_util
 from .. import api as _api
 from .. import compat
 from ..engine import recording, sweeps
-from . import factored, sweep
+from . import factored, loops
 
 # The vmap's axis name: private, so no user code can name it in a collective.
 AXIS_NAME = "fbackprop_per_example"
@@ -143,7 +143,7 @@ def _run(fun, argnums, in_axes, has_aux, api, mode, args, kwargs, clip=None,
         inputs = _api._Inputs(args, kwargs, nums, api)
         diff_leaves = [i for i, d in enumerate(inputs.diff) if d]
         flat = summed = None
-        with sweep.per_example_sweep(batch_trace) as sw:
+        with loops.per_example_sweep(batch_trace) as sw:
             try:
                 run = recording.record(fun, inputs.in_tree, inputs.leaves,
                                            inputs.active())
