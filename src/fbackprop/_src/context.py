@@ -52,10 +52,6 @@ class SweepContext:
         (environment variable ``FBACKPROP_EAGER_PROGRAMS=0`` turns it off).
       cache: jaxprs and joint traces may be cached (off while a plan is made:
         the same jaxpr then gives different joints).
-      call_sites: the source infos of the calls whose bodies are being swept,
-        innermost last, each with whether the call is an ``inline`` jit
-        (``compat.call_site``): reports name the calling line for an equation
-        of a library's jitted helper, which has no user frame.
       call_tables: for a program read after its sweeps, tables from an
         equation's traceback to the calls that ran it (``compat.calls_in``).
       while_slots: the saved loop states the enclosing checkpoint region asks
@@ -89,7 +85,6 @@ class SweepContext:
     in_rule: int = 0
     eager_programs: bool = True
     cache: bool = True
-    call_sites: tuple = ()
     call_tables: tuple = ()
     while_slots: tuple | None = None
     while_stats: tuple = ()
@@ -107,19 +102,75 @@ def current() -> SweepContext:
     return _current.get()
 
 
-@contextlib.contextmanager
-def using(**changes: Any):
-    """Runs the block with the current context's fields replaced by ``changes``.
+_FIELDS = frozenset(f.name for f in dataclasses.fields(SweepContext))
+
+
+def _replaced(ctx: SweepContext, changes: dict) -> SweepContext:
+    """``dataclasses.replace(ctx, **changes)`` without its per-call cost (the
+    sweeps change the context around every call they sweep): the fields are
+    copied, not passed through ``__init__``."""
+    unknown = changes.keys() - _FIELDS
+    if unknown:
+        raise TypeError(f"using(): the sweep context has no field(s) {sorted(unknown)}; "
+                        f"its fields are {sorted(_FIELDS)}")
+    new = object.__new__(SweepContext)
+    new.__dict__.update(ctx.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
+class using:
+    """Runs the block with the current context's fields replaced by ``changes``
+    (the previous context is back on exit, also when the block raises).
 
     Example:
       >>> with using(in_place=True):
       ...     assert current().in_place
     """
-    token = _current.set(dataclasses.replace(_current.get(), **changes))
-    try:
-        yield _current.get()
-    finally:
-        _current.reset(token)
+
+    __slots__ = ("_changes", "_token")
+
+    def __init__(self, **changes: Any):
+        self._changes = changes
+
+    def __enter__(self) -> SweepContext:
+        new = _replaced(_current.get(), self._changes)
+        self._token = _current.set(new)
+        return new
+
+    def __exit__(self, *exc) -> bool:
+        _current.reset(self._token)
+        return False
+
+
+# The calls whose bodies are being swept, innermost last, each as the call
+# equation's ``(source_info, inline)`` (``compat.call_site``): reports name the
+# calling line for an equation of a library's jitted helper, which has no user
+# frame. Kept beside the sweep context, in a variable of its own: it changes
+# around every call the sweeps enter, and a copy of the whole context each time
+# would cost tracing time. It decides no path.
+_calls: contextvars.ContextVar = contextvars.ContextVar("fbackprop_calls", default=())
+
+
+def calls() -> tuple:
+    """The calls being swept now, innermost last (see ``_calls``)."""
+    return _calls.get()
+
+
+class in_call:
+    """Runs the block inside the call ``entry`` (see ``_calls``)."""
+
+    __slots__ = ("_entry", "_token")
+
+    def __init__(self, entry: tuple):
+        self._entry = entry
+
+    def __enter__(self) -> None:
+        self._token = _calls.set(_calls.get() + (self._entry,))
+
+    def __exit__(self, *exc) -> bool:
+        _calls.reset(self._token)
+        return False
 
 
 @contextlib.contextmanager

@@ -59,16 +59,35 @@ def _reported_source_infos(source_info) -> list:
     call marked ``inline`` (jax.numpy's helpers), always the call's: JAX
     inlines those into the calling program with the call's source, and the
     body's own tracebacks are those of whichever call traced it first."""
-    ctx = _context.current()
-    if ctx.call_sites:
-        site, inline = ctx.call_sites[-1]
+    calls = _context.calls()
+    if calls:
+        site, inline = _enclosing_call(calls)
         return [site] if inline or not has_user_frame(source_info) else [source_info]
-    if ctx.call_tables and not has_user_frame(source_info):
+    return _outside_calls(source_info)
+
+
+def _outside_calls(source_info) -> list:
+    tables = _context.current().call_tables
+    if tables and not has_user_frame(source_info):
         key = id(getattr(source_info, "traceback", None))
-        for table in reversed(ctx.call_tables):
+        for table in reversed(tables):
             if key in table:
                 return table[key]
     return [source_info]
+
+
+def _enclosing_call(calls: tuple) -> tuple:
+    """``(site, inline)`` of the innermost call being swept: its reported source
+    info (read here, when a report asks, not each time a call is entered) and
+    whether it is an ``inline`` jit."""
+    site, inline = None, False
+    for source_info, call_inline in calls:
+        if site is None:
+            site = _outside_calls(source_info)[0]
+        elif not inline and has_user_frame(source_info):
+            site = source_info
+        inline = call_inline
+    return site, inline
 
 
 def reported_source_info(source_info):
@@ -104,13 +123,10 @@ def calls_in(jaxpr):
         yield
 
 
-@_contextlib.contextmanager
 def call_site(eqn: JaxprEqn):
     """While the body of the call ``eqn`` is swept (see :func:`reported_source_info`)."""
-    site = reported_source_info(eqn.source_info)
     inline = eqn.primitive.name in JIT_NAMES and bool(eqn.params.get("inline", False))
-    with _context.using(call_sites=_context.current().call_sites + ((site, inline),)):
-        yield
+    return _context.in_call((eqn.source_info, inline))
 
 
 def user_context(eqn: JaxprEqn):
