@@ -28,9 +28,32 @@ def _zeros(aval):
     return jnp.zeros(aval.shape, aval.dtype)
 
 
-def _delegated_backward(original, record, cts_out):
-    return original.backward(dataclasses.replace(record, sub=record.sub.sub),
-                             [materialize(c) for c in cts_out])
+class _Handler:
+    """A handler of the per-example sweep in place of the engine's ``original``
+    one, which it runs where the sweep does not factor (outside the trace the
+    sweep was entered for)."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def evaluate(self, eqn, invals):
+        return compat.bind_eqn(eqn, invals)
+
+    def _factoring(self, eqn, invals, active):
+        """``(sweep, None)`` where the sweep factors; else ``(None, forward)``,
+        the engine's own forward, whose record the backward hands back to it."""
+        sweep = context.current().per_example
+        if sweep is None or not sweep.factoring_here():
+            outs, sub, out_active = self.original.forward(eqn, invals, active)
+            return None, (outs, Delegated(sub), out_active)
+        return sweep, None
+
+    def _delegated(self, record, cts_out):
+        """The engine's own backward of a record its forward made, or None."""
+        if not isinstance(record.sub, Delegated):
+            return None
+        return self.original.backward(dataclasses.replace(record, sub=record.sub.sub),
+                                      [materialize(c) for c in cts_out])
 
 
 @dataclasses.dataclass
@@ -46,7 +69,7 @@ jax.tree_util.register_pytree_node(
     lambda aux, ch: _ScanState(list(aux[0]), list(aux[1]), list(ch[0])))
 
 
-class ScanHandler:
+class ScanHandler(_Handler):
     """``lax.scan`` in a per-example sweep: the forward scan keeps each step's
     carries; the backward scan recomputes a step's forward sweep from them and
     runs our backward sweep over it (the body checkpointed, as
@@ -57,17 +80,10 @@ class ScanHandler:
     its exact norm with all cross terms. Per-step inputs' factors keep the step
     as a P dimension (a scan over stacked layers)."""
 
-    def __init__(self, original):
-        self.original = original
-
-    def evaluate(self, eqn, invals):
-        return compat.bind_eqn(eqn, invals)
-
     def forward(self, eqn, invals, active):
-        sweep = context.current().per_example
-        if sweep is None or not sweep.factoring_here():
-            outs, sub, out_active = self.original.forward(eqn, invals, active)
-            return outs, Delegated(sub), out_active
+        sweep, delegated = self._factoring(eqn, invals, active)
+        if delegated is not None:
+            return delegated
         p = eqn.params
         closed = p["jaxpr"]
         body = closed.jaxpr
@@ -91,8 +107,9 @@ class ScanHandler:
         return list(carry_out) + list(ys), _ScanState(example, act, carries), out_active
 
     def backward(self, record, cts_out):
-        if isinstance(record.sub, Delegated):
-            return _delegated_backward(self.original, record, cts_out)
+        delegated = self._delegated(record, cts_out)
+        if delegated is not None:
+            return delegated
         sweep = context.current().per_example
         st = record.sub
         eqn = record.eqn
@@ -307,7 +324,7 @@ class _Recompute:
     while_slots: tuple | None     # the region's request for its while loops
 
 
-class RematHandler:
+class RematHandler(_Handler):
     """A checkpointed region (``fb.checkpoint`` / ``jax.checkpoint``, with a
     policy or a memory budget) in a per-example sweep: the forward evaluates it
     keeping only its inputs; the backward recomputes it with our own forward
@@ -319,17 +336,10 @@ class RematHandler:
     # which takes factored or summed cotangents as they are (sweep.py).
     sweeps_body_here = True
 
-    def __init__(self, original):
-        self.original = original
-
-    def evaluate(self, eqn, invals):
-        return compat.bind_eqn(eqn, invals)
-
     def forward(self, eqn, invals, active):
-        sweep = context.current().per_example
-        if sweep is None or not sweep.factoring_here():
-            outs, sub, out_active = self.original.forward(eqn, invals, active)
-            return outs, Delegated(sub), out_active
+        sweep, delegated = self._factoring(eqn, invals, active)
+        if delegated is not None:
+            return delegated
         jaxpr, opts = compat.remat_inner(eqn.params)
         consts = list(getattr(jaxpr, "consts", []))
         jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
@@ -345,8 +355,9 @@ class RematHandler:
         return list(outs), _Recompute(jaxpr, consts, prevent_cse, act, request), out_active
 
     def backward(self, record, cts_out):
-        if isinstance(record.sub, Delegated):
-            return _delegated_backward(self.original, record, cts_out)
+        delegated = self._delegated(record, cts_out)
+        if delegated is not None:
+            return delegated
         sub = record.sub
         invals = list(record.invals)
         cts = list(cts_out)
