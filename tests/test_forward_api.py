@@ -134,6 +134,34 @@ def test_jvp_through_nested_jit_and_custom_jvp():
     assert_trees_match(fb.jvp(jax.nn.relu, (x,), (t,)), jax.jvp(jax.nn.relu, (x,), (t,)))
 
 
+def test_custom_jvp_rule_returning_python_scalar_tangents():
+    # A rule may return a Python scalar as a tangent (JAX reads it as an array of
+    # the default dtype of its kind), and a float0 zero for an integer output.
+    @jax.custom_jvp
+    def f(x, y):
+        return x, y
+
+    @f.defjvp
+    def f_jvp(primals, _):
+        x, y = primals
+        return (x, y), (2., jax.custom_derivatives.zero_from_primal(y))
+
+    primals, tangents = (2., 3), (np.ones(()), np.zeros((), jax.dtypes.float0))
+    for jvp in (fb.jvp, jax.jit(fb.jvp, static_argnums=0)):
+        (x, y), (tx, ty) = jvp(f, primals, tangents)
+        assert (float(x), int(y), float(tx)) == (2., 3, 2.)
+        assert np.asarray(ty).dtype == jax.dtypes.float0
+
+    @jax.custom_jvp
+    def g(x):
+        return x
+
+    g.defjvp(lambda primals, tangents: (primals[0], "two"))
+    for jvp in (fb.jvp, jax.jvp):
+        with pytest.raises(TypeError, match="not a valid JAX type"):
+            jvp(g, (1.,), (1.,))
+
+
 def test_jvp_of_custom_vjp_is_refused_clearly():
     @jax.custom_vjp
     def straight_through(x):

@@ -26,11 +26,14 @@ def _check_tangent(eqn, v, t):
 
 
 def _check_tangent_aval(name, source_info, aval, t):
-    import numpy as np
-    if tuple(np.shape(t)) != tuple(aval.shape) or getattr(t, "dtype", None) != aval.dtype:
+    # The tangent's type as JAX reads it: a Python scalar a rule returns (``2.``)
+    # has the default dtype of its kind, as in JAX's own check.
+    t_aval = compat.typeof(t)
+    shape, dtype = tuple(t_aval.shape), t_aval.dtype
+    if shape != tuple(aval.shape) or dtype != aval.dtype:
         raise TypeError(
             f"The JVP rule for primitive '{name}' returned a tangent of "
-            f"shape/dtype {tuple(np.shape(t))}/{getattr(t, 'dtype', None)} for an output "
+            f"shape/dtype {shape}/{dtype} for an output "
             f"whose primal is {tuple(aval.shape)}/{aval.dtype} (at "
             f"{compat.source_line_of(source_info)}). A tangent must have its primal's "
             f"shape and dtype.")
